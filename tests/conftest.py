@@ -1,0 +1,130 @@
+"""Shared fixtures: real databases (SQLite files and the running PostgreSQL), never mocks.
+
+PostgreSQL: each test session creates its own database on the server named by
+``PROMPT_CAPTURE_TEST_POSTGRES_URL`` (default ``postgresql://postgres@127.0.0.1:5432/postgres``),
+migrates it, and drops it at the end. When the server is unreachable the Postgres tests are
+skipped locally, and FAIL when ``CI`` or ``PROMPT_CAPTURE_REQUIRE_POSTGRES`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from capture import db
+from capture.settings import get_settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+TABLES_TO_CLEAN = ("nlu_prompt_logs",)
+
+
+def _require_postgres() -> bool:
+    return bool(os.environ.get("PROMPT_CAPTURE_REQUIRE_POSTGRES")) or (
+        os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+    )
+
+
+def _server_url() -> str:
+    return os.environ.get("PROMPT_CAPTURE_TEST_POSTGRES_URL", DEFAULT_PG)
+
+
+def _libpq(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> str:
+    url = _libpq(_server_url())
+    try:
+        with psycopg.connect(url, connect_timeout=5, autocommit=True) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.OperationalError as exc:
+        message = f"PostgreSQL at {url} is unreachable ({exc})"
+        if _require_postgres():
+            pytest.fail(message + "; CI requires it: start it (see .ci/run)", pytrace=False)
+        pytest.skip(message)
+    return url
+
+
+def _create_database(server_url: str, prefix: str) -> str:
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = server_url.rpartition("/")
+    return f"{base}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+def _drop_database(server_url: str, url: str) -> None:
+    name = url.rpartition("/")[2]
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server_url: str) -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for this test session."""
+    url = _create_database(postgres_server_url, "pc_test")
+    db.upgrade(url)
+    yield url
+    for engine_getter in (db.get_engine, db.get_sync_engine):
+        engine_getter.cache_clear()
+    _drop_database(postgres_server_url, url)
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A migrated SQLite file for this test session."""
+    path = tmp_path_factory.mktemp("sqlite") / "prompt_capture.db"
+    url = f"sqlite:///{path}"
+    db.upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Each test runs on both databases, starting from empty tables."""
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    with db.get_sync_engine(url).begin() as conn:
+        for table in TABLES_TO_CLEAN:
+            conn.execute(text(f"DELETE FROM {table}"))
+    return url
+
+
+@pytest.fixture
+async def session(db_url: str) -> AsyncIterator[AsyncSession]:
+    """A session whose work is rolled back after the test (commits become savepoints)."""
+    engine = db.get_engine(db_url)
+    async with engine.connect() as conn:
+        outer = await conn.begin()
+        async with AsyncSession(
+            bind=conn, expire_on_commit=False, join_transaction_mode="create_savepoint"
+        ) as s:
+            yield s
+        await outer.rollback()
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An isolated PROMPT_CAPTURE_HOME (models, spool, exports) for one test."""
+    monkeypatch.setenv("PROMPT_CAPTURE_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    yield tmp_path / "home"
+    get_settings.cache_clear()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "postgres" in getattr(item, "fixturenames", ()) or "postgres_url" in getattr(
+            item, "fixturenames", ()
+        ):
+            item.add_marker(pytest.mark.postgres)
