@@ -1,4 +1,4 @@
-"""Prompt Capture, the online side: schema, repository, non-blocking logger, NLU service, ONNX classifier.
+"""Prompt Capture, the online side: schema, repository, logger, NLU service, ONNX classifier.
 
 Nothing in this package imports torch; the training side lives in ``tasks/``.
 """

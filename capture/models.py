@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     Float,
     Integer,
@@ -52,9 +53,7 @@ class PromptLog(Base):
     prompt: Mapped[str] = mapped_column(Text, nullable=False)
     predicted_intent: Mapped[str] = mapped_column(Text, nullable=False)
     confidence: Mapped[float | None] = mapped_column(Float(precision=24))
-    secondary_intents: Mapped[list[Any]] = mapped_column(
-        JsonB, server_default="[]", default=list
-    )
+    secondary_intents: Mapped[list[Any]] = mapped_column(JsonB, server_default="[]", default=list)
 
     corrected_intent: Mapped[str | None] = mapped_column(Text)
     correction_notes: Mapped[str | None] = mapped_column(Text)
@@ -74,4 +73,30 @@ class PromptLog(Base):
     )
     updated_at: Mapped[datetime] = mapped_column(
         Timestamp, nullable=False, server_default=func.now(), onupdate=func.now()
+    )
+
+
+class TrainingExample(Base):
+    """An anonymised training example: scrubbed prompt and label, no user or conversation id."""
+
+    __tablename__ = "nlu_training_examples"
+    __table_args__ = (
+        CheckConstraint(
+            "confidence IS NULL OR (confidence >= 0 AND confidence <= 1)",
+            name="confidence_range",
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    source_key: Mapped[str] = mapped_column(Text, nullable=False, unique=True)
+    prompt: Mapped[str] = mapped_column(Text, nullable=False)
+    label: Mapped[str] = mapped_column(Text, nullable=False)
+    source: Mapped[str] = mapped_column(Text, nullable=False)
+    corrected: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    confidence: Mapped[float | None] = mapped_column(Float(precision=24))
+    was_successful: Mapped[bool | None] = mapped_column(Boolean)
+    model_version: Mapped[str | None] = mapped_column(Text)
+    week: Mapped[date] = mapped_column(Date, nullable=False, index=True)
+    created_at: Mapped[datetime] = mapped_column(
+        Timestamp, nullable=False, server_default=func.now()
     )

@@ -27,9 +27,7 @@ def normalise_database_url(url: str) -> str:
 class Settings(BaseSettings):
     """Everything configurable, read once from the environment (and ``.env`` if present)."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="PROMPT_CAPTURE_", env_file=".env", extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix="PROMPT_CAPTURE_", env_file=".env", extra="ignore")
 
     home: Path = Field(
         default=Path(".prompt-capture"),

@@ -56,7 +56,7 @@ class Classifier(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class NLUResult:
-    """What :meth:`NLUService.process_message` returns: the prediction plus the id of its log row."""
+    """What ``NLUService.process_message`` returns: the prediction and the id of its log row."""
 
     intent: str
     confidence: float

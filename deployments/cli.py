@@ -8,7 +8,11 @@ import os
 import typer
 from rich.console import Console
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Prompt Capture: the learning loop of an intent classifier.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Prompt Capture: the learning loop of an intent classifier.",
+)
 db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
 app.add_typer(db_app, name="db")
 console = Console()

@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
-TABLES_TO_CLEAN = ("nlu_prompt_logs",)
+TABLES_TO_CLEAN = ("nlu_prompt_logs", "nlu_training_examples")
 
 
 def _require_postgres() -> bool:

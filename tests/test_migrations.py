@@ -40,10 +40,14 @@ def test_postgres_schema_has_indexes_and_trigger(postgres_url: str) -> None:
         "ix_nlu_prompt_logs_corrected_created_at",
     } <= indexes
     with engine.connect() as conn:
-        triggers = conn.exec_driver_sql(
-            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'nlu_prompt_logs'::regclass"
-            " AND NOT tgisinternal"
-        ).scalars().all()
+        triggers = (
+            conn.exec_driver_sql(
+                "SELECT tgname FROM pg_trigger WHERE tgrelid = 'nlu_prompt_logs'::regclass"
+                " AND NOT tgisinternal"
+            )
+            .scalars()
+            .all()
+        )
     assert "trg_nlu_prompt_logs_updated_at" in triggers
 
 

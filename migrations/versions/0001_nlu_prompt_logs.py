@@ -51,9 +51,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_nlu_prompt_logs")),
     )
     # Review queue: WHERE confidence < :t [AND created_at > :since] ORDER BY confidence.
-    op.create_index(
-        "ix_nlu_prompt_logs_confidence_created_at", TABLE, ["confidence", "created_at"]
-    )
+    op.create_index("ix_nlu_prompt_logs_confidence_created_at", TABLE, ["confidence", "created_at"])
     # Monitoring windows: the statistics read only these columns, so the scans are index-only.
     op.create_index(
         "ix_nlu_prompt_logs_created_at",
