@@ -1,0 +1,311 @@
+"""Benchmark of the monitoring and review queries on 1,000,000 realistic rows (PostgreSQL).
+
+Creates a fresh database on the server, migrates it, loads the rows with COPY (and reports the
+ingest rate with every index in place), runs VACUUM ANALYZE, then times each statement from
+``capture.queries`` (the ones the repository and the flows run): median and p95 of several runs,
+and the plan's scan kind from EXPLAIN. Drops the database at the end.
+
+    .venv/bin/python -m bench.queries [--rows 1000000] [--repeats 15] [--url postgresql://...]
+
+Data: created_at uniform over 90 days (physically in arrival order), 150 intents (the CLINC150
+labels and texts when ../shared/datasets is present) with a Zipf-like skew, confidence from
+Beta(6, 1.6), ~70% with an outcome, ~10% of all rows failed, ~2% corrected (both likelier at low
+confidence), ~20k users (5% anonymous). Target: every query ≤ 20 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.pool import NullPool
+
+from capture import db, queries
+from capture.settings import normalise_database_url
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+TARGET_MS = 20.0
+DAYS = 90
+N_USERS = 20_000
+COLUMNS = (
+    "id, user_id, prompt, predicted_intent, confidence, secondary_intents, corrected_intent, "
+    "correction_notes, corrected_at, was_successful, workflow_type, execution_error, "
+    "conversation_id, message_index, model_version, created_at, updated_at"
+)
+CLINC = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "clinc150"
+
+
+def _server_url(url: str | None) -> str:
+    url = url or os.environ.get("PROMPT_CAPTURE_BENCH_POSTGRES_URL") or DEFAULT_SERVER
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def _texts_by_intent(rng: np.random.Generator) -> dict[str, list[str]]:
+    path = CLINC / "train.jsonl"
+    if path.exists():
+        by: dict[str, list[str]] = {}
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                record = json.loads(line)
+                by.setdefault(record["label"], []).append(record["text"])
+        by.pop("oos", None)
+        return by
+    words = ["schedule", "meeting", "weather", "alarm", "transfer", "balance", "song", "timer"]
+    return {
+        f"intent_{i:03d}": [" ".join(rng.choice(words, 6)) + f" {i}" for _ in range(50)]
+        for i in range(150)
+    }
+
+
+def _copy_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+
+
+def _uuid_strings(rng: np.random.Generator, n: int, ms: np.ndarray | None = None) -> list[str]:
+    """n UUID strings: v4, or v7 with the given Unix milliseconds."""
+    raw = rng.integers(0, 2**63, size=(n, 2), dtype=np.int64).astype(np.uint64)
+    hi, lo = raw[:, 0], raw[:, 1]
+    if ms is None:
+        hi = (hi & np.uint64(0xFFFFFFFFFFFF0FFF)) | np.uint64(0x4000)
+    else:
+        hi = (ms.astype(np.uint64) << np.uint64(16)) | np.uint64(0x7000) | (hi & np.uint64(0xFFF))
+    lo = (lo & np.uint64(0x3FFFFFFFFFFFFFFF)) | np.uint64(0x8000000000000000)
+    out = []
+    for h, low in zip(hi.tolist(), lo.tolist(), strict=True):
+        s = f"{h:016x}{low:016x}"
+        out.append(f"{s[:8]}-{s[8:12]}-{s[12:16]}-{s[16:20]}-{s[20:]}")
+    return out
+
+
+def _ts(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat()
+
+
+def generate_copy_chunks(
+    n: int, now: datetime, *, seed: int = 0, chunk_rows: int = 50_000
+) -> Iterator[bytes]:
+    """The rows as COPY text-format chunks (vectorised draws, then one line per row)."""
+    rng = np.random.default_rng(seed)
+    texts = _texts_by_intent(rng)
+    intents = sorted(texts)
+    rng.shuffle(intents)  # which intents are frequent is arbitrary
+    k = len(intents)
+    weights = 1.0 / np.arange(1, k + 1) ** 1.1
+    weights /= weights.sum()
+
+    end = now.timestamp()
+    created = np.sort(end - rng.uniform(0, DAYS * 86_400, n))
+    ms = (created * 1000).astype(np.int64)
+    ids = _uuid_strings(rng, n, ms)
+    conv = _uuid_strings(rng, n)
+    users = _uuid_strings(rng, N_USERS)
+    user_of = rng.integers(0, N_USERS, n)
+    anonymous = rng.random(n) < 0.05
+    intent = rng.choice(k, n, p=weights)
+    conf = rng.beta(6.0, 1.6, n).astype(np.float32)
+    second = (intent + 1 + rng.integers(0, k - 1, n)) % k
+    third = (second + 1 + rng.integers(0, k - 2, n)) % k
+    third = np.where(third == intent, (third + 1) % k, third)
+    conf2 = ((1 - conf) * rng.uniform(0.3, 0.8, n)).astype(np.float32)
+    conf3 = ((1 - conf - conf2) * rng.uniform(0.2, 0.8, n)).astype(np.float32)
+    lowness = (1 - conf) / float(np.mean(1 - conf))
+    has_outcome = rng.random(n) < 0.70
+    failed = has_outcome & (rng.random(n) < np.clip(0.10 / 0.70 * lowness, 0, 1))
+    corrected = rng.random(n) < np.clip(0.02 * lowness, 0, 1)
+    corrected_to = (intent + 1 + rng.integers(0, k - 1, n)) % k
+    corrected_after = rng.uniform(3_600, 10 * 86_400, n)
+    message_index = rng.integers(0, 12, n)
+    pick = rng.random(n)
+
+    lines: list[str] = []
+    for i in range(n):
+        name = intents[intent[i]]
+        pool = texts[name]
+        prompt = _copy_escape(pool[int(pick[i] * len(pool))])
+        secondary = json.dumps(
+            [
+                {"intent": intents[second[i]], "confidence": round(float(conf2[i]), 4)},
+                {"intent": intents[third[i]], "confidence": round(float(conf3[i]), 4)},
+            ]
+        )
+        created_s = _ts(created[i])
+        if corrected[i]:
+            corr = (
+                f"{intents[corrected_to[i]]}\t\\N\t{_ts(min(created[i] + corrected_after[i], end))}"
+            )
+        else:
+            corr = "\\N\t\\N\t\\N"
+        if failed[i]:
+            outcome = f"f\t{name}\tworkflow {name} failed: upstream timeout"
+        elif has_outcome[i]:
+            outcome = f"t\t{name}\t\\N"
+        else:
+            outcome = "\\N\t\\N\t\\N"
+        user = "\\N" if anonymous[i] else users[user_of[i]]
+        version = f"v{1 + int(created[i] - created[0]) // (7 * 86_400)}"  # weekly models
+        lines.append(
+            f"{ids[i]}\t{user}\t{prompt}\t{name}\t{float(conf[i])!r}\t{secondary}\t{corr}\t"
+            f"{outcome}\t{conv[i]}\t{message_index[i]}\t{version}\t{created_s}\t{created_s}\n"
+        )
+        if len(lines) == chunk_rows:
+            yield "".join(lines).encode()
+            lines.clear()
+    if lines:
+        yield "".join(lines).encode()
+
+
+def _plan_kind(plan: dict[str, Any]) -> str:
+    """A short description of the plan: the scans (with their index) under the top node."""
+    scans: list[str] = []
+
+    def walk(node: dict[str, Any]) -> None:
+        kind = node["Node Type"]
+        if "Scan" in kind:
+            index = node.get("Index Name")
+            scans.append(f"{kind} {index}" if index else f"{kind} {node.get('Relation Name')}")
+        for child in node.get("Plans", ()):
+            walk(child)
+
+    walk(plan)
+    unique = list(dict.fromkeys(scans))
+    return f"{plan['Node Type']} <- {', '.join(unique)}"
+
+
+def _time(engine: Engine, statement: Any, repeats: int) -> tuple[list[float], int]:
+    timings: list[float] = []
+    n_rows = 0
+    with engine.connect() as conn:
+        conn.execute(statement).all()  # warm the plan and the cache
+        for _ in range(repeats):
+            start = time.perf_counter()
+            n_rows = len(conn.execute(statement).all())
+            timings.append((time.perf_counter() - start) * 1000)
+    return timings, n_rows
+
+
+def _explain(engine: Engine, statement: Any) -> str:
+    compiled = statement.compile(dialect=engine.dialect)
+    with engine.connect() as conn:
+        plan = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + str(compiled), compiled.params)
+        return _plan_kind(plan.scalar_one()[0]["Plan"])
+
+
+def benchmark_cases(now: datetime, user_id: str) -> list[tuple[str, Any]]:
+    """(label, statement) for every timed query; windows end at ``now``."""
+    week = queries.since_days(now, 7)
+    return [
+        ("low_confidence(0.7, 100)", queries.select_low_confidence()),
+        ("low_confidence(0.7, 100, days=7)", queries.select_low_confidence(since=week)),
+        ("failed_workflows(100)", queries.select_failed_workflows()),
+        ("user_prompts(50)", queries.select_user_prompts(user_id)),
+        ("confidence_distribution(7d)", queries.select_confidence_distribution(since=week)),
+        ("intent_distribution(7d)", queries.select_intent_distribution(since=week)),
+        ("success_rate_by_intent(7d)", queries.select_success_rate_by_intent(since=week)),
+        ("success_rate_by_intent(all)", queries.select_success_rate_by_intent()),
+        ("prompts_for_retraining(7d)", queries.select_for_retraining(since=week)),
+    ]
+
+
+def run(
+    url: str | None = None, *, rows: int = 1_000_000, repeats: int = 15, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Load ``rows`` rows into a fresh database on the server at ``url``, time every query.
+
+    Returns one dict per query (``query, median_ms, p95_ms, rows, plan, target_met``) plus a
+    first ``ingest`` entry (``rows_per_s`` of the COPY load).
+    """
+    server = _server_url(url)
+    name = f"pc_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    bench_url = f"{server.rpartition('/')[0]}/{name}"
+    results: list[dict[str, Any]] = []
+    engine = create_engine(normalise_database_url(bench_url), poolclass=NullPool)
+    try:
+        db.upgrade(bench_url)
+        now = datetime.now(UTC).replace(microsecond=0)
+        chunks = list(generate_copy_chunks(rows, now, seed=seed))
+        with psycopg.connect(bench_url) as conn:
+            start = time.perf_counter()
+            with conn.cursor().copy(f"COPY nlu_prompt_logs ({COLUMNS}) FROM STDIN") as copy:
+                for chunk in chunks:
+                    copy.write(chunk)
+            conn.commit()
+            seconds = time.perf_counter() - start
+        del chunks
+        results.append(
+            {"query": "ingest (COPY, all indexes)", "rows": rows, "rows_per_s": rows / seconds}
+        )
+        with psycopg.connect(bench_url, autocommit=True) as conn:
+            conn.execute("VACUUM (ANALYZE) nlu_prompt_logs")
+            row = conn.execute(
+                "SELECT user_id::text FROM nlu_prompt_logs WHERE user_id IS NOT NULL "
+                "GROUP BY user_id ORDER BY count(*) DESC LIMIT 1"
+            ).fetchone()
+        assert row is not None
+        for label, statement in benchmark_cases(now, row[0]):
+            timings, n_rows = _time(engine, statement, repeats)
+            median = statistics.median(timings)
+            p95 = float(np.percentile(timings, 95))
+            results.append(
+                {
+                    "query": label,
+                    "median_ms": median,
+                    "p95_ms": p95,
+                    "rows": n_rows,
+                    "plan": _explain(engine, statement),
+                    "target_met": median <= TARGET_MS,
+                }
+            )
+    finally:
+        engine.dispose()
+        with psycopg.connect(server, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return results
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in results:
+        if "rows_per_s" in r:
+            lines.append(f"{r['query']}: {r['rows']:,} rows at {r['rows_per_s']:,.0f} rows/s")
+    lines.append(f"{'query':<36} {'median ms':>9} {'p95 ms':>8} {'rows':>7}  plan")
+    for r in results:
+        if "median_ms" in r:
+            flag = "" if r["target_met"] else "  (> target)"
+            lines.append(
+                f"{r['query']:<36} {r['median_ms']:>9.2f} {r['p95_ms']:>8.2f} {r['rows']:>7}  "
+                f"{r['plan']}{flag}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default=None, help="PostgreSQL server URL (any database on it)")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    results = run(args.url, rows=args.rows, repeats=args.repeats, seed=args.seed)
+    print(format_table(results))
+    print(f"target: median <= {TARGET_MS:.0f} ms per query")
+
+
+if __name__ == "__main__":
+    main()

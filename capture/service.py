@@ -1,0 +1,294 @@
+"""The NLU service: classify a message, log it without waiting on the database, track outcomes.
+
+Usage (the spec's contract)::
+
+    service = create_nlu_service(classifier)
+    result = await service.process_message(message, user_id=..., conversation_id=...,
+                                           message_index=0)
+    await service.update_workflow_outcome(result.log_id, was_successful=True,
+                                          workflow_type="scheduling")
+    await service.aclose()   # at shutdown: writes (or spools) everything still queued
+
+``process_message`` validates, classifies and hands the row to :class:`capture.logger.
+CaptureLogger`; it never awaits I/O, so logging adds microseconds, and a database outage does not
+fail requests (rows are spooled and replayed). See ``docs/CAPTURE.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy.exc
+from sqlalchemy import select
+
+from capture import db
+from capture.ids import uuid7
+from capture.logger import CaptureLogger, CaptureStats, Sleep
+from capture.models import PromptLog
+from capture.settings import Settings, get_settings
+from capture.types import Classifier, NLUResult, Prediction
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_INT32_MAX = 2**31 - 1
+
+
+class UnknownLogIdError(ValueError):
+    """An outcome or correction names a ``log_id`` that no prompt log row has."""
+
+
+def clean_text(value: str) -> str:
+    """Drop what PostgreSQL ``text`` cannot store: NUL characters and lone surrogates."""
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    if not value.isascii() and _SURROGATES.search(value):
+        value = _SURROGATES.sub("", value)
+    return value
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _as_uuid(value: object, field: str) -> uuid.UUID:
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    raise ValueError(f"{field}: expected a UUID (uuid.UUID or its string form), found {value!r}")
+
+
+def _opt_uuid(value: object, field: str) -> uuid.UUID | None:
+    return None if value is None else _as_uuid(value, field)
+
+
+def _opt_text(value: object, field: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{field}: expected a string or None, found {value!r}")
+    return clean_text(value)
+
+
+class NLUService:
+    """Classifier + capture logger. Create it with :func:`create_nlu_service`."""
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        *,
+        capture: CaptureLogger,
+        settings: Settings,
+        model_version: str | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.classifier = classifier
+        self.capture = capture
+        self._max_chars = settings.max_prompt_chars
+        self._model_version = model_version
+        self._clock: Clock = clock or _utcnow
+        # Ids issued by this service recently (outcomes for them need no database check).
+        self._issued: dict[uuid.UUID, None] = {}
+        self._issued_cap = max(settings.buffer_size, 10_000)
+
+    @property
+    def url(self) -> str:
+        return self.capture.url
+
+    def _now(self) -> datetime:
+        now = self._clock()
+        if now.tzinfo is UTC:
+            return now
+        return now.astimezone(UTC) if now.tzinfo is not None else now.replace(tzinfo=UTC)
+
+    def _model(self) -> str | None:
+        if self._model_version is not None:
+            return self._model_version
+        version = getattr(self.classifier, "version", None)
+        return None if version is None else str(version)
+
+    async def process_message(
+        self,
+        message: str,
+        user_id: uuid.UUID | str | None = None,
+        conversation_id: uuid.UUID | str | None = None,
+        message_index: int | None = None,
+    ) -> NLUResult:
+        """Classify ``message`` and log it; returns the prediction with its ``log_id``.
+
+        Raises ``ValueError`` (naming the field) for an empty prompt, a malformed id or index,
+        or a classifier output that cannot be logged (confidence outside [0, 1] or NaN).
+        Prompts longer than ``max_prompt_chars`` are classified whole and stored truncated.
+        """
+        if not isinstance(message, str):
+            raise ValueError(f"message: expected a string, found {type(message).__name__}")
+        prompt = clean_text(message)
+        if not prompt.strip():
+            raise ValueError(
+                f"message: expected a non-empty prompt, found {message[:40]!r}; "
+                "send the user's text"
+            )
+        user = _opt_uuid(user_id, "user_id")
+        conversation = _opt_uuid(conversation_id, "conversation_id")
+        if message_index is not None and (
+            isinstance(message_index, bool)
+            or not isinstance(message_index, int)
+            or not 0 <= message_index <= _INT32_MAX
+        ):
+            raise ValueError(
+                f"message_index: expected an integer in [0, {_INT32_MAX}] or None, "
+                f"found {message_index!r}"
+            )
+        prediction: Prediction = self.classifier.predict(message)
+        prediction.validate()
+        if len(prompt) > self._max_chars:
+            prompt = prompt[: self._max_chars]
+            self.capture.truncated += 1
+        secondary = tuple((clean_text(n), float(c)) for n, c in prediction.secondary_intents)
+        log_id = uuid7()
+        now = self._now()
+        version = self._model()
+        confidence = float(prediction.confidence)
+        row: list[Any] = [
+            log_id,
+            user,
+            prompt,
+            clean_text(prediction.intent),
+            confidence,
+            secondary,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            conversation,
+            message_index,
+            version,
+            now,
+            now,
+        ]
+        self.capture.submit_insert(row)
+        issued = self._issued
+        issued[log_id] = None
+        if len(issued) > self._issued_cap:
+            del issued[next(iter(issued))]
+        return NLUResult(
+            intent=prediction.intent,
+            confidence=confidence,
+            secondary_intents=prediction.secondary_intents,
+            log_id=log_id,
+            model_version=version,
+        )
+
+    async def _check_known(self, log_id: uuid.UUID) -> None:
+        if log_id in self._issued or self.capture.is_queued(log_id):
+            return
+        exists = await self._row_exists(log_id)
+        if exists is False and self.capture.orphans_replayed:
+            raise UnknownLogIdError(
+                f"log_id {log_id}: no prompt log has this id; pass the log_id that "
+                "process_message returned"
+            )
+
+    async def _row_exists(self, log_id: uuid.UUID) -> bool | None:
+        """True/False, or None when the database cannot be reached (checked again at write)."""
+        try:
+            async with db.get_engine(self.url).connect() as conn:
+                result = await conn.execute(select(PromptLog.id).where(PromptLog.id == log_id))
+                return result.first() is not None
+        except (sqlalchemy.exc.DBAPIError, OSError, TimeoutError) as exc:
+            logger.warning(
+                "cannot check log_id %s now (%s); the writer checks it when it writes",
+                log_id,
+                exc,
+            )
+            return None
+
+    async def update_workflow_outcome(
+        self,
+        log_id: uuid.UUID | str,
+        was_successful: bool,
+        workflow_type: str | None,
+        execution_error: str | None = None,
+    ) -> None:
+        """Record the outcome of the workflow run for a logged prompt.
+
+        Raises :class:`UnknownLogIdError` (a ``ValueError``) when no row has ``log_id``.
+        """
+        lid = _as_uuid(log_id, "log_id")
+        if not isinstance(was_successful, bool):
+            raise ValueError(f"was_successful: expected True or False, found {was_successful!r}")
+        workflow = _opt_text(workflow_type, "workflow_type")
+        error = _opt_text(execution_error, "execution_error")
+        await self._check_known(lid)
+        self.capture.submit_outcome(lid, was_successful, workflow, error, self._now())
+
+    async def add_correction(
+        self, log_id: uuid.UUID | str, corrected_intent: str, correction_notes: str | None = None
+    ) -> None:
+        """Record a human correction of the predicted intent."""
+        lid = _as_uuid(log_id, "log_id")
+        if not isinstance(corrected_intent, str) or not clean_text(corrected_intent).strip():
+            raise ValueError(
+                f"corrected_intent: expected a non-empty intent name, found {corrected_intent!r}"
+            )
+        notes = _opt_text(correction_notes, "correction_notes")
+        await self._check_known(lid)
+        self.capture.submit_correction(lid, clean_text(corrected_intent), notes, self._now())
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything logged so far is committed to the database."""
+        await self.capture.flush(timeout=timeout)
+
+    async def aclose(self, timeout: float = 30.0) -> None:
+        """Write everything still queued (or spool it if the database stays down)."""
+        await self.capture.aclose(timeout=timeout)
+
+    def stats(self) -> CaptureStats:
+        return self.capture.stats()
+
+    async def __aenter__(self) -> NLUService:
+        self.capture.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+def create_nlu_service(
+    classifier: Classifier,
+    *,
+    url: str | None = None,
+    settings: Settings | None = None,
+    model_version: str | None = None,
+    clock: Clock | None = None,
+    sleep: Sleep | None = None,
+    application_name: str | None = None,
+) -> NLUService:
+    """Build the service for ``url`` (default: the settings' database).
+
+    Refuses to start (``capture.db.DatabaseNotMigratedError``, naming ``prompt-capture db
+    upgrade``) unless the schema is migrated. ``model_version`` defaults to the classifier's
+    ``version`` attribute (read per call, so a hot-reloading classifier is followed).
+    ``clock`` (created_at) and ``sleep`` (reconnect backoff) are injectable for tests.
+    """
+    settings = settings or get_settings()
+    resolved = db.database_url(url) if url else settings.resolved_database_url
+    db.ensure_migrated(resolved)
+    capture = CaptureLogger(
+        resolved, settings=settings, application_name=application_name, sleep=sleep
+    )
+    return NLUService(
+        classifier, capture=capture, settings=settings, model_version=model_version, clock=clock
+    )

@@ -1,0 +1,407 @@
+"""The capture logger's append-only spool: segment files of JSON lines under ``HOME/spool``.
+
+A segment holds a contiguous, increasing range of operation sequence numbers of one logger
+instance. Its file name is ``<instance>-<first seq, 12 digits>.jsonl`` where ``<instance>`` is a
+UUIDv7 (time-ordered) plus the pid, so sorting names sorts segments into the order their
+operations were made. The owner holds an exclusive ``fcntl.flock`` on every segment it has open;
+another process replays a segment only when it can take that lock (the owner is gone), so a live
+process's segment is never replayed by somebody else.
+
+Line format (one operation per line, UTF-8 JSON, ``v`` is the format version)::
+
+    {"v": 1, "op": "insert", "seq": 7, "row": [<the ROW_COLUMNS values, in order>]}
+    {"v": 1, "op": "outcome", "seq": 8, "id": "...", "was_successful": true,
+     "workflow_type": "...", "execution_error": null, "at": "<iso8601>"}
+    {"v": 1, "op": "correction", "seq": 9, "id": "...", "corrected_intent": "...",
+     "correction_notes": null, "at": "<iso8601>"}
+
+UUIDs are strings, timestamps ISO 8601 with offset, ``secondary_intents`` a list of
+``[intent, confidence]`` pairs. A line that does not end in a newline is a write that was cut
+short by a crash before ``process_message`` returned; replay ignores it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from capture.ids import uuid7
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SUFFIX = ".jsonl"
+
+# The columns of an insert row, in the order the logger keeps them (and COPY sends them).
+ROW_COLUMNS: tuple[str, ...] = (
+    "id",
+    "user_id",
+    "prompt",
+    "predicted_intent",
+    "confidence",
+    "secondary_intents",
+    "corrected_intent",
+    "correction_notes",
+    "corrected_at",
+    "was_successful",
+    "workflow_type",
+    "execution_error",
+    "conversation_id",
+    "message_index",
+    "model_version",
+    "created_at",
+    "updated_at",
+)
+(
+    C_ID,
+    C_USER,
+    C_PROMPT,
+    C_INTENT,
+    C_CONF,
+    C_SECONDARY,
+    C_CORRECTED,
+    C_NOTES,
+    C_CORRECTED_AT,
+    C_SUCCESS,
+    C_WORKFLOW,
+    C_ERROR,
+    C_CONVERSATION,
+    C_INDEX,
+    C_MODEL,
+    C_CREATED,
+    C_UPDATED,
+) = range(len(ROW_COLUMNS))
+_UUID_COLUMNS = (C_ID, C_USER, C_CONVERSATION)
+_TIME_COLUMNS = (C_CORRECTED_AT, C_CREATED, C_UPDATED)
+
+INSERT, OUTCOME, CORRECTION = "insert", "outcome", "correction"
+
+
+@dataclass(slots=True)
+class Op:
+    """One logged operation. ``data`` is the row (insert) or ``(log_id, a, b, c, at)`` (update).
+
+    outcome: ``(log_id, was_successful, workflow_type, execution_error, at)``;
+    correction: ``(log_id, corrected_intent, correction_notes, None, at)``.
+    ``segment`` is the journal segment holding the op (spool/fsync modes), else ``None``.
+    """
+
+    kind: str
+    seq: int
+    data: list[Any]
+    segment: Segment | None = None
+
+
+# --- (de)serialisation --------------------------------------------------------------------
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def encode_op(op: Op) -> bytes:
+    """The spool line (with trailing newline) of ``op``."""
+    data = op.data
+    record: dict[str, Any]
+    if op.kind == INSERT:
+        row = list(data)
+        for col in _UUID_COLUMNS:
+            row[col] = _str_or_none(row[col])
+        for col in _TIME_COLUMNS:
+            row[col] = _iso(row[col])
+        row[C_SECONDARY] = [list(pair) for pair in row[C_SECONDARY]]
+        record = {"v": FORMAT_VERSION, "op": INSERT, "seq": op.seq, "row": row}
+    elif op.kind == OUTCOME:
+        record = {
+            "v": FORMAT_VERSION,
+            "op": OUTCOME,
+            "seq": op.seq,
+            "id": str(data[0]),
+            "was_successful": data[1],
+            "workflow_type": data[2],
+            "execution_error": data[3],
+            "at": _iso(data[4]),
+        }
+    else:
+        record = {
+            "v": FORMAT_VERSION,
+            "op": CORRECTION,
+            "seq": op.seq,
+            "id": str(data[0]),
+            "corrected_intent": data[1],
+            "correction_notes": data[2],
+            "at": _iso(data[4]),
+        }
+    return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode(
+        "utf-8", "surrogatepass"
+    )
+
+
+def _time(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _uuid(value: str | None) -> uuid.UUID | None:
+    return None if value is None else uuid.UUID(value)
+
+
+def decode_op(line: bytes) -> Op:
+    """Parse one spool line; raises ``ValueError`` (naming what is wrong) for a bad line."""
+    record = json.loads(line)
+    if not isinstance(record, dict) or record.get("v") != FORMAT_VERSION:
+        raise ValueError(f"expected a version-{FORMAT_VERSION} spool record, found {line[:80]!r}")
+    kind = record.get("op")
+    seq = int(record["seq"])
+    if kind == INSERT:
+        row = list(record["row"])
+        if len(row) != len(ROW_COLUMNS):
+            raise ValueError(f"insert row has {len(row)} values, expected {len(ROW_COLUMNS)}")
+        for col in _UUID_COLUMNS:
+            row[col] = _uuid(row[col])
+        for col in _TIME_COLUMNS:
+            row[col] = _time(row[col])
+        row[C_SECONDARY] = tuple((str(n), float(c)) for n, c in row[C_SECONDARY])
+        return Op(INSERT, seq, row)
+    if kind == OUTCOME:
+        data = [
+            uuid.UUID(record["id"]),
+            record["was_successful"],
+            record["workflow_type"],
+            record["execution_error"],
+            _time(record["at"]),
+        ]
+        return Op(OUTCOME, seq, data)
+    if kind == CORRECTION:
+        data = [
+            uuid.UUID(record["id"]),
+            record["corrected_intent"],
+            record["correction_notes"],
+            None,
+            _time(record["at"]),
+        ]
+        return Op(CORRECTION, seq, data)
+    raise ValueError(f"unknown spool op {kind!r}; expected insert, outcome or correction")
+
+
+# --- segments -----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Segment:
+    """One spool file. ``fd`` is open (and flock'ed) while this process owns it."""
+
+    path: Path
+    first_seq: int
+    fd: int | None = None
+    last_seq: int = -1
+    appended: int = 0
+    committed: int = 0
+    closed: bool = False
+    fsync: bool = False
+
+    def append(self, line: bytes, seq: int) -> None:
+        """Append one line with a single ``write`` (and ``fsync`` in fsync mode)."""
+        assert self.fd is not None and not self.closed
+        view = memoryview(line)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+        if self.fsync:
+            os.fsync(self.fd)
+        self.appended += 1
+        self.last_seq = seq
+
+    def close_for_append(self) -> None:
+        self.closed = True
+
+    def release(self) -> None:
+        """Close the file descriptor (which drops the lock)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def delete(self) -> None:
+        """Remove the file (all its operations are committed), then drop the lock."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            logger.debug("spool segment %s was already removed", self.path)
+        self.release()
+
+
+def read_ops(path: Path) -> Iterator[tuple[int, bytes | Op]]:
+    """Yield ``(line number, Op)`` for each good line of a segment, ``(line number, raw)`` for a
+    line that cannot be parsed (the caller rejects it). A last line without a newline (a write cut
+    short by a crash) is skipped with a warning."""
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.endswith(b"\n"):
+                logger.warning(
+                    "spool %s line %d is incomplete (a crash during the write); skipped",
+                    path,
+                    number,
+                )
+                return
+            try:
+                yield number, decode_op(line)
+            except (ValueError, KeyError, TypeError) as exc:
+                logger.error("spool %s line %d is unreadable: %s", path, number, exc)
+                yield number, line
+
+
+def _lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+class Spool:
+    """This logger instance's segments plus access to segments left by dead processes."""
+
+    def __init__(self, directory: Path, *, fsync: bool = False) -> None:
+        self.directory = directory
+        self.fsync = fsync
+        self.instance = f"{uuid7().hex}-{os.getpid()}"
+        self.current: Segment | None = None
+        # Closed segments whose operations must be replayed, ordered by first_seq.
+        self.pending: list[Segment] = []
+        # Journal segments (spool/fsync modes) whose operations are also in memory.
+        self.covered: list[Segment] = []
+
+    def _ensure_dir(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def new_segment(self, first_seq: int) -> Segment:
+        """Create, lock and name a new segment (locked before it becomes visible)."""
+        self._ensure_dir()
+        name = f"{self.instance}-{first_seq:012d}{SUFFIX}"
+        tmp = self.directory / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(tmp, self.directory / name)
+        if self.fsync:
+            self._fsync_dir()
+        return Segment(self.directory / name, first_seq, fd=fd, fsync=self.fsync)
+
+    def append(self, op: Op, line: bytes | None = None) -> Segment:
+        """Append ``op`` to the current segment (created on demand); returns that segment."""
+        segment = self.current
+        if segment is None:
+            segment = self.current = self.new_segment(op.seq)
+        segment.append(encode_op(op) if line is None else line, op.seq)
+        return segment
+
+    def rotate(self, *, to_pending: bool) -> Segment | None:
+        """Close the current segment for appends; file it as pending (replay) or covered."""
+        segment, self.current = self.current, None
+        if segment is None:
+            return None
+        segment.close_for_append()
+        if segment.appended == 0:
+            segment.delete()
+            return None
+        if to_pending:
+            self.add_pending(segment)
+        elif segment.committed >= segment.appended:
+            segment.delete()
+        else:
+            self.covered.append(segment)
+        return segment
+
+    def add_pending(self, segment: Segment) -> None:
+        self.pending.append(segment)
+        self.pending.sort(key=lambda s: s.first_seq)
+
+    def write_segment(self, ops: list[Op]) -> Segment:
+        """Write ``ops`` (contiguous seqs, oldest first) to a new closed, pending segment."""
+        segment = self.new_segment(ops[0].seq)
+        data = b"".join(encode_op(op) for op in ops)
+        view = memoryview(data)
+        assert segment.fd is not None
+        while view:
+            view = view[os.write(segment.fd, view) :]
+        if self.fsync:
+            os.fsync(segment.fd)
+        segment.appended = len(ops)
+        segment.last_seq = ops[-1].seq
+        segment.close_for_append()
+        self.add_pending(segment)
+        return segment
+
+    def mark_committed(self, segment: Segment, count: int = 1) -> None:
+        """Count committed operations of a journal segment; delete it once all are committed."""
+        segment.committed += count
+        if segment.closed and segment.committed >= segment.appended and segment in self.covered:
+            self.covered.remove(segment)
+            segment.delete()
+
+    def all_uncovered(self) -> None:
+        """The memory copy is gone (database failure in journal mode): replay every segment."""
+        self.rotate(to_pending=True)
+        for segment in self.covered:
+            self.add_pending(segment)
+        self.covered.clear()
+
+    def own_paths(self) -> set[Path]:
+        segments = [*self.pending, *self.covered]
+        if self.current is not None:
+            segments.append(self.current)
+        return {s.path for s in segments}
+
+    def orphans(self) -> Iterator[Segment]:
+        """Segments of dead processes, oldest first, each locked for this process while yielded
+        (the caller deletes it after replay, or releases it)."""
+        if not self.directory.is_dir():
+            return
+        own = self.own_paths()
+        for path in sorted(self.directory.glob(f"*{SUFFIX}")):
+            if path in own or path.name.startswith("."):
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            if not _lock(fd):
+                os.close(fd)  # a live process owns it
+                continue
+            if os.fstat(fd).st_nlink == 0:  # replayed and removed by someone else meanwhile
+                os.close(fd)
+                continue
+            first = path.stem.rsplit("-", 1)[-1]
+            segment = Segment(path, int(first) if first.isdigit() else 0, fd=fd, closed=True)
+            yield segment
+
+    def close(self) -> list[Path]:
+        """Release every segment; delete the fully committed ones. Returns the files left."""
+        self.rotate(to_pending=False)
+        left: list[Path] = []
+        for segment in [*self.covered, *self.pending]:
+            if segment in self.covered and segment.committed >= segment.appended:
+                segment.delete()
+            else:
+                left.append(segment.path)
+                segment.release()
+        self.covered.clear()
+        self.pending.clear()
+        return left

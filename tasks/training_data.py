@@ -1,0 +1,283 @@
+"""Training data export: the spec's ``retraining`` JSONL (``text, label, confidence, source,
+corrected``) and a held-out slice of corrected prompts for evaluation.
+
+What goes in:
+
+- corrections from the prompt logs (``corrected: true``, the reviewer's label);
+- high-confidence predictions whose workflow did not fail (``corrected: false``);
+- the anonymised training store ``nlu_training_examples`` (rows kept past raw-log retention);
+- the base training set (``source: "base"``), so the model does not forget what it knew.
+
+Every text is scrubbed of PII (``tasks.anonymise.scrub_pii``); no user or conversation id is
+written. Texts are deduplicated on a normalised form: a corrected label wins over the base set,
+which wins over a predicted label; among equals the newest wins.
+
+The hold-out: a corrected prompt is held out when the sha256 of its normalised, scrubbed text
+falls below ``holdout_fraction`` — a property of the text, so the same prompt is held out every
+week and never leaks into training later. Held-out texts are removed from the training file
+whatever their source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from sqlalchemy import Connection, select
+
+from capture import queries
+from capture.db import get_sync_engine
+from capture.models import TrainingExample
+from tasks.anonymise import scrub_pii
+
+logger = logging.getLogger(__name__)
+
+_STORE = TrainingExample.__table__
+
+# Dedup priority: higher wins for the same normalised text.
+_PRIORITY = {"corrected": 3, "base": 2, "predicted": 1}
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingRow:
+    """One line of the retraining JSONL (``log_id`` is internal and never written)."""
+
+    text: str
+    label: str
+    confidence: float | None
+    source: str
+    corrected: bool
+    log_id: str | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.corrected:
+            return "corrected"
+        return "base" if self.source == "base" else "predicted"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "label": self.label,
+            "confidence": None if self.confidence is None else round(float(self.confidence), 4),
+            "source": self.source,
+            "corrected": self.corrected,
+        }
+
+
+@dataclass(slots=True)
+class TrainingDataExport:
+    """What :func:`export_training_data` wrote."""
+
+    path: Path
+    holdout_path: Path
+    sha256: str
+    n_train: int
+    n_holdout: int
+    counts: dict[str, int] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+    corrected_ids: list[str] = field(default_factory=list)
+    holdout_ids: list[str] = field(default_factory=list)
+    dropped_duplicates: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        """The part that goes into a model's training.json."""
+        return {
+            "training_data": str(self.path),
+            "training_data_sha256": self.sha256,
+            "holdout_data": str(self.holdout_path),
+            "n_train": self.n_train,
+            "n_holdout": self.n_holdout,
+            "counts": dict(self.counts),
+            "labels": list(self.labels),
+            "dropped_duplicates": self.dropped_duplicates,
+            "corrected_ids": list(self.corrected_ids),
+            "holdout_ids": list(self.holdout_ids),
+        }
+
+
+def normalise_text(text: str) -> str:
+    """The form two texts share to count as the same training example."""
+    return " ".join(text.casefold().split())
+
+
+def holdout_score(text: str) -> float:
+    """A number in [0, 1) fixed by the text alone (sha256 of its normalised form)."""
+    digest = hashlib.sha256(normalise_text(text).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def is_held_out(text: str, fraction: float) -> bool:
+    return holdout_score(text) < fraction
+
+
+def production_rows(
+    conn: Connection, *, days: int | None, min_confidence: float, now: datetime
+) -> Iterator[TrainingRow]:
+    """Corrections and high-confidence predictions whose workflow did not fail, oldest first
+    (``capture.queries.select_for_retraining``)."""
+    stmt = queries.select_for_retraining(
+        min_confidence=min_confidence, since=queries.since_days(now, days)
+    )
+    for raw in conn.execution_options(yield_per=5_000).execute(stmt):
+        row = queries.map_retraining_row(raw)
+        yield TrainingRow(
+            text=row.prompt,
+            label=row.label,
+            confidence=row.confidence,
+            source="production",
+            corrected=row.corrected,
+            log_id=str(row.id),
+        )
+
+
+def store_rows(conn: Connection, *, days: int | None, now: datetime) -> Iterator[TrainingRow]:
+    """Rows of the anonymised training store, oldest first."""
+    stmt = select(
+        _STORE.c.prompt,
+        _STORE.c.label,
+        _STORE.c.confidence,
+        _STORE.c.source,
+        _STORE.c.corrected,
+    ).order_by(_STORE.c.week, _STORE.c.created_at, _STORE.c.id)
+    since = queries.since_days(now, days)
+    if since is not None:
+        stmt = stmt.where(_STORE.c.week >= since.date())
+    for row in conn.execute(stmt):
+        yield TrainingRow(
+            text=row.prompt,
+            label=row.label,
+            confidence=row.confidence,
+            source=row.source,
+            corrected=bool(row.corrected),
+        )
+
+
+def base_rows(path: Path) -> list[TrainingRow]:
+    """The base training set: a ``{"text", "label"}`` JSONL file (strictly validated)."""
+    from tasks.records import load_records
+
+    return [
+        TrainingRow(text=r.text, label=r.label, confidence=None, source="base", corrected=False)
+        for r in load_records(path)
+    ]
+
+
+def merge_rows(
+    rows: Iterable[TrainingRow], *, holdout_fraction: float
+) -> tuple[list[TrainingRow], list[TrainingRow], int]:
+    """Scrub, deduplicate and split ``rows`` into (train, holdout, duplicates dropped)."""
+    best: dict[str, TrainingRow] = {}
+    seen = 0
+    for row in rows:
+        seen += 1
+        text = scrub_pii(row.text).strip()
+        if not text:
+            continue
+        label = row.label.strip()
+        scrubbed = TrainingRow(text, label, row.confidence, row.source, row.corrected, row.log_id)
+        key = normalise_text(text)
+        kept = best.get(key)
+        if kept is None or _PRIORITY[scrubbed.kind] >= _PRIORITY[kept.kind]:
+            best[key] = scrubbed
+    held_keys = {
+        key for key, row in best.items() if row.corrected and is_held_out(key, holdout_fraction)
+    }
+    train = [row for key, row in best.items() if key not in held_keys]
+    holdout = [row for key, row in best.items() if key in held_keys]
+    dropped = seen - len(best)
+    return train, holdout, dropped
+
+
+def _write_jsonl(path: Path, rows: Iterable[TrainingRow]) -> str:
+    """Write rows atomically; return the sha256 of the file's bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    digest = hashlib.sha256()
+    with tmp.open("wb") as handle:
+        for row in rows:
+            line = (json.dumps(row.as_json(), ensure_ascii=False) + "\n").encode("utf-8")
+            digest.update(line)
+            handle.write(line)
+    os.replace(tmp, path)
+    return digest.hexdigest()
+
+
+def holdout_path_for(output: Path) -> Path:
+    """Where the held-out slice goes for a training file at ``output``."""
+    return output.with_name(f"{output.stem}.holdout{output.suffix or '.jsonl'}")
+
+
+def export_training_data(
+    output: Path,
+    *,
+    url: str | None = None,
+    days: int | None = None,
+    min_confidence: float = 0.9,
+    base_data: Path | None = None,
+    include_store: bool = True,
+    holdout_fraction: float = 0.2,
+    holdout_output: Path | None = None,
+    now: datetime | None = None,
+) -> TrainingDataExport:
+    """Write the retraining JSONL to ``output`` and the held-out corrected prompts next to it."""
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ValueError(
+            f"holdout_fraction: expected a number in [0, 1), found {holdout_fraction!r}"
+        )
+    if not 0.0 <= min_confidence <= 1.0:
+        raise ValueError(f"min_confidence: expected a number in [0, 1], found {min_confidence!r}")
+    now = now or datetime.now(UTC)
+    rows: list[TrainingRow] = base_rows(base_data) if base_data is not None else []
+    with get_sync_engine(url).connect() as conn:
+        if include_store:
+            rows.extend(store_rows(conn, days=days, now=now))
+        rows.extend(production_rows(conn, days=days, min_confidence=min_confidence, now=now))
+    train, holdout, dropped = merge_rows(rows, holdout_fraction=holdout_fraction)
+    if not train:
+        raise ValueError(
+            "no training data: the logs hold no corrections or high-confidence predictions "
+            f"(min_confidence {min_confidence}) in the window and no base set was given; "
+            "pass base_data or widen --days"
+        )
+    holdout_output = holdout_output or holdout_path_for(output)
+    sha = _write_jsonl(output, train)
+    _write_jsonl(holdout_output, holdout)
+    counts: dict[str, int] = {}
+    for row in train:
+        counts[row.kind] = counts.get(row.kind, 0) + 1
+    counts["holdout"] = len(holdout)
+    result = TrainingDataExport(
+        path=output,
+        holdout_path=holdout_output,
+        sha256=sha,
+        n_train=len(train),
+        n_holdout=len(holdout),
+        counts=counts,
+        labels=sorted({row.label for row in train}),
+        corrected_ids=sorted(r.log_id for r in train if r.corrected and r.log_id),
+        holdout_ids=sorted(r.log_id for r in holdout if r.log_id),
+        dropped_duplicates=dropped,
+    )
+    logger.info(
+        "training data: %d rows (%s) to %s, %d held out to %s",
+        result.n_train,
+        ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+        output,
+        result.n_holdout,
+        holdout_output,
+    )
+    return result
+
+
+export_training_data_task = task(
+    export_training_data, name="export-training-data", retries=2, retry_delay_seconds=2
+)

@@ -1,0 +1,192 @@
+"""Retention: batches copy + delete atomically, on both databases, and survive a crash."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, insert, select
+
+from capture.db import get_sync_engine
+from capture.ids import uuid7
+from capture.models import PromptLog, TrainingExample
+from flows.retention import retention_flow
+from tasks.retention import iso_week_monday, run_retention, source_key
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+LOGS = PromptLog.__table__
+EXAMPLES = TrainingExample.__table__
+
+
+def _seed(url: str, n_old: int, n_new: int) -> list[dict[str, object]]:
+    """``n_old`` logs 100+ days old (some with PII, some corrected) and ``n_new`` recent ones."""
+    rows: list[dict[str, object]] = []
+    for i in range(n_old + n_new):
+        old = i < n_old
+        created = NOW - (timedelta(days=100, minutes=i) if old else timedelta(days=10, minutes=i))
+        rows.append(
+            {
+                "id": uuid7(),
+                "user_id": uuid.uuid4(),
+                "conversation_id": uuid.uuid4(),
+                "message_index": i,
+                "prompt": f"message {i} from user{i}@example.com about room 1204",
+                "predicted_intent": "book_room" if i % 2 else "cancel",
+                "confidence": 0.5 + (i % 5) / 10,
+                "corrected_intent": "reschedule" if i % 3 == 0 else None,
+                "was_successful": None if i % 4 == 0 else bool(i % 2),
+                "model_version": "3",
+                "created_at": created,
+                "updated_at": created,
+            }
+        )
+    with get_sync_engine(url).begin() as conn:
+        conn.execute(insert(LOGS), rows)
+    return rows
+
+
+def _count(url: str, table: object) -> int:
+    with get_sync_engine(url).connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(table)).scalar_one())  # type: ignore[arg-type]
+
+
+def _examples(url: str) -> dict[str, dict[str, object]]:
+    with get_sync_engine(url).connect() as conn:
+        rows = conn.execute(select(EXAMPLES)).mappings().all()
+    return {str(r["source_key"]): dict(r) for r in rows}
+
+
+def test_old_rows_are_anonymised_copied_and_deleted(db_url: str) -> None:
+    seeded = _seed(db_url, n_old=23, n_new=5)
+    result = run_retention(db_url, now=NOW, batch_size=7)
+    assert (result.copied, result.deleted, result.batches) == (23, 23, 4)
+    assert result.cutoff == NOW - timedelta(days=90)
+    assert _count(db_url, LOGS) == 5
+
+    with get_sync_engine(db_url).connect() as conn:
+        remaining = set(conn.execute(select(LOGS.c.id)).scalars())
+    assert remaining == {r["id"] for r in seeded[23:]}
+
+    examples = _examples(db_url)
+    assert len(examples) == 23
+    for row in seeded[:23]:
+        copy = examples[hashlib.sha256(str(row["id"]).encode()).hexdigest()]
+        i = row["message_index"]
+        assert copy["prompt"] == f"message {i} from <EMAIL> about room 1204"
+        corrected = row["corrected_intent"]
+        assert copy["label"] == (corrected or row["predicted_intent"])
+        assert copy["corrected"] is (corrected is not None)
+        assert copy["source"] == "production"
+        assert copy["was_successful"] == row["was_successful"]
+        assert copy["model_version"] == "3"
+        assert copy["confidence"] == pytest.approx(row["confidence"], abs=1e-6)
+        assert copy["week"] == iso_week_monday(row["created_at"])  # type: ignore[arg-type]
+        assert copy["week"].weekday() == 0  # type: ignore[union-attr]
+    # No identifying column survives in the training store.
+    assert not {"user_id", "conversation_id", "message_index"} & set(EXAMPLES.c.keys())
+
+
+def test_nothing_to_do_is_zero(db_url: str) -> None:
+    _seed(db_url, n_old=0, n_new=4)
+    result = run_retention(db_url, now=NOW, batch_size=3)
+    assert (result.copied, result.deleted, result.batches) == (0, 0, 0)
+    assert _count(db_url, LOGS) == 4
+
+
+def test_retention_days_is_a_parameter(db_url: str) -> None:
+    _seed(db_url, n_old=3, n_new=4)  # new ones are 10 days old
+    result = run_retention(db_url, retention_days=7, clock=lambda: NOW)
+    assert (result.copied, result.deleted) == (7, 7)
+    assert _count(db_url, LOGS) == 0
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+def test_crash_between_batches_then_rerun_loses_and_duplicates_nothing(db_url: str) -> None:
+    seeded = _seed(db_url, n_old=25, n_new=3)
+    committed: list[int] = []
+
+    def crash_in_third_batch(batch: int) -> None:
+        if batch == 3:
+            raise SimulatedCrash("killed before batch 3 committed")
+        committed.append(batch)
+
+    with pytest.raises(SimulatedCrash):
+        run_retention(db_url, now=NOW, batch_size=5, before_commit=crash_in_third_batch)
+    assert committed == [1, 2]
+    # Batches 1 and 2 are done; batch 3's copy and delete were both rolled back.
+    assert _count(db_url, EXAMPLES) == 10
+    assert _count(db_url, LOGS) == 28 - 10
+
+    result = run_retention(db_url, now=NOW, batch_size=5)
+    assert (result.copied, result.deleted, result.batches) == (15, 15, 3)
+    examples = _examples(db_url)
+    assert len(examples) == 25 == _count(db_url, EXAMPLES)
+    assert set(examples) == {source_key(r["id"]) for r in seeded[:25]}  # type: ignore[arg-type]
+    assert _count(db_url, LOGS) == 3
+
+    again = run_retention(db_url, now=NOW, batch_size=5)
+    assert (again.copied, again.deleted, again.batches) == (0, 0, 0)
+
+
+def test_existing_copy_is_not_duplicated(db_url: str) -> None:
+    seeded = _seed(db_url, n_old=6, n_new=0)
+    first = seeded[0]
+    with get_sync_engine(db_url).begin() as conn:
+        conn.execute(
+            insert(EXAMPLES).values(
+                id=uuid7(),
+                source_key=source_key(first["id"]),  # type: ignore[arg-type]
+                prompt="copied by an earlier run",
+                label="cancel",
+                source="production",
+                corrected=False,
+                week=date(2026, 8, 17),
+            )
+        )
+    result = run_retention(db_url, now=NOW, batch_size=4)
+    assert (result.copied, result.deleted, result.batches) == (5, 6, 2)
+    examples = _examples(db_url)
+    assert len(examples) == 6
+    assert examples[source_key(first["id"])]["prompt"] == "copied by an earlier run"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"retention_days": 0}, "retention_days: expected a positive number"),
+        ({"retention_days": -3}, "retention_days: expected a positive number"),
+        ({"batch_size": 0}, "batch_size: expected a positive integer"),
+    ],
+)
+def test_bad_parameters_are_refused(sqlite_url: str, kwargs: dict[str, int], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        run_retention(sqlite_url, now=NOW, **kwargs)  # type: ignore[arg-type]
+
+
+def test_naive_now_is_refused(sqlite_url: str) -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        run_retention(sqlite_url, now=datetime(2026, 11, 26))
+
+
+def test_iso_week_monday() -> None:
+    assert iso_week_monday(datetime(2026, 11, 26, 23, 0, tzinfo=UTC)) == date(2026, 11, 23)
+    assert iso_week_monday(datetime(2026, 11, 23, 0, 0, tzinfo=UTC)) == date(2026, 11, 23)
+    assert iso_week_monday(datetime(2026, 11, 22, 23, 59, tzinfo=UTC)) == date(2026, 11, 16)
+
+
+def test_retention_flow(prefect_harness: None, db_url: str) -> None:
+    _seed(db_url, n_old=4, n_new=2)
+    result = retention_flow(database_url=db_url, now=NOW, batch_size=3)
+    assert result == {
+        "cutoff": (NOW - timedelta(days=90)).isoformat(),
+        "copied": 4,
+        "deleted": 4,
+        "batches": 2,
+    }
+    assert _count(db_url, LOGS) == 2
+    assert _count(db_url, EXAMPLES) == 4
