@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import psycopg
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, func, select
 from sqlalchemy.pool import NullPool
 
 from capture import db, queries
@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 TARGET_MS = 20.0
+# The floor for a 7-day statistic: counting the window's index entries, nothing else.
+BASELINE = "baseline: count(*) 7d (index-only)"
 DAYS = 90
 N_USERS = 20_000
 COLUMNS = (
@@ -207,7 +209,10 @@ def _explain(engine: Engine, statement: Any) -> str:
 def benchmark_cases(now: datetime, user_id: str) -> list[tuple[str, Any]]:
     """(label, statement) for every timed query; windows end at ``now``."""
     week = queries.since_days(now, 7)
+    assert week is not None
+    baseline = select(func.count()).select_from(queries.TABLE).where(queries.C.created_at > week)
     return [
+        (BASELINE, baseline),
         ("low_confidence(0.7, 100)", queries.select_low_confidence()),
         ("low_confidence(0.7, 100, days=7)", queries.select_low_confidence(since=week)),
         ("failed_workflows(100)", queries.select_failed_workflows()),
@@ -225,8 +230,9 @@ def run(
 ) -> list[dict[str, Any]]:
     """Load ``rows`` rows into a fresh database on the server at ``url``, time every query.
 
-    Returns one dict per query (``query, median_ms, p95_ms, rows, plan, target_met``) plus a
-    first ``ingest`` entry (``rows_per_s`` of the COPY load).
+    Returns one dict per query (``query, median_ms, p95_ms, x_baseline, rows, plan,
+    target_met``; the first is the baseline) after an ``ingest`` entry (``rows_per_s`` of the
+    COPY load, all indexes in place).
     """
     server = _server_url(url)
     name = f"pc_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
@@ -257,15 +263,17 @@ def run(
                 "GROUP BY user_id ORDER BY count(*) DESC LIMIT 1"
             ).fetchone()
         assert row is not None
+        baseline_ms = 0.0
         for label, statement in benchmark_cases(now, row[0]):
             timings, n_rows = _time(engine, statement, repeats)
             median = statistics.median(timings)
-            p95 = float(np.percentile(timings, 95))
+            baseline_ms = baseline_ms or median
             results.append(
                 {
                     "query": label,
                     "median_ms": median,
-                    "p95_ms": p95,
+                    "p95_ms": float(np.percentile(timings, 95)),
+                    "x_baseline": median / baseline_ms,
                     "rows": n_rows,
                     "plan": _explain(engine, statement),
                     "target_met": median <= TARGET_MS,
@@ -283,13 +291,13 @@ def format_table(results: list[dict[str, Any]]) -> str:
     for r in results:
         if "rows_per_s" in r:
             lines.append(f"{r['query']}: {r['rows']:,} rows at {r['rows_per_s']:,.0f} rows/s")
-    lines.append(f"{'query':<36} {'median ms':>9} {'p95 ms':>8} {'rows':>7}  plan")
+    lines.append(f"{'query':<36} {'median ms':>9} {'p95 ms':>8} {'x base':>6} {'rows':>6}  plan")
     for r in results:
         if "median_ms" in r:
             flag = "" if r["target_met"] else "  (> target)"
             lines.append(
-                f"{r['query']:<36} {r['median_ms']:>9.2f} {r['p95_ms']:>8.2f} {r['rows']:>7}  "
-                f"{r['plan']}{flag}"
+                f"{r['query']:<36} {r['median_ms']:>9.2f} {r['p95_ms']:>8.2f} "
+                f"{r['x_baseline']:>6.2f} {r['rows']:>6}  {r['plan']}{flag}"
             )
     return "\n".join(lines)
 

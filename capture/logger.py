@@ -44,8 +44,10 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from capture import db
 from capture.models import PromptLog
+from capture.queries import as_real
 from capture.settings import Settings, get_settings
 from capture.spool import (
+    C_CONF,
     C_CORRECTED,
     C_CORRECTED_AT,
     C_ERROR,
@@ -224,6 +226,7 @@ class _PostgresBackend:
         self.dsn = url.replace("postgresql+psycopg://", "postgresql://", 1)
         self.application_name = application_name
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self.rls_active = False
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         conn = self._conn
@@ -239,6 +242,16 @@ class _PostgresBackend:
             connect_timeout=5,
         )
         self._conn.adapters.register_dumper(JsonText, _JsonTextBinaryDumper)
+        # PostgreSQL refuses COPY FROM into a table whose row-level security applies to this
+        # role (migration 0003 FORCEs it); such a writer stages rows in a temp table instead.
+        cur = await self._conn.execute("SELECT row_security_active(%s::regclass)", [TABLE])
+        row = await cur.fetchone()
+        self.rls_active = bool(row and row[0])
+        if self.rls_active:
+            logger.info(
+                "capture writer: row-level security applies to this role; COPY goes through a "
+                "staging table (a BYPASSRLS role writes faster, see docs/CAPTURE.md)"
+            )
         return self._conn
 
     async def apply(self, ops: list[Op], *, idempotent: bool) -> list[Op]:
@@ -248,7 +261,7 @@ class _PostgresBackend:
         unknown: list[Op] = []
         async with conn.transaction(), conn.cursor() as cur:
             if split.rows:
-                if idempotent:
+                if idempotent or self.rls_active:
                     await cur.execute(
                         f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} "
                         f"(LIKE {TABLE} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
@@ -313,6 +326,7 @@ class _SqliteBackend:
     @staticmethod
     def _row_dict(row: list[Any]) -> dict[str, Any]:
         values = dict(zip(ROW_COLUMNS, row, strict=True))
+        values["confidence"] = as_real(row[C_CONF])  # as PostgreSQL's REAL stores it
         values["secondary_intents"] = [
             {"intent": name, "confidence": conf} for name, conf in row[C_SECONDARY]
         ]
@@ -411,7 +425,7 @@ class CaptureLogger:
         self.rejected_path: Path = self.settings.home / "rejected.jsonl"
 
         self._buffer: deque[Op] = deque()
-        self._queued_inserts: dict[uuid.UUID, Op] = {}  # buffered mode: for merging
+        self._queued_inserts: dict[int, Op] = {}  # buffered mode, by UUID.int: for merging
         self._inflight: list[Op] | None = None
         self._seq = 0
         self._done_seq = 0
@@ -465,7 +479,7 @@ class CaptureLogger:
         self._seq += 1
         op = Op(INSERT, self._seq, row)
         if self._enqueue(op) and not self._journal:
-            self._queued_inserts[row[C_ID]] = op
+            self._queued_inserts[row[C_ID].int] = op
 
     def submit_outcome(
         self,
@@ -488,17 +502,36 @@ class CaptureLogger:
         )
 
     @property
+    def copy_mode(self) -> str:
+        """How inserts reach PostgreSQL: ``direct`` COPY, or ``staged`` (COPY into a temp table,
+        then INSERT; used when row-level security applies to the writer's role); ``executemany``
+        on SQLite."""
+        if isinstance(self._backend, _SqliteBackend):
+            return "executemany"
+        return "staged" if self._backend.rls_active else "direct"
+
+    @property
     def orphans_replayed(self) -> bool:
         """False until the spool segments of stopped processes have been replayed."""
         return self._orphans_done
 
+    async def wait_orphans_replayed(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) for the start-up replay; returns whether it is done."""
+        self.start()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not self._orphans_done:
+                    self._progress.clear()
+                    await self._progress.wait()
+        return self._orphans_done
+
     def is_queued(self, log_id: uuid.UUID) -> bool:
-        return log_id in self._queued_inserts
+        return log_id.int in self._queued_inserts
 
     def _submit_update(self, kind: str, data: list[Any]) -> bool:
         if self._task is None:
             self.start()
-        queued = self._queued_inserts.get(data[0])
+        queued = self._queued_inserts.get(data[0].int)
         if queued is not None:
             row = queued.data
             if kind == OUTCOME:
@@ -688,12 +721,13 @@ class CaptureLogger:
         if queued:
             for op in batch:
                 if op.kind == INSERT:
-                    queued.pop(op.data[C_ID], None)
+                    queued.pop(op.data[C_ID].int, None)
         return batch
 
     async def _write_memory_batch(self) -> None:
         batch = self._take_batch()
         self._inflight = batch  # if the writer is cancelled mid-write, aclose() spools it
+        rejected_before = self.rejected
         try:
             await self._write(batch, idempotent=False)
         except ConnectionLostError:
@@ -701,7 +735,7 @@ class CaptureLogger:
             self._divert(batch)
             raise
         self._inflight = None
-        self.written += len(batch)
+        self.written += len(batch) - (self.rejected - rejected_before)
         if self._journal:
             counts: dict[Segment, int] = {}
             for op in batch:
@@ -781,12 +815,15 @@ class CaptureLogger:
             handle.write(line)
 
     async def _replay(self, segment: Segment) -> int:
-        """Apply a segment's operations idempotently, in order; returns how many."""
+        """Apply a segment's operations idempotently, in order; returns how many were applied
+        (rejected ones not counted)."""
+        rejected_before = self.rejected
         total = 0
         chunk: list[Op] = []
         for number, item in read_ops(segment.path):
             if isinstance(item, bytes):
                 self._reject_line(segment.path, number, item)
+                rejected_before += 1
                 continue
             chunk.append(item)
             if len(chunk) >= self._batch_size:
@@ -796,7 +833,7 @@ class CaptureLogger:
         if chunk:
             await self._write(chunk, idempotent=True)
             total += len(chunk)
-        return total
+        return total - (self.rejected - rejected_before)
 
     async def _replay_own(self, segment: Segment) -> None:
         count = await self._replay(segment)

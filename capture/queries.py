@@ -46,8 +46,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
-    Float,
     Insert,
+    Integer,
     Select,
     Table,
     TextClause,
@@ -73,6 +73,9 @@ logger = logging.getLogger(__name__)
 
 TABLE = cast(Table, PromptLog.__table__)
 C = TABLE.c
+
+#: The longest window a ``days`` parameter may ask for (100 years; ``None`` means no window).
+MAX_WINDOW_DAYS = 36_500
 
 #: The PostgreSQL setting the row-level-security policies compare ``user_id`` with.
 USER_SCOPE_SETTING = "app.user_id"
@@ -102,8 +105,14 @@ def since_days(now: datetime, days: float | None) -> datetime | None:
     """The start of a "last ``days`` days" window ending at ``now`` (``None``: no window)."""
     if days is None:
         return None
-    if isinstance(days, bool) or not isinstance(days, int | float) or not days > 0:
-        raise ValueError(f"days: expected a positive number or None, found {days!r}")
+    if (
+        isinstance(days, bool)
+        or not isinstance(days, int | float)
+        or not 0 < days <= MAX_WINDOW_DAYS
+    ):
+        raise ValueError(
+            f"days: expected a number of days in (0, {MAX_WINDOW_DAYS}] or None, found {days!r}"
+        )
     return to_utc(now, "now") - timedelta(days=days)
 
 
@@ -384,8 +393,8 @@ def map_retraining_row(row: Any) -> RetrainingRow:
 
 
 def map_confidence_bucket(row: Any) -> ConfidenceBucket:
-    bucket, count = row._mapping["conf_bucket"], row._mapping["count"]
-    return ConfidenceBucket(bucket=None if bucket is None else float(bucket), count=int(count))
+    tenths, count = row._mapping["conf_tenths"], row._mapping["count"]
+    return ConfidenceBucket(bucket=None if tenths is None else int(tenths) / 10, count=int(count))
 
 
 def map_intent_stats(row: Any) -> IntentStats:
@@ -412,29 +421,43 @@ def map_success_rate(row: Any) -> IntentSuccessRate:
 # --------------------------------------------------------------------------- SQL constructs
 
 
-class confidence_bucket(FunctionElement[float]):
-    """``ROUND(confidence::numeric, 1)`` with the same result on every database."""
+class confidence_tenths(FunctionElement[int]):
+    """``ROUND(confidence::numeric, 1) * 10`` as an integer, identical on every database.
 
-    name = "confidence_bucket"
-    type = Float()
+    PostgreSQL's real→numeric cast prints the float4 with 6 significant digits and ROUND goes
+    half away from zero. The same value in double arithmetic (5x cheaper on PostgreSQL than the
+    numeric cast, and possible on SQLite): round to 6 decimals (7 below 0.1, where 6 significant
+    digits are 7 decimals), then to tenths, both half up in integers. Exact for float4 inputs:
+    no float4 lies on a 6-decimal half-step that decides a tenth, and the products are exact to
+    far less than the distance to one. tests/test_repository.py checks it against ROUND.
+    Migration 0003 keeps planner statistics on this exact PostgreSQL expression.
+    """
+
+    name = "confidence_tenths"
+    type = Integer()
     inherit_cache = True
 
 
-@compiles(confidence_bucket)
-def _bucket_portable(element: confidence_bucket, compiler: SQLCompiler, **kw: Any) -> str:
-    # 6 significant digits, then half away from zero to one decimal. Below 0.1 six significant
-    # digits are seven decimals (only the 0.05 boundary is affected: 0.0499995 → 0.0).
-    c = compiler.process(element.clauses, **kw)
+def _tenths_sql(c: str, to_int: str) -> str:
+    micro = to_int.format(f"{c} * 1000000 + 0.5")
+    decimicro = to_int.format(f"{c} * 10000000 + 0.5")
     return (
-        f"((CASE WHEN {c} >= 0.1"
-        f" THEN (CAST({c} * 1000000 + 0.5 AS INTEGER) + 50000) / 100000"
-        f" ELSE (CAST({c} * 10000000 + 0.5 AS INTEGER) + 500000) / 1000000 END) / 10.0)"
+        f"(CASE WHEN {c} >= 0.1 THEN ({micro} + 50000) / 100000"
+        f" ELSE ({decimicro} + 500000) / 1000000 END)"
     )
 
 
-@compiles(confidence_bucket, "postgresql")
-def _bucket_postgresql(element: confidence_bucket, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"round(CAST({compiler.process(element.clauses, **kw)} AS NUMERIC), 1)"
+@compiles(confidence_tenths)
+def _tenths_default(element: confidence_tenths, compiler: SQLCompiler, **kw: Any) -> str:
+    # SQLite: REAL is a double; CAST(x AS INTEGER) truncates, which is floor for x >= 0.
+    return _tenths_sql(compiler.process(element.clauses, **kw), "CAST({} AS INTEGER)")
+
+
+@compiles(confidence_tenths, "postgresql")
+def _tenths_postgresql(element: confidence_tenths, compiler: SQLCompiler, **kw: Any) -> str:
+    # Widen the float4 first (real * integer is float4 arithmetic); a float→int cast rounds here.
+    c = f"CAST({compiler.process(element.clauses, **kw)} AS DOUBLE PRECISION)"
+    return _tenths_sql(c, "CAST(floor({}) AS BIGINT)")
 
 
 #: A SELECT of any number of columns of any type.
@@ -543,21 +566,47 @@ def select_for_retraining(
 
 def select_confidence_distribution(*, since: datetime | None = None) -> AnySelect:
     """Row counts per confidence rounded to one decimal, highest bucket first."""
-    bucket = confidence_bucket(C.confidence).label("conf_bucket")
-    stmt = select(bucket, func.count().label("count")).group_by(bucket)
-    return _window(stmt, since).order_by(bucket.desc().nulls_last())
+    tenths = confidence_tenths(C.confidence).label("conf_tenths")
+    stmt = select(tenths, func.count().label("count")).group_by(tenths)
+    return _window(stmt, since).order_by(tenths.desc().nulls_last())
 
 
 def select_intent_distribution(*, since: datetime | None = None) -> AnySelect:
-    """Per predicted intent: rows, average confidence, corrections; most frequent first."""
-    count = func.count().label("count")
-    stmt = select(
-        C.predicted_intent,
-        count,
-        func.avg(C.confidence).label("avg_conf"),
-        func.count(C.corrected_intent).label("corrections"),
-    ).group_by(C.predicted_intent)
-    return _window(stmt, since).order_by(count.desc(), C.predicted_intent.asc())
+    """Per predicted intent: rows, average confidence, corrections; most frequent first.
+
+    The design note's single GROUP BY, split in two so PostgreSQL can answer each part from an
+    index: counts and averages from the covering ``created_at`` index (index-only), corrections
+    from the small partial index on corrected rows (instead of reading every row of the window
+    from the heap for ``COUNT(corrected_intent)``).
+    """
+    totals = _window(
+        select(
+            C.predicted_intent,
+            func.count().label("count"),
+            func.avg(C.confidence).label("avg_conf"),
+        ).group_by(C.predicted_intent),
+        since,
+    ).subquery("totals")
+    corrections = _window(
+        select(C.predicted_intent, func.count().label("corrections"))
+        .where(C.corrected_intent.is_not(None))
+        .group_by(C.predicted_intent),
+        since,
+    ).subquery("corrections")
+    return (
+        select(
+            totals.c.predicted_intent,
+            totals.c.count,
+            totals.c.avg_conf,
+            func.coalesce(corrections.c.corrections, 0).label("corrections"),
+        )
+        .select_from(
+            totals.outerjoin(
+                corrections, corrections.c.predicted_intent == totals.c.predicted_intent
+            )
+        )
+        .order_by(totals.c.count.desc(), totals.c.predicted_intent.asc())
+    )
 
 
 def select_success_rate_by_intent(*, since: datetime | None = None) -> AnySelect:

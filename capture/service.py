@@ -21,7 +21,6 @@ import re
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
 
 import sqlalchemy.exc
 from sqlalchemy import select
@@ -30,18 +29,17 @@ from capture import db
 from capture.ids import uuid7
 from capture.logger import CaptureLogger, CaptureStats, Sleep
 from capture.models import PromptLog
+from capture.repository import UnknownLogIdError
 from capture.settings import Settings, get_settings
 from capture.types import Classifier, NLUResult, Prediction
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["NLUService", "UnknownLogIdError", "clean_text", "create_nlu_service"]
+
 Clock = Callable[[], datetime]
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _INT32_MAX = 2**31 - 1
-
-
-class UnknownLogIdError(ValueError):
-    """An outcome or correction names a ``log_id`` that no prompt log row has."""
 
 
 def clean_text(value: str) -> str:
@@ -66,10 +64,6 @@ def _as_uuid(value: object, field: str) -> uuid.UUID:
         except ValueError:
             pass
     raise ValueError(f"{field}: expected a UUID (uuid.UUID or its string form), found {value!r}")
-
-
-def _opt_uuid(value: object, field: str) -> uuid.UUID | None:
-    return None if value is None else _as_uuid(value, field)
 
 
 def _opt_text(value: object, field: str) -> str | None:
@@ -98,7 +92,8 @@ class NLUService:
         self._model_version = model_version
         self._clock: Clock = clock or _utcnow
         # Ids issued by this service recently (outcomes for them need no database check).
-        self._issued: dict[uuid.UUID, None] = {}
+        self._issued: dict[int, None] = {}  # keyed by UUID.int (cheaper to hash)
+        self._clean_names: set[str] = set()
         self._issued_cap = max(settings.buffer_size, 10_000)
 
     @property
@@ -138,68 +133,92 @@ class NLUService:
                 f"message: expected a non-empty prompt, found {message[:40]!r}; "
                 "send the user's text"
             )
-        user = _opt_uuid(user_id, "user_id")
-        conversation = _opt_uuid(conversation_id, "conversation_id")
+        user = None if user_id is None else _as_uuid(user_id, "user_id")
+        conversation = (
+            None if conversation_id is None else _as_uuid(conversation_id, "conversation_id")
+        )
         if message_index is not None and (
-            isinstance(message_index, bool)
-            or not isinstance(message_index, int)
-            or not 0 <= message_index <= _INT32_MAX
+            type(message_index) is not int or not 0 <= message_index <= _INT32_MAX
         ):
             raise ValueError(
                 f"message_index: expected an integer in [0, {_INT32_MAX}] or None, "
                 f"found {message_index!r}"
             )
         prediction: Prediction = self.classifier.predict(message)
-        prediction.validate()
+        intent = prediction.intent
+        confidence = prediction.confidence
+        secondary = prediction.secondary_intents
+        # Fast path: intent names seen before (already validated and clean) and float
+        # confidences in [0, 1] (NaN fails the comparison). Anything else: full validation.
+        names = self._clean_names
+        valid = intent in names and type(confidence) is float and 0.0 <= confidence <= 1.0
+        if valid:
+            for name, conf in secondary:
+                if name not in names or type(conf) is not float or not 0.0 <= conf <= 1.0:
+                    valid = False
+                    break
+        if not valid:
+            prediction.validate()
+            intent, confidence, secondary = self._normalised(prediction)
         if len(prompt) > self._max_chars:
             prompt = prompt[: self._max_chars]
             self.capture.truncated += 1
-        secondary = tuple((clean_text(n), float(c)) for n, c in prediction.secondary_intents)
         log_id = uuid7()
         now = self._now()
         version = self._model()
-        confidence = float(prediction.confidence)
-        row: list[Any] = [
-            log_id,
-            user,
-            prompt,
-            clean_text(prediction.intent),
-            confidence,
-            secondary,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            conversation,
-            message_index,
-            version,
-            now,
-            now,
-        ]
-        self.capture.submit_insert(row)
+        self.capture.submit_insert(
+            [
+                log_id,
+                user,
+                prompt,
+                intent,
+                confidence,
+                secondary,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                conversation,
+                message_index,
+                version,
+                now,
+                now,
+            ]
+        )
         issued = self._issued
-        issued[log_id] = None
+        issued[log_id.int] = None
         if len(issued) > self._issued_cap:
             del issued[next(iter(issued))]
-        return NLUResult(
-            intent=prediction.intent,
-            confidence=confidence,
-            secondary_intents=prediction.secondary_intents,
-            log_id=log_id,
-            model_version=version,
-        )
+        return NLUResult(intent, confidence, secondary, log_id, version)
+
+    def _normalised(
+        self, prediction: Prediction
+    ) -> tuple[str, float, tuple[tuple[str, float], ...]]:
+        """A validated prediction with clean names and float confidences; clean names are
+        remembered so the next prediction naming them takes the fast path."""
+        intent = clean_text(prediction.intent)
+        secondary = tuple((clean_text(n), float(c)) for n, c in prediction.secondary_intents)
+        names = self._clean_names
+        if len(names) < 10_000:  # intent names are a small, fixed set
+            for name in (intent, *(n for n, _ in secondary)):
+                if name.strip():
+                    names.add(name)
+        return intent, float(prediction.confidence), secondary
 
     async def _check_known(self, log_id: uuid.UUID) -> None:
-        if log_id in self._issued or self.capture.is_queued(log_id):
+        if log_id.int in self._issued or self.capture.is_queued(log_id):
             return
         exists = await self._row_exists(log_id)
-        if exists is False and self.capture.orphans_replayed:
-            raise UnknownLogIdError(
-                f"log_id {log_id}: no prompt log has this id; pass the log_id that "
-                "process_message returned"
-            )
+        if exists is False and not self.capture.orphans_replayed:
+            # The row may be in a spool segment that a stopped process left: wait for the
+            # start-up replay (fast while the database is up), then look again.
+            if not await self.capture.wait_orphans_replayed(timeout=5.0):
+                return  # still replaying: the writer checks the id when it writes
+            exists = await self._row_exists(log_id)
+        if exists is False:
+            raise UnknownLogIdError(log_id)
 
     async def _row_exists(self, log_id: uuid.UUID) -> bool | None:
         """True/False, or None when the database cannot be reached (checked again at write)."""

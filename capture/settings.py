@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     onnx_threads: int = Field(default=1, ge=1, description="Intra-op threads of ONNX Runtime.")
     reload_interval_s: float = Field(default=2.0, gt=0, description="How often to check `current`.")
     review_confidence_threshold: float = Field(default=0.7, ge=0, le=1)
+    # Monitoring.
+    alert_webhook_url: str = Field(
+        default="", description="Slack-compatible webhook the monitor flow posts alerts to."
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -89,6 +90,9 @@ def train_cmd(
         int | None, typer.Option("--max-pairs", help="Pair budget (default ~n).")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", help="Cap on optimiser steps (quick runs).")
+    ] = None,
     pairs: Annotated[
         Path | None, typer.Option("--pairs", help="Extra pairs JSONL from `convert-to-pairs`.")
     ] = None,
@@ -102,7 +106,7 @@ def train_cmd(
         train_rows = load_records(train)
         val_rows = load_records(val, min_labels=1) if val is not None else None
         extra = read_pairs(pairs) if pairs is not None else None
-        config = TrainConfig(seed=seed, max_pairs=max_pairs)
+        config = TrainConfig(seed=seed, max_pairs=max_pairs, max_steps=max_steps)
         result = train_model(
             train_rows, val_rows, output, config=config, base_model=base_model, extra_pairs=extra
         )
@@ -185,6 +189,401 @@ def convert_to_pairs_cmd(
     pairs = build_pairs(rows, max_pairs=budget, seed=seed, with_negatives=negatives)
     write_pairs(output, pairs)
     console.print(f"wrote {len(pairs)} pairs to {output}")
+
+
+# --------------------------------------------------------------------------- weekly cycle (D)
+
+
+def _print_json(data: object) -> None:
+    import json
+
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+@app.command("export")
+def export_cmd(
+    *,
+    mode: Annotated[
+        str, typer.Option("--mode", help="retraining (JSONL for training) or review (JSON list).")
+    ],
+    days: Annotated[
+        int | None, typer.Option("--days", help="Only the last N days (default: all).")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="File to write.")] = None,
+    confidence_threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--confidence-threshold",
+            help="review: export prompts below it (default 0.7); retraining: the minimum "
+            "confidence of uncorrected predictions (default 0.9).",
+        ),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", help="review: the review budget.")] = 200,
+    strategy: Annotated[
+        str | None, typer.Option("--strategy", help="review: selection strategy.")
+    ] = None,
+) -> None:
+    """Export production prompts for retraining or for human review (the spec's formats)."""
+    if mode not in ("retraining", "review"):
+        _fail_bad_input(ValueError(f"--mode: expected 'retraining' or 'review', found {mode!r}"))
+    if mode == "review":
+        from flows.review import review_export_flow
+        from tasks.review_select import DEFAULT_STRATEGY
+
+        review = review_export_flow(
+            days=days,
+            confidence_threshold=0.7 if confidence_threshold is None else confidence_threshold,
+            limit=limit,
+            strategy=strategy or DEFAULT_STRATEGY,
+            output=str(output) if output else None,
+        )
+        console.print(
+            f"wrote {review['selected']} prompts for review (of {review['candidates']} "
+            f"candidates) to [bold]{review['path']}[/bold]; fill in corrected_intent, then "
+            "`prompt-capture import-corrections FILE`"
+        )
+        return
+    from flows.training_data import training_data_flow
+
+    summary = training_data_flow(
+        days=days,
+        min_confidence=0.9 if confidence_threshold is None else confidence_threshold,
+        output=str(output) if output else None,
+    )
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items()))
+    console.print(
+        f"wrote {summary['n_train']} training rows ({counts}) to "
+        f"[bold]{summary['training_data']}[/bold]; {summary['n_holdout']} held out in "
+        f"{summary['holdout_data']}"
+    )
+
+
+@app.command("import-corrections")
+def import_corrections_cmd(
+    file: Annotated[
+        Path | None,
+        typer.Argument(help="A reviewed file; without it, the inbox folder is drained."),
+    ] = None,
+    *,
+    allow_new_intent: Annotated[
+        bool,
+        typer.Option("--allow-new-intent", help="Accept intents the serving model lacks."),
+    ] = False,
+) -> None:
+    """Apply a reviewed file (all or nothing); re-importing the same file changes nothing."""
+    from capture.settings import get_settings
+    from flows.corrections import corrections_flow
+
+    if file is not None and not file.is_file():
+        _fail_bad_input(FileNotFoundError(f"{file}: no such file"))
+    results = corrections_flow(file=str(file) if file else None, allow_new_intent=allow_new_intent)
+    if not results:
+        console.print(f"no files in {get_settings().inbox_dir}")
+    rejected = False
+    for result in results:
+        status = "[green]applied[/green]" if not result["rejected"] else "[red]REJECTED[/red]"
+        console.print(
+            f"{result['file']}: {status}: applied {result['applied']}, unchanged "
+            f"{result['unchanged']}, not reviewed {result['not_reviewed']}, rejected rows "
+            f"{len(result['rejected'])}"
+        )
+        for reason in result["rejected"]:
+            console.print(f"  - {reason}", highlight=False, markup=False)
+        rejected = rejected or bool(result["rejected"])
+    if rejected:
+        console.print("nothing was applied from the rejected file(s); fix them and import again")
+        raise typer.Exit(code=1)
+
+
+@app.command("cycle")
+def cycle_cmd(
+    *,
+    days: Annotated[int | None, typer.Option("--days", help="Production data window.")] = 30,
+    hyperparameters: Annotated[
+        str | None,
+        typer.Option(
+            "--hyperparameters", help='TrainConfig fields as JSON, e.g. {"max_steps": 50}.'
+        ),
+    ] = None,
+    deploy: Annotated[bool, typer.Option("--deploy/--no-deploy")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Run the weekly cycle now: inbox, training data, pairs, retrain, gate, export, deploy."""
+    import json
+
+    from flows.weekly import weekly_cycle
+
+    try:
+        params = json.loads(hyperparameters) if hyperparameters else None
+    except json.JSONDecodeError as exc:
+        _fail_bad_input(ValueError(f"--hyperparameters: expected a JSON object ({exc.msg})"))
+        return
+    summary = weekly_cycle(days=days, hyperparameters=params, deploy=deploy)
+    if as_json:
+        _print_json(summary)
+    else:
+        console.print(summary["message"], highlight=False)
+
+
+@app.command("models")
+def models_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the registry's versions, their metrics, and which one serves."""
+    from rich.table import Table
+
+    from capture.settings import get_settings
+    from tasks.registry import list_models
+
+    models_dir = get_settings().models_dir
+    entries = list_models(models_dir)
+    if as_json:
+        _print_json(
+            [
+                {
+                    "version": e.version,
+                    "serving": e.serving,
+                    "deployable": e.deployable,
+                    "gate": e.gate,
+                    "created_at": e.created_at,
+                    "parent_version": e.parent_version,
+                    "path": str(e.path),
+                    "metrics": e.metrics,
+                }
+                for e in entries
+            ]
+        )
+        return
+    if not entries:
+        console.print(f"no models in {models_dir}")
+        return
+    table = Table(title=f"models in {models_dir}")
+    for column in ("", "version", "gate", "accuracy", "champion acc", "train rows", "created"):
+        table.add_column(column)
+    for e in entries:
+        evaluation = e.metrics.get("evaluation", {}).get("all", {})
+        acc = (evaluation.get("challenger") or {}).get("accuracy")
+        old = (evaluation.get("champion") or {}).get("accuracy")
+        table.add_row(
+            "[bold green]serving[/]" if e.serving else ("" if e.deployable else "not exported"),
+            e.version,
+            e.gate or "-",
+            f"{acc:.2%}" if acc is not None else "-",
+            f"{old:.2%}" if old is not None else "-",
+            str(e.training.get("n_train", "-")),
+            (e.created_at or "")[:19],
+        )
+    console.print(table)
+
+
+@app.command("rollback")
+def rollback_cmd(
+    to: Annotated[
+        str | None, typer.Option("--to", help="Version to serve (default: the previous one).")
+    ] = None,
+) -> None:
+    """Serve the previous good version again (atomic switch; running services hot-reload)."""
+    from capture.settings import get_settings
+    from tasks.registry import RegistryError, rollback
+
+    try:
+        previous, now = rollback(get_settings().models_dir, to)
+    except RegistryError as exc:
+        _fail_bad_input(exc)
+        return
+    console.print(f"now serving version [bold]{now}[/bold] (was {previous})")
+
+
+@app.command("serve")
+def serve_cmd(
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="Serve only these deployments.")
+    ] = None,
+) -> None:
+    """Serve every prefect.yaml deployment with its schedule from this process (no work pool)."""
+    from deployments.serve import serve_all
+
+    serve_all(only=only)
+
+
+@app.command("demo")
+def demo_cmd(
+    *,
+    first_steps: Annotated[
+        int, typer.Option("--first-steps", help="Training steps of the first model.")
+    ] = 60,
+    retrain_steps: Annotated[
+        int, typer.Option("--retrain-steps", help="Training steps of the weekly retrain.")
+    ] = 40,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """The whole loop on the bundled demo dataset, from an empty PROMPT_CAPTURE_HOME."""
+    from flows.demo import run_demo
+
+    run_demo(console, first_steps=first_steps, retrain_steps=retrain_steps, seed=seed)
+
+
+def _parse_now(value: str | None) -> datetime | None:
+    """``--now``: an ISO 8601 time with a zone (for reproducible reports and checks)."""
+    if value is None:
+        return None
+    from capture.queries import to_utc
+
+    try:
+        return to_utc(datetime.fromisoformat(value), "--now")
+    except ValueError as exc:
+        _fail_bad_input(
+            ValueError(
+                f"--now: expected an ISO 8601 time with a zone, e.g. "
+                f"2026-11-26T12:00:00+00:00; {exc}"
+            )
+        )
+        raise  # unreachable: _fail_bad_input exits
+
+
+@app.command("report")
+def report_cmd(
+    *,
+    days: Annotated[float, typer.Option("--days", help="Window: the last N days.")] = 30,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="HTML file (default HOME/reports/report-<date>.html)."),
+    ] = None,
+    low_confidence: Annotated[
+        float | None,
+        typer.Option("--low-confidence", help="Low-confidence threshold (default: the setting)."),
+    ] = None,
+    now: Annotated[str | None, typer.Option("--now", help="End of the window (ISO 8601).")] = None,
+) -> None:
+    """Write the monitoring dashboard: one self-contained HTML file with plots and tables."""
+    from capture.settings import get_settings
+    from tasks.report import write_report
+
+    settings = get_settings()
+    end = _parse_now(now)
+    if output is None:
+        stamp = (end or datetime.now(UTC)).strftime("%Y-%m-%d")
+        output = settings.reports_dir / f"report-{stamp}.html"
+    try:
+        data = write_report(output, days=days, low_confidence_threshold=low_confidence, now=end)
+    except ValueError as exc:
+        _fail_bad_input(exc)
+    console.print(
+        f"report over [bold]{data.total:,}[/bold] prompts (last {days:g} days, "
+        f"{len(data.models)} model versions) written to [bold]{output}[/bold]"
+    )
+
+
+@app.command("retention")
+def retention_cmd(
+    *,
+    days: Annotated[
+        float, typer.Option("--days", help="Raw-log retention: logs older than this move.")
+    ] = 90,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per transaction.")] = 1000,
+    now: Annotated[str | None, typer.Option("--now", help="Reference time (ISO 8601).")] = None,
+) -> None:
+    """Move raw logs older than --days, PII-scrubbed, into the training store (the daily flow's
+    work, run once here without Prefect)."""
+    from tasks.retention import run_retention
+
+    try:
+        result = run_retention(retention_days=days, batch_size=batch_size, now=_parse_now(now))
+    except ValueError as exc:
+        _fail_bad_input(exc)
+    _print_json(result.as_dict())
+
+
+@app.command("monitor")
+def monitor_cmd(
+    *,
+    window_hours: Annotated[float, typer.Option("--window-hours")] = 1.0,
+    webhook_url: Annotated[
+        str | None, typer.Option("--webhook-url", help="Default: PROMPT_CAPTURE_ALERT_WEBHOOK_URL.")
+    ] = None,
+    notification_block: Annotated[
+        str | None, typer.Option("--block", help="Prefect notification block <type>/<name>.")
+    ] = None,
+    min_count: Annotated[int, typer.Option("--min-count")] = 20,
+    now: Annotated[str | None, typer.Option("--now", help="End of the window (ISO 8601).")] = None,
+) -> None:
+    """Run the alert checks once (the hourly monitor flow) and print its result as JSON."""
+    from flows.monitor import monitor_flow
+
+    _print_json(
+        monitor_flow(
+            window_hours=window_hours,
+            webhook_url=webhook_url,
+            notification_block=notification_block,
+            min_count=min_count,
+            now=_parse_now(now),
+        )
+    )
+
+
+@app.command("demo-traffic")
+def demo_traffic_cmd(
+    *,
+    count: Annotated[int, typer.Option("--count", min=1, help="Prompts to send.")] = 500,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the traffic and outcomes.")] = 0,
+) -> None:
+    """Send demo prompts through the NLU service, record outcomes, print the monitoring stats.
+
+    The prompts are the traffic part of the packaged demo dataset; the classifier is the
+    keyword classifier fitted on its train part. Workflows of a wrong intent usually fail.
+    """
+    import asyncio
+
+    from capture import db
+    from capture.demo_traffic import run_demo_traffic
+    from capture.settings import get_settings
+
+    try:
+        report = asyncio.run(run_demo_traffic(count=count, seed=seed, settings=get_settings()))
+    except db.DatabaseNotMigratedError as exc:
+        _fail_bad_input(exc)
+    _print_demo_traffic(report)
+
+
+def _print_demo_traffic(report: object) -> None:
+    from rich.table import Table
+
+    from capture.demo_traffic import DemoTrafficReport
+
+    assert isinstance(report, DemoTrafficReport)
+    stats = report.stats
+    console.print(
+        f"sent [bold]{report.sent}[/bold] prompts in {report.seconds:.2f} s "
+        f"(classifier agrees with the demo labels on {report.agreement:.0%}); "
+        f"outcomes recorded: {report.outcomes} ({report.failures} failed)"
+    )
+    console.print(
+        f"capture: queued {stats.queued}, written {stats.written}, merged {stats.merged}, "
+        f"spooled {stats.spooled}, replayed {stats.replayed}, rejected {stats.rejected}"
+    )
+    buckets = Table(title="Confidence distribution (last 7 days)")
+    buckets.add_column("confidence", justify="right")
+    buckets.add_column("count", justify="right")
+    for b in report.confidence:
+        buckets.add_row("-" if b.bucket is None else f"{b.bucket:.1f}", str(b.count))
+    console.print(buckets)
+    intents = Table(title="Intent distribution (last 7 days)")
+    for column in ("intent", "count", "avg confidence", "corrections"):
+        intents.add_column(column, justify="left" if column == "intent" else "right")
+    for i in report.intents:
+        avg = "-" if i.avg_confidence is None else f"{i.avg_confidence:.3f}"
+        intents.add_row(i.predicted_intent, str(i.count), avg, str(i.corrections))
+    console.print(intents)
+    success = Table(title="Workflow success rate by intent")
+    for column in ("intent", "total", "successes", "success rate %"):
+        success.add_column(column, justify="left" if column == "intent" else "right")
+    for r in report.success:
+        success.add_row(r.predicted_intent, str(r.total), str(r.successes), f"{r.success_rate:.1f}")
+    console.print(success)
+    console.print(
+        f"{report.low_confidence} prompts below the review threshold "
+        f"{report.review_threshold:.2f} (see `prompt-capture export --mode review`)"
+    )
 
 
 def main() -> None:

@@ -95,7 +95,9 @@ def to_schedules(spec: DeploymentSpec) -> list[Any]:
             out.append(Cron(raw["cron"], timezone=timezone, active=active))
         elif "interval" in raw:
             out.append(
-                Interval(timedelta(seconds=float(raw["interval"])), timezone=timezone, active=active)
+                Interval(
+                    timedelta(seconds=float(raw["interval"])), timezone=timezone, active=active
+                )
             )
         else:
             raise ValueError(

@@ -205,7 +205,7 @@ def read_model_dir(model_dir: Path) -> ModelDirInfo:
 
 
 def serving_tokenizer(encoder_dir: Path, max_seq_length: int) -> Tokenizer:
-    """The encoder's tokenizer, padding to the longest input and truncating at ``max_seq_length``."""
+    """The encoder's tokenizer: pads to the longest input, truncates at ``max_seq_length``."""
     from tokenizers import Tokenizer
 
     path = encoder_dir / "tokenizer.json"
@@ -273,14 +273,20 @@ def _torch_classifier_module(model_dir: Path, info: ModelDirInfo) -> torch.nn.Mo
             f"{model_dir / 'encoder'}: the export supports mean pooling only, found {mode!r}"
         )
     bert = st[0].auto_model
+    if not isinstance(bert, torch.nn.Module):
+        raise ExportError(f"{model_dir / 'encoder'}: the first module holds no transformer model")
     bert.eval()
+    weight = torch.from_numpy(info.weight.copy())
+    bias = torch.from_numpy(info.bias.copy())
 
     class _ServingModule(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.encoder = bert
-            self.register_buffer("weight", torch.from_numpy(info.weight.copy()))
-            self.register_buffer("bias", torch.from_numpy(info.bias.copy()))
+            self.encoder: torch.nn.Module = bert
+            self.head = torch.nn.Linear(weight.shape[1], weight.shape[0])
+            with torch.no_grad():
+                self.head.weight.copy_(weight)
+                self.head.bias.copy_(bias)
             self.inv_temperature = 1.0 / info.temperature
 
         def forward(
@@ -296,7 +302,7 @@ def _torch_classifier_module(model_dir: Path, info: ModelDirInfo) -> torch.nn.Mo
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
             embeddings = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
-            logits = embeddings @ self.weight.T + self.bias
+            logits = self.head(embeddings)
             probabilities = torch.softmax(logits * self.inv_temperature, dim=-1)
             return probabilities, embeddings
 
@@ -442,7 +448,9 @@ def export_onnx(
         export_fp32(model_dir, info, fp32_path, opset=opset)
 
         reference = TorchReference(model_dir, info).predict_proba(texts)
-        fp32_agreement, fp32_diff = parity(reference, onnx_predict_proba(fp32_path, tokenizer, texts))
+        fp32_agreement, fp32_diff = parity(
+            reference, onnx_predict_proba(fp32_path, tokenizer, texts)
+        )
         logger.info("fp32 parity: agreement %.4f, max prob diff %.2e", fp32_agreement, fp32_diff)
         if fp32_diff > FP32_MAX_PROB_DIFF:
             raise ExportError(

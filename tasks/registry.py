@@ -208,6 +208,18 @@ def _switch(models_dir: Path, version: str, action: str) -> str | None:
     return previous
 
 
+def _set_onnx_version(path: Path, version: str) -> None:
+    """Keep the version in an already exported model.onnx equal to the registry version."""
+    import onnx
+
+    from tasks.export_onnx import set_onnx_metadata
+
+    model = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    props["version"] = version
+    set_onnx_metadata(path, props)
+
+
 def _copy_in(model_dir: Path, models_dir: Path, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".publish-{target.name}-", dir=models_dir))
     try:
@@ -250,6 +262,8 @@ def publish(
     if metadata.get("version") != version:
         metadata["version"] = version
         write_json_atomic(metadata_path, metadata)
+        if (target / "model.onnx").exists():
+            _set_onnx_version(target / "model.onnx", version)
     if metrics is not None:
         write_json_atomic(target / "metrics.json", metrics)
     if training is not None:

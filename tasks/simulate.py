@@ -24,14 +24,18 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 import random
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from tasks.records import Record, load_records
 from tasks.review_select import STRATEGIES
@@ -461,5 +465,433 @@ def environment(values: Mapping[str, str | None]) -> Iterator[None]:
         get_settings.cache_clear()
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
+# --------------------------------------------------------------------------- one run's space
+
+
+@dataclass(frozen=True, slots=True)
+class LoopSettings:
+    """How each simulated week runs (everything but the strategy and the seed).
+
+    ``review_confidence_threshold`` 1.0 makes every prompt of the week a review candidate, so the
+    strategy alone decides what the budget is spent on (production's default is 0.7).
+    ``hyperparameters`` are ``TrainConfig`` overrides for every training (first model and
+    retrains); ``max_pairs``, ``holdout_fraction``, ``min_confidence``, ``quantize`` and the gate
+    rules are the weekly cycle's parameters.
+    """
+
+    weeks: int = 4
+    review_budget: int = 300
+    initial_per_intent: int = 5
+    traffic_per_week: int = 3000
+    gate_per_intent: int = 3
+    review_days: int = 7
+    review_confidence_threshold: float = 1.0
+    fail_if_wrong: float = 0.5
+    fail_if_right: float = 0.05
+    users: int = 200
+    hyperparameters: Mapping[str, Any] | None = None
+    max_pairs: int = 2000
+    holdout_fraction: float = 0.2
+    min_confidence: float = 0.9
+    max_overall_drop: float = 0.0
+    max_intent_drop: float = 0.05
+    min_support: int = 10
+    quantize: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("weeks", "traffic_per_week", "initial_per_intent", "gate_per_intent"):
+            if getattr(self, name) < 1:
+                raise SimulationError(f"{name}: expected at least 1, found {getattr(self, name)}")
+        if self.review_budget < 0:
+            raise SimulationError(f"review_budget: expected >= 0, found {self.review_budget}")
+        for name in ("fail_if_wrong", "fail_if_right", "review_confidence_threshold"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise SimulationError(f"{name}: expected a number in [0, 1], found {value!r}")
+
+    def weekly_cycle_parameters(self, database_url: str) -> dict[str, Any]:
+        """Keyword arguments of ``flows.weekly.weekly_cycle`` for this simulation."""
+        return {
+            "days": None,
+            "min_confidence": self.min_confidence,
+            "holdout_fraction": self.holdout_fraction,
+            "import_inbox": True,
+            "max_pairs": self.max_pairs,
+            "warm_start": True,
+            "hyperparameters": dict(self.hyperparameters or {}),
+            "max_overall_drop": self.max_overall_drop,
+            "max_intent_drop": self.max_intent_drop,
+            "min_support": self.min_support,
+            "deploy": True,
+            "quantize": self.quantize,
+            "database_url": database_url,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RunSpace:
+    """One run's isolated ``PROMPT_CAPTURE_HOME`` and database."""
+
+    name: str
+    home: Path
+    database_url: str
+    own_database: bool  # a PostgreSQL database created for this run (dropped by release_space)
+
+    def env(self) -> dict[str, str | None]:
+        return {
+            "PROMPT_CAPTURE_HOME": str(self.home),
+            "PROMPT_CAPTURE_DATABASE_URL": self.database_url,
+        }
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+
+def _safe_name(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name.lower())
+
+
+def prepare_space(root: Path, name: str, *, server_url: str | None = None) -> RunSpace:
+    """A fresh home under ``root/name`` and a migrated database: an SQLite file in the home, or,
+    when ``server_url`` is a PostgreSQL URL, a new database on that server."""
+    import shutil
+
+    from capture import db
+
+    home = root / name / "home"
+    if home.exists():
+        shutil.rmtree(home)
+    home.mkdir(parents=True)
+    own = False
+    if server_url and db.is_postgres(db.database_url(server_url)):
+        url = _create_pg_database(db.database_url(server_url), f"pc_sim_{_safe_name(name)}")
+        own = True
+    else:
+        url = f"sqlite:///{(home / 'prompt_capture.db').resolve()}"
+    db.upgrade(url)
+    logger.info("run %s: home %s, database %s", name, home, url.rsplit("@", 1)[-1])
+    return RunSpace(name=name, home=home.resolve(), database_url=url, own_database=own)
+
+
+def _libpq(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def _create_pg_database(server_url: str, prefix: str) -> str:
+    import uuid
+
+    import psycopg
+
+    name = f"{prefix[:40]}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(_libpq(server_url), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = server_url.rpartition("/")
+    return f"{base}/{name}"
+
+
+def release_space(space: RunSpace, *, server_url: str | None = None) -> None:
+    """Close the run's engines and drop its PostgreSQL database (files stay for inspection)."""
+    import asyncio
+
+    from capture import db
+
+    db.get_sync_engine(space.database_url).dispose()
+    asyncio.run(db.get_engine(space.database_url).dispose())
+    if space.own_database and server_url:
+        import psycopg
+
+        name = space.database_url.rpartition("/")[2]
+        with psycopg.connect(_libpq(db.database_url(server_url)), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def write_base_files(space: RunSpace, plan: TrafficPlan) -> None:
+    """The weekly cycle's base data (``home/data``): the seed set is ``base_train``; the gate
+    set is ``base_test`` (what the gate scores) and ``base_val`` (calibration and the ONNX
+    parity texts)."""
+    from flows.common import BASE_FILES
+    from tasks.records import write_records
+
+    data = space.home / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    write_records(data / BASE_FILES["train"], plan.seed_set)
+    write_records(data / BASE_FILES["val"], plan.gate_set)
+    write_records(data / BASE_FILES["test"], plan.gate_set)
+
+
+def clone_registry(source: RunSpace, target: RunSpace) -> None:
+    """Give ``target`` the same registry (first model deployed) as ``source``."""
+    import shutil
+
+    if target.models_dir.exists():
+        shutil.rmtree(target.models_dir)
+    shutil.copytree(source.models_dir, target.models_dir)
+
+
+# --------------------------------------------------------------------------- one week's steps
+
+
+class SimulatedClock:
+    """A clock the simulator moves by hand (the service stamps ``created_at`` with it)."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def simulation_start(weeks: int, now: datetime | None = None) -> datetime:
+    """Week 1 begins ``weeks`` weeks before ``now`` (so the last simulated week ends now)."""
+    now = now or datetime.now(UTC)
+    return now.replace(minute=0, second=0, microsecond=0) - timedelta(weeks=weeks, hours=1)
+
+
+def week_end(start: datetime, week: int) -> datetime:
+    return start + timedelta(weeks=week)
+
+
+def serving_classifier(space: RunSpace) -> Any:
+    """The ONNX classifier of the version the run's registry serves now."""
+    from capture.classifier import OnnxClassifier
+    from tasks.registry import current_model_dir
+
+    model_dir = current_model_dir(space.models_dir)
+    if model_dir is None:
+        raise SimulationError(f"run {space.name}: no model is deployed in {space.models_dir}")
+    return OnnxClassifier(model_dir)
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficResult:
+    """What one week of traffic did. ``truth``/``predicted`` map log ids to labels."""
+
+    truth: dict[str, str]
+    predicted: dict[str, str]
+    failed: int
+    model_version: str | None
+
+    @property
+    def accuracy(self) -> float:
+        if not self.truth:
+            return 0.0
+        right = sum(self.predicted[k] == v for k, v in self.truth.items())
+        return right / len(self.truth)
+
+
+def send_traffic(
+    space: RunSpace,
+    records: Sequence[Record],
+    *,
+    start: datetime,
+    week: int,
+    seed: int,
+    settings: LoopSettings,
+) -> TrafficResult:
+    """Send one week of prompts through the real NLU service (capture logger, serving ONNX
+    classifier) into the run's database, with simulated workflow outcomes, stamped across the
+    simulated week; returns when everything is committed."""
+    import asyncio
+
+    return asyncio.run(
+        _send_traffic(space, records, start=start, week=week, seed=seed, settings=settings)
+    )
+
+
+async def _send_traffic(
+    space: RunSpace,
+    records: Sequence[Record],
+    *,
+    start: datetime,
+    week: int,
+    seed: int,
+    settings: LoopSettings,
+) -> TrafficResult:
+    import uuid
+
+    from capture import db
+    from capture.service import create_nlu_service
+
+    classifier = serving_classifier(space)
+    rng = random.Random(f"{seed}-{week}-users")
+    users = [uuid.UUID(int=rng.getrandbits(128), version=4) for _ in range(settings.users)]
+    begin = start + timedelta(weeks=week - 1)
+    step = timedelta(weeks=1) / max(1, len(records))
+    clock = SimulatedClock(begin)
+    truth: dict[str, str] = {}
+    predicted: dict[str, str] = {}
+    results = []
+    service = create_nlu_service(classifier, url=space.database_url, clock=clock)
+    try:
+        async with service:
+            for i, record in enumerate(records):
+                clock.now = begin + step * i
+                result = await service.process_message(
+                    record.text,
+                    user_id=users[i % len(users)],
+                    conversation_id=uuid.UUID(int=rng.getrandbits(128), version=4),
+                    message_index=0,
+                )
+                results.append(result)
+                truth[str(result.log_id)] = record.label
+                predicted[str(result.log_id)] = result.intent
+            outcomes = workflow_outcomes(
+                [r.intent == rec.label for r, rec in zip(results, records, strict=True)],
+                seed=seed * 1000 + week,
+                fail_if_wrong=settings.fail_if_wrong,
+                fail_if_right=settings.fail_if_right,
+            )
+            for i, (result, ok) in enumerate(zip(results, outcomes, strict=True)):
+                clock.now = begin + step * i + timedelta(seconds=30)
+                await service.update_workflow_outcome(
+                    result.log_id,
+                    was_successful=ok,
+                    workflow_type=result.intent,
+                    execution_error=None if ok else "simulated workflow failure",
+                )
+            await service.flush()
+    finally:
+        await db.get_engine(space.database_url).dispose()
+    return TrafficResult(
+        truth=truth,
+        predicted=predicted,
+        failed=sum(not ok for ok in outcomes),
+        model_version=getattr(classifier, "version", None),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewResult:
+    """This week's review: what the export picked and what the stand-in reviewer returned."""
+
+    selected: int
+    candidates: int
+    errors_found: int  # selected prompts whose prediction was wrong
+    review_file: Path
+    corrections_file: Path
+
+
+def review_week(
+    space: RunSpace,
+    traffic: TrafficResult,
+    *,
+    strategy: str,
+    start: datetime,
+    week: int,
+    seed: int,
+    settings: LoopSettings,
+) -> ReviewResult:
+    """The production review export (``tasks.review_export``) with ``strategy``, at the end of
+    the simulated week; the stand-in reviewer's file goes to the inbox the weekly cycle drains."""
+    from tasks.review_export import export_review_task
+
+    classifier = serving_classifier(space)
+    review_path = space.home / "exports" / f"review-week-{week:02d}.json"
+    export = export_review_task(
+        review_path,
+        url=space.database_url,
+        days=settings.review_days,
+        confidence_threshold=settings.review_confidence_threshold,
+        limit=settings.review_budget,
+        strategy=strategy,
+        seed=seed * 1000 + week,
+        embed=classifier.embed,
+        now=week_end(start, week),
+    )
+    inbox = space.home / "inbox"
+    corrections = inbox / f"corrections-week-{week:02d}.json"
+    fill_review_file(export.path, traffic.truth, corrections)
+    errors = sum(
+        traffic.predicted.get(str(c.id)) != traffic.truth.get(str(c.id)) for c in export.selected
+    )
+    return ReviewResult(
+        selected=export.n_selected,
+        candidates=export.n_candidates,
+        errors_found=errors,
+        review_file=export.path,
+        corrections_file=corrections,
+    )
+
+
+def evaluate_serving(space: RunSpace, test: Sequence[Record]) -> tuple[float, str]:
+    """Accuracy of the serving ONNX model on ``test`` and its version."""
+    classifier = serving_classifier(space)
+    return score_classifier(classifier, test), str(classifier.version)
+
+
+def score_classifier(classifier: Any, test: Sequence[Record], *, batch: int = 128) -> float:
+    """Top-1 accuracy of ``classifier.predict_batch`` on ``test`` (in batches)."""
+    right = 0
+    for begin in range(0, len(test), batch):
+        chunk = test[begin : begin + batch]
+        predictions = classifier.predict_batch([r.text for r in chunk])
+        right += sum(p.intent == r.label for p, r in zip(predictions, chunk, strict=True))
+    return right / len(test)
+
+
+def train_reference(data: SimulationData, settings: LoopSettings, output: Path) -> WeekResult:
+    """The ceiling: a model trained on every train label with the same hyperparameters, exported
+    and scored like the loop's models. Cached in ``output/reference`` for the same inputs."""
+    import hashlib
+    import shutil
+    import time
+
+    from flows.retrain import train_config
+    from tasks.export_onnx import export_onnx
+    from tasks.train import train_model
+
+    config = train_config(dict(settings.hyperparameters or {}))
+    key = hashlib.sha256(
+        json.dumps(
+            [asdict(config), [(r.text, r.label) for r in data.train], settings.quantize]
+        ).encode()
+    ).hexdigest()[:16]
+    folder = output / "reference"
+    cached = folder / "reference.json"
+    if cached.exists():
+        saved = json.loads(cached.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            return WeekResult(**saved["row"])
+    started = time.perf_counter()
+    model_dir = folder / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    train_model(list(data.train), None, model_dir, config=config, progress=True)
+    export_onnx(model_dir, quantize=settings.quantize)
+    from capture.classifier import OnnxClassifier
+
+    classifier = OnnxClassifier(model_dir)
+    accuracy = score_classifier(classifier, data.test)
+    row = WeekResult(
+        strategy=ALL_LABELS,
+        seed=config.seed,
+        week=0,
+        accuracy=accuracy,
+        reviewed=0,
+        errors_found=0,
+        labels_used=len(data.train),
+        traffic_accuracy=None,
+        candidates=None,
+        training_rows=len(data.train),
+        gate="reference",
+        model_version=str(classifier.version),
+        week_seconds=time.perf_counter() - started,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps({"key": key, "row": asdict(row)}, indent=2), encoding="utf-8")
+    return row
+
+
+# --------------------------------------------------------------------------- Prefect tasks
+
+load_data_task = task(name="simulate-load-data", cache_policy=NO_CACHE)(load_simulation_data)
+plan_traffic_task = task(name="simulate-plan-traffic", cache_policy=NO_CACHE)(plan_traffic)
+prepare_space_task = task(name="simulate-prepare-run", cache_policy=NO_CACHE)(prepare_space)
+send_traffic_task = task(name="simulate-traffic", cache_policy=NO_CACHE)(send_traffic)
+review_week_task = task(name="simulate-review", cache_policy=NO_CACHE)(review_week)
+evaluate_task = task(name="simulate-evaluate", cache_policy=NO_CACHE)(evaluate_serving)
+reference_task = task(name="simulate-reference", cache_policy=NO_CACHE)(train_reference)
+write_outputs_task = task(name="simulate-write-outputs", retries=2, cache_policy=NO_CACHE)(
+    write_outputs
+)

@@ -79,6 +79,7 @@ class TrainConfig:
     oos_label: str = "oos"
     oos_as_class: bool = True
     calibrate: bool = True
+    centroid_examples: int = 16
     log_every: int = 25
     torch_threads: int | None = None
 
@@ -287,7 +288,7 @@ def _fine_tune(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        running += float(loss)
+        running += float(loss.detach())
         if (step + 1) % config.log_every == 0 or step + 1 == steps:
             elapsed = time.perf_counter() - start
             eta = elapsed / (step + 1) * (steps - step - 1)
@@ -374,13 +375,22 @@ def train_model(
         on_encoder_ready(encoder)
     dim = int(encoder.get_embedding_dimension() or 0)
 
-    # Cosine head initialised from the class centroids of the starting encoder.
     texts = [r.text for r in train_rows]
     y = np.array([label_index[r.label] for r in train_rows])
-    base_emb = encode_texts(encoder, texts)
+    # Cosine head initialised from class centroids of the starting encoder, estimated on at most
+    # `centroid_examples` examples per class (cheap on big data sets).
+    rng = np.random.default_rng(config.seed)
+    sample = np.concatenate(
+        [
+            rng.permutation(np.flatnonzero(y == i))[: config.centroid_examples]
+            for i in range(len(labels))
+        ]
+    )
+    base_emb = encode_texts(encoder, [texts[i] for i in sample])
+    y_sample = y[sample]
     centroids = np.zeros((len(labels), dim), dtype=np.float32)
     for i in range(len(labels)):
-        c = base_emb[y == i].mean(axis=0)
+        c = base_emb[y_sample == i].mean(axis=0)
         centroids[i] = c / (np.linalg.norm(c) + 1e-12)
 
     n_pairs = config.max_pairs
@@ -391,7 +401,7 @@ def train_model(
         max_pairs=n_pairs,
         seed=config.seed,
         with_negatives=config.hard_negatives,
-        hard_negatives=_confusions(base_emb, y, centroids, labels)
+        hard_negatives=_confusions(base_emb, y_sample, centroids, labels)
         if config.hard_negatives
         else None,
     )
@@ -445,6 +455,10 @@ def train_model(
         threshold = choose_oos_threshold(probs, labels, y_val, oos)
         report: EvalReport = compute_report(
             labels, probs, y_val, oos_label=oos, oos_threshold=threshold
+        )
+        cos_pred = (val_emb @ cos_head.T).argmax(axis=1)
+        metrics["val_cosine_head_accuracy"] = float(
+            np.mean([labels[p] == r.label for p, r in zip(cos_pred, val, strict=True)])
         )
         metrics.update(
             {

@@ -66,7 +66,9 @@ def test_single_label_is_refused(tmp_path: Path) -> None:
 
 def test_undecodable_bytes_name_the_line_and_encoding_fix(tmp_path: Path) -> None:
     path = tmp_path / "latin1.jsonl"
-    content = "\n".join(GOOD) + "\n" + json.dumps({"text": "café", "label": "food"}, ensure_ascii=False)
+    content = (
+        "\n".join(GOOD) + "\n" + json.dumps({"text": "café", "label": "food"}, ensure_ascii=False)
+    )
     path.write_bytes(content.encode("latin-1"))
     with pytest.raises(RecordsError) as err:
         load_records(path)

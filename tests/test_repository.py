@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
+import random
+import struct
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import column, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from capture import db, queries
@@ -300,6 +304,96 @@ async def test_confidence_distribution_rounds_like_postgres(session: AsyncSessio
     assert rows[0] == queries.ConfidenceBucket(1.0, 2)
     everything = await repo.get_confidence_distribution(None, session=session, clock=clock)
     assert everything[0] == queries.ConfidenceBucket(1.0, 3)
+
+
+def _float4_neighbours(value: float, steps: int) -> list[float]:
+    bits = struct.unpack("<I", struct.pack("<f", value))[0]
+    return [struct.unpack("<f", struct.pack("<I", bits + k))[0] for k in range(-steps, steps + 1)]
+
+
+def _postgres_round_tenths(value: float) -> int:
+    """PostgreSQL's ROUND(real::numeric, 1) * 10: 6 significant digits, then half away from 0."""
+    return int(Decimal(f"{value:.6g}").quantize(Decimal("0.1"), ROUND_HALF_UP) * 10)
+
+
+async def test_confidence_tenths_equals_round_numeric(session: AsyncSession) -> None:
+    """The portable bucket expression against PostgreSQL's ROUND(real::numeric, 1) on float4
+    values around every tenth's half-step (and where 6-digit rounding reaches it), plus random."""
+    values: list[float] = [0.0, 1.0]
+    for tenth in range(10):
+        half = tenth / 10 + 0.05
+        values += _float4_neighbours(half, 300)
+        six_digit_flip = half - (5e-8 if half < 0.1 else 5e-7)
+        values += _float4_neighbours(six_digit_flip, 60)
+    rng = random.Random(7)
+    values += [queries.as_real(rng.random()) for _ in range(3000)]
+    dialect = session.get_bind().dialect
+    if dialect.name == "postgresql":
+        expr = queries.confidence_tenths(column("v")).compile(dialect=dialect)
+        result = await session.execute(
+            text(
+                f"SELECT v, {expr} AS tenths, round(v::numeric, 1) * 10 AS rounded "
+                "FROM unnest(CAST(:vals AS REAL[])) AS v"
+            ),
+            {"vals": values},
+        )
+        rows = result.all()
+        wrong = [
+            r
+            for r in rows
+            if not int(r.tenths) == int(r.rounded) == _postgres_round_tenths(queries.as_real(r.v))
+        ]
+    else:
+        expr = queries.confidence_tenths(column("value")).compile(dialect=dialect)
+        result = await session.execute(
+            text(f"SELECT value AS v, {expr} AS tenths FROM json_each(:vals)"),
+            {"vals": json.dumps(values)},
+        )
+        rows = result.all()
+        wrong = [r for r in rows if int(r.tenths) != _postgres_round_tenths(queries.as_real(r.v))]
+    assert wrong == []
+    assert len(rows) == len(values)
+    assert {int(r.tenths) for r in rows} == set(range(11))
+
+
+async def test_confidence_statistics_object_matches_the_query(postgres_url: str) -> None:
+    """Migration 0003's statistics cover the query's exact expression: after ANALYZE the planner
+    expects ~11 buckets (not one group per distinct confidence) and hashes them."""
+    engine = db.get_sync_engine(postgres_url)
+    rng = random.Random(3)
+    rows = [
+        queries.prompt_log_values(
+            log_id=uuid.uuid4(),
+            prompt="p",
+            predicted_intent="greet",
+            confidence=rng.random(),
+            created_at=NOW,
+        )
+        for _ in range(3000)
+    ]
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM nlu_prompt_logs"))
+        conn.execute(queries.insert_prompt_logs(), rows)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("ANALYZE nlu_prompt_logs"))
+            statement = queries.select_confidence_distribution()
+            compiled = statement.compile(dialect=engine.dialect)
+            plan = conn.exec_driver_sql(
+                "EXPLAIN (FORMAT JSON) " + str(compiled), compiled.params
+            ).scalar_one()[0]["Plan"]
+            conn.commit()
+        aggregates = []
+        stack = [plan]
+        while stack:
+            node = stack.pop()
+            if "Aggregate" in node["Node Type"]:
+                aggregates.append(node)
+            stack.extend(node.get("Plans", ()))
+        assert aggregates and all(node["Plan Rows"] <= 20 for node in aggregates), plan
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM nlu_prompt_logs"))
 
 
 async def test_intent_distribution(session: AsyncSession) -> None:

@@ -1,4 +1,5 @@
-"""Row-level security on nlu_prompt_logs (PostgreSQL): users see only their own logs.
+"""Row-level security on nlu_prompt_logs (PostgreSQL): users see only their own logs; planner
+statistics for the confidence-bucket query.
 
 Two NOLOGIN group roles (created here when missing; see docs/DATABASE.md for login users):
 
@@ -38,6 +39,18 @@ ROLE_MARKER = "prompt-capture: created by migration 0003"
 APP_POLICY = "nlu_prompt_logs_app_own_rows"
 PIPELINE_POLICY = "nlu_prompt_logs_pipeline_all_rows"
 OWNER_POLICY = "nlu_prompt_logs_owner_rows"
+
+# Planner statistics on the confidence-bucket expression of capture.queries.confidence_tenths
+# (PostgreSQL text, verbatim), so GROUP BY it is estimated at ~11 groups and hashed instead of
+# sorting the whole window. Statistics cost nothing at insert time (computed by ANALYZE).
+TENTHS_STATISTICS = "nlu_prompt_logs_confidence_tenths"
+TENTHS_EXPRESSION = (
+    "(CASE WHEN CAST(confidence AS DOUBLE PRECISION) >= 0.1"
+    " THEN (CAST(floor(CAST(confidence AS DOUBLE PRECISION) * 1000000 + 0.5) AS BIGINT) + 50000)"
+    " / 100000"
+    " ELSE (CAST(floor(CAST(confidence AS DOUBLE PRECISION) * 10000000 + 0.5) AS BIGINT) + 500000)"
+    " / 1000000 END)"
+)
 
 # The transaction's user scope; '' (a reset custom setting) and unset both mean "no scope".
 SCOPE = "NULLIF(current_setting('app.user_id', true), '')"
@@ -138,6 +151,11 @@ def upgrade() -> None:
             USING (true) WITH CHECK (true)
         """
     )
+    if int(_scalar("SHOW server_version_num")) >= 140000:  # expression statistics: PG 14+
+        op.execute(
+            f"CREATE STATISTICS IF NOT EXISTS {TENTHS_STATISTICS} ON ({TENTHS_EXPRESSION}) "
+            f"FROM {TABLE}"
+        )
     # FORCE makes the owner subject to RLS too: give it every row unless it scopes itself.
     op.execute(
         f"""
@@ -152,6 +170,7 @@ def downgrade() -> None:
     if not _is_postgres():
         return
     schema = _scalar("SELECT current_schema()")
+    op.execute(f"DROP STATISTICS IF EXISTS {TENTHS_STATISTICS}")
     for policy in (OWNER_POLICY, PIPELINE_POLICY, APP_POLICY):
         op.execute(f"DROP POLICY IF EXISTS {policy} ON {TABLE}")
     op.execute(f"ALTER TABLE {TABLE} NO FORCE ROW LEVEL SECURITY")

@@ -1,0 +1,520 @@
+"""The serving classifier: ONNX Runtime + ``tokenizers`` only (no torch), with hot reload.
+
+:class:`OnnxClassifier` serves one exported model directory (``model.onnx`` + ``tokenizer.json``,
+see docs/ARCHITECTURE.md). :class:`HotReloadingClassifier` serves whatever version
+``models_dir/current`` names and switches to a new one in the background when deploy or rollback
+replaces that file; a version that fails to load or validate is logged and skipped while the
+previous one keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from capture.types import Prediction
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    from capture.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+METADATA_FILE = "metadata.json"
+POINTER_FILE = "current"
+INPUT_NAMES = ("input_ids", "attention_mask")
+PROBABILITIES = "probabilities"
+EMBEDDINGS = "embeddings"
+REQUIRED_METADATA = ("labels", "version", "oos_label", "oos_threshold", "temperature")
+SMOKE_TEXT = "schedule time to work on my assignment"
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory cannot be served; the message names the file and what is wrong."""
+
+
+class OnnxClassifier:
+    """One exported model directory, loaded once; thread-safe for concurrent predictions."""
+
+    def __init__(self, model_dir: Path | str, *, threads: int = 1, top_k: int = 3) -> None:
+        if threads < 1:
+            raise ValueError(f"threads: expected >= 1, found {threads}")
+        if top_k < 0:
+            raise ValueError(f"top_k: expected >= 0 runners-up, found {top_k}")
+        self.model_dir = Path(model_dir)
+        self.threads = threads
+        self.top_k = top_k
+        self._session = self._load_session()
+        props = self._session.get_modelmeta().custom_metadata_map
+        self.version, self.labels, self.oos_label, self.oos_threshold = _read_metadata(
+            self.model_dir / MODEL_FILE, props
+        )
+        self.quantization = props.get("quantization", "unknown")
+        self.embedding_dim = self._check_graph()
+        self._check_metadata_json()
+        self._tokenizer = self._load_tokenizer()
+        self._smoke_test()
+
+    def __repr__(self) -> str:
+        return (
+            f"OnnxClassifier({str(self.model_dir)!r}, version={self.version!r}, "
+            f"labels={len(self.labels)}, quantization={self.quantization!r})"
+        )
+
+    # Loading and validation.
+
+    def _load_session(self) -> ort.InferenceSession:
+        import onnxruntime as ort
+
+        path = self.model_dir / MODEL_FILE
+        if not self.model_dir.is_dir():
+            raise ModelLoadError(f"{self.model_dir}: model directory not found")
+        if not path.is_file():
+            raise ModelLoadError(
+                f"{path}: missing; export the model first (tasks.export_onnx.export_onnx)"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        try:
+            return ort.InferenceSession(
+                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises several pybind types; re-raised with the path
+            raise ModelLoadError(
+                f"{path}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc}); the file "
+                "is corrupt or truncated: re-export or redeploy the model"
+            ) from exc
+
+    def _check_graph(self) -> int:
+        path = self.model_dir / MODEL_FILE
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        outputs = {o.name: o for o in self._session.get_outputs()}
+        if set(inputs) != set(INPUT_NAMES):
+            raise ModelLoadError(
+                f"{path}: expected inputs {list(INPUT_NAMES)}, found {sorted(inputs)}"
+            )
+        for name in INPUT_NAMES:
+            if inputs[name].type != "tensor(int64)":
+                raise ModelLoadError(
+                    f"{path}: input {name} expected tensor(int64), found {inputs[name].type}"
+                )
+        missing = {PROBABILITIES, EMBEDDINGS} - set(outputs)
+        if missing:
+            raise ModelLoadError(
+                f"{path}: expected outputs {PROBABILITIES!r} and {EMBEDDINGS!r}, found "
+                f"{sorted(outputs)}"
+            )
+        width = outputs[PROBABILITIES].shape[-1]
+        if width != len(self.labels):
+            raise ModelLoadError(
+                f"{path}: output {PROBABILITIES!r} has width {width} but the metadata lists "
+                f"{len(self.labels)} labels; the file and its label list do not belong together"
+            )
+        dim = outputs[EMBEDDINGS].shape[-1]
+        return dim if isinstance(dim, int) else -1
+
+    def _check_metadata_json(self) -> None:
+        path = self.model_dir / METADATA_FILE
+        if not path.exists():
+            return
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"{path}: not valid UTF-8 JSON ({exc})") from exc
+        if not isinstance(meta, dict):
+            raise ModelLoadError(f"{path}: expected a JSON object")
+        for key, served in (("version", self.version), ("labels", list(self.labels))):
+            if key in meta and meta[key] != served:
+                raise ModelLoadError(
+                    f"{path}: {key} {_short(meta[key])} differs from {_short(served)} in "
+                    f"{MODEL_FILE}; the directory mixes two models: re-export it"
+                )
+
+    def _load_tokenizer(self) -> Tokenizer:
+        from tokenizers import Tokenizer
+
+        path = self.model_dir / TOKENIZER_FILE
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: missing; export the model first")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the Rust side raises a bare Exception for any parse error
+            raise ModelLoadError(f"{path}: cannot be read as a tokenizer ({exc})") from exc
+        padding = tokenizer.padding
+        if padding is None:
+            raise ModelLoadError(f"{path}: padding is not configured; re-export the model")
+        if padding.get("length") is not None:
+            raise ModelLoadError(
+                f"{path}: pads every input to {padding['length']} tokens; serving expects "
+                "padding to the longest input: re-export the model"
+            )
+        if tokenizer.truncation is None:
+            raise ModelLoadError(f"{path}: truncation is not configured; re-export the model")
+        return tokenizer
+
+    def _smoke_test(self) -> None:
+        path = self.model_dir / MODEL_FILE
+        try:
+            probabilities, embeddings = self._run([SMOKE_TEXT, ""], (PROBABILITIES, EMBEDDINGS))
+        except Exception as exc:  # any run-time failure of the graph means it cannot serve
+            raise ModelLoadError(
+                f"{path}: smoke prediction failed ({type(exc).__name__}: {exc}); re-export it"
+            ) from exc
+        if probabilities.shape != (2, len(self.labels)) or not np.all(np.isfinite(probabilities)):
+            raise ModelLoadError(
+                f"{path}: smoke prediction gave probabilities of shape {probabilities.shape} "
+                f"(expected (2, {len(self.labels)}), finite)"
+            )
+        sums = probabilities.sum(axis=1)
+        if not np.allclose(sums, 1.0, atol=1e-3):
+            raise ModelLoadError(
+                f"{path}: smoke prediction probabilities sum to {sums.tolist()}, expected 1"
+            )
+        norms = np.linalg.norm(embeddings, axis=1)
+        if not np.allclose(norms, 1.0, atol=1e-3):
+            raise ModelLoadError(
+                f"{path}: smoke embeddings have norms {norms.tolist()}, expected 1 (L2-normalised)"
+            )
+
+    # Inference.
+
+    def _encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}]: expected str, found {type(text).__name__}")
+        if len(texts) == 1:
+            encodings = [self._tokenizer.encode(texts[0])]
+        else:
+            encodings = self._tokenizer.encode_batch(list(texts))
+        return {
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+        }
+
+    def _run(self, texts: Sequence[str], outputs: Sequence[str]) -> list[np.ndarray]:
+        return list(self._session.run(list(outputs), self._encode(texts)))
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """Calibrated probabilities, shape ``(len(texts), len(labels))``, columns in label order."""
+        if not texts:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        return self._run(texts, (PROBABILITIES,))[0]
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised sentence embeddings, shape ``(len(texts), dim)``."""
+        if not texts:
+            return np.zeros((0, max(self.embedding_dim, 0)), dtype=np.float32)
+        return self._run(texts, (EMBEDDINGS,))[0]
+
+    def predict(self, text: str) -> Prediction:
+        return self._to_prediction(self.predict_proba([text])[0])
+
+    def predict_batch(self, texts: Sequence[str]) -> list[Prediction]:
+        return [self._to_prediction(row) for row in self.predict_proba(texts)]
+
+    def _to_prediction(self, row: np.ndarray) -> Prediction:
+        """Top intent (``oos_label`` below the threshold) and the ranked runners-up.
+
+        Below the threshold the intent is ``oos_label`` with the top probability as its
+        confidence, and the runners-up start with the best in-scope label.
+        """
+        k = min(len(row), self.top_k + 1)
+        top = np.argpartition(-row, k - 1)[:k] if k < len(row) else np.arange(len(row))
+        ranked = [int(i) for i in top[np.argsort(-row[top], kind="stable")]]
+        best = ranked[0]
+        confidence = _probability(row[best])
+        runners = [(self.labels[i], _probability(row[i])) for i in ranked]
+        if self.oos_threshold is not None and confidence < self.oos_threshold:
+            secondary = tuple(runners[: self.top_k])
+            return Prediction(self.oos_label, confidence, secondary)
+        return Prediction(self.labels[best], confidence, tuple(runners[1 : self.top_k + 1]))
+
+
+def _probability(value: float) -> float:
+    return min(1.0, max(0.0, float(value)))
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _read_metadata(
+    path: Path, props: dict[str, str]
+) -> tuple[str, tuple[str, ...], str, float | None]:
+    missing = [key for key in REQUIRED_METADATA if key not in props]
+    if missing:
+        raise ModelLoadError(
+            f"{path}: metadata is missing {missing}; the file was not written by "
+            "tasks.export_onnx: re-export the model"
+        )
+    try:
+        labels = json.loads(props["labels"])
+        threshold = json.loads(props["oos_threshold"])
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path}: metadata labels/oos_threshold is not JSON ({exc})") from exc
+    if (
+        not isinstance(labels, list)
+        or not labels
+        or not all(isinstance(x, str) and x for x in labels)
+        or len(set(labels)) != len(labels)
+    ):
+        raise ModelLoadError(
+            f"{path}: metadata 'labels' must be a JSON list of distinct non-empty strings, "
+            f"found {_short(labels)}"
+        )
+    if threshold is not None and (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, int | float)
+        or not 0.0 <= threshold <= 1.0
+        or math.isnan(threshold)
+    ):
+        raise ModelLoadError(
+            f"{path}: metadata 'oos_threshold' must be null or a number in [0, 1], "
+            f"found {threshold!r}"
+        )
+    version, oos_label = props["version"], props["oos_label"]
+    if not version or not oos_label:
+        raise ModelLoadError(f"{path}: metadata 'version' and 'oos_label' must be non-empty")
+    return version, tuple(labels), oos_label, None if threshold is None else float(threshold)
+
+
+# Hot reload.
+
+
+@dataclass(frozen=True, slots=True)
+class _PointerState:
+    """What ``current`` said when last read: its content and modification stamp."""
+
+    version: str
+    mtime_ns: int
+    size: int
+
+
+class HotReloadingClassifier:
+    """Serves the version named by ``models_dir/current``; reloads in the background on change.
+
+    Requests take the current :class:`OnnxClassifier` reference once, so a swap happens between
+    requests and an in-flight request finishes on the model it started with. A version that
+    fails to load keeps the old one serving and is not retried until ``current`` changes again.
+    """
+
+    def __init__(
+        self,
+        models_dir: Path | str,
+        *,
+        threads: int = 1,
+        top_k: int = 3,
+        interval_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], object] | None = None,
+        watch: bool = True,
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s: expected > 0, found {interval_s}")
+        self.models_dir = Path(models_dir)
+        self.threads = threads
+        self.top_k = top_k
+        self.interval_s = interval_s
+        self._clock = clock
+        self._stop = threading.Event()
+        self._sleep: Callable[[float], object] = sleep or self._stop.wait
+        self._check_lock = threading.Lock()
+        self.reloads = 0
+        self.failed_reloads = 0
+        self.last_error: str | None = None
+        self.last_check_at: float | None = None
+        self.loaded_at: float | None = None
+        self._failed_pointer: _PointerState | None = None
+
+        pointer = self._read_pointer()
+        self._classifier = self._load(pointer.version)
+        self._seen = pointer
+        self.loaded_at = clock()
+        logger.info("serving model %s from %s", self._classifier.version, self.models_dir)
+        self._thread: threading.Thread | None = None
+        if watch:
+            self._thread = threading.Thread(
+                target=self._watch, name="model-hot-reload", daemon=True
+            )
+            self._thread.start()
+
+    # The prediction API, delegated to the model in service at call time.
+
+    @property
+    def classifier(self) -> OnnxClassifier:
+        return self._classifier
+
+    @property
+    def version(self) -> str:
+        return self._classifier.version
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self._classifier.labels
+
+    @property
+    def oos_label(self) -> str:
+        return self._classifier.oos_label
+
+    @property
+    def oos_threshold(self) -> float | None:
+        return self._classifier.oos_threshold
+
+    def predict(self, text: str) -> Prediction:
+        return self._classifier.predict(text)
+
+    def predict_batch(self, texts: Sequence[str]) -> list[Prediction]:
+        return self._classifier.predict_batch(texts)
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        return self._classifier.predict_proba(texts)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return self._classifier.embed(texts)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "reloads": self.reloads,
+            "failed_reloads": self.failed_reloads,
+            "last_error": self.last_error,
+        }
+
+    # Watching ``current``.
+
+    def _read_pointer(self) -> _PointerState:
+        path = self.models_dir / POINTER_FILE
+        try:
+            stat = path.stat()
+            raw = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise ModelLoadError(
+                f"{path}: missing; deploy a model first (it names the serving version)"
+            ) from exc
+        except OSError as exc:
+            raise ModelLoadError(f"{path}: cannot be read ({exc})") from exc
+        try:
+            version = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise ModelLoadError(f"{path}: not UTF-8 text ({exc})") from exc
+        if (
+            not version
+            or "\n" in version
+            or "/" in version
+            or "\\" in version
+            or version
+            in {
+                ".",
+                "..",
+            }
+        ):
+            raise ModelLoadError(
+                f"{path}: expected one line naming a version directory under {self.models_dir}, "
+                f"found {raw[:80]!r}"
+            )
+        return _PointerState(version=version, mtime_ns=stat.st_mtime_ns, size=stat.st_size)
+
+    def _load(self, version: str) -> OnnxClassifier:
+        return OnnxClassifier(self.models_dir / version, threads=self.threads, top_k=self.top_k)
+
+    def reload_now(self) -> bool:
+        """Check ``current`` once, synchronously; True when a new model was swapped in."""
+        with self._check_lock:
+            self.last_check_at = self._clock()
+            try:
+                pointer = self._read_pointer()
+            except ModelLoadError as exc:
+                self._record_failure(None, str(exc))
+                return False
+            if pointer in (self._seen, self._failed_pointer):
+                return False
+            if pointer.version == self._seen.version:
+                self._seen = pointer  # rewritten with the version in service: nothing to load
+                self._failed_pointer = None
+                return False
+            try:
+                candidate = self._load(pointer.version)
+            except ModelLoadError as exc:
+                self._record_failure(pointer, str(exc))
+                return False
+            if candidate.version != pointer.version:
+                logger.warning(
+                    "%s names %s whose model.onnx says version %s; serving it anyway",
+                    self.models_dir / POINTER_FILE,
+                    pointer.version,
+                    candidate.version,
+                )
+            previous = self._classifier.version
+            self._classifier = candidate  # one reference assignment: atomic for readers
+            self._seen = pointer
+            self._failed_pointer = None
+            self.last_error = None
+            self.reloads += 1
+            self.loaded_at = self._clock()
+            logger.info("hot reload: %s -> %s", previous, candidate.version)
+            return True
+
+    def _record_failure(self, pointer: _PointerState | None, message: str) -> None:
+        if pointer is not None:
+            self._failed_pointer = pointer
+        if message != self.last_error:
+            self.failed_reloads += 1
+            self.last_error = message
+            logger.error("hot reload refused, still serving %s: %s", self.version, message)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self._sleep(self.interval_s)
+            if self._stop.is_set():
+                break
+            try:
+                self.reload_now()
+            except Exception:  # keep the watcher alive; the failure is logged with its traceback
+                self.failed_reloads += 1
+                logger.exception("hot reload check failed; still serving %s", self.version)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop watching ``current`` (the model keeps answering predictions)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> HotReloadingClassifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_serving_classifier(
+    settings: Settings | None = None, *, watch: bool = True
+) -> HotReloadingClassifier:
+    """The hot-reloading classifier over ``settings.models_dir``, configured by ``settings``."""
+    from capture.settings import get_settings
+
+    settings = settings or get_settings()
+    return HotReloadingClassifier(
+        settings.models_dir,
+        threads=settings.onnx_threads,
+        interval_s=settings.reload_interval_s,
+        watch=watch,
+    )

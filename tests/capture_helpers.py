@@ -1,0 +1,79 @@
+"""Shared helpers of the capture logger/service tests (classifiers, clocks, reading rows back)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from capture import db
+from capture.models import PromptLog
+from capture.settings import Settings
+from capture.types import Prediction
+
+
+@dataclass
+class FixedClassifier:
+    """Answers the same prediction for every prompt; records what it was asked."""
+
+    prediction: Prediction = field(
+        default_factory=lambda: Prediction("scheduling", 0.875, (("calendar_event", 0.125),))
+    )
+    version: str | None = "test-v1"
+    seen: list[str] = field(default_factory=list)
+
+    def predict(self, text: str) -> Prediction:
+        self.seen.append(text)
+        return self.prediction
+
+
+class StepClock:
+    """A clock that advances one millisecond per reading, from a fixed UTC start."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime(2026, 11, 20, 9, 30, tzinfo=UTC)
+        self.readings: list[datetime] = []
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(milliseconds=1)
+        self.readings.append(self.now)
+        return self.now
+
+
+def capture_settings(url: str, home: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"home": home, "database_url": url, "flush_interval_s": 0.01}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def aware(value: datetime | None) -> datetime | None:
+    """Timestamps read back from SQLite are naive UTC; make them comparable."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def fetch_rows(url: str, ids: list[uuid.UUID] | None = None) -> dict[uuid.UUID, dict[str, Any]]:
+    """Every prompt log row (or those with ``ids``) by id, as plain dicts."""
+    table = PromptLog.__table__
+    stmt = select(table)
+    with db.get_sync_engine(url).connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(stmt)]
+    wanted = set(ids) if ids is not None else None
+    return {r["id"]: r for r in rows if wanted is None or r["id"] in wanted}
+
+
+def count_rows(url: str) -> tuple[int, int]:
+    """(rows, distinct ids) of nlu_prompt_logs."""
+    from sqlalchemy import func
+
+    table = PromptLog.__table__
+    with db.get_sync_engine(url).connect() as conn:
+        total, distinct = conn.execute(
+            select(func.count(), func.count(func.distinct(table.c.id)))
+        ).one()
+    return int(total), int(distinct)

@@ -1,0 +1,193 @@
+"""Corrections import: validation of every row, all or nothing, idempotent re-import, inbox."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.corrections import (
+    file_away_task,
+    import_corrections,
+    import_corrections_task,
+    inbox_files,
+    parse_corrections,
+)
+from tests.cycle_helpers import Log, corrections_in_db, insert_logs
+
+CATALOG = {"scheduling", "calendar_event", "weather"}
+
+
+def review_file(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    return path
+
+
+def row(log_id: object, corrected: str, notes: str = "", prompt: str = "p") -> dict[str, Any]:
+    return {
+        "id": str(log_id),
+        "prompt": prompt,
+        "predicted_intent": "scheduling",
+        "confidence": 0.5,
+        "created_at": "2026-11-20T10:00:00+00:00",
+        "corrected_intent": corrected,
+        "notes": notes,
+    }
+
+
+@pytest.fixture
+def three_logs(db_url: str) -> list[Any]:
+    return insert_logs(
+        db_url,
+        [
+            Log("book time for my essay", "scheduling", 0.55),
+            Log("put the concert on my calendar", "scheduling", 0.6),
+            Log("is it raining", "calendar_event", 0.4),
+        ],
+    )
+
+
+def test_a_good_file_is_applied_and_reimport_changes_nothing(
+    db_url: str, three_logs: list[Any], tmp_path: Path
+) -> None:
+    a, b, c = three_logs
+    path = review_file(
+        tmp_path / "reviewed.json",
+        [
+            row(a, "scheduling"),
+            row(b, "calendar_event", "wanted an event"),
+            row(c, "weather"),
+        ],
+    )
+    result = import_corrections_task.fn(path, url=db_url, catalog=CATALOG)
+    assert result.ok, result.reasons()
+    assert (result.applied, result.unchanged, result.not_reviewed) == (3, 0, 0)
+    stored = corrections_in_db(db_url)
+    assert stored[a] == ("scheduling", None)
+    assert stored[b] == ("calendar_event", "wanted an event")
+    assert stored[c] == ("weather", None)
+
+    again = import_corrections(path, url=db_url, catalog=CATALOG)
+    assert (again.applied, again.unchanged, again.rejected) == (0, 3, [])
+    assert corrections_in_db(db_url) == stored
+
+
+def test_one_bad_row_changes_nothing(db_url: str, three_logs: list[Any], tmp_path: Path) -> None:
+    a, b, _ = three_logs
+    before = corrections_in_db(db_url)
+    path = review_file(
+        tmp_path / "one-bad.json",
+        [
+            row(a, "scheduling"),
+            row(b, "calendar_event"),
+            row("0190a4c2-0000-7000-8000-000000000000", "weather"),  # no such log
+        ],
+    )
+    result = import_corrections(path, url=db_url, catalog=CATALOG)
+    assert not result.ok
+    assert result.applied == 0
+    assert [(p.row, p.field) for p in result.rejected] == [(3, "id")]
+    assert "no logged prompt has this id" in str(result.rejected[0])
+    assert corrections_in_db(db_url) == before
+
+
+def test_every_kind_of_bad_row_is_named(db_url: str, three_logs: list[Any], tmp_path: Path) -> None:
+    a, b, c = three_logs
+    path = review_file(
+        tmp_path / "bad.json",
+        [
+            row(a, "schedulng"),  # typo: not in the catalog
+            row("not-a-uuid", "weather"),
+            row(b, ""),  # not reviewed: skipped, not an error
+            {"id": str(c), "corrected_intent": 3},
+            "just a string",
+            {"id": str(c)},
+        ],
+    )
+    result = import_corrections(path, url=db_url, catalog=CATALOG)
+    assert result.applied == 0 and result.not_reviewed == 1
+    found = [(p.row, p.field) for p in result.rejected]
+    assert found == [
+        (1, "corrected_intent"),
+        (2, "id"),
+        (4, "corrected_intent"),
+        (5, "-"),
+        (6, "corrected_intent"),
+    ]
+    assert "'schedulng' is not a known intent" in str(result.rejected[0])
+    assert "--allow-new-intent" in str(result.rejected[0])
+    assert all(v == (None, None) for v in corrections_in_db(db_url).values())
+
+
+def test_new_intents_need_the_flag(db_url: str, three_logs: list[Any], tmp_path: Path) -> None:
+    a = three_logs[0]
+    path = review_file(tmp_path / "new.json", [row(a, "homework_help")])
+    assert not import_corrections(path, url=db_url, catalog=CATALOG).ok
+    result = import_corrections(path, url=db_url, catalog=CATALOG, allow_new_intent=True)
+    assert result.ok and result.applied == 1
+    assert corrections_in_db(db_url)[a] == ("homework_help", None)
+
+
+def test_the_catalog_defaults_to_the_intents_the_database_knows(
+    db_url: str, three_logs: list[Any], tmp_path: Path
+) -> None:
+    a, b, _ = three_logs
+    path = review_file(tmp_path / "x.json", [row(a, "calendar_event"), row(b, "weather")])
+    result = import_corrections(path, url=db_url, models_dir=tmp_path / "no-models")
+    assert [p.field for p in result.rejected] == ["corrected_intent"]  # weather is unknown
+    assert "weather" in str(result.rejected[0])
+
+
+def test_the_same_prompt_corrected_two_ways_is_rejected(db_url: str, tmp_path: Path) -> None:
+    a, b = insert_logs(
+        db_url,
+        [
+            Log("Book time for my essay", "scheduling", 0.5),
+            Log("book time  for my essay", "x", 0.5),
+        ],
+    )
+    path = review_file(tmp_path / "conflict.json", [row(a, "scheduling"), row(b, "calendar_event")])
+    result = import_corrections(path, url=db_url, catalog=CATALOG)
+    assert [p.row for p in result.rejected] == [1, 2]
+    assert "corrected to different intents" in str(result.rejected[0])
+    assert all(v == (None, None) for v in corrections_in_db(db_url).values())
+
+
+def test_malformed_json_is_rejected_whole(db_url: str, tmp_path: Path) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text('[{"id": "x", "corrected_intent": "a"},', encoding="utf-8")
+    result = import_corrections(path, url=db_url, catalog=CATALOG)
+    assert [(p.row, p.field) for p in result.rejected] == [(0, "-")]
+    assert "malformed JSON at line 1" in str(result.rejected[0])
+
+
+def test_parse_accepts_json_lines_too() -> None:
+    text = (
+        '{"id": "0190a4c2-0000-7000-8000-000000000001", "corrected_intent": "a"}\n'
+        '{"id": "0190a4c2-0000-7000-8000-000000000002", "corrected_intent": ""}\n'
+        "{broken\n"
+    )
+    corrections, not_reviewed, problems = parse_corrections(text)
+    assert [c.corrected_intent for c in corrections] == ["a"]
+    assert not_reviewed == 1
+    assert [(p.row, p.field) for p in problems] == [(3, "-")]
+
+
+def test_inbox_files_are_filed_away_with_a_reason(tmp_path: Path) -> None:
+    from tasks.corrections import ImportResult, RowProblem
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for name in ("b.json", "a.jsonl", "notes.txt"):
+        (inbox / name).write_text("[]", encoding="utf-8")
+    assert [p.name for p in inbox_files(inbox)] == ["a.jsonl", "b.json"]
+    ok = ImportResult(file="a.jsonl", applied=1)
+    bad = ImportResult(file="b.json", rejected=[RowProblem(2, "id", "no logged prompt")])
+    assert file_away_task.fn(inbox / "a.jsonl", ok, inbox) == inbox / "processed" / "a.jsonl"
+    moved = file_away_task.fn(inbox / "b.json", bad, inbox)
+    assert moved == inbox / "rejected" / "b.json"
+    reason = (inbox / "rejected" / "b.json.reason.txt").read_text()
+    assert "REJECTED" in reason and "row 2" in reason and "no logged prompt" in reason
+    assert [p.name for p in inbox_files(inbox)] == []

@@ -1,0 +1,281 @@
+"""The weekly-cycle flows under a Prefect test server, on SQLite and PostgreSQL.
+
+The champion is the shared session fixture model (4 intents, exported to ONNX) published as
+version 1. Training budgets are tiny (one optimiser step): the tests check the orchestration,
+the gate and the registry, not model quality.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks import registry
+from tests.cycle_helpers import Log, corrections_in_db, insert_logs
+from tests.model_fixtures import (  # noqa: F401  (fixtures)
+    FIXTURE_RECORDS,
+    clone_serving_dir,
+    exported_model_dir,
+    small_model_dir,
+)
+from tests.tiny_data import INTENTS
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+LABELS = ("banking", "calendar", "music", "weather")
+ROTATE = {label: LABELS[(i + 1) % len(LABELS)] for i, label in enumerate(LABELS)}
+TINY = {"min_steps": 1, "max_steps": 1, "batch_size": 4, "seed": 0}
+
+
+def jsonl(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows),
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def champion_dir(exported_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    """The fixture model as registry version 1 (encoder included, for warm starts)."""
+    return clone_serving_dir(
+        exported_model_dir,
+        tmp_path_factory.mktemp("champion") / "1",
+        version="1",
+        include_encoder=True,
+    )
+
+
+@pytest.fixture
+def serving(home: Path, champion_dir: Path) -> Path:
+    """A registry under the test's home with the champion deployed as version 1."""
+    models = home / "models"
+    registry.publish(champion_dir, models, version="1")
+    registry.deploy(models, "1")
+    data = home / "data"
+    jsonl(data / "base_val.jsonl", [(t, lab) for lab in LABELS for t in INTENTS[lab][6:8]])
+    jsonl(data / "base_test.jsonl", [(t, lab) for lab in LABELS for t in INTENTS[lab][8:11]])
+    return models
+
+
+def wait_for(predicate: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def test_shuffled_labels_are_rejected_and_the_champion_keeps_serving(
+    db_url: str, home: Path, serving: Path
+) -> None:
+    from capture.classifier import HotReloadingClassifier
+    from flows.weekly import weekly_cycle
+
+    # Everything the challenger learns from has its labels rotated: garbage on purpose.
+    jsonl(home / "data" / "base_train.jsonl", [(t, ROTATE[lab]) for t, lab in FIXTURE_RECORDS])
+    logs = [
+        Log(text, label, 0.95, was_successful=True, corrected=ROTATE[label])
+        for label in LABELS
+        for text in INTENTS[label][6:8]
+    ]
+    ids = insert_logs(db_url, logs)
+    inbox = home / "inbox"
+    inbox.mkdir(parents=True)
+    (inbox / "week.json").write_text(
+        json.dumps([{"id": str(ids[0]), "corrected_intent": ROTATE[ROTATE["banking"]]}]),
+        encoding="utf-8",
+    )
+    classifier = HotReloadingClassifier(serving, interval_s=0.05)
+    try:
+        state = weekly_cycle(
+            days=30,
+            holdout_fraction=0.0,
+            hyperparameters=TINY,
+            min_support=3,
+            quantize=False,
+            database_url=db_url,
+            return_state=True,
+        )
+        assert state.is_completed(), state.message
+        summary = state.result()
+        result = summary["retrain"]
+        assert result["verdict"] == "REJECT" and result["promote"] is False
+        assert result["version"] == "2" and result["champion_version"] == "1"
+        assert result["challenger_accuracy"] < result["champion_accuracy"]
+        assert "rejected by the gate" in summary["message"]
+        assert "version 1 keeps serving" in summary["message"]
+        assert summary["deployed"] is None
+        # The champion keeps serving; the challenger is in the registry, rejected, not exported.
+        assert registry.current_version(serving) == "1"
+        assert classifier.reload_now() is False and classifier.version == "1"
+        challenger = serving / "2"
+        assert registry.gate_status(challenger) == "rejected"
+        assert not registry.is_deployable(challenger)
+        card = (challenger / "card.md").read_text(encoding="utf-8")
+        assert "**Decision: REJECT**" in card and "champion 1" in card
+        training = json.loads((challenger / "training.json").read_text(encoding="utf-8"))
+        data_file = Path(training["training_data"])
+        assert (
+            training["training_data_sha256"]
+            == hashlib.sha256(data_file.read_bytes()).digest().hex()
+        )
+        assert training["warm_start_from"] == "1"
+        assert set(training["corrected_ids"]) == {str(i) for i in ids}
+        assert training["counts"]["base"] == len(FIXTURE_RECORDS)
+        # The inbox was drained through the real import (one row, applied).
+        assert (inbox / "processed" / "week.json").exists()
+        assert summary["corrections"][0]["applied"] == 1
+        assert corrections_in_db(db_url)[ids[0]][0] == ROTATE[ROTATE["banking"]]
+    finally:
+        classifier.close()
+
+
+def test_rollback_restores_the_previous_model_and_the_service_reloads(
+    home: Path, serving: Path, champion_dir: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from capture.classifier import HotReloadingClassifier
+    from deployments.cli import app
+    from flows.deploy import deploy_flow, rollback_flow
+
+    second = clone_serving_dir(champion_dir, tmp_path / "second", version="second")
+    registry.publish(second, serving, version="2")
+    registry.write_json_atomic(serving / "2" / "gate.json", {"promote": True})
+    classifier = HotReloadingClassifier(serving, interval_s=0.05)
+    try:
+        assert classifier.version == "1"
+        deployed = deploy_flow()  # the newest promoted version; already exported
+        assert (deployed["version"], deployed["previous"], deployed["export"]) == ("2", "1", None)
+        wait_for(lambda: classifier.version == "2")
+        rolled = rollback_flow()
+        assert rolled == {"previous": "2", "version": "1"}
+        assert registry.current_version(serving) == "1"
+        wait_for(lambda: classifier.version == "1")
+        assert classifier.predict("play the latest album by adele").intent == "music"
+
+        runner = CliRunner()
+        listed = runner.invoke(app, ["models", "--json"])
+        assert listed.exit_code == 0, listed.output
+        versions = {m["version"]: m for m in json.loads(listed.output)}
+        assert versions["1"]["serving"] and versions["2"]["gate"] == "promoted"
+        result = runner.invoke(app, ["rollback", "--to", "2"])
+        assert result.exit_code == 0, result.output
+        assert "now serving version 2 (was 1)" in result.output
+        wait_for(lambda: classifier.version == "2")
+        missing = runner.invoke(app, ["rollback", "--to", "9"])
+        assert missing.exit_code == 2 and "not in the registry" in missing.output
+    finally:
+        classifier.close()
+
+
+def test_the_corrections_flow_drains_the_inbox_all_or_nothing(
+    db_url: str, home: Path, serving: Path
+) -> None:
+    from flows.corrections import corrections_flow
+
+    ids = insert_logs(
+        db_url,
+        [Log("pay my bill", "music", 0.4), Log("play jazz", "banking", 0.5)],
+    )
+    inbox = home / "inbox"
+    inbox.mkdir(parents=True)
+    good = [{"id": str(ids[0]), "corrected_intent": "banking", "notes": "a bill"}]
+    bad = [
+        {"id": str(ids[1]), "corrected_intent": "music"},
+        {"id": str(ids[1]), "corrected_intent": "jazz_music"},  # not a label of model 1
+    ]
+    (inbox / "a-good.json").write_text(json.dumps(good), encoding="utf-8")
+    (inbox / "b-bad.json").write_text(json.dumps(bad), encoding="utf-8")
+    results = corrections_flow(database_url=db_url)
+    assert [(Path(r["file"]).name, r["applied"], len(r["rejected"])) for r in results] == [
+        ("a-good.json", 1, 0),
+        ("b-bad.json", 0, 2),
+    ]
+    stored = corrections_in_db(db_url)
+    assert stored[ids[0]] == ("banking", "a bill")
+    assert stored[ids[1]] == (None, None)  # one bad row: nothing from that file
+    assert (inbox / "processed" / "a-good.json").exists()
+    reason = (inbox / "rejected" / "b-bad.json.reason.txt").read_text(encoding="utf-8")
+    assert "'jazz_music' is not a known intent" in reason
+    assert corrections_flow(database_url=db_url) == []  # inbox empty now
+    again = corrections_flow(file=str(inbox / "processed" / "a-good.json"), database_url=db_url)
+    assert (again[0]["applied"], again[0]["unchanged"]) == (0, 1)
+
+
+def test_review_training_data_and_pairs_flows(db_url: str, home: Path, serving: Path) -> None:
+    from flows.pairs import pairs_flow
+    from flows.review import review_export_flow
+    from flows.training_data import read_summary, training_data_flow
+    from tasks.review_export import REVIEW_FIELDS
+
+    insert_logs(
+        db_url,
+        [
+            Log("how much is in my account", "banking", 0.45, secondary=(("music", 0.3),)),
+            Log("How much is in my account?", "banking", 0.46),
+            Log("play a song", "music", 0.97, was_successful=True),
+            Log("play some music", "music", 0.98, was_successful=True),
+            Log("rain tomorrow?", "calendar", 0.92, was_successful=False),
+            Log("move my meeting", "banking", 0.5, corrected="calendar"),
+            Log("book a meeting room", "banking", 0.5, corrected="calendar"),
+        ],
+    )
+    review = review_export_flow(days=7, limit=10, database_url=db_url)
+    rows = json.loads(Path(review["path"]).read_text(encoding="utf-8"))
+    assert all(tuple(r) == REVIEW_FIELDS for r in rows)
+    # Near-duplicates collapsed with the serving model's embeddings; the failed one is in.
+    assert {r["prompt"].lower().rstrip("?") for r in rows} == {
+        "how much is in my account",
+        "rain tomorrow",
+    }
+    assert review["reasons"]["failed"] == 1
+
+    jsonl(home / "data" / "base_train.jsonl", list(FIXTURE_RECORDS))
+    data = training_data_flow(days=7, holdout_fraction=0.0, database_url=db_url)
+    assert data["counts"] == {"base": 24, "corrected": 2, "predicted": 2, "holdout": 0}
+    assert (
+        read_summary(Path(data["training_data"]))["training_data_sha256"]
+        == (data["training_data_sha256"])
+    )
+    pairs = pairs_flow(max_pairs=10)  # the newest export; production rows only
+    assert pairs["input"] == data["training_data"]
+    assert (pairs["rows"], pairs["pairs"]) == (4, 2)  # one pair per intent with two texts
+    lines = Path(pairs["output"]).read_text(encoding="utf-8").splitlines()
+    assert {json.loads(line)["label"] for line in lines} == {"music", "calendar"}
+
+
+@pytest.mark.slow
+def test_a_good_challenger_is_promoted_exported_deployed_and_hot_reloaded(
+    sqlite_url: str, home: Path, serving: Path
+) -> None:
+    from capture.classifier import HotReloadingClassifier
+    from flows.weekly import weekly_cycle
+
+    jsonl(
+        home / "data" / "base_train.jsonl",
+        [(t, lab) for lab in LABELS for t in INTENTS[lab][:8]],
+    )
+    classifier = HotReloadingClassifier(serving, interval_s=0.05)
+    try:
+        summary = weekly_cycle(
+            days=30,
+            hyperparameters={**TINY, "min_steps": 10, "max_steps": 10},
+            min_support=3,
+            max_intent_drop=0.34,
+            database_url=sqlite_url,
+        )
+        assert summary["retrain"]["verdict"] == "PROMOTE", summary["retrain"]["reasons"]
+        assert summary["deployed"]["version"] == "2"
+        assert summary["deployed"]["export"]["published"] in {"int8", "fp32"}
+        wait_for(lambda: classifier.version == "2")
+        assert registry.current_version(serving) == "2"
+    finally:
+        classifier.close()

@@ -1,0 +1,273 @@
+"""The HTML report: every section present, plots are real PNGs, numbers match the database."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections import Counter, defaultdict
+from datetime import timedelta
+from decimal import ROUND_HALF_UP, Decimal
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from capture.queries import as_real
+from capture.settings import get_settings
+from tasks.report import (
+    ARTIFACT_KEY,
+    ARTIFACT_TABLE_KEY,
+    publish_monitoring_artifact,
+    render_markdown,
+    write_report,
+)
+from tests.report_data import NOW, insert_logs, synthetic_logs, write_registry
+
+SECTIONS = ("confidence", "intents", "success", "corrections", "low-confidence", "models")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class _ReportParser(HTMLParser):
+    """Collects section ids, <img> sources, table cells by table id, and the visible text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: list[str] = []
+        self.images: list[str] = []
+        self.tables: dict[str, list[list[str]]] = {}
+        self.text: list[str] = []
+        self.external: list[str] = []
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "section":
+            self.sections.append(a.get("id") or "")
+        elif tag == "img":
+            self.images.append(a.get("src") or "")
+        elif tag == "table":
+            self._table = a.get("id") or ""
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table is not None:
+            self.tables[self._table].append([])
+        elif tag == "td":
+            self._cell = []
+        if tag in {"script", "link", "iframe"} or any(
+            (v or "").startswith(("http:", "https:", "//")) for k, v in attrs if k in {"src", "href"}
+        ):
+            self.external.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._cell is not None and self._table is not None:
+            self.tables[self._table][-1].append("".join(self._cell))
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+        self.text.append(data)
+
+
+def _parse(path: Path) -> _ReportParser:
+    parser = _ReportParser()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def _rows(parser: _ReportParser, table: str) -> list[list[str]]:
+    return [row for row in parser.tables[table] if row]  # the header row has no <td>
+
+
+def _pct(hits: int, total: int) -> str:
+    # The design note's ROUND(100.0 * hits / total, 1): exact, half up.
+    tenths = (2000 * hits + total) // (2 * total)
+    return f"{tenths / 10:.1f}%"
+
+
+def _bucket(confidence: float) -> str:
+    # PostgreSQL's ROUND(real::numeric, 1): 6 significant digits, then half up.
+    return str(Decimal(f"{confidence:.6g}").quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
+
+
+@pytest.fixture
+def seeded(db_url: str, tmp_path: Path) -> dict[str, Any]:
+    rows = synthetic_logs(400, days=6, seed=1)
+    old = synthetic_logs(50, now=NOW - timedelta(days=8), days=1, seed=2)  # outside a 7-day window
+    insert_logs(db_url, rows + old)
+    models_dir = tmp_path / "models"
+    write_registry(models_dir)
+    return {"url": db_url, "rows": rows, "models_dir": models_dir}
+
+
+def test_report_sections_images_and_numbers_match_the_database(
+    seeded: dict[str, Any], tmp_path: Path
+) -> None:
+    output = tmp_path / "out" / "report.html"
+    data = write_report(
+        output, seeded["url"], days=7, models_dir=seeded["models_dir"], now=NOW
+    )
+    rows: list[dict[str, Any]] = seeded["rows"]
+    parser = _parse(output)
+
+    assert parser.sections == list(SECTIONS)
+    assert parser.external == []  # self-contained: no scripts, stylesheets or remote images
+    assert len(parser.images) == 6
+    for src in parser.images:
+        assert src.startswith("data:image/png;base64,")
+        raw = base64.b64decode(src.split(",", 1)[1], validate=True)
+        assert raw.startswith(PNG_SIGNATURE)
+        with Image.open(io.BytesIO(raw)) as image:
+            assert image.format == "PNG"
+            assert image.width > 300 and image.height > 100
+
+    # Summary and intent distribution.
+    assert data.total == len(rows) == 400
+    per_intent = Counter(r["predicted_intent"] for r in rows)
+    corrections = Counter(r["predicted_intent"] for r in rows if r["corrected_intent"])
+    intent_rows = _rows(parser, "intent-table")
+    assert [r[0] for r in intent_rows] == [
+        k for k, _ in sorted(per_intent.items(), key=lambda kv: (-kv[1], kv[0]))
+    ]
+    for name, count, share, avg, corrected in intent_rows:
+        conf = [r["confidence"] for r in rows if r["predicted_intent"] == name]
+        assert int(count) == per_intent[name]
+        assert share == _pct(per_intent[name], 400)
+        assert avg == f"{sum(conf) / len(conf):.3f}"
+        assert int(corrected) == corrections[name]
+
+    # Confidence histogram.
+    buckets = Counter(_bucket(r["confidence"]) for r in rows)
+    assert {r[0]: int(r[1]) for r in _rows(parser, "confidence-table")} == dict(buckets)
+
+    # Success rate by intent (the design note's rounding: one decimal, half up).
+    outcomes: dict[str, list[bool]] = defaultdict(list)
+    for r in rows:
+        if r["was_successful"] is not None:
+            outcomes[r["predicted_intent"]].append(r["was_successful"])
+    table = {r[0]: r[1:] for r in _rows(parser, "success-table")}
+    assert set(table) == set(outcomes)
+    for name, values in outcomes.items():
+        total, successes = len(values), sum(values)
+        tenths = (2000 * successes + total) // (2 * total)
+        assert table[name] == [str(total), str(successes), f"{tenths / 10:.1f}%"]
+
+    # Per-day correction and low-confidence rates (UTC days).
+    days: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        days[r["created_at"].date().isoformat()].append(r)
+    low = {d: sum(r["confidence"] < as_real(0.7) for r in rs) for d, rs in days.items()}
+    fixed = {d: sum(r["corrected_intent"] is not None for r in rs) for d, rs in days.items()}
+    assert _rows(parser, "low-confidence-table") == [
+        [d, str(len(days[d])), str(low[d]), _pct(low[d], len(days[d]))] for d in sorted(days)
+    ]
+    assert _rows(parser, "correction-daily-table") == [
+        [d, str(len(days[d])), str(fixed[d]), _pct(fixed[d], len(days[d]))] for d in sorted(days)
+    ]
+    text = " ".join(parser.text)
+    assert f"{sum(fixed.values())} of 400 prompts corrected" in text
+
+    # Model versions from the registry.
+    assert _rows(parser, "models-table") == [
+        ["1", "2026-11-05 12:00", "84.2%", "0.810", "–", ""],
+        ["2", "2026-11-12 12:00", "83.5%", "0.800", "rejected", ""],
+        ["3", "2026-11-19 12:00", "88.7%", "0.860", "promoted", "yes"],
+    ]
+
+
+def test_empty_state(db_url: str, tmp_path: Path) -> None:
+    output = tmp_path / "report.html"
+    data = write_report(output, db_url, days=7, models_dir=tmp_path / "no-models", now=NOW)
+    assert data.total == 0
+    parser = _parse(output)
+    assert parser.sections == list(SECTIONS)
+    assert parser.images == []
+    text = " ".join(parser.text)
+    assert text.count("No prompts were logged in the last 7 days.") == 4
+    assert "No workflow outcomes were reported in this window." in text
+    assert "The model registry is empty" in text
+
+
+def test_intent_names_are_escaped(db_url: str, tmp_path: Path) -> None:
+    rows = synthetic_logs(5, days=1, seed=3)
+    for r in rows:
+        r["predicted_intent"] = "<script>alert(1)</script>"
+    insert_logs(db_url, rows)
+    output = tmp_path / "report.html"
+    write_report(output, db_url, days=7, models_dir=tmp_path / "none", now=NOW)
+    html = output.read_text(encoding="utf-8")
+    assert "<script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_report_cli(
+    sqlite_url: str, home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from deployments.cli import app
+
+    from capture.db import get_sync_engine
+    from sqlalchemy import text
+
+    with get_sync_engine(sqlite_url).begin() as conn:
+        conn.execute(text("DELETE FROM nlu_prompt_logs"))
+    insert_logs(sqlite_url, synthetic_logs(60, days=3, seed=4))
+    write_registry(home / "models")
+    monkeypatch.setenv("PROMPT_CAPTURE_DATABASE_URL", sqlite_url)
+    get_settings.cache_clear()
+    output = tmp_path / "cli-report.html"
+    result = CliRunner().invoke(
+        app, ["report", "--days", "7", "--output", str(output), "--now", NOW.isoformat()]
+    )
+    assert result.exit_code == 0, result.output
+    assert "60" in result.output
+    parser = _parse(output)
+    assert parser.sections == list(SECTIONS)
+    assert len(parser.images) == 6
+    assert [r[0] for r in _rows(parser, "models-table")] == ["1", "2", "3"]
+
+    bad = CliRunner().invoke(app, ["report", "--now", "yesterday"])
+    assert bad.exit_code == 2
+    assert "--now" in bad.output
+
+
+def test_markdown_has_the_same_figures(seeded: dict[str, Any], tmp_path: Path) -> None:
+    data = write_report(
+        tmp_path / "r.html", seeded["url"], days=7, models_dir=seeded["models_dir"], now=NOW
+    )
+    markdown = render_markdown(data)
+    for title in (
+        "Confidence histogram",
+        "Intent distribution",
+        "Workflow success rate by intent",
+        "Per day",
+        "Model versions",
+    ):
+        assert f"## {title}" in markdown
+    for intent in data.intents:
+        assert f"| {intent.predicted_intent} | {intent.count} |" in markdown
+
+
+def test_publish_monitoring_artifact(
+    prefect_harness: None, seeded: dict[str, Any]
+) -> None:
+    from prefect import flow
+    from prefect.artifacts import Artifact
+
+    @flow
+    def publish() -> dict[str, Any]:
+        return publish_monitoring_artifact(
+            seeded["url"], 7, models_dir=seeded["models_dir"], now=NOW
+        )
+
+    summary = publish()
+    assert summary["prompts"] == 400
+    markdown = Artifact.get(ARTIFACT_KEY)
+    table = Artifact.get(ARTIFACT_TABLE_KEY)
+    assert markdown is not None and table is not None
+    assert "## Intent distribution" in str(markdown.data)
+    assert "book_meeting" in str(table.data)

@@ -1,0 +1,143 @@
+"""Training data export: sources, scrubbing, dedup priority, no user ids, stable hold-out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import date
+from pathlib import Path
+
+import pytest
+from sqlalchemy import insert
+
+from capture import db
+from capture.models import TrainingExample
+from tasks.training_data import (
+    TrainingRow,
+    export_training_data_task,
+    holdout_path_for,
+    is_held_out,
+    merge_rows,
+)
+from tests.cycle_helpers import Log, insert_logs
+
+FIELDS = ["text", "label", "confidence", "source", "corrected"]
+
+
+def read(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_sources_scrubbing_dedup_and_no_user_ids(db_url: str, tmp_path: Path) -> None:
+    user = uuid.uuid4()
+    insert_logs(
+        db_url,
+        [
+            Log("email bob@example.com about the trip", "email_send", 0.95, user_id=user),
+            Log("confident but failed", "weather", 0.99, was_successful=False),
+            Log("confident and worked", "weather", 0.93, was_successful=True),
+            Log("not confident enough", "weather", 0.6),
+            Log("Add milk to my list", "todo_list", 0.5, corrected="todo_add"),
+            Log("add milk to my list", "todo_list", 0.97),  # same text: the correction wins
+            Log("play jazz", "music_play", 0.95),  # also in the base set: base wins
+            Log("old one", "news", 0.99, age_days=40),
+        ],
+    )
+    with db.get_sync_engine(db_url).begin() as conn:
+        conn.execute(
+            insert(TrainingExample.__table__),
+            [
+                {
+                    "id": uuid.uuid4(),
+                    "source_key": "k1",
+                    "prompt": "call <PHONE> tomorrow",
+                    "label": "phone_call",
+                    "source": "production",
+                    "corrected": True,
+                    "confidence": 0.4,
+                    "week": date.today(),
+                }
+            ],
+        )
+    base = tmp_path / "base.jsonl"
+    base.write_text(
+        '{"text": "play jazz", "label": "music"}\n{"text": "hello there", "label": "greet"}\n',
+        encoding="utf-8",
+    )
+    out = tmp_path / "retraining.jsonl"
+    export = export_training_data_task.fn(
+        out, url=db_url, days=30, base_data=base, holdout_fraction=0.0
+    )
+    rows = read(out)
+    assert all(list(r) == FIELDS for r in rows)
+    by_text = {r["text"]: r for r in rows}
+    assert set(by_text) == {
+        "email <EMAIL> about the trip",
+        "confident and worked",
+        "Add milk to my list",
+        "play jazz",
+        "hello there",
+        "call <PHONE> tomorrow",
+    }
+    assert by_text["Add milk to my list"] == {
+        "text": "Add milk to my list",
+        "label": "todo_add",
+        "confidence": 0.5,
+        "source": "production",
+        "corrected": True,
+    }
+    assert by_text["play jazz"]["label"] == "music" and by_text["play jazz"]["source"] == "base"
+    assert by_text["hello there"]["confidence"] is None
+    assert by_text["call <PHONE> tomorrow"]["corrected"] is True
+    text = out.read_text(encoding="utf-8")
+    assert str(user) not in text and "bob@example.com" not in text
+    assert export.sha256 == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert export.counts == {"base": 2, "corrected": 2, "predicted": 2, "holdout": 0}
+    assert len(export.corrected_ids) == 1 and export.n_train == 6
+    assert export.dropped_duplicates == 2
+    assert read(holdout_path_for(out)) == []
+
+
+def test_the_holdout_is_fixed_by_the_text_and_never_trained_on(db_url: str, tmp_path: Path) -> None:
+    texts = [f"reviewed prompt number {i}" for i in range(60)]
+    insert_logs(db_url, [Log(t, "a", 0.5, corrected="b") for t in texts])
+    base = tmp_path / "base.jsonl"
+    held = [t for t in texts if is_held_out(t, 0.25)]
+    assert 5 < len(held) < 30
+    # The base set has one of the held-out texts: it must not leak into training either.
+    base.write_text(
+        json.dumps({"text": held[0], "label": "b"}) + '\n{"text": "x", "label": "c"}\n',
+        encoding="utf-8",
+    )
+    first = export_training_data_task.fn(
+        tmp_path / "w1.jsonl", url=db_url, base_data=base, holdout_fraction=0.25
+    )
+    second = export_training_data_task.fn(
+        tmp_path / "w2.jsonl", url=db_url, base_data=base, holdout_fraction=0.25
+    )
+    train_texts = {r["text"] for r in read(first.path)}
+    holdout_texts = {r["text"] for r in read(first.holdout_path)}
+    assert holdout_texts == set(held)
+    assert not train_texts & holdout_texts
+    assert {r["text"] for r in read(second.holdout_path)} == holdout_texts
+    assert first.sha256 == second.sha256
+    assert first.n_holdout == len(held) and len(first.holdout_ids) == len(held)
+
+
+def test_empty_data_is_an_error_naming_the_fix(db_url: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no training data"):
+        export_training_data_task.fn(tmp_path / "x.jsonl", url=db_url)
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_merge_prefers_corrections_then_base_then_predictions() -> None:
+    rows = [
+        TrainingRow("Hi", "greet", 0.99, "production", False),
+        TrainingRow("hi", "hello", None, "base", False),
+        TrainingRow("HI ", "smalltalk", 0.3, "production", True),
+        TrainingRow("hi", "wave", 0.95, "production", False),
+    ]
+    train, holdout, dropped = merge_rows(rows, holdout_fraction=0.0)
+    assert [(r.text, r.label, r.corrected) for r in train] == [("HI", "smalltalk", True)]
+    assert holdout == [] and dropped == 3
