@@ -178,7 +178,8 @@ def _plan_kind(plan: dict[str, Any]) -> str:
         kind = node["Node Type"]
         if "Scan" in kind:
             index = node.get("Index Name")
-            scans.append(f"{kind} {index}" if index else f"{kind} {node.get('Relation Name')}")
+            target = index or node.get("Relation Name") or node.get("Alias")
+            scans.append(f"{kind} {target}")
         for child in node.get("Plans", ()):
             walk(child)
 
@@ -197,6 +198,35 @@ def _time(engine: Engine, statement: Any, repeats: int) -> tuple[list[float], in
             n_rows = len(conn.execute(statement).all())
             timings.append((time.perf_counter() - start) * 1000)
     return timings, n_rows
+
+
+def _schedstat_ns(pid: int) -> int | None:
+    """CPU time a local process has used (ns), or None when the server is not on this host."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _backend_cpu_ms(engine: Engine, statement: Any, repeats: int) -> float | None:
+    """Median CPU time the server backend spends per run, with parallel workers off.
+
+    Wall times on a busy machine measure the machine; this measures the query: what one idle
+    core would take on the server side (result transfer and client decoding not included).
+    """
+    samples: list[float] = []
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SET max_parallel_workers_per_gather = 0")
+        pid = int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+        conn.execute(statement).all()
+        for _ in range(repeats):
+            before = _schedstat_ns(pid)
+            conn.execute(statement).all()
+            after = _schedstat_ns(pid)
+            if before is None or after is None:
+                return None
+            samples.append((after - before) / 1e6)
+    return statistics.median(samples)
 
 
 def _explain(engine: Engine, statement: Any) -> str:
@@ -230,8 +260,8 @@ def run(
 ) -> list[dict[str, Any]]:
     """Load ``rows`` rows into a fresh database on the server at ``url``, time every query.
 
-    Returns one dict per query (``query, median_ms, p95_ms, x_baseline, rows, plan,
-    target_met``; the first is the baseline) after an ``ingest`` entry (``rows_per_s`` of the
+    Returns one dict per query (``query, median_ms, p95_ms, x_baseline, server_cpu_ms, rows,
+    plan, target_met``; the first is the baseline) after an ``ingest`` entry (``rows_per_s`` of the
     COPY load, all indexes in place).
     """
     server = _server_url(url)
@@ -274,6 +304,7 @@ def run(
                     "median_ms": median,
                     "p95_ms": float(np.percentile(timings, 95)),
                     "x_baseline": median / baseline_ms,
+                    "server_cpu_ms": _backend_cpu_ms(engine, statement, repeats),
                     "rows": n_rows,
                     "plan": _explain(engine, statement),
                     "target_met": median <= TARGET_MS,
@@ -291,14 +322,20 @@ def format_table(results: list[dict[str, Any]]) -> str:
     for r in results:
         if "rows_per_s" in r:
             lines.append(f"{r['query']}: {r['rows']:,} rows at {r['rows_per_s']:,.0f} rows/s")
-    lines.append(f"{'query':<36} {'median ms':>9} {'p95 ms':>8} {'x base':>6} {'rows':>6}  plan")
+    header = f"{'median ms':>9} {'p95 ms':>8} {'x base':>6} {'cpu ms':>7} {'rows':>6}"
+    lines.append(f"{'query':<36} {header}  plan")
     for r in results:
         if "median_ms" in r:
             flag = "" if r["target_met"] else "  (> target)"
+            cpu = "-" if r["server_cpu_ms"] is None else f"{r['server_cpu_ms']:.2f}"
             lines.append(
                 f"{r['query']:<36} {r['median_ms']:>9.2f} {r['p95_ms']:>8.2f} "
-                f"{r['x_baseline']:>6.2f} {r['rows']:>6}  {r['plan']}{flag}"
+                f"{r['x_baseline']:>6.2f} {cpu:>7} {r['rows']:>6}  {r['plan']}{flag}"
             )
+    lines.append(
+        "median/p95: wall time per run (parallel plans allowed); x base: median / baseline; "
+        "cpu ms: server backend CPU per run, serial plan (what one idle core takes)"
+    )
     return "\n".join(lines)
 
 

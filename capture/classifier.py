@@ -52,8 +52,8 @@ class OnnxClassifier:
     def __init__(self, model_dir: Path | str, *, threads: int = 1, top_k: int = 3) -> None:
         if threads < 1:
             raise ValueError(f"threads: expected >= 1, found {threads}")
-        if top_k < 0:
-            raise ValueError(f"top_k: expected >= 0 runners-up, found {top_k}")
+        if top_k < 1:
+            raise ValueError(f"top_k: expected >= 1 ranked intents, found {top_k}")
         self.model_dir = Path(model_dir)
         self.threads = threads
         self.top_k = top_k
@@ -230,21 +230,20 @@ class OnnxClassifier:
         return [self._to_prediction(row) for row in self.predict_proba(texts)]
 
     def _to_prediction(self, row: np.ndarray) -> Prediction:
-        """Top intent (``oos_label`` below the threshold) and the ranked runners-up.
+        """The top intent and ``top_k - 1`` runners-up (``top_k`` ranked intents in all).
 
-        Below the threshold the intent is ``oos_label`` with the top probability as its
-        confidence, and the runners-up start with the best in-scope label.
+        Below ``oos_threshold`` the intent is ``oos_label``, its confidence the top probability,
+        and the runners-up start with the best in-scope label.
         """
-        k = min(len(row), self.top_k + 1)
+        k = min(len(row), self.top_k)
         top = np.argpartition(-row, k - 1)[:k] if k < len(row) else np.arange(len(row))
         ranked = [int(i) for i in top[np.argsort(-row[top], kind="stable")]]
         best = ranked[0]
         confidence = _probability(row[best])
         runners = [(self.labels[i], _probability(row[i])) for i in ranked]
         if self.oos_threshold is not None and confidence < self.oos_threshold:
-            secondary = tuple(runners[: self.top_k])
-            return Prediction(self.oos_label, confidence, secondary)
-        return Prediction(self.labels[best], confidence, tuple(runners[1 : self.top_k + 1]))
+            return Prediction(self.oos_label, confidence, tuple(runners[: self.top_k - 1]))
+        return Prediction(self.labels[best], confidence, tuple(runners[1 : self.top_k]))
 
 
 def _probability(value: float) -> float:
@@ -301,11 +300,13 @@ def _read_metadata(
 
 @dataclass(frozen=True, slots=True)
 class _PointerState:
-    """What ``current`` said when last read: its content and modification stamp."""
+    """What ``current`` said when last read: its content and file identity (a rewrite via
+    ``os.replace`` makes a new inode even within one timestamp tick)."""
 
     version: str
     mtime_ns: int
     size: int
+    inode: int
 
 
 class HotReloadingClassifier:
@@ -430,7 +431,9 @@ class HotReloadingClassifier:
                 f"{path}: expected one line naming a version directory under {self.models_dir}, "
                 f"found {raw[:80]!r}"
             )
-        return _PointerState(version=version, mtime_ns=stat.st_mtime_ns, size=stat.st_size)
+        return _PointerState(
+            version=version, mtime_ns=stat.st_mtime_ns, size=stat.st_size, inode=stat.st_ino
+        )
 
     def _load(self, version: str) -> OnnxClassifier:
         return OnnxClassifier(self.models_dir / version, threads=self.threads, top_k=self.top_k)

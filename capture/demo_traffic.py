@@ -106,4 +106,3 @@ async def run_demo_traffic(*, count: int, seed: int, settings: Settings) -> Demo
         low_confidence=len(await repo.get_low_confidence_prompts(threshold, limit=100_000)),
         review_threshold=threshold,
     )
-

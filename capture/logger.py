@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg
 import psycopg.errors
 import sqlalchemy.exc
@@ -129,40 +130,34 @@ _PG_TYPES = (
     "timestamptz",
     "timestamptz",
 )
-_JSON_NAMES: dict[str, str] = {}
 
 
-def secondary_json(pairs: Iterable[tuple[str, float]]) -> str:
+def secondary_json(pairs: Iterable[tuple[str, float]]) -> bytes:
     """``secondary_intents`` as stored: a JSON list of ``{"intent", "confidence"}`` objects."""
-    parts = []
-    for name, conf in pairs:
-        quoted = _JSON_NAMES.get(name)
-        if quoted is None:
-            quoted = json.dumps(name)
-            if len(_JSON_NAMES) < 10_000:  # intent names are a small, fixed set
-                _JSON_NAMES[name] = quoted
-        parts.append(f'{{"intent": {quoted}, "confidence": {float(conf)!r}}}')
-    return "[" + ", ".join(parts) + "]"
+    return orjson.dumps([{"intent": name, "confidence": conf} for name, conf in pairs])
 
 
-class JsonText(str):
-    """A JSON document already serialised (sent as jsonb without re-encoding)."""
+class _JsonbBytesDumper(Dumper):
+    """Binary jsonb from an already serialised JSON document (``bytes``)."""
 
-    __slots__ = ()
-
-
-class _JsonTextBinaryDumper(Dumper):
     format = Format.BINARY
     oid = postgres.types["jsonb"].oid
 
     def dump(self, obj: Any) -> bytes:
-        return b"\x01" + obj.encode()
+        return b"\x01" + obj
+
+
+class JsonDocument(bytes):
+    """Marker type under which the writer registers :class:`_JsonbBytesDumper` on its
+    connection; with ``copy.set_types`` the jsonb column then uses it for plain ``bytes``."""
+
+    __slots__ = ()
 
 
 def pg_copy_row(row: list[Any]) -> list[Any]:
-    """The row as binary COPY sends it (``secondary_intents`` as a JSON document)."""
+    """The row as binary COPY sends it (``secondary_intents`` as a serialised JSON document)."""
     out = row.copy()
-    out[C_SECONDARY] = JsonText(secondary_json(row[C_SECONDARY]))
+    out[C_SECONDARY] = secondary_json(row[C_SECONDARY])
     return out
 
 
@@ -241,7 +236,7 @@ class _PostgresBackend:
             application_name=self.application_name,
             connect_timeout=5,
         )
-        self._conn.adapters.register_dumper(JsonText, _JsonTextBinaryDumper)
+        self._conn.adapters.register_dumper(JsonDocument, _JsonbBytesDumper)
         # PostgreSQL refuses COPY FROM into a table whose row-level security applies to this
         # role (migration 0003 FORCEs it); such a writer stages rows in a temp table instead.
         cur = await self._conn.execute("SELECT row_security_active(%s::regclass)", [TABLE])
@@ -514,6 +509,11 @@ class CaptureLogger:
     def orphans_replayed(self) -> bool:
         """False until the spool segments of stopped processes have been replayed."""
         return self._orphans_done
+
+    @property
+    def spooling(self) -> bool:
+        """True while operations wait in this logger's spool (the database was down)."""
+        return self._spool_active or bool(self.spool.pending)
 
     async def wait_orphans_replayed(self, timeout: float) -> bool:
         """Wait (at most ``timeout`` s) for the start-up replay; returns whether it is done."""

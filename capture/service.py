@@ -210,6 +210,8 @@ class NLUService:
     async def _check_known(self, log_id: uuid.UUID) -> None:
         if log_id.int in self._issued or self.capture.is_queued(log_id):
             return
+        if self.capture.spooling:
+            return  # the row may be waiting in the spool: the writer checks the id at replay
         exists = await self._row_exists(log_id)
         if exists is False and not self.capture.orphans_replayed:
             # The row may be in a spool segment that a stopped process left: wait for the

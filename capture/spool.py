@@ -23,7 +23,6 @@ short by a crash before ``process_message`` returned; replay ignores it.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import uuid
@@ -32,6 +31,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from capture.ids import uuid7
 
@@ -103,50 +104,35 @@ class Op:
 # --- (de)serialisation --------------------------------------------------------------------
 
 
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
-
-
-def _str_or_none(value: object) -> str | None:
-    return None if value is None else str(value)
-
-
 def encode_op(op: Op) -> bytes:
-    """The spool line (with trailing newline) of ``op``."""
+    """The spool line (with trailing newline) of ``op`` (orjson: UUIDs and aware datetimes
+    serialise natively, as strings and ISO 8601)."""
     data = op.data
     record: dict[str, Any]
     if op.kind == INSERT:
-        row = list(data)
-        for col in _UUID_COLUMNS:
-            row[col] = _str_or_none(row[col])
-        for col in _TIME_COLUMNS:
-            row[col] = _iso(row[col])
-        row[C_SECONDARY] = [list(pair) for pair in row[C_SECONDARY]]
-        record = {"v": FORMAT_VERSION, "op": INSERT, "seq": op.seq, "row": row}
+        record = {"v": FORMAT_VERSION, "op": INSERT, "seq": op.seq, "row": data}
     elif op.kind == OUTCOME:
         record = {
             "v": FORMAT_VERSION,
             "op": OUTCOME,
             "seq": op.seq,
-            "id": str(data[0]),
+            "id": data[0],
             "was_successful": data[1],
             "workflow_type": data[2],
             "execution_error": data[3],
-            "at": _iso(data[4]),
+            "at": data[4],
         }
     else:
         record = {
             "v": FORMAT_VERSION,
             "op": CORRECTION,
             "seq": op.seq,
-            "id": str(data[0]),
+            "id": data[0],
             "corrected_intent": data[1],
             "correction_notes": data[2],
-            "at": _iso(data[4]),
+            "at": data[4],
         }
-    return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode(
-        "utf-8", "surrogatepass"
-    )
+    return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def _time(value: str | None) -> datetime | None:
@@ -159,7 +145,7 @@ def _uuid(value: str | None) -> uuid.UUID | None:
 
 def decode_op(line: bytes) -> Op:
     """Parse one spool line; raises ``ValueError`` (naming what is wrong) for a bad line."""
-    record = json.loads(line)
+    record = orjson.loads(line)
     if not isinstance(record, dict) or record.get("v") != FORMAT_VERSION:
         raise ValueError(f"expected a version-{FORMAT_VERSION} spool record, found {line[:80]!r}")
     kind = record.get("op")
@@ -256,7 +242,7 @@ def read_ops(path: Path) -> Iterator[tuple[int, bytes | Op]]:
                 return
             try:
                 yield number, decode_op(line)
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError) as exc:  # orjson.JSONDecodeError too
                 logger.error("spool %s line %d is unreadable: %s", path, number, exc)
                 yield number, line
 

@@ -163,9 +163,8 @@ def run_demo(
     home: Path | None = None,
 ) -> DemoResult:
     """Run the demo (see the module docstring) and print what happened."""
-    from capture.classifier import HotReloadingClassifier
-
     from capture import db
+    from capture.classifier import HotReloadingClassifier
     from capture.demo_data import load_demo_dataset, split_demo_dataset
     from flows.common import base_file
     from flows.corrections import corrections_flow

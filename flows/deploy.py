@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from flows.common import models_dir, resolve_optional
 from tasks.registry import (
@@ -34,7 +35,7 @@ def latest_promotable(registry: Path) -> str | None:
     return candidates[-1] if candidates else None
 
 
-@task(name="export-onnx")
+@task(cache_policy=NO_CACHE, name="export-onnx")
 def export_model(model_dir: Path, quantize: bool, validation_data: Path | None) -> dict[str, Any]:
     """Write model.onnx + tokenizer.json into ``model_dir``; record the export in metrics.json."""
     import json

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from flows.common import latest_training_export
 from tasks.pairs import build_pairs, write_pairs
@@ -17,7 +18,7 @@ from tasks.records import Record, parse_record
 logger = logging.getLogger(__name__)
 
 
-@task(name="read-training-rows", retries=2, retry_delay_seconds=1)
+@task(cache_policy=NO_CACHE, name="read-training-rows", retries=2, retry_delay_seconds=1)
 def read_rows(path: Path, production_only: bool) -> list[Record]:
     """Records of a retraining JSONL file; with ``production_only``, rows whose source is not
     ``base`` (the base set already gets its pairs at training time)."""
@@ -36,7 +37,7 @@ def read_rows(path: Path, production_only: bool) -> list[Record]:
     return records
 
 
-@task(name="build-pairs")
+@task(cache_policy=NO_CACHE, name="build-pairs")
 def make_pairs(records: list[Record], output: Path, max_pairs: int, seed: int) -> int:
     return write_pairs(output, build_pairs(records, max_pairs=max_pairs, seed=seed))
 

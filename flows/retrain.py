@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
 from flows.common import latest_training_export, models_dir, resolve_optional, work_dir
 from flows.training_data import read_summary
@@ -57,7 +58,7 @@ def read_eval_records(path: Path | None) -> list[Record]:
     return load_records(path, min_labels=1)
 
 
-@task(name="train-challenger")
+@task(cache_policy=NO_CACHE, name="train-challenger")
 def train_challenger(
     training_data: Path,
     val_data: Path | None,
@@ -83,7 +84,7 @@ def train_challenger(
     return result.model_dir
 
 
-@task(name="score-models")
+@task(cache_policy=NO_CACHE, name="score-models")
 def score_models(
     champion_dir: Path | None, challenger_dir: Path, eval_sets: dict[str, list[Record]]
 ) -> dict[str, tuple[EvalReport | None, EvalReport]]:

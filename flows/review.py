@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
 from flows.common import models_dir, stamp
 from tasks.registry import current_model_dir, is_deployable
@@ -19,7 +20,7 @@ from tasks.review_select import DEFAULT_STRATEGY
 logger = logging.getLogger(__name__)
 
 
-@task(name="load-serving-embedder", retries=2, retry_delay_seconds=2)
+@task(cache_policy=NO_CACHE, name="load-serving-embedder", retries=2, retry_delay_seconds=2)
 def serving_embedder() -> Callable[[Sequence[str]], np.ndarray] | None:
     """The serving model's ``embed`` (for near-duplicate collapse), or None when none serves."""
     model_dir = current_model_dir(models_dir())

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from capture.settings import get_settings
 from flows.common import resolve_optional, stamp
@@ -30,7 +31,7 @@ def read_summary(training_file: Path) -> dict[str, Any] | None:
     return data
 
 
-@task(name="write-training-summary", retries=2, retry_delay_seconds=1)
+@task(cache_policy=NO_CACHE, name="write-training-summary", retries=2, retry_delay_seconds=1)
 def write_summary(export: TrainingDataExport) -> Path:
     path = summary_path(export.path)
     write_json_atomic(path, export.summary())

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from sqlalchemy import Connection, select
 
 from capture import queries
@@ -351,7 +352,9 @@ def file_away(path: Path, result: ImportResult, inbox: Path) -> Path:
 
 
 import_corrections_task = task(
-    import_corrections, name="import-corrections", retries=2, retry_delay_seconds=2
+    cache_policy=NO_CACHE, name="import-corrections", retries=2, retry_delay_seconds=2
+)(import_corrections)
+list_inbox_task = task(cache_policy=NO_CACHE, name="list-inbox")(inbox_files)
+file_away_task = task(cache_policy=NO_CACHE, name="file-away", retries=2, retry_delay_seconds=1)(
+    file_away
 )
-list_inbox_task = task(inbox_files, name="list-inbox")
-file_away_task = task(file_away, name="file-away", retries=2, retry_delay_seconds=1)

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,14 +276,14 @@ def _torch_classifier_module(model_dir: Path, info: ModelDirInfo) -> torch.nn.Mo
     bert = st[0].auto_model
     if not isinstance(bert, torch.nn.Module):
         raise ExportError(f"{model_dir / 'encoder'}: the first module holds no transformer model")
-    bert.eval()
+    encoder: torch.nn.Module = bert.eval()
     weight = torch.from_numpy(info.weight.copy())
     bias = torch.from_numpy(info.bias.copy())
 
     class _ServingModule(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.encoder: torch.nn.Module = bert
+            self.encoder = encoder
             self.head = torch.nn.Linear(weight.shape[1], weight.shape[0])
             with torch.no_grad():
                 self.head.weight.copy_(weight)
@@ -318,7 +319,12 @@ def export_fp32(model_dir: Path, info: ModelDirInfo, output: Path, *, opset: int
     input_ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]], dtype=torch.long)
     attention_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.long)
     dynamic = {0: "batch", 1: "sequence"}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter's deprecation notice and tracer warnings about the
+        # transformers mask helpers (constant for an encoder: verified by the parity check).
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*aten::index.*", category=UserWarning)
         torch.onnx.export(
             module,
             (input_ids, attention_mask),
@@ -373,38 +379,6 @@ def onnx_predict_proba(
     return np.concatenate(rows, axis=0)
 
 
-class TorchReference:
-    """The torch model of a model directory: sentence-transformers encode + head + softmax."""
-
-    def __init__(self, model_dir: Path, info: ModelDirInfo | None = None) -> None:
-        from sentence_transformers import SentenceTransformer
-
-        self.info = info or read_model_dir(model_dir)
-        self.encoder = SentenceTransformer(str(model_dir / "encoder"), device="cpu")
-        self.encoder.max_seq_length = self.info.max_seq_length
-
-    def embed(self, texts: Sequence[str], *, batch_size: int = PARITY_BATCH_SIZE) -> np.ndarray:
-        out = self.encoder.encode(
-            list(texts),
-            batch_size=batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        return np.asarray(out, dtype=np.float32)
-
-    def predict_proba(
-        self, texts: Sequence[str], *, batch_size: int = PARITY_BATCH_SIZE
-    ) -> np.ndarray:
-        return self.proba_from_embeddings(self.embed(texts, batch_size=batch_size))
-
-    def proba_from_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
-        logits = (embeddings @ self.info.weight.T + self.info.bias) / self.info.temperature
-        logits = logits - logits.max(axis=1, keepdims=True)
-        exp = np.exp(logits)
-        return np.asarray(exp / exp.sum(axis=1, keepdims=True), dtype=np.float32)
-
-
 def parity(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
     """(top-1 agreement, max absolute probability difference) of two probability matrices."""
     if reference.shape != candidate.shape:
@@ -447,7 +421,9 @@ def export_onnx(
         logger.info("exporting %s (version %s) to ONNX fp32", model_dir, info.version)
         export_fp32(model_dir, info, fp32_path, opset=opset)
 
-        reference = TorchReference(model_dir, info).predict_proba(texts)
+        from tasks.evaluate import TorchModel
+
+        reference = TorchModel.load(model_dir).predict_proba(texts)
         fp32_agreement, fp32_diff = parity(
             reference, onnx_predict_proba(fp32_path, tokenizer, texts)
         )

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from tasks.evaluate import EvalReport
 
@@ -100,7 +101,8 @@ def decide(champion: EvalReport, challenger: EvalReport, rules: GateRules) -> Ga
     for intent in intents:
         old = champion.per_intent.get(intent)
         new = challenger.per_intent.get(intent)
-        support = (old or new).support if (old or new) else 0
+        known = old if old is not None else new
+        support = known.support if known is not None else 0
         if support == 0:
             continue  # predicted but never the true label: no recall to compare
         old_recall = old.recall if old else 0.0
@@ -216,4 +218,4 @@ def render_model_card(
     return "\n".join(lines) + "\n"
 
 
-decide_task = task(decide, name="gate-decision")
+decide_task = task(cache_policy=NO_CACHE, name="gate-decision")(decide)

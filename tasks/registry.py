@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 logger = logging.getLogger(__name__)
 
@@ -303,6 +304,12 @@ def rollback(models_dir: Path, to: str | None = None) -> tuple[str | None, str]:
     return previous, target
 
 
-publish_task = task(publish, name="publish-model", retries=2, retry_delay_seconds=2)
-deploy_task = task(deploy, name="deploy-model", retries=2, retry_delay_seconds=2)
-rollback_task = task(rollback, name="rollback-model", retries=2, retry_delay_seconds=2)
+publish_task = task(cache_policy=NO_CACHE, name="publish-model", retries=2, retry_delay_seconds=2)(
+    publish
+)
+deploy_task = task(cache_policy=NO_CACHE, name="deploy-model", retries=2, retry_delay_seconds=2)(
+    deploy
+)
+rollback_task = task(
+    cache_policy=NO_CACHE, name="rollback-model", retries=2, retry_delay_seconds=2
+)(rollback)

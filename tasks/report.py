@@ -707,7 +707,8 @@ def render_markdown(data: ReportData) -> str:
         "| prompts | corrected | low confidence | workflow success |",
         "|---:|---:|---:|---:|",
         f"| {data.total} | {data.corrections} ({_share(data.corrections, data.total)}) | "
-        f"{data.low_confidence} ({_share(data.low_confidence, data.total)}) | {_share(data.successes, data.outcomes)} |",
+        f"{data.low_confidence} ({_share(data.low_confidence, data.total)}) | "
+        f"{_share(data.successes, data.outcomes)} |",
         "",
     ]
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from sqlalchemy import Connection, or_, select
 
 from capture import queries
@@ -101,7 +102,7 @@ def fetch_candidates(
         stmt = stmt.where(_LOGS.c.created_at > since)
     out = []
     for row in conn.execute(stmt).mappings():
-        candidate = ReviewCandidate.from_row(row)
+        candidate = ReviewCandidate.from_row(dict(row))
         reasons = candidate_reasons(
             candidate,
             confidence_threshold=confidence_threshold,
@@ -201,4 +202,6 @@ def review_table(export: ReviewExport, *, max_rows: int = 50) -> list[dict[str, 
     ]
 
 
-export_review_task = task(export_review, name="export-review", retries=2, retry_delay_seconds=2)
+export_review_task = task(
+    cache_policy=NO_CACHE, name="export-review", retries=2, retry_delay_seconds=2
+)(export_review)

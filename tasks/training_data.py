@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from sqlalchemy import Connection, select
 
 from capture import queries
@@ -279,5 +280,5 @@ def export_training_data(
 
 
 export_training_data_task = task(
-    export_training_data, name="export-training-data", retries=2, retry_delay_seconds=2
-)
+    cache_policy=NO_CACHE, name="export-training-data", retries=2, retry_delay_seconds=2
+)(export_training_data)

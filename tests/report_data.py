@@ -34,7 +34,9 @@ INTENTS = {
 }
 
 
-def synthetic_logs(n: int, *, now: datetime = NOW, days: int = 14, seed: int = 0) -> list[dict[str, Any]]:
+def synthetic_logs(
+    n: int, *, now: datetime = NOW, days: int = 14, seed: int = 0
+) -> list[dict[str, Any]]:
     """``n`` prompt-log rows spread over the ``days`` days before ``now``."""
     rng = random.Random(seed)
     names = list(INTENTS)

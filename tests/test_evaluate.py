@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from tasks.evaluate import (
     softmax,
 )
 from tasks.records import Record
+from tests.model_fixtures import exported_model_dir, small_model_dir  # noqa: F401
 from tests.tiny_data import INTENTS, split, write_jsonl
 
 LABELS = ["a", "b", "oos"]
@@ -162,7 +164,7 @@ def test_cli_train_then_evaluate_json(tmp_path: Path) -> None:
     class Constant:
         labels = meta["labels"]
 
-        def predict_proba(self, texts: list[str]) -> np.ndarray:
+        def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
             p = np.zeros((len(texts), len(self.labels)))
             p[:, 0] = 1.0
             return p
@@ -171,3 +173,16 @@ def test_cli_train_then_evaluate_json(tmp_path: Path) -> None:
     rows = [Record("anything", first), Record("else", meta["labels"][1])]
     fake = evaluate_model(model, rows, predictor=Constant())
     assert fake.accuracy == pytest.approx(0.5) and fake.backend == "custom"
+
+
+def test_evaluate_uses_the_onnx_model_when_exported(exported_model_dir: Path) -> None:  # noqa: F811
+    from tests.model_fixtures import FIXTURE_RECORDS
+
+    rows = [Record(text, label) for text, label in FIXTURE_RECORDS]
+    onnx = evaluate_model(exported_model_dir, rows)
+    assert onnx.backend == "onnx"
+    assert onnx.latency_ms_p50 is not None and onnx.latency_ms_p50 > 0
+    torch_report = evaluate_model(exported_model_dir, rows, backend="torch")
+    assert torch_report.backend == "torch" and torch_report.latency_ms_p50 is None
+    assert onnx.n == torch_report.n == len(rows)
+    assert abs(onnx.accuracy - torch_report.accuracy) <= 1 / len(rows)

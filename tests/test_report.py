@@ -57,7 +57,9 @@ class _ReportParser(HTMLParser):
         elif tag == "td":
             self._cell = []
         if tag in {"script", "link", "iframe"} or any(
-            (v or "").startswith(("http:", "https:", "//")) for k, v in attrs if k in {"src", "href"}
+            (v or "").startswith(("http:", "https:", "//"))
+            for k, v in attrs
+            if k in {"src", "href"}
         ):
             self.external.append(tag)
 
@@ -109,9 +111,7 @@ def test_report_sections_images_and_numbers_match_the_database(
     seeded: dict[str, Any], tmp_path: Path
 ) -> None:
     output = tmp_path / "out" / "report.html"
-    data = write_report(
-        output, seeded["url"], days=7, models_dir=seeded["models_dir"], now=NOW
-    )
+    data = write_report(output, seeded["url"], days=7, models_dir=seeded["models_dir"], now=NOW)
     rows: list[dict[str, Any]] = seeded["rows"]
     parser = _parse(output)
 
@@ -208,10 +208,10 @@ def test_intent_names_are_escaped(db_url: str, tmp_path: Path) -> None:
 def test_report_cli(
     sqlite_url: str, home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from deployments.cli import app
+    from sqlalchemy import text
 
     from capture.db import get_sync_engine
-    from sqlalchemy import text
+    from deployments.cli import app
 
     with get_sync_engine(sqlite_url).begin() as conn:
         conn.execute(text("DELETE FROM nlu_prompt_logs"))
@@ -252,9 +252,7 @@ def test_markdown_has_the_same_figures(seeded: dict[str, Any], tmp_path: Path) -
         assert f"| {intent.predicted_intent} | {intent.count} |" in markdown
 
 
-def test_publish_monitoring_artifact(
-    prefect_harness: None, seeded: dict[str, Any]
-) -> None:
+def test_publish_monitoring_artifact(prefect_harness: None, seeded: dict[str, Any]) -> None:
     from prefect import flow
     from prefect.artifacts import Artifact
 

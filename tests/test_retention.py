@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, insert, select
@@ -12,6 +14,7 @@ from sqlalchemy import func, insert, select
 from capture.db import get_sync_engine
 from capture.ids import uuid7
 from capture.models import PromptLog, TrainingExample
+from capture.settings import get_settings
 from flows.retention import retention_flow
 from tasks.retention import iso_week_monday, run_retention, source_key
 
@@ -190,3 +193,27 @@ def test_retention_flow(prefect_harness: None, db_url: str) -> None:
     }
     assert _count(db_url, LOGS) == 2
     assert _count(db_url, EXAMPLES) == 4
+
+
+def test_retention_cli(sqlite_url: str, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from deployments.cli import app
+
+    with get_sync_engine(sqlite_url).begin() as conn:
+        conn.execute(LOGS.delete())
+        conn.execute(EXAMPLES.delete())
+    _seed(sqlite_url, n_old=3, n_new=2)
+    monkeypatch.setenv("PROMPT_CAPTURE_DATABASE_URL", sqlite_url)
+    get_settings.cache_clear()
+    result = CliRunner().invoke(app, ["retention", "--now", NOW.isoformat(), "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {
+        "cutoff": "2026-08-28T12:00:00+00:00",
+        "copied": 3,
+        "deleted": 3,
+        "batches": 2,
+    }
+    bad = CliRunner().invoke(app, ["retention", "--days", "0"])
+    assert bad.exit_code == 2
+    assert "retention_days: expected a positive number" in bad.output

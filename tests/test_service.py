@@ -154,3 +154,34 @@ async def test_unusual_but_valid_classifier_output_is_normalised(
     row = fetch_rows(db_url)[result.log_id]
     assert (row["predicted_intent"], row["confidence"]) == ("weather", 1.0)
     assert row["secondary_intents"] == [{"intent": "news", "confidence": 0.0}]
+
+
+def test_demo_traffic_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from capture.settings import get_settings
+    from deployments.cli import app
+
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    monkeypatch.setenv("PROMPT_CAPTURE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PROMPT_CAPTURE_DATABASE_URL", url)
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        refused = runner.invoke(app, ["demo-traffic", "--count", "20"])
+        assert refused.exit_code == 2
+        assert "prompt-capture db upgrade" in " ".join(refused.output.split())
+        db.upgrade(url)
+        result = runner.invoke(app, ["demo-traffic", "--count", "300", "--seed", "1"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "sent 300 prompts" in output
+    for title in ("Confidence distribution", "Intent distribution", "success rate by intent"):
+        assert title in output
+    rows = fetch_rows(url)
+    assert len(rows) == 300
+    with_outcome = [r for r in rows.values() if r["was_successful"] is not None]
+    assert with_outcome and any(r["was_successful"] is False for r in with_outcome)
+    assert all(r["predicted_intent"] != "oos" for r in with_outcome)

@@ -1,0 +1,202 @@
+"""ONNX export: parity with the torch model, the int8 agreement gate, metadata, tokenizer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.export_onnx import (
+    QUANTIZATION_INT8,
+    QUANTIZATION_NONE,
+    ExportError,
+    ExportReport,
+    export_onnx,
+)
+from tests.model_fixtures import (  # noqa: F401  (fixtures)
+    FIXTURE_RECORDS,
+    exported_model_dir,
+    onnx_props,
+    small_model_dir,
+)
+
+# Fixed sentences, in-domain and not, short and long (the parity set of these tests).
+FIXED = (
+    "will it rain in paris on sunday",
+    "move the standup to 11am",
+    "how much do I have in savings",
+    "play something by the beatles",
+    "what's the humidity like today",
+    "put lunch with ana in my calendar for thursday",
+    "I lost my debit card",
+    "next track please",
+    "",
+    "hello there",
+    "asdf qwerty zxcv",
+    "can you please, if it is not too much trouble, tell me whether I should bring a coat "
+    "to the office tomorrow morning because the forecast said it might get cold and windy",
+)
+
+
+@pytest.fixture(scope="module")
+def torch_model(small_model_dir: Path):  # noqa: F811
+    from tasks.evaluate import TorchModel
+
+    return TorchModel.load(small_model_dir)
+
+
+@pytest.fixture(scope="module")
+def fallback_export(
+    small_model_dir: Path,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, ExportReport]:
+    """An export whose int8 gate cannot pass (min_agreement 1.01): fp32 must be published."""
+    dest = tmp_path_factory.mktemp("fallback") / "model"
+    shutil.copytree(small_model_dir, dest)
+    report = export_onnx(dest, quantize=True, validation_texts=FIXED, min_agreement=1.01)
+    return dest, report
+
+
+def exported_report(model_dir: Path) -> dict[str, object]:
+    data: dict[str, object] = json.loads((model_dir / "export_report.json").read_text())
+    return data
+
+
+def test_int8_is_published_when_it_agrees_with_torch(exported_model_dir: Path) -> None:  # noqa: F811
+    report = exported_report(exported_model_dir)
+    assert report["published"] == "int8"
+    assert report["quantization"] == QUANTIZATION_INT8
+    assert report["fallback_reason"] is None
+    assert report["agreement"] == report["int8_agreement"]
+    assert isinstance(report["agreement"], float) and report["agreement"] >= 0.99
+    assert report["n_validation"] == len(FIXTURE_RECORDS)
+    # Per-channel int8 weights are about a quarter of fp32.
+    assert isinstance(report["int8_size_bytes"], int) and isinstance(report["fp32_size_bytes"], int)
+    assert report["int8_size_bytes"] < report["fp32_size_bytes"] / 3
+    assert (exported_model_dir / "model.onnx").stat().st_size == report["published_size_bytes"]
+    # Nothing but the two serving files was added; no temporary directory is left behind.
+    names = {p.name for p in exported_model_dir.iterdir()}
+    assert names == {
+        "encoder",
+        "head.npz",
+        "metadata.json",
+        "model.onnx",
+        "tokenizer.json",
+        "export_report.json",
+    }
+
+
+def test_metadata_round_trip(exported_model_dir: Path) -> None:  # noqa: F811
+    import onnx
+
+    meta = json.loads((exported_model_dir / "metadata.json").read_text())
+    props = onnx_props(exported_model_dir / "model.onnx")
+    assert (
+        json.loads(props["labels"]) == meta["labels"] == ["banking", "calendar", "music", "weather"]
+    )
+    assert props["version"] == meta["version"]
+    assert props["oos_label"] == meta["oos_label"] == "oos"
+    assert json.loads(props["oos_threshold"]) == meta["oos_threshold"] == 0.3
+    assert json.loads(props["temperature"]) == meta["temperature"]
+    assert props["quantization"] == QUANTIZATION_INT8
+    assert int(props["max_seq_length"]) == meta["max_seq_length"]
+    assert json.loads(props["export_agreement"]) >= 0.99
+    assert "export_fallback" not in props
+
+    graph = onnx.load(str(exported_model_dir / "model.onnx")).graph
+    inputs = {i.name: i.type.tensor_type for i in graph.input}
+    assert set(inputs) == {"input_ids", "attention_mask"}
+    for tensor_type in inputs.values():
+        assert tensor_type.elem_type == onnx.TensorProto.INT64
+        assert [d.dim_param for d in tensor_type.shape.dim] == ["batch", "sequence"]
+    outputs = {o.name: o.type.tensor_type for o in graph.output}
+    assert set(outputs) == {"probabilities", "embeddings"}
+    prob_dims = outputs["probabilities"].shape.dim
+    assert prob_dims[0].dim_param == "batch" and prob_dims[1].dim_value == len(meta["labels"])
+    assert outputs["embeddings"].shape.dim[1].dim_value == meta["embedding_dim"]
+
+
+def test_int8_parity_on_fixed_sentences(exported_model_dir: Path, torch_model) -> None:  # noqa: F811
+    from capture.classifier import OnnxClassifier
+
+    in_domain = [text for text, _ in FIXTURE_RECORDS] + list(FIXED[:8])
+    onnx_probs = OnnxClassifier(exported_model_dir).predict_proba(in_domain)
+    torch_probs = torch_model.predict_proba(in_domain)
+    assert (onnx_probs.argmax(axis=1) == torch_probs.argmax(axis=1)).all()
+    assert np.abs(onnx_probs - torch_probs).max() < 0.1
+
+
+def test_fp32_fallback_when_the_gate_cannot_pass(fallback_export) -> None:
+    model_dir, report = fallback_export
+    assert report.published == "fp32"
+    assert report.quantization == QUANTIZATION_NONE
+    assert report.int8_agreement is not None and report.int8_agreement < 1.01
+    assert report.fallback_reason is not None and "below 1.01" in report.fallback_reason
+    assert report.published_size_bytes == report.fp32_size_bytes
+    assert report.agreement == report.fp32_agreement == 1.0
+    props = onnx_props(model_dir / "model.onnx")
+    assert props["quantization"] == QUANTIZATION_NONE
+    assert "below 1.01" in props["export_fallback"]
+    assert (model_dir / "model.onnx").stat().st_size == report.fp32_size_bytes
+
+
+def test_fp32_parity_with_torch(fallback_export, torch_model) -> None:
+    from capture.classifier import OnnxClassifier
+
+    model_dir, report = fallback_export
+    assert report.fp32_max_abs_prob_diff < 1e-4
+    classifier = OnnxClassifier(model_dir)
+    onnx_probs = classifier.predict_proba(FIXED)
+    torch_probs = torch_model.predict_proba(FIXED)
+    assert onnx_probs.shape == (len(FIXED), 4)
+    assert (onnx_probs.argmax(axis=1) == torch_probs.argmax(axis=1)).all()
+    assert np.abs(onnx_probs - torch_probs).max() < 1e-4
+    embeddings = classifier.embed(FIXED)
+    assert np.abs(embeddings - torch_model.embed(FIXED)).max() < 1e-4
+    # One at a time (no padding) gives the same numbers as the padded batch.
+    single = np.stack([classifier.predict_proba([t])[0] for t in FIXED])
+    assert np.abs(single - onnx_probs).max() < 1e-5
+
+
+def test_tokenizer_pads_to_the_longest_input_and_truncates(exported_model_dir: Path) -> None:  # noqa: F811
+    from tokenizers import Tokenizer
+
+    meta = json.loads((exported_model_dir / "metadata.json").read_text())
+    tokenizer = Tokenizer.from_file(str(exported_model_dir / "tokenizer.json"))
+    assert tokenizer.padding is not None and tokenizer.padding["length"] is None
+    assert tokenizer.truncation is not None
+    assert tokenizer.truncation["max_length"] == meta["max_seq_length"] == 256
+    assert tokenizer.encode("hello").ids == [101, 7592, 102]
+    short, long = tokenizer.encode_batch(["hello", "what is the weather in new york today"])
+    assert len(short.ids) == len(long.ids) == 10
+    assert short.attention_mask == [1, 1, 1] + [0] * 7
+    huge = tokenizer.encode("word " * 1000)
+    assert len(huge.ids) == 256 and huge.ids[-1] == 102
+
+
+def test_missing_head_is_refused_naming_the_file(small_model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    dest = tmp_path / "model"
+    shutil.copytree(small_model_dir, dest, ignore=shutil.ignore_patterns("encoder"))
+    (dest / "encoder").mkdir()
+    (dest / "head.npz").unlink()
+    with pytest.raises(ExportError, match=r"head\.npz: missing"):
+        export_onnx(dest)
+    assert not (dest / "model.onnx").exists()
+
+
+def test_head_shape_mismatch_is_refused(small_model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    dest = tmp_path / "model"
+    shutil.copytree(small_model_dir, dest, ignore=shutil.ignore_patterns("encoder"))
+    (dest / "encoder").mkdir()
+    np.savez(dest / "head.npz", W=np.zeros((3, 384), np.float32), b=np.zeros(3, np.float32))
+    with pytest.raises(ExportError, match=r"head\.npz: expected W \(4, 384\)"):
+        export_onnx(dest)
+    meta = json.loads((dest / "metadata.json").read_text())
+    meta["temperature"] = 0
+    (dest / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="'temperature' must be > 0"):
+        export_onnx(dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["encoder", "head.npz", "metadata.json"]
