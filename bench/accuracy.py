@@ -5,6 +5,7 @@ train.jsonl, selected/calibrated on val.jsonl, scored on test.jsonl:
 
     .venv/bin/python -m bench.accuracy [--data ../shared/datasets/clinc150] [--shots 8]
         [--skip-full] [--skip-few-shot] [--work /tmp/bench-accuracy] [--json out.json]
+        [--cache /tmp/bench-accuracy/frozen.npz]
 
 Baseline: the bundled all-MiniLM-L6-v2, frozen, L2-normalised embeddings, multinomial logistic
 regression (C=10) on the in-scope training rows, its raw probabilities (no temperature), the OOS
@@ -129,6 +130,23 @@ def print_rows(title: str, base: dict[str, Any], new: dict[str, Any]) -> None:
     print(f"training wall time: {new['train_s']:.0f}s (load average {new['loadavg']})")
 
 
+def frozen_embeddings(texts: list[str], cache: Path | None) -> dict[str, np.ndarray]:
+    """Base-model embeddings of ``texts``, reusing those stored in ``cache`` (an .npz)."""
+    known: dict[str, np.ndarray] = {}
+    if cache is not None and cache.exists():
+        with np.load(cache, allow_pickle=False) as data:
+            known = dict(zip(data["texts"].tolist(), data["emb"], strict=True))
+    missing = [t for t in texts if t not in known]
+    if missing:
+        logger.info("embedding %d texts with the frozen base model", len(missing))
+        encoder = load_encoder(bundled_base_model(), max_seq_length=TrainConfig().max_seq_length)
+        known.update(zip(missing, encode_texts(encoder, missing), strict=True))
+        if cache is not None:
+            keys = sorted(known)
+            np.savez(cache, texts=np.array(keys), emb=np.stack([known[k] for k in keys]))
+    return {t: known[t] for t in texts}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -138,6 +156,9 @@ def main() -> None:
     parser.add_argument("--skip-few-shot", action="store_true")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-accuracy"))
     parser.add_argument("--json", type=Path, default=None, help="Write the results here.")
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="An .npz caching the frozen base embeddings."
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -147,10 +168,8 @@ def main() -> None:
     test = load_records(args.data / "test.jsonl")
     shots = few_shot(train, args.shots, args.seed)
 
-    encoder = load_encoder(bundled_base_model(), max_seq_length=TrainConfig().max_seq_length)
     needed = sorted({r.text for r in (*(shots if args.skip_full else train), *val, *test)})
-    logger.info("embedding %d texts with the frozen base model", len(needed))
-    emb = dict(zip(needed, encode_texts(encoder, needed), strict=True))
+    emb = frozen_embeddings(needed, args.cache)
 
     results: dict[str, Any] = {"loadavg_start": os.getloadavg()[0]}
     if not args.skip_full:

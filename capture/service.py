@@ -91,10 +91,12 @@ class NLUService:
         self._max_chars = settings.max_prompt_chars
         self._model_version = model_version
         self._clock: Clock = clock or _utcnow
-        # Ids issued by this service recently (outcomes for them need no database check).
-        self._issued: dict[int, None] = {}  # keyed by UUID.int (cheaper to hash)
-        self._clean_names: set[str] = set()
+        # Ids (UUID.int) issued recently: outcomes for them need no database check. Two
+        # generations of at most ``_issued_cap`` each: O(1) per call, bounded memory.
+        self._issued: set[int] = set()
+        self._issued_before: set[int] = set()
         self._issued_cap = max(settings.buffer_size, 10_000)
+        self._clean_names: set[str] = set()
 
     @property
     def url(self) -> str:
@@ -188,9 +190,9 @@ class NLUService:
             ]
         )
         issued = self._issued
-        issued[log_id.int] = None
-        if len(issued) > self._issued_cap:
-            del issued[next(iter(issued))]
+        issued.add(log_id.int)
+        if len(issued) >= self._issued_cap:
+            self._issued_before, self._issued = issued, set()
         return NLUResult(intent, confidence, secondary, log_id, version)
 
     def _normalised(
@@ -208,7 +210,8 @@ class NLUService:
         return intent, float(prediction.confidence), secondary
 
     async def _check_known(self, log_id: uuid.UUID) -> None:
-        if log_id.int in self._issued or self.capture.is_queued(log_id):
+        key = log_id.int
+        if key in self._issued or key in self._issued_before or self.capture.is_queued(log_id):
             return
         if self.capture.spooling:
             return  # the row may be waiting in the spool: the writer checks the id at replay

@@ -194,6 +194,12 @@ def convert_to_pairs_cmd(
 # --------------------------------------------------------------------------- weekly cycle (D)
 
 
+def _prefect_env() -> None:
+    """Before Prefect is imported: give its local ephemeral server time to start on a busy
+    machine (the default 20 s is too short on 2 loaded cores)."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
 def _print_json(data: object) -> None:
     import json
 
@@ -224,6 +230,7 @@ def export_cmd(
     ] = None,
 ) -> None:
     """Export production prompts for retraining or for human review (the spec's formats)."""
+    _prefect_env()
     if mode not in ("retraining", "review"):
         _fail_bad_input(ValueError(f"--mode: expected 'retraining' or 'review', found {mode!r}"))
     if mode == "review":
@@ -271,6 +278,7 @@ def import_corrections_cmd(
     ] = False,
 ) -> None:
     """Apply a reviewed file (all or nothing); re-importing the same file changes nothing."""
+    _prefect_env()
     from capture.settings import get_settings
     from flows.corrections import corrections_flow
 
@@ -309,6 +317,7 @@ def cycle_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Run the weekly cycle now: inbox, training data, pairs, retrain, gate, export, deploy."""
+    _prefect_env()
     import json
 
     from flows.weekly import weekly_cycle
@@ -401,6 +410,7 @@ def serve_cmd(
     ] = None,
 ) -> None:
     """Serve every prefect.yaml deployment with its schedule from this process (no work pool)."""
+    _prefect_env()
     from deployments.serve import serve_all
 
     serve_all(only=only)
@@ -418,6 +428,7 @@ def demo_cmd(
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """The whole loop on the bundled demo dataset, from an empty PROMPT_CAPTURE_HOME."""
+    _prefect_env()
     from flows.demo import run_demo
 
     run_demo(console, first_steps=first_steps, retrain_steps=retrain_steps, seed=seed)

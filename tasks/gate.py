@@ -119,10 +119,10 @@ def decide(champion: EvalReport, challenger: EvalReport, rules: GateRules) -> Ga
             f"allowed drop {rules.max_intent_drop:.1%})"
         )
     if not blockers:
-        gated = sum(1 for d in deltas if d.gated)
+        checked = sum(1 for d in deltas if d.gated)
         reasons.append(
             f"no intent with >= {rules.min_support} examples dropped more than "
-            f"{rules.max_intent_drop:.1%} ({gated} intents checked)"
+            f"{rules.max_intent_drop:.1%} ({checked} intents checked)"
         )
     promote = overall_ok and not blockers
     deltas.sort(key=lambda d: (d.delta, d.intent))

@@ -197,7 +197,7 @@ def test_the_corrections_flow_drains_the_inbox_all_or_nothing(
     results = corrections_flow(database_url=db_url)
     assert [(Path(r["file"]).name, r["applied"], len(r["rejected"])) for r in results] == [
         ("a-good.json", 1, 0),
-        ("b-bad.json", 0, 2),
+        ("b-bad.json", 0, 3),  # the same prompt corrected two ways (2 rows) + unknown intent
     ]
     stored = corrections_in_db(db_url)
     assert stored[ids[0]] == ("banking", "a bill")
@@ -205,6 +205,7 @@ def test_the_corrections_flow_drains_the_inbox_all_or_nothing(
     assert (inbox / "processed" / "a-good.json").exists()
     reason = (inbox / "rejected" / "b-bad.json.reason.txt").read_text(encoding="utf-8")
     assert "'jazz_music' is not a known intent" in reason
+    assert "corrected to different intents" in reason
     assert corrections_flow(database_url=db_url) == []  # inbox empty now
     again = corrections_flow(file=str(inbox / "processed" / "a-good.json"), database_url=db_url)
     assert (again[0]["applied"], again[0]["unchanged"]) == (0, 1)

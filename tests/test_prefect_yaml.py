@@ -65,9 +65,11 @@ def test_schedules_are_cron_with_a_time_zone_and_follow_the_weekly_rhythm() -> N
     assert {name for name, s in specs.items() if s.schedules} == SCHEDULED
     for name in SCHEDULED:
         (schedule,) = to_schedules(specs[name])
-        inner = schedule.schedule if hasattr(schedule, "schedule") else schedule
-        assert isinstance(inner, CronSchedule)
-        assert inner.timezone and ZoneInfo(inner.timezone)
+        raw = specs[name].schedules[0]
+        assert schedule.cron == raw["cron"] and schedule.active is True
+        assert schedule.timezone == raw["timezone"] and ZoneInfo(schedule.timezone)
+        # What `prefect deploy` builds from the same entry must be valid too.
+        CronSchedule(cron=raw["cron"], timezone=raw["timezone"])
     review = specs["review-export"].schedules[0]["cron"].split()
     cycle = specs["weekly-cycle"].schedules[0]["cron"].split()
     # Weekly (one day of the week), and the cycle runs days after the review export.

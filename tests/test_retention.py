@@ -217,3 +217,35 @@ def test_retention_cli(sqlite_url: str, home: Path, monkeypatch: pytest.MonkeyPa
     bad = CliRunner().invoke(app, ["retention", "--days", "0"])
     assert bad.exit_code == 2
     assert "retention_days: expected a positive number" in bad.output
+
+
+@pytest.mark.postgres
+def test_retention_as_the_pipeline_role_under_row_level_security(
+    postgres_server_url: str, postgres_url: str
+) -> None:
+    """The flows log in as a member of prompt_capture_pipeline (not a superuser: RLS applies)
+    and still move every user's rows."""
+    import psycopg
+
+    with get_sync_engine(postgres_url).begin() as conn:
+        conn.execute(LOGS.delete())
+        conn.execute(EXAMPLES.delete())
+    _seed(postgres_url, n_old=9, n_new=2)  # nine different users
+    role = f"pc_test_retention_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_server_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN IN ROLE prompt_capture_pipeline")
+    url = postgres_url.replace("://postgres@", f"://{role}@", 1)
+    try:
+        with get_sync_engine(url).connect() as conn:
+            bypass = conn.exec_driver_sql(
+                "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user"
+            ).scalar_one()
+        assert bypass is False
+        result = run_retention(url, now=NOW, batch_size=4)
+    finally:
+        get_sync_engine(url).dispose()
+        with psycopg.connect(postgres_server_url, autocommit=True) as conn:
+            conn.execute(f"DROP ROLE {role}")
+    assert (result.copied, result.deleted, result.batches) == (9, 9, 3)
+    assert _count(postgres_url, LOGS) == 2
+    assert _count(postgres_url, EXAMPLES) == 9

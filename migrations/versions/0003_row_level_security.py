@@ -151,11 +151,6 @@ def upgrade() -> None:
             USING (true) WITH CHECK (true)
         """
     )
-    if int(_scalar("SHOW server_version_num")) >= 140000:  # expression statistics: PG 14+
-        op.execute(
-            f"CREATE STATISTICS IF NOT EXISTS {TENTHS_STATISTICS} ON ({TENTHS_EXPRESSION}) "
-            f"FROM {TABLE}"
-        )
     # FORCE makes the owner subject to RLS too: give it every row unless it scopes itself.
     op.execute(
         f"""
@@ -164,6 +159,11 @@ def upgrade() -> None:
             WITH CHECK ({SCOPE} IS NULL OR user_id = {SCOPE}::uuid)
         """
     )
+    if int(_scalar("SHOW server_version_num")) >= 140000:  # expression statistics: PG 14+
+        op.execute(
+            f"CREATE STATISTICS IF NOT EXISTS {TENTHS_STATISTICS} ON ({TENTHS_EXPRESSION}) "
+            f"FROM {TABLE}"
+        )
 
 
 def downgrade() -> None:
