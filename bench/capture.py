@@ -148,14 +148,40 @@ async def request_path(url: str, home: Path, calls: int, durability: str) -> dic
     return result
 
 
-async def ingest(url: str, home: Path, rows: int) -> dict[str, float]:
-    """process_message for ``rows`` prompts then flush, in rows/s; and the writer alone."""
+def _backend_cpu_s(server: str, application_name: str) -> float | None:
+    """CPU seconds used so far by the PostgreSQL backend serving ``application_name`` (read from
+    /proc: works when the server runs on this machine), or None."""
+    with psycopg.connect(server, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s", [application_name]
+        ).fetchone()
+    if row is None:
+        return None
+    try:
+        fields = Path(f"/proc/{row[0]}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def ingest(url: str, server: str, home: Path, rows: int) -> dict[str, float]:
+    """process_message for ``rows`` prompts then flush, in rows/s; and the writer alone.
+
+    Also the CPU each side spends per row (this process; the PostgreSQL backend), which does not
+    depend on what else the machine is running: on an idle machine the pipeline is bounded by the
+    larger of the two.
+    """
     classifier = TrivialClassifier()
     users = [uuid.uuid4() for _ in range(1_000)]
-    settings = Settings(home=home / "ingest", database_url=url)
-    service = create_nlu_service(classifier, url=url, settings=settings)
+    app = f"pc-bench-writer-{os.getpid()}"
+    # A queue that holds the whole run: this measures the memory path (an overloaded writer
+    # spills to the spool instead, which the durability tests cover).
+    settings = Settings(home=home / "ingest", database_url=url, buffer_size=rows + 10)
+    service = create_nlu_service(classifier, url=url, settings=settings, application_name=app)
     await service.process_message("warm up")
     await service.flush()
+    pg_before = _backend_cpu_s(server, app)
+    cpu_before = time.process_time()
     start = time.perf_counter()
     for i in range(rows):
         await service.process_message(PROMPTS[i % 8], users[i % 1_000], None, i % 20)
@@ -164,6 +190,8 @@ async def ingest(url: str, home: Path, rows: int) -> dict[str, float]:
     submitted = time.perf_counter()
     await service.flush()
     end = time.perf_counter()
+    cpu = time.process_time() - cpu_before
+    pg_after = _backend_cpu_s(server, app)
     stats = service.stats()
     await service.aclose()
 
@@ -174,17 +202,23 @@ async def ingest(url: str, home: Path, rows: int) -> dict[str, float]:
     await service.flush()
     for i in range(rows):
         await service.process_message(PROMPTS[i % 8], users[i % 1_000], None, i % 20)
+    drain_cpu = time.process_time()
     drain_start = time.perf_counter()
     await service.flush()
     drain = time.perf_counter() - drain_start
+    drain_cpu = time.process_time() - drain_cpu
     await service.aclose()
+    pg_cpu = (pg_after - pg_before) if pg_before is not None and pg_after is not None else None
     return {
         "rows": float(rows),
         "rows_per_s": rows / (end - start),
         "submit_s": submitted - start,
         "flush_s": end - submitted,
         "spooled": float(stats.spooled),
+        "python_cpu_us_per_row": cpu / rows * 1e6,
+        "pg_cpu_us_per_row": -1.0 if pg_cpu is None else pg_cpu / rows * 1e6,
         "writer_rows_per_s": rows / drain,
+        "writer_cpu_us_per_row": drain_cpu / rows * 1e6,
     }
 
 
@@ -346,7 +380,21 @@ def report(results: dict[str, Any]) -> str:
         f" spilled {int(ing['spooled']):,})  target ≥ 100,000: "
         f"{_mark(ing['rows_per_s'] >= TARGET_ROWS_PER_S)}"
     )
-    lines.append(f"  writer alone (pre-filled queue)  : {ing['writer_rows_per_s']:>10,.0f}")
+    lines.append(
+        f"  writer alone (pre-filled queue)  : {ing['writer_rows_per_s']:>10,.0f}  "
+        f"({ing['writer_cpu_us_per_row']:.1f} µs CPU/row in Python)"
+    )
+    py_cpu, pg_cpu = ing["python_cpu_us_per_row"], ing["pg_cpu_us_per_row"]
+    bound = max(py_cpu, pg_cpu)
+    lines.append(
+        f"  CPU per row, service run         : Python {py_cpu:.1f} µs (process_message + writer), "
+        + (f"PostgreSQL backend {pg_cpu:.1f} µs" if pg_cpu >= 0 else "PostgreSQL backend n/a")
+        + (
+            f"  -> about {1e6 / bound:,.0f} rows/s with one free core per side"
+            if pg_cpu >= 0
+            else ""
+        )
+    )
     lines.append(
         f"  naive INSERT per request         : {nav['rows_per_s']:>10,.0f}  "
         f"({int(nav['rows']):,} rows, repository.log_prompt)"
@@ -384,14 +432,14 @@ def append_results(text: str, command: str) -> None:
         )
 
 
-async def _run_async(url: str, home: Path, args: argparse.Namespace) -> dict[str, Any]:
+async def _run_async(url: str, server: str, home: Path, args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"request": {}}
     gc.collect()
     results["request"]["buffered"] = await request_path(url, home, args.calls, "buffered")
     results["request"]["spool"] = await request_path(url, home, args.calls // 2, "spool")
     results["request"]["fsync"] = await request_path(url, home, args.fsync_calls, "fsync")
     results["naive"] = await naive(url, args.naive_rows)
-    results["ingest"] = await ingest(url, home, args.rows)
+    results["ingest"] = await ingest(url, server, home, args.rows)
     return results
 
 
@@ -413,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         db.upgrade(url)
         with tempfile.TemporaryDirectory(prefix="pc-bench-") as tmp:
-            results = asyncio.run(_run_async(url, Path(tmp), args))
+            results = asyncio.run(_run_async(url, server, Path(tmp), args))
         results["copy_forms"] = copy_forms(url, 50_000)
         results["micro"] = micro()
     finally:

@@ -471,10 +471,19 @@ class CaptureLogger:
         """Queue a new row (``ROW_COLUMNS`` order, already validated by the service)."""
         if self._task is None:
             self.start()
-        self._seq += 1
-        op = Op(INSERT, self._seq, row)
-        if self._enqueue(op) and not self._journal:
-            self._queued_inserts[row[C_ID].int] = op
+        self._seq = seq = self._seq + 1
+        op = Op(INSERT, seq, row)
+        buffer = self._buffer
+        if self._journal or self._spool_active or len(buffer) >= self._max_buffer:
+            if self._enqueue(op) and not self._journal:
+                self._queued_inserts[row[C_ID].int] = op
+            return
+        # The common case (buffered mode, healthy database), inlined: it is the request path.
+        self.queued += 1
+        buffer.append(op)
+        self._queued_inserts[row[C_ID].int] = op
+        if len(buffer) >= self._batch_size:
+            self._wake.set()
 
     def submit_outcome(
         self,
@@ -665,6 +674,16 @@ class CaptureLogger:
                 progressed = await self._step()
             except ConnectionLostError as exc:
                 delay = await self._after_failure(exc, delay)
+                continue
+            except Exception:
+                # A bug or an unexpected environment error (e.g. an unreadable spool file): log
+                # it, keep the batch, retry later. The writer must not die.
+                logger.exception("capture writer: unexpected error; retrying in %.2f s", delay)
+                if self._inflight is not None:
+                    self._buffer.extendleft(reversed(self._inflight))
+                    self._inflight = None
+                await self._sleep(delay)
+                delay = min(delay * 2, self._backoff[1])
                 continue
             delay = self._backoff[0]
             if progressed:

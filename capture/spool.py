@@ -22,6 +22,7 @@ short by a crash before ``process_message`` returned; replay ignores it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -361,6 +362,13 @@ class Spool:
         if not self.directory.is_dir():
             return
         own = self.own_paths()
+        for tmp in self.directory.glob(f".*{SUFFIX}.tmp"):
+            # A segment whose creator died between creating and naming it (it is empty).
+            with contextlib.suppress(FileNotFoundError):
+                fd = os.open(tmp, os.O_RDONLY)
+                if _lock(fd):
+                    tmp.unlink(missing_ok=True)
+                os.close(fd)
         for path in sorted(self.directory.glob(f"*{SUFFIX}")):
             if path in own or path.name.startswith("."):
                 continue

@@ -597,5 +597,101 @@ def _print_demo_traffic(report: object) -> None:
     )
 
 
+# --------------------------------------------------------------------------- simulator (F)
+
+
+@app.command("simulate")
+def simulate_cmd(
+    *,
+    dataset: Annotated[
+        Path, typer.Option("--dataset", help="Folder with train.jsonl and test.jsonl.")
+    ],
+    weeks: Annotated[int, typer.Option("--weeks", min=1)] = 4,
+    review_budget: Annotated[int, typer.Option("--review-budget", min=0)] = 300,
+    strategy: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--strategy",
+            help="random, threshold, margin, failed-first, diverse, or all; repeat to compare.",
+        ),
+    ] = None,
+    seed: Annotated[list[int] | None, typer.Option("--seed", help="Repeat for more.")] = None,
+    initial_per_intent: Annotated[int, typer.Option("--initial-per-intent", min=1)] = 5,
+    traffic_per_week: Annotated[int, typer.Option("--traffic-per-week", min=1)] = 3000,
+    output: Annotated[Path, typer.Option("--output")] = Path("simulation"),
+    gate_per_intent: Annotated[
+        int, typer.Option("--gate-per-intent", min=1, help="Labelled gate set per intent.")
+    ] = 3,
+    max_intents: Annotated[
+        int | None, typer.Option("--max-intents", help="Only the first N intents (quick runs).")
+    ] = None,
+    exclude_label: Annotated[
+        list[str] | None, typer.Option("--exclude-label", help="Dropped labels (default oos).")
+    ] = None,
+    reference: Annotated[
+        bool, typer.Option("--reference/--no-reference", help="Also train on all labels.")
+    ] = False,
+    hyperparameters: Annotated[
+        str | None,
+        typer.Option(
+            "--hyperparameters", help='TrainConfig fields as JSON, e.g. {"max_steps": 50}.'
+        ),
+    ] = None,
+    max_pairs: Annotated[int, typer.Option("--max-pairs", min=0)] = 2000,
+    quantize: Annotated[bool, typer.Option("--quantize/--no-quantize")] = True,
+) -> None:
+    """Simulate weeks of the learning loop through the real service and flows; compare review
+    strategies (CSV + PNG + table under --output)."""
+    _prefect_env()
+    import json
+
+    from tasks.simulate import SimulationError, check_strategies
+
+    try:
+        params = json.loads(hyperparameters) if hyperparameters else None
+    except json.JSONDecodeError as exc:
+        _fail_bad_input(ValueError(f"--hyperparameters: expected a JSON object ({exc.msg})"))
+        return
+    for name in ("train.jsonl", "test.jsonl"):
+        if not (dataset / name).is_file():
+            _fail_bad_input(
+                SimulationError(f"--dataset {dataset}: expected {name} in it, found none")
+            )
+    try:
+        if strategy:
+            check_strategies(strategy)
+    except SimulationError as exc:
+        _fail_bad_input(exc)
+        return
+    from flows.simulate import simulate_flow
+
+    try:
+        result = simulate_flow(
+            str(dataset),
+            strategies=strategy or None,
+            seeds=seed or None,
+            weeks=weeks,
+            review_budget=review_budget,
+            initial_per_intent=initial_per_intent,
+            traffic_per_week=traffic_per_week,
+            output=str(output),
+            gate_per_intent=gate_per_intent,
+            max_intents=max_intents,
+            exclude_labels=exclude_label or None,
+            reference=reference,
+            hyperparameters=params,
+            max_pairs=max_pairs,
+            quantize=quantize,
+        )
+    except SimulationError as exc:
+        _fail_bad_input(exc)
+        return
+    typer.echo(result["table"])
+    console.print(
+        f"best strategy: [bold]{result['best']}[/bold]; CSV {result['csv']}; plot {result['png']}",
+        highlight=False,
+    )
+
+
 def main() -> None:
     app()

@@ -31,9 +31,9 @@ _TRAILING_PUNCT = ".,;:!?'\")]}"
 # URLs with a scheme (may contain '@', so they go before emails).
 _URL_SCHEME_RE = re.compile(r"(?<![\w])(?:https?|ftp)://[^\s<>\"'`]+", re.IGNORECASE | re.ASCII)
 # Emails: the local part may only start where its run starts, so a long run is scanned once.
+# Unicode-aware (internationalised addresses: marie@université.fr).
 _EMAIL_RE = re.compile(
-    r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}",
-    re.ASCII,
+    r"(?<![\w.%+\-])[\w.%+\-]+@[\w\-]+(?:\.[\w\-]+)*\.[^\W\d_]{2,}",
 )
 # Scheme-less URLs: www.<anything> or a host ending in a common top-level domain.
 _TLDS = (
@@ -56,7 +56,7 @@ _IBAN_RE = re.compile(
 _CARD_RE = re.compile(r"(?<![0-9+])[0-9](?:[ \-]?[0-9]){12,18}(?![0-9])", re.ASCII)
 # Phone candidates: 7-17 digits joined by short runs of separators; validated in Python.
 _PHONE_CANDIDATE_RE = re.compile(
-    r"(?<![\w+.\-])(?:\+ ?|\(\+?)?[0-9](?:[ ().\-]{0,3}[0-9]){6,16}\)?(?![\w:])",
+    r"(?<![\w+.\-])(?:\+ ?|\(\+?)?[0-9](?:[ ()./\-]{0,3}[0-9]){6,16}\)?(?![\w:])",
     re.ASCII,
 )
 _PHONE_GROUP_RE = re.compile(r"(?:\+ ?|\(\+?)?[0-9]+\)?", re.ASCII)
@@ -65,6 +65,9 @@ _NANP_SEPARATED_RE = re.compile(
 )
 _NANP_BARE_RE = re.compile(r"1?[2-9][0-9]{2}[2-9][0-9]{6}", re.ASCII)
 _NON_DIGIT_RE = re.compile(r"[^0-9]", re.ASCII)
+_DATE_RE = re.compile(
+    r"(?<![0-9])[0-9]{1,2}([./\-])[0-9]{1,2}\1(?:19|20)[0-9]{2}(?![0-9])", re.ASCII
+)
 
 
 def _trim_url(match: re.Match[str]) -> str:
@@ -155,7 +158,8 @@ def is_phone_number(text: str) -> bool:
         return text.startswith("00") and 10 <= count <= 17 and digits[2] != "0"
     if _NANP_SEPARATED_RE.fullmatch(text) or _NANP_BARE_RE.fullmatch(text):
         return True
-    return text.startswith(("0", "(0")) and 9 <= count <= 11
+    # A trunk-0 national number, but not a date with a time or count after it ("01.02.2023 10").
+    return text.startswith(("0", "(0")) and 9 <= count <= 11 and not _DATE_RE.search(text)
 
 
 def _replace_phone(match: re.Match[str]) -> str:

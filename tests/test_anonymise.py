@@ -24,6 +24,8 @@ from tasks.anonymise import (
         ("ANNA_O'NEIL@Mail.Example.ORG.", f"ANNA_O'{EMAIL}."),
         ("reply to a@b.io,thanks", f"reply to {EMAIL},thanks"),
         ("<bob.smith@corp-mail.com>", f"<{EMAIL}>"),
+        ("écrivez à marie.curie@université.fr", f"écrivez à {EMAIL}"),
+        ("mail: ανδρέας@example.gr", f"mail: {EMAIL}"),
     ],
 )
 def test_emails(text: str, expected: str) -> None:
@@ -47,6 +49,9 @@ def test_emails(text: str, expected: str) -> None:
         ("0049 30 1234567", PHONE),
         ("in 2024 call 020 7946 0958 now", f"in 2024 call {PHONE} now"),
         ("tel:+33612345678", f"tel:{PHONE}"),
+        ("Ruf an: +49 (0)30 1234567!", f"Ruf an: {PHONE}!"),
+        ("tel. 030/1234567", f"tel. {PHONE}"),
+        ("appel 06.12.34.56.78", f"appel {PHONE}"),
     ],
 )
 def test_phone_numbers(text: str, expected: str) -> None:
@@ -127,6 +132,12 @@ def test_checksums() -> None:
         "code 4821",
         "PIN 1234 and zip 90210",
         "on 01.02.2023 10:30 and 2024-03-12 14:00",
+        "am 01.02.2023 10 Uhr",
+        "on 01/02/2023 10 people",
+        "timestamp 2024-03-12T10:30:00Z",
+        "lat 52.520008 lon 13.404954",
+        "Summe 1.299,99 EUR",
+        "pi is 3.14159265358979",
         "1 000 000 people",
         "between 1990-2025",
         "ip 192.168.0.1",
@@ -156,7 +167,25 @@ def test_mixed_message_keeps_surrounding_words() -> None:
 
 @pytest.mark.parametrize(
     "chunk",
-    ["a", "a@", "a.", "1 ", "1", "1-", "(1", "+1 ", "DE89", "a@a.", "www.", "1.2.", "a-", "0"],
+    [
+        "a",
+        "a@",
+        "a.",
+        "1 ",
+        "1",
+        "1-",
+        "(1",
+        "+1 ",
+        "DE89",
+        "a@a.",
+        "www.",
+        "1.2.",
+        "a-",
+        "0",
+        "é",
+        "1/",
+        "0 ",
+    ],
 )
 def test_adversarial_inputs_finish_and_keep_length(chunk: str) -> None:
     """100k-character strings built to trigger backtracking; each pattern is linear by

@@ -326,3 +326,37 @@ async def _started_then_closed(start: object) -> object:
     stats = service.stats()
     await service.aclose()
     return stats
+
+
+async def test_a_damaged_segment_left_by_a_crash_is_replayed_as_far_as_it_can_be(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Good lines are applied, an unreadable line is rejected (and recorded), a last line cut
+    short by the crash is skipped; the segment is removed afterwards."""
+    from datetime import UTC, datetime
+
+    from capture.ids import uuid7
+    from capture.spool import INSERT, Op, encode_op
+
+    home = tmp_path / "home"
+    spool = home / "spool"
+    spool.mkdir(parents=True)
+    now = datetime.now(UTC)
+    good = [uuid7(), None, "left behind", "weather", 0.5, (), None, None, None]
+    good += [None, None, None, None, 2, "v0", now, now]
+    torn = encode_op(Op(INSERT, 3, [uuid7(), *good[1:]]))[:-10]
+    (spool / f"{uuid7().hex}-999999-{1:012d}.jsonl").write_bytes(
+        encode_op(Op(INSERT, 1, good)) + b'{"v": 1, "op": "insert", "seq": 2, "row": [1,\n' + torn
+    )
+    service = create_nlu_service(
+        FixedClassifier(), url=db_url, settings=capture_settings(db_url, home)
+    )
+    await service.flush(timeout=30)
+    stats = service.stats()
+    await service.aclose()
+    rows = fetch_rows(db_url)
+    assert list(rows) == [good[0]]
+    assert rows[good[0]]["prompt"] == "left behind"
+    assert (stats.replayed, stats.rejected) == (1, 1)
+    assert "unreadable spool line" in (home / "rejected.jsonl").read_text()
+    assert _spool_files(home) == []

@@ -280,3 +280,53 @@ def test_a_good_challenger_is_promoted_exported_deployed_and_hot_reloaded(
         assert registry.current_version(serving) == "2"
     finally:
         classifier.close()
+
+
+def test_cli_export_and_import_corrections(
+    db_url: str, home: Path, serving: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from capture.settings import get_settings
+    from deployments.cli import app
+
+    monkeypatch.setenv("PROMPT_CAPTURE_DATABASE_URL", db_url)
+    get_settings.cache_clear()
+    ids = insert_logs(
+        db_url,
+        [Log("what's my balance", "music", 0.3), Log("play jazz please", "music", 0.45)],
+    )
+    runner = CliRunner()
+    review_path = home / "review.json"
+    exported = runner.invoke(
+        app, ["export", "--mode", "review", "--days", "7", "--output", str(review_path)]
+    )
+    assert exported.exit_code == 0, exported.output
+    rows = json.loads(review_path.read_text(encoding="utf-8"))
+    assert {r["id"] for r in rows} == {str(i) for i in ids}
+    for r in rows:
+        r["corrected_intent"] = "banking" if r["id"] == str(ids[0]) else "musik"  # a typo
+    review_path.write_text(json.dumps(rows), encoding="utf-8")
+    rejected = runner.invoke(app, ["import-corrections", str(review_path)])
+    assert rejected.exit_code == 1
+    assert "'musik' is not a known intent" in rejected.output
+    assert corrections_in_db(db_url)[ids[0]] == (None, None)
+    for r in rows:
+        r["corrected_intent"] = "banking" if r["id"] == str(ids[0]) else "music"
+    review_path.write_text(json.dumps(rows), encoding="utf-8")
+    applied = runner.invoke(app, ["import-corrections", str(review_path)])
+    assert applied.exit_code == 0, applied.output
+    assert "applied 2, unchanged 0" in applied.output
+    again = runner.invoke(app, ["import-corrections", str(review_path)])
+    assert "applied 0, unchanged 2" in again.output
+    training = runner.invoke(
+        app, ["export", "--mode", "retraining", "--output", str(home / "t.jsonl")]
+    )
+    assert training.exit_code == 0, training.output
+    from tasks.training_data import is_held_out
+
+    texts = {json.loads(x)["text"] for x in (home / "t.jsonl").read_text().splitlines()}
+    held = {json.loads(x)["text"] for x in (home / "t.holdout.jsonl").read_text().splitlines()}
+    both = {"what's my balance", "play jazz please"}
+    assert texts | held == both and not texts & held
+    assert held == {t for t in both if is_held_out(t, 0.2)}

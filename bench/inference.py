@@ -1,0 +1,420 @@
+"""Serving benchmark: sentence-transformers torch vs ONNX Runtime fp32 vs ONNX int8, same run.
+
+    .venv/bin/python -m bench.inference [--model DIR] [--threads 1] [--per-intent 40]
+        [--n-single 300] [--n-batches 15] [--agreement-limit 0] [--work DIR] [--no-results]
+
+Baseline: ``SentenceTransformer.encode`` (torch) + the same linear head, temperature and softmax
+in numpy. Candidates: :class:`capture.classifier.OnnxClassifier` over the fp32 and the int8
+export of the same model directory (``tasks.export_onnx.export_onnx``; the int8 file is exported
+with the gate off so that it can be measured, and the gate verdict is reported separately).
+
+Measured, tokenisation included, ``--threads`` intra-op threads for every backend:
+single-prompt latency p50/p99 (``predict`` of one prompt at a time), batch-64 throughput, top-1
+agreement with the torch model on CLINC150 val+test texts (batched, and for int8 also one prompt
+at a time, the serving case), and top-1 accuracy against the gold labels.
+
+Model: ``--model DIR`` (a trained model directory: encoder/, head.npz, metadata.json), otherwise
+the bundled all-MiniLM-L6-v2 with a logistic-regression head (C=10) fit on frozen embeddings of
+``--per-intent`` in-scope CLINC150 training rows per intent.
+
+Targets (issue 3): p50 >= 12x faster than torch, batch-64 throughput >= 4x, agreement >= 99%.
+A section with the date, the command and the table is appended to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import random
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("bench.inference")
+REPO = Path(__file__).resolve().parents[1]
+if __name__ == "__main__" and not __package__ and sys.path[0] == str(REPO / "bench"):
+    # Run as a script: bench/ is first on sys.path and bench/capture.py would shadow the
+    # ``capture`` package; put the repository root there instead.
+    sys.path[0] = str(REPO)
+DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "clinc150"
+RESULTS = REPO / "bench" / "RESULTS.md"
+RESULTS_HEADER = (
+    "# Benchmark results\n\n"
+    "Each section is appended by a benchmark under bench/ (run on purpose, never in tests), "
+    "with the date, the command and the machine.\n"
+)
+OOS = "oos"
+BATCH = 64
+TARGET_P50 = 12.0
+TARGET_THROUGHPUT = 4.0
+TARGET_AGREEMENT = 0.99
+
+
+@dataclass
+class Timing:
+    name: str
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    batch_texts_per_s: float
+    agreement: float | None = None
+    agreement_single: float | None = None
+    accuracy: float | None = None
+    size_mb: float | None = None
+
+
+def read_jsonl(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+def build_default_model(
+    work: Path, data: Path, *, per_intent: int, seed: int, batch_size: int = BATCH
+) -> Path:
+    """Base encoder + LR head (C=10) on frozen embeddings of a per-intent training subsample."""
+    from tasks.evaluate import bundled_base_model, encode_texts, load_encoder
+    from tasks.train import fit_logreg_head
+
+    rows = [r for r in read_jsonl(data / "train.jsonl") if r["label"] != OOS]
+    by_label: dict[str, list[str]] = {}
+    for row in rows:
+        by_label.setdefault(row["label"], []).append(row["text"])
+    rng = random.Random(seed)
+    labels = sorted(by_label)
+    sample = [
+        (text, i)
+        for i, label in enumerate(labels)
+        for text in rng.sample(by_label[label], min(per_intent, len(by_label[label])))
+    ]
+    encoder = load_encoder(bundled_base_model())
+    started = time.perf_counter()
+    embeddings = encode_texts(encoder, [t for t, _ in sample], batch_size=batch_size)
+    logger.info("embedded %d training texts in %.1fs", len(sample), time.perf_counter() - started)
+    weight, bias = fit_logreg_head(
+        embeddings, np.array([i for _, i in sample]), len(labels), c=10.0, seed=seed
+    )
+    model_dir = work / "model"
+    model_dir.mkdir(parents=True)
+    (model_dir / "encoder").symlink_to(bundled_base_model(), target_is_directory=True)
+    np.savez(model_dir / "head.npz", W=weight, b=bias)
+    metadata = {
+        "version": f"bench-frozen-lr-{per_intent}",
+        "labels": labels,
+        "oos_label": OOS,
+        "oos_threshold": None,
+        "temperature": 1.0,
+        "base_model": "all-MiniLM-L6-v2",
+        "parent_version": None,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(),
+        "hyperparameters": {"head": "logreg", "C": 10.0, "per_intent": per_intent, "seed": seed},
+        "metrics": {},
+        "max_seq_length": int(encoder.max_seq_length),
+        "embedding_dim": int(weight.shape[1]),
+    }
+    (model_dir / "metadata.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+    return model_dir
+
+
+def staged_copy(model_dir: Path, dest: Path) -> Path:
+    """A directory that exports can write into, sharing the (read-only) encoder by symlink."""
+    dest.mkdir(parents=True)
+    (dest / "encoder").symlink_to((model_dir / "encoder").resolve(), target_is_directory=True)
+    for name in ("head.npz", "metadata.json"):
+        shutil.copy2(model_dir / name, dest / name)
+    return dest
+
+
+def latency(predict_one: Callable[[str], object], texts: Sequence[str], n: int) -> list[float]:
+    for text in texts[:20]:
+        predict_one(text)  # warm-up
+    out = []
+    for i in range(n):
+        text = texts[i % len(texts)]
+        started = time.perf_counter()
+        predict_one(text)
+        out.append((time.perf_counter() - started) * 1000.0)
+    return out
+
+
+def throughput(
+    predict_many: Callable[[list[str]], object], texts: Sequence[str], n_batches: int
+) -> float:
+    batches = [list(texts[i * BATCH : (i + 1) * BATCH]) for i in range(n_batches)]
+    predict_many(batches[0])  # warm-up
+    started = time.perf_counter()
+    for batch in batches:
+        predict_many(batch)
+    return n_batches * BATCH / (time.perf_counter() - started)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def summarise(name: str, times: list[float], texts_per_s: float) -> Timing:
+    return Timing(
+        name=name,
+        p50_ms=percentile(times, 50),
+        p99_ms=percentile(times, 99),
+        mean_ms=statistics.fmean(times),
+        batch_texts_per_s=texts_per_s,
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import onnxruntime
+    import torch
+
+    from capture.classifier import OnnxClassifier
+    from tasks.evaluate import TorchModel
+    from tasks.export_onnx import export_onnx
+
+    untimed_threads = os.cpu_count() or 1  # building and reference runs are not timed
+    torch.set_num_threads(untimed_threads)
+    data = Path(args.data)
+    work = Path(args.work) / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    work.mkdir(parents=True)
+    if args.model:
+        model_dir = Path(args.model)
+        model_source = f"--model {model_dir}"
+    else:
+        model_dir = build_default_model(
+            work, data, per_intent=args.per_intent, seed=args.seed, batch_size=BATCH
+        )
+        model_source = (
+            f"bundled all-MiniLM-L6-v2 + LR head (C=10) on {args.per_intent} in-scope "
+            "CLINC150 train rows per intent"
+        )
+
+    eval_rows = read_jsonl(data / "val.jsonl") + read_jsonl(data / "test.jsonl")
+    if args.agreement_limit:
+        eval_rows = random.Random(args.seed).sample(eval_rows, args.agreement_limit)
+    texts = [r["text"] for r in eval_rows]
+    gold = [r["label"] for r in eval_rows]
+    rng = random.Random(args.seed + 1)
+    timing_texts = rng.sample(texts, min(len(texts), max(args.n_single, args.n_batches * BATCH)))
+    parity_texts = random.Random(args.seed + 2).sample(texts, min(len(texts), 500))
+
+    logger.info("exporting fp32 and int8 (gate off for measurement)")
+    fp32_dir = staged_copy(model_dir, work / "fp32")
+    fp32_report = export_onnx(fp32_dir, quantize=False, validation_texts=parity_texts)
+    int8_dir = staged_copy(model_dir, work / "int8")
+    int8_report = export_onnx(
+        int8_dir, quantize=True, validation_texts=parity_texts, min_agreement=0.0
+    )
+
+    torch_model = TorchModel.load(model_dir)
+    encoder = torch_model.encoder
+    weight, bias, temperature = torch_model.W, torch_model.b, torch_model.temperature
+    labels = torch_model.labels
+
+    def torch_proba(batch: list[str]) -> np.ndarray:
+        emb = encoder.encode(
+            batch,
+            batch_size=BATCH,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return softmax((emb @ weight.T + bias) / temperature)
+
+    def torch_one(text: str) -> object:
+        row = torch_proba([text])[0]
+        return labels[int(row.argmax())], float(row.max())
+
+    results: list[Timing] = []
+    logger.info("torch: reference probabilities of %d texts", len(texts))
+    reference = np.concatenate(
+        [torch_proba(texts[i : i + BATCH]) for i in range(0, len(texts), BATCH)]
+    )
+    torch.set_num_threads(args.threads)
+    logger.info("torch: %d single prompts, %d batches of %d", args.n_single, args.n_batches, BATCH)
+    torch_timing = summarise(
+        "torch (sentence-transformers encode + head)",
+        latency(torch_one, timing_texts, args.n_single),
+        throughput(torch_proba, timing_texts, args.n_batches),
+    )
+    ref_top = reference.argmax(axis=1)
+    gold_index = np.array([labels.index(g) if g in labels else -1 for g in gold])
+    in_scope = gold_index >= 0
+    torch_timing.accuracy = float(np.mean(ref_top[in_scope] == gold_index[in_scope]))
+    results.append(torch_timing)
+
+    for name, directory, report in (
+        ("onnx fp32", fp32_dir, fp32_report),
+        ("onnx int8 (per-channel)", int8_dir, int8_report),
+    ):
+        classifier = OnnxClassifier(directory, threads=args.threads)
+        logger.info("%s: timing", name)
+        timing = summarise(
+            name,
+            latency(classifier.predict, timing_texts, args.n_single),
+            throughput(classifier.predict_batch, timing_texts, args.n_batches),
+        )
+        probs = np.concatenate(
+            [classifier.predict_proba(texts[i : i + BATCH]) for i in range(0, len(texts), BATCH)]
+        )
+        timing.agreement = float(np.mean(probs.argmax(axis=1) == ref_top))
+        timing.accuracy = float(np.mean(probs.argmax(axis=1)[in_scope] == gold_index[in_scope]))
+        single = np.array([int(classifier.predict_proba([t])[0].argmax()) for t in texts])
+        timing.agreement_single = float(np.mean(single == ref_top))
+        timing.size_mb = report.published_size_bytes / 1e6
+        results.append(timing)
+
+    base = results[0]
+    summary = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": shlex.join([".venv/bin/python", "bench/inference.py", *sys.argv[1:]]),
+        "model": model_source,
+        "threads": args.threads,
+        "n_agreement": len(texts),
+        "n_single": args.n_single,
+        "n_batches": args.n_batches,
+        "versions": {
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(),
+        },
+        "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "load_average": os.getloadavg(),
+        "int8_gate": {
+            "export_agreement_on_500": int8_report.int8_agreement,
+            "would_publish_int8_at_0.99": bool(
+                (int8_report.int8_agreement or 0.0) >= TARGET_AGREEMENT
+            ),
+        },
+        "results": [
+            {
+                **t.__dict__,
+                "p50_speedup": base.p50_ms / t.p50_ms,
+                "throughput_ratio": t.batch_texts_per_s / base.batch_texts_per_s,
+            }
+            for t in results
+        ],
+        "work_dir": str(work),
+    }
+    return summary
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(summary: dict[str, Any]) -> str:
+    head = (
+        "| backend | p50 ms | p99 ms | p50 speed-up | batch-64 texts/s | throughput ratio | "
+        "agreement (batched) | agreement (single) | in-scope accuracy | size MB |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = [
+        f"| {r['name']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p50_speedup']:.1f}x | "
+        f"{r['batch_texts_per_s']:.0f} | {r['throughput_ratio']:.1f}x | "
+        f"{fmt(r['agreement'], '.2%')} | {fmt(r['agreement_single'], '.2%')} | "
+        f"{fmt(r['accuracy'], '.2%')} | {fmt(r['size_mb'], '.1f')} |"
+        for r in summary["results"]
+    ]
+    return head + "\n".join(rows) + "\n"
+
+
+def verdicts(summary: dict[str, Any]) -> str:
+    int8 = summary["results"][-1]
+    checks = [
+        ("int8 p50 speed-up", int8["p50_speedup"], TARGET_P50, f"{int8['p50_speedup']:.1f}x"),
+        (
+            "int8 batch-64 throughput ratio",
+            int8["throughput_ratio"],
+            TARGET_THROUGHPUT,
+            f"{int8['throughput_ratio']:.1f}x",
+        ),
+        (
+            "int8 top-1 agreement (single prompts)",
+            int8["agreement_single"],
+            TARGET_AGREEMENT,
+            f"{int8['agreement_single']:.2%}",
+        ),
+    ]
+    return "\n".join(
+        f"- {name}: {shown} (target >= {target:g}{'x' if target > 1 else ''}): "
+        f"{'met' if value >= target else 'NOT met'}"
+        for name, value, target, shown in checks
+    )
+
+
+def append_results(summary: dict[str, Any]) -> None:
+    if not RESULTS.exists():
+        RESULTS.write_text(RESULTS_HEADER, encoding="utf-8")
+    load = ", ".join(f"{x:.2f}" for x in summary["load_average"])
+    section = (
+        f"\n## Inference: torch vs ONNX fp32 vs ONNX int8 ({summary['date']})\n\n"
+        f"Command: `{summary['command']}`  \n"
+        f"Model: {summary['model']}  \n"
+        f"Threads: {summary['threads']} intra-op thread(s) for every backend; "
+        f"{summary['n_single']} single prompts, {summary['n_batches']} batches of {BATCH}; "
+        f"agreement/accuracy on {summary['n_agreement']} CLINC150 val+test texts.  \n"
+        f"Machine: {summary['cpu']}, load average {load} (shared); "
+        f"torch {summary['versions']['torch']}, onnxruntime "
+        f"{summary['versions']['onnxruntime']}.\n\n"
+        + table(summary)
+        + "\n"
+        + verdicts(summary)
+        + "\n"
+    )
+    with RESULTS.open("a", encoding="utf-8") as handle:
+        handle.write(section)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="a trained model directory (default: build one)")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="CLINC150 directory")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads, every backend")
+    parser.add_argument("--per-intent", type=int, default=40, help="training rows per intent")
+    parser.add_argument("--n-single", type=int, default=300, help="single prompts timed")
+    parser.add_argument("--n-batches", type=int, default=15, help="batches of 64 timed")
+    parser.add_argument(
+        "--agreement-limit", type=int, default=0, help="subsample val+test (0: all of them)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", default=str(REPO / "bench" / "out" / "inference"))
+    parser.add_argument("--json", help="also write the summary as JSON here")
+    parser.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.WARNING)  # quantize_dynamic logs per tensor at INFO
+    for name in ("bench.inference", "tasks.export_onnx"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+    summary = run(args)
+    print(table(summary))
+    print(verdicts(summary))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    if not args.no_results:
+        append_results(summary)
+        print(f"appended to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
