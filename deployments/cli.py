@@ -198,6 +198,8 @@ def _prefect_env() -> None:
     """Before Prefect is imported: give its local ephemeral server time to start on a busy
     machine (the default 20 s is too short on 2 loaded cores)."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network needed
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call otherwise
 
 
 def _print_json(data: object) -> None:

@@ -115,7 +115,7 @@ def build_model_dir(
         "created_at": "2026-01-01T00:00:00+00:00",
         "hyperparameters": {"head": "softmax-regression", "steps": 300},
         "metrics": {},
-        "max_seq_length": int(encoder.max_seq_length),
+        "max_seq_length": int(encoder.max_seq_length or 256),
         "embedding_dim": int(weight.shape[1]),
     }
     (path / "metadata.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
