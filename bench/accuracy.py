@@ -24,7 +24,9 @@ import logging
 import os
 import random
 import shutil
+import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -116,18 +118,36 @@ def trained(
     }
 
 
-def print_rows(title: str, base: dict[str, Any], new: dict[str, Any]) -> None:
-    print(f"\n## {title}")
-    print(f"{'metric':<22}{'frozen+LR':>12}{'trained':>12}{'delta':>10}")
+def format_rows(title: str, base: dict[str, Any], new: dict[str, Any]) -> str:
+    lines = [f"{title}", f"{'metric':<22}{'frozen+LR':>12}{'trained':>12}{'delta':>10}"]
     for key in KEYS:
         a, b = base[key], new[key]
         if a is None or b is None:
             continue
-        print(f"{key:<22}{a:>12.4f}{b:>12.4f}{b - a:>+10.4f}")
+        lines.append(f"{key:<22}{a:>12.4f}{b:>12.4f}{b - a:>+10.4f}")
     err_a = 1 - base["closed_set_accuracy"]
     err_b = 1 - new["closed_set_accuracy"]
-    print(f"closed-set error ratio (trained / frozen+LR): {err_b / err_a:.2f}")
-    print(f"training wall time: {new['train_s']:.0f}s (load average {new['loadavg']})")
+    lines.append(f"closed-set error ratio (trained / frozen+LR): {err_b / err_a:.2f}")
+    lines.append(
+        f"training wall time: {new['train_s']:.0f}s, {new['steps']} steps "
+        f"(load average {new['loadavg'][0]} -> {new['loadavg'][1]}); "
+        f"T={new['temperature']:.3f}, OOS threshold={new['threshold']}"
+    )
+    return "\n".join(lines)
+
+
+def append_results(path: Path, command: str, sections: list[str]) -> None:
+    """Append a dated section to bench/RESULTS.md."""
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    body = "\n\n".join(sections)
+    text = (
+        f"\n## Model accuracy (CLINC150) — bench/accuracy.py — {stamp}\n\n"
+        f"`{command}`  \n{os.cpu_count()} CPUs, load average at the end {load}\n\n"
+        f"```\n{body}\n```\n"
+    )
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(text)
 
 
 def frozen_embeddings(texts: list[str], cache: Path | None) -> dict[str, np.ndarray]:
@@ -157,6 +177,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-accuracy"))
     parser.add_argument("--json", type=Path, default=None, help="Write the results here.")
     parser.add_argument(
+        "--results",
+        type=Path,
+        default=Path(__file__).with_name("RESULTS.md"),
+        help="Markdown file the section is appended to.",
+    )
+    parser.add_argument(
         "--cache", type=Path, default=None, help="An .npz caching the frozen base embeddings."
     )
     args = parser.parse_args()
@@ -172,29 +198,38 @@ def main() -> None:
     emb = frozen_embeddings(needed, args.cache)
 
     results: dict[str, Any] = {"loadavg_start": os.getloadavg()[0]}
+    sections: list[str] = []
     if not args.skip_full:
         results["full"] = {
             "frozen_lr": baseline(train, val, test, emb),
             "trained": trained(train, val, test, args.work / "full"),
         }
-        print_rows(
-            f"full data ({len(train)} train rows)",
-            results["full"]["frozen_lr"],
-            results["full"]["trained"],
+        sections.append(
+            format_rows(
+                f"full data ({len(train)} train rows)",
+                results["full"]["frozen_lr"],
+                results["full"]["trained"],
+            )
         )
+        print(sections[-1])
     if not args.skip_few_shot:
         results["few_shot"] = {
             "shots": args.shots,
             "frozen_lr": baseline(shots, val, test, emb),
             "trained": trained(shots, val, test, args.work / "few_shot"),
         }
-        print_rows(
-            f"{args.shots} examples per label ({len(shots)} train rows)",
-            results["few_shot"]["frozen_lr"],
-            results["few_shot"]["trained"],
+        sections.append(
+            format_rows(
+                f"{args.shots} examples per label ({len(shots)} train rows)",
+                results["few_shot"]["frozen_lr"],
+                results["few_shot"]["trained"],
+            )
         )
+        print(sections[-1])
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    if args.results is not None and sections:
+        append_results(args.results, "python -m bench.accuracy " + " ".join(sys.argv[1:]), sections)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg
 
 # Run as a script (`python bench/capture.py`, as the Makefile does), Python puts bench/ first on
@@ -48,10 +49,9 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 from capture import db
 from capture.ids import uuid7
-from capture.logger import pg_copy_row, secondary_json
 from capture.service import create_nlu_service
 from capture.settings import Settings
-from capture.spool import ROW_COLUMNS
+from capture.spool import ROW_COLUMNS, secondary_items, wire_row
 from capture.types import NLUResult, Prediction
 
 logger = logging.getLogger(__name__)
@@ -250,14 +250,16 @@ def _text_escape(value: str) -> str:
     )
 
 
-def _text_line(row: list[Any]) -> str:
+def _text_line(row: tuple[Any, ...]) -> str:
     """The pre-formatted COPY text alternative (what the writer does not use)."""
     out = []
     for i, value in enumerate(row):
         if value is None:
             out.append("\\N")
         elif i == 5:
-            out.append(_text_escape(secondary_json(value).decode()))
+            out.append(_text_escape(orjson.dumps(secondary_items(value)).decode()))
+        elif isinstance(value, bytes):
+            out.append(str(uuid.UUID(bytes=value)))
         elif isinstance(value, bool):
             out.append("t" if value else "f")
         elif isinstance(value, datetime):
@@ -270,36 +272,41 @@ def _text_line(row: list[Any]) -> str:
 
 
 def copy_forms(url: str, rows: int) -> dict[str, float]:
-    """rows/s of the two COPY forms over the same rows (table truncated between runs)."""
-    from capture.logger import _PG_TYPES, JsonDocument, _JsonbBytesDumper
+    """rows/s of the two COPY forms over the same rows (table truncated between runs): binary
+    ``write_row`` of the logger's wire rows (what the writer does) vs a text block formatted in
+    Python from the same rows."""
+    from capture.logger import _PG_TYPES, _RawJsonbDumper, _RawUuidDumper
 
     now = datetime.now(UTC)
     data = [
-        [
-            uuid7(),
-            None,
-            PROMPTS[i % 8],
-            "scheduling",
-            0.91,
-            (("calendar_event", 0.06),),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            i % 20,
-            "bench-v1",
-            now,
-            now,
-        ]
+        wire_row(
+            [
+                uuid7(),
+                None,
+                PROMPTS[i % 8],
+                "scheduling",
+                0.91,
+                (("calendar_event", 0.06),),
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                i % 20,
+                "bench-v1",
+                now,
+                now,
+            ]
+        )
         for i in range(rows)
     ]
     cols = ", ".join(ROW_COLUMNS)
     result: dict[str, float] = {}
     with psycopg.connect(url.replace("+psycopg", "")) as conn:
-        conn.adapters.register_dumper(JsonDocument, _JsonbBytesDumper)
+        conn.adapters.register_dumper(None, _RawUuidDumper)
+        conn.adapters.register_dumper(None, _RawJsonbDumper)
         for name in ("binary write_row", "text block", "binary write_row", "text block"):
             conn.execute("TRUNCATE nlu_prompt_logs")
             conn.commit()
@@ -312,7 +319,7 @@ def copy_forms(url: str, rows: int) -> dict[str, float]:
                 with cur.copy(f"COPY nlu_prompt_logs ({cols}) FROM STDIN (FORMAT BINARY)") as copy:
                     copy.set_types(_PG_TYPES)
                     for row in data:
-                        copy.write_row(pg_copy_row(row))
+                        copy.write_row(row)
             conn.commit()
             rate = rows / (time.perf_counter() - start)
             result[name] = max(result.get(name, 0.0), rate)  # best of two

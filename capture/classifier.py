@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -404,8 +405,9 @@ class HotReloadingClassifier:
     def _read_pointer(self) -> _PointerState:
         path = self.models_dir / POINTER_FILE
         try:
-            stat = path.stat()
-            raw = path.read_bytes()
+            with path.open("rb") as handle:  # stat and content of the same file
+                stat = os.fstat(handle.fileno())
+                raw = handle.read(4096)
         except FileNotFoundError as exc:
             raise ModelLoadError(
                 f"{path}: missing; deploy a model first (it names the serving version)"

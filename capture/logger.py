@@ -2,8 +2,9 @@
 
 ``submit_*`` never waits on the database: an operation (insert / outcome / correction) gets a
 sequence number and goes to a bounded in-memory queue; a background asyncio task (the writer)
-drains the queue in batches, one transaction per batch (PostgreSQL: ``COPY`` of a pre-formatted
-text block plus ``UPDATE ... FROM unnest(...)``; SQLite: ``executemany``).
+drains the queue in batches, one transaction per batch (PostgreSQL: binary ``COPY`` of the
+queued wire rows, see :func:`capture.spool.wire_row`, plus ``UPDATE ... FROM unnest(...)``;
+SQLite: ``executemany``).
 
 Order: the writer applies operations strictly in sequence order, whether they come from memory
 or from the spool, so an outcome is never applied before its insert. In ``buffered`` mode an
@@ -27,17 +28,16 @@ import logging
 import os
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 import psycopg
 import psycopg.errors
 import sqlalchemy.exc
-from psycopg.adapt import Dumper
+from psycopg.adapt import Dumper, PyFormat
 from psycopg.postgres import adapters as postgres
 from psycopg.pq import Format
 from sqlalchemy import Table, bindparam, select, update
@@ -48,13 +48,11 @@ from capture.models import PromptLog
 from capture.queries import as_real
 from capture.settings import Settings, get_settings
 from capture.spool import (
-    C_CONF,
     C_CORRECTED,
     C_CORRECTED_AT,
     C_ERROR,
     C_ID,
     C_NOTES,
-    C_SECONDARY,
     C_SUCCESS,
     C_UPDATED,
     C_WORKFLOW,
@@ -65,8 +63,11 @@ from capture.spool import (
     Op,
     Segment,
     Spool,
+    as_uuid,
     encode_op,
+    python_row,
     read_ops,
+    wire_row,
 )
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,10 @@ class ConnectionLostError(RuntimeError):
 
 # --- COPY (binary format) ----------------------------------------------------------------
 # bench/capture.py measured binary ``write_row`` (psycopg's C dumpers) at 2-3x the rows/s of a
-# pre-formatted text block built in Python, so the writer sends binary COPY.
+# pre-formatted text block built in Python, so the writer sends binary COPY. The queued rows are
+# already in binary-COPY form (wire rows): UUID and jsonb columns are bytes that psycopg's C
+# ``bytes`` dumper copies as they are (:class:`_RawBinaryDumper`), so no Python code runs per
+# value.
 
 _PG_TYPES = (
     "uuid",
@@ -130,35 +134,32 @@ _PG_TYPES = (
     "timestamptz",
     "timestamptz",
 )
+_BYTES_BINARY_DUMPER = postgres.get_dumper(bytes, PyFormat.BINARY)  # C when psycopg has it
 
 
-def secondary_json(pairs: Iterable[tuple[str, float]]) -> bytes:
-    """``secondary_intents`` as stored: a JSON list of ``{"intent", "confidence"}`` objects."""
-    return orjson.dumps([{"intent": name, "confidence": conf} for name, conf in pairs])
+class _RawBinaryDumper(Dumper):
+    """Sends ``bytes`` already in the PostgreSQL binary format of the column's type.
 
-
-class _JsonbBytesDumper(Dumper):
-    """Binary jsonb from an already serialised JSON document (``bytes``)."""
+    Registered by oid only (``register_dumper(None, ...)``), so it is used where ``set_types``
+    names the type, i.e. in the writer's ``COPY``; an instance *is* psycopg's own ``bytes``
+    dumper (the C one with ``psycopg[binary]``), which copies the bytes with no Python call.
+    """
 
     format = Format.BINARY
+
+    def __new__(cls, obj_cls: type | None, context: Any = None) -> Any:
+        return _BYTES_BINARY_DUMPER(bytes, context)
+
+    def dump(self, obj: Any) -> Any:
+        return obj  # (not reached: instances are psycopg's bytes dumper)
+
+
+class _RawUuidDumper(_RawBinaryDumper):
+    oid = postgres.types["uuid"].oid
+
+
+class _RawJsonbDumper(_RawBinaryDumper):
     oid = postgres.types["jsonb"].oid
-
-    def dump(self, obj: Any) -> bytes:
-        return b"\x01" + obj
-
-
-class JsonDocument(bytes):
-    """Marker type under which the writer registers :class:`_JsonbBytesDumper` on its
-    connection; with ``copy.set_types`` the jsonb column then uses it for plain ``bytes``."""
-
-    __slots__ = ()
-
-
-def pg_copy_row(row: list[Any]) -> list[Any]:
-    """The row as binary COPY sends it (``secondary_intents`` as a serialised JSON document)."""
-    out = row.copy()
-    out[C_SECONDARY] = secondary_json(row[C_SECONDARY])
-    return out
 
 
 # --- splitting a batch --------------------------------------------------------------------
@@ -166,17 +167,19 @@ def pg_copy_row(row: list[Any]) -> list[Any]:
 
 @dataclass(slots=True)
 class _Split:
-    rows: list[list[Any]]
+    rows: list[Sequence[Any]]
     # id -> (values, ops): the last values win; ops are kept to report unknown ids.
-    outcomes: dict[uuid.UUID, tuple[list[Any], list[Op]]]
-    corrections: dict[uuid.UUID, tuple[list[Any], list[Op]]]
+    outcomes: dict[uuid.UUID, tuple[Sequence[Any], list[Op]]]
+    corrections: dict[uuid.UUID, tuple[Sequence[Any], list[Op]]]
 
 
 def _split(ops: list[Op]) -> _Split:
-    split = _Split([], {}, {})
+    rows = [op.data for op in ops if op.kind == INSERT]
+    split = _Split(rows, {}, {})
+    if len(rows) == len(ops):
+        return split  # the common case: a batch of new rows
     for op in ops:
         if op.kind == INSERT:
-            split.rows.append(op.data)
             continue
         target = split.outcomes if op.kind == OUTCOME else split.corrections
         log_id = op.data[0]
@@ -189,7 +192,7 @@ def _split(ops: list[Op]) -> _Split:
     return split
 
 
-def _unknown(target: dict[uuid.UUID, tuple[list[Any], list[Op]]], found: set[Any]) -> list[Op]:
+def _unknown(target: dict[uuid.UUID, tuple[Sequence[Any], list[Op]]], found: set[Any]) -> list[Op]:
     return [op for log_id, (_, ops) in target.items() if log_id not in found for op in ops]
 
 
@@ -236,7 +239,6 @@ class _PostgresBackend:
             application_name=self.application_name,
             connect_timeout=5,
         )
-        self._conn.adapters.register_dumper(JsonDocument, _JsonbBytesDumper)
         # PostgreSQL refuses COPY FROM into a table whose row-level security applies to this
         # role (migration 0003 FORCEs it); such a writer stages rows in a temp table instead.
         cur = await self._conn.execute("SELECT row_security_active(%s::regclass)", [TABLE])
@@ -255,6 +257,9 @@ class _PostgresBackend:
         conn = await self._connection()
         unknown: list[Op] = []
         async with conn.transaction(), conn.cursor() as cur:
+            # The raw dumpers serve this cursor's COPY only (registered on the cursor).
+            cur.adapters.register_dumper(None, _RawUuidDumper)
+            cur.adapters.register_dumper(None, _RawJsonbDumper)
             if split.rows:
                 if idempotent or self.rls_active:
                     await cur.execute(
@@ -287,11 +292,12 @@ class _PostgresBackend:
         return unknown
 
     @staticmethod
-    async def _copy(cur: psycopg.AsyncCursor[Any], table: str, rows: list[list[Any]]) -> None:
+    async def _copy(cur: psycopg.AsyncCursor[Any], table: str, rows: list[Sequence[Any]]) -> None:
         async with cur.copy(f"COPY {table} ({_COLUMNS_SQL}) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types(_PG_TYPES)
+            write_row = copy.write_row
             for row in rows:
-                await copy.write_row(pg_copy_row(row))
+                await write_row(row)
 
     @staticmethod
     def classify(exc: BaseException) -> str:
@@ -319,12 +325,9 @@ class _SqliteBackend:
         self.table: Table = PromptLog.__table__  # type: ignore[assignment]
 
     @staticmethod
-    def _row_dict(row: list[Any]) -> dict[str, Any]:
-        values = dict(zip(ROW_COLUMNS, row, strict=True))
-        values["confidence"] = as_real(row[C_CONF])  # as PostgreSQL's REAL stores it
-        values["secondary_intents"] = [
-            {"intent": name, "confidence": conf} for name, conf in row[C_SECONDARY]
-        ]
+    def _row_dict(row: Sequence[Any]) -> dict[str, Any]:
+        values = python_row(row)
+        values["confidence"] = as_real(values["confidence"])  # as PostgreSQL's REAL stores it
         return values
 
     async def apply(self, ops: list[Op], *, idempotent: bool) -> list[Op]:
@@ -420,7 +423,7 @@ class CaptureLogger:
         self.rejected_path: Path = self.settings.home / "rejected.jsonl"
 
         self._buffer: deque[Op] = deque()
-        self._queued_inserts: dict[int, Op] = {}  # buffered mode, by UUID.int: for merging
+        self._queued_inserts: dict[bytes, Op] = {}  # buffered mode, by id bytes: for merging
         self._inflight: list[Op] | None = None
         self._seq = 0
         self._done_seq = 0
@@ -467,8 +470,13 @@ class CaptureLogger:
                 self._run(), name=f"capture-writer:{self.application_name}"
             )
 
-    def submit_insert(self, row: list[Any]) -> None:
-        """Queue a new row (``ROW_COLUMNS`` order, already validated by the service)."""
+    def submit_insert(self, row: Sequence[Any]) -> None:
+        """Queue a new row (``ROW_COLUMNS`` order, already validated by the caller); UUIDs and
+        secondary intents may be Python values (see :func:`capture.spool.wire_row`)."""
+        self.submit_wire_row(wire_row(row))
+
+    def submit_wire_row(self, row: tuple[Any, ...]) -> None:
+        """Queue a new row already in wire form (what the service builds on the request path)."""
         if self._task is None:
             self.start()
         self._seq = seq = self._seq + 1
@@ -476,12 +484,12 @@ class CaptureLogger:
         buffer = self._buffer
         if self._journal or self._spool_active or len(buffer) >= self._max_buffer:
             if self._enqueue(op) and not self._journal:
-                self._queued_inserts[row[C_ID].int] = op
+                self._queued_inserts[row[C_ID]] = op
             return
         # The common case (buffered mode, healthy database), inlined: it is the request path.
         self.queued += 1
         buffer.append(op)
-        self._queued_inserts[row[C_ID].int] = op
+        self._queued_inserts[row[C_ID]] = op
         if len(buffer) >= self._batch_size:
             self._wake.set()
 
@@ -535,19 +543,20 @@ class CaptureLogger:
         return self._orphans_done
 
     def is_queued(self, log_id: uuid.UUID) -> bool:
-        return log_id.int in self._queued_inserts
+        return log_id.bytes in self._queued_inserts
 
     def _submit_update(self, kind: str, data: list[Any]) -> bool:
         if self._task is None:
             self.start()
-        queued = self._queued_inserts.get(data[0].int)
+        queued = self._queued_inserts.get(data[0].bytes)
         if queued is not None:
-            row = queued.data
+            row = list(queued.data)
             if kind == OUTCOME:
                 row[C_SUCCESS], row[C_WORKFLOW], row[C_ERROR] = data[1], data[2], data[3]
             else:
                 row[C_CORRECTED], row[C_NOTES], row[C_CORRECTED_AT] = data[1], data[2], data[4]
             row[C_UPDATED] = data[4]
+            queued.data = tuple(row)
             self.queued += 1
             self.merged += 1
             return True
@@ -738,9 +747,10 @@ class CaptureLogger:
             batch = [buffer.popleft() for _ in range(count)]
         queued = self._queued_inserts
         if queued:
+            pop = queued.pop
             for op in batch:
                 if op.kind == INSERT:
-                    queued.pop(op.data[C_ID].int, None)
+                    pop(op.data[C_ID], None)
         return batch
 
     async def _write_memory_batch(self) -> None:
@@ -814,7 +824,7 @@ class CaptureLogger:
 
     def _reject(self, op: Op, reason: str) -> None:
         self.rejected += 1
-        log_id = op.data[C_ID]
+        log_id = as_uuid(op.data[C_ID])
         logger.error("capture writer: rejected %s %s (seq %d): %s", op.kind, log_id, op.seq, reason)
         record = {"at": _utcnow().isoformat(), "reason": reason, "op": json.loads(encode_op(op))}
         self._append_rejected(json.dumps(record, ensure_ascii=False) + "\n")

@@ -12,6 +12,10 @@ Usage (the spec's contract)::
 ``process_message`` validates, classifies and hands the row to :class:`capture.logger.
 CaptureLogger`; it never awaits I/O, so logging adds microseconds, and a database outage does not
 fail requests (rows are spooled and replayed). See ``docs/CAPTURE.md``.
+
+The row is built once, here, in the form binary ``COPY`` sends (a tuple of atomic values, see
+:func:`capture.spool.wire_row`): the writer passes it on untouched, and the queue holds no
+objects the garbage collector has to traverse.
 """
 
 from __future__ import annotations
@@ -20,17 +24,19 @@ import logging
 import re
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from time import time_ns
 
 import sqlalchemy.exc
 from sqlalchemy import select
 
 from capture import db
-from capture.ids import uuid7
+from capture.ids import uuid7, uuid_from_int
 from capture.logger import CaptureLogger, CaptureStats, Sleep
 from capture.models import PromptLog
 from capture.repository import UnknownLogIdError
 from capture.settings import Settings, get_settings
+from capture.spool import EMPTY_SECONDARY, secondary_document
 from capture.types import Classifier, NLUResult, Prediction
 
 logger = logging.getLogger(__name__)
@@ -40,6 +46,7 @@ __all__ = ["NLUService", "UnknownLogIdError", "clean_text", "create_nlu_service"
 Clock = Callable[[], datetime]
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _INT32_MAX = 2**31 - 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def clean_text(value: str) -> str:
@@ -66,6 +73,13 @@ def _as_uuid(value: object, field: str) -> uuid.UUID:
     raise ValueError(f"{field}: expected a UUID (uuid.UUID or its string form), found {value!r}")
 
 
+def _uuid_bytes(value: object, field: str) -> bytes:
+    """The 16 bytes of a UUID argument (how the logger's rows hold UUID columns)."""
+    if type(value) is uuid.UUID:
+        return value.int.to_bytes(16, "big")
+    return _as_uuid(value, field).bytes
+
+
 def _opt_text(value: object, field: str) -> str | None:
     if value is None:
         return None
@@ -90,11 +104,17 @@ class NLUService:
         self.capture = capture
         self._max_chars = settings.max_prompt_chars
         self._model_version = model_version
+        # Without an injected clock, created_at comes from the same time_ns() reading as the
+        # id's UUIDv7 timestamp, truncated to the millisecond (the id's precision); one datetime
+        # is made per millisecond and shared by the rows of that millisecond.
+        self._injected_clock = clock
         self._clock: Clock = clock or _utcnow
-        # Ids (UUID.int) issued recently: outcomes for them need no database check. Two
+        self._now_ms = -1
+        self._now_dt = _EPOCH
+        # Ids (16 bytes) issued recently: outcomes for them need no database check. Two
         # generations of at most ``_issued_cap`` each: O(1) per call, bounded memory.
-        self._issued: set[int] = set()
-        self._issued_before: set[int] = set()
+        self._issued: set[bytes] = set()
+        self._issued_before: set[bytes] = set()
         self._issued_cap = max(settings.buffer_size, 10_000)
         self._clean_names: set[str] = set()
 
@@ -135,9 +155,9 @@ class NLUService:
                 f"message: expected a non-empty prompt, found {message[:40]!r}; "
                 "send the user's text"
             )
-        user = None if user_id is None else _as_uuid(user_id, "user_id")
+        user = None if user_id is None else _uuid_bytes(user_id, "user_id")
         conversation = (
-            None if conversation_id is None else _as_uuid(conversation_id, "conversation_id")
+            None if conversation_id is None else _uuid_bytes(conversation_id, "conversation_id")
         )
         if message_index is not None and (
             type(message_index) is not int or not 0 <= message_index <= _INT32_MAX
@@ -165,17 +185,27 @@ class NLUService:
         if len(prompt) > self._max_chars:
             prompt = prompt[: self._max_chars]
             self.capture.truncated += 1
-        log_id = uuid7()
-        now = self._now()
+        ns = time_ns()
+        id_int = uuid7.next_int(ns)
+        if self._injected_clock is None:
+            ms = ns // 1_000_000
+            if ms != self._now_ms:
+                self._now_ms = ms
+                self._now_dt = _EPOCH + timedelta(milliseconds=ms)
+            now = self._now_dt
+        else:
+            now = self._now()
         version = self._model()
-        self.capture.submit_insert(
-            [
-                log_id,
+        id_bytes = id_int.to_bytes(16, "big")
+        # The wire row (ROW_COLUMNS order), exactly as binary COPY sends it.
+        self.capture.submit_wire_row(
+            (
+                id_bytes,
                 user,
                 prompt,
                 intent,
                 confidence,
-                secondary,
+                secondary_document(secondary) if secondary else EMPTY_SECONDARY,
                 None,
                 None,
                 None,
@@ -187,13 +217,13 @@ class NLUService:
                 version,
                 now,
                 now,
-            ]
+            )
         )
         issued = self._issued
-        issued.add(log_id.int)
+        issued.add(id_bytes)
         if len(issued) >= self._issued_cap:
             self._issued_before, self._issued = issued, set()
-        return NLUResult(intent, confidence, secondary, log_id, version)
+        return NLUResult(intent, confidence, secondary, uuid_from_int(id_int), version)
 
     def _normalised(
         self, prediction: Prediction
@@ -210,7 +240,7 @@ class NLUService:
         return intent, float(prediction.confidence), secondary
 
     async def _check_known(self, log_id: uuid.UUID) -> None:
-        key = log_id.int
+        key = log_id.bytes
         if key in self._issued or key in self._issued_before or self.capture.is_queued(log_id):
             return
         if self.capture.spooling:

@@ -9,15 +9,23 @@ process's segment is never replayed by somebody else.
 
 Line format (one operation per line, UTF-8 JSON, ``v`` is the format version)::
 
-    {"v": 1, "op": "insert", "seq": 7, "row": [<the ROW_COLUMNS values, in order>]}
-    {"v": 1, "op": "outcome", "seq": 8, "id": "...", "was_successful": true,
+    {"v": 2, "op": "insert", "seq": 7, "row": [<the ROW_COLUMNS values, in order>]}
+    {"v": 2, "op": "outcome", "seq": 8, "id": "...", "was_successful": true,
      "workflow_type": "...", "execution_error": null, "at": "<iso8601>"}
-    {"v": 1, "op": "correction", "seq": 9, "id": "...", "corrected_intent": "...",
+    {"v": 2, "op": "correction", "seq": 9, "id": "...", "corrected_intent": "...",
      "correction_notes": null, "at": "<iso8601>"}
 
-UUIDs are strings, timestamps ISO 8601 with offset, ``secondary_intents`` a list of
-``[intent, confidence]`` pairs. A line that does not end in a newline is a write that was cut
-short by a crash before ``process_message`` returned; replay ignores it.
+UUIDs are strings, timestamps ISO 8601 with offset, ``secondary_intents`` the stored JSON list of
+``{"intent", "confidence"}`` objects (version 1 wrote ``[intent, confidence]`` pairs; both are
+read). A line that does not end in a newline is a write that was cut short by a crash before
+``process_message`` returned; replay ignores it.
+
+In memory an insert's row is a *wire row* (:func:`wire_row`): a tuple in ``ROW_COLUMNS`` order
+holding exactly what binary ``COPY`` sends, so the writer passes it to ``write_row`` untouched:
+UUID columns as their 16 bytes, ``secondary_intents`` as a binary ``jsonb`` value (a version
+byte, then the JSON text), timestamps as aware datetimes. A tuple of such atomic values is also
+invisible to the cyclic garbage collector after its first pass (a queue of them costs no GC
+time), unlike lists, dicts and ``uuid.UUID`` objects.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import fcntl
 import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -39,7 +47,8 @@ from capture.ids import uuid7
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SUFFIX = ".jsonl"
 
 # The columns of an insert row, in the order the logger keeps them (and COPY sends them).
@@ -89,17 +98,81 @@ INSERT, OUTCOME, CORRECTION = "insert", "outcome", "correction"
 
 @dataclass(slots=True)
 class Op:
-    """One logged operation. ``data`` is the row (insert) or ``(log_id, a, b, c, at)`` (update).
+    """One logged operation. ``data`` is the wire row (insert, see :func:`wire_row`) or
+    ``[log_id, a, b, c, at]`` (update).
 
-    outcome: ``(log_id, was_successful, workflow_type, execution_error, at)``;
-    correction: ``(log_id, corrected_intent, correction_notes, None, at)``.
+    outcome: ``[log_id, was_successful, workflow_type, execution_error, at]``;
+    correction: ``[log_id, corrected_intent, correction_notes, None, at]``.
     ``segment`` is the journal segment holding the op (spool/fsync modes), else ``None``.
     """
 
     kind: str
     seq: int
-    data: list[Any]
+    data: Sequence[Any]
     segment: Segment | None = None
+
+
+# --- wire rows ----------------------------------------------------------------------------
+
+JSONB_VERSION = b"\x01"  # binary jsonb: this version byte, then the JSON text
+EMPTY_SECONDARY = JSONB_VERSION + b"[]"
+
+
+def secondary_document(pairs: Iterable[tuple[str, float]]) -> bytes:
+    """``secondary_intents`` as binary COPY sends it: the stored JSON list of
+    ``{"intent", "confidence"}`` objects behind the jsonb version byte."""
+    items = [{"intent": name, "confidence": conf} for name, conf in pairs]
+    return JSONB_VERSION + orjson.dumps(items) if items else EMPTY_SECONDARY
+
+
+def secondary_items(document: bytes) -> list[dict[str, Any]]:
+    """The JSON list inside a :func:`secondary_document`."""
+    items: list[dict[str, Any]] = orjson.loads(document[1:])
+    return items
+
+
+def uuid_bytes(value: uuid.UUID | str | bytes | None) -> bytes | None:
+    """A UUID column's wire value: its 16 bytes (from a UUID, its text, or the bytes)."""
+    if value is None or type(value) is bytes:
+        return value
+    if isinstance(value, uuid.UUID):
+        return value.bytes
+    return uuid.UUID(str(value)).bytes
+
+
+def as_uuid(value: uuid.UUID | bytes | None) -> uuid.UUID | None:
+    """The UUID of a wire (or already Python) UUID column value."""
+    if value is None or isinstance(value, uuid.UUID):
+        return value
+    return uuid.UUID(bytes=value)
+
+
+def wire_row(values: Sequence[Any]) -> tuple[Any, ...]:
+    """``values`` (``ROW_COLUMNS`` order; UUIDs as ``uuid.UUID``/text/bytes, secondary intents
+    as ``(intent, confidence)`` pairs or an encoded document) as the logger keeps it."""
+    if len(values) != len(ROW_COLUMNS):
+        raise ValueError(f"insert row has {len(values)} values, expected {len(ROW_COLUMNS)}")
+    row = list(values)
+    for col in _UUID_COLUMNS:
+        row[col] = uuid_bytes(row[col])
+    secondary = row[C_SECONDARY]
+    if type(secondary) is not bytes:
+        row[C_SECONDARY] = secondary_document(secondary or ())
+    return tuple(row)
+
+
+def python_row(row: Sequence[Any]) -> dict[str, Any]:
+    """A wire row as column name -> Python value (UUIDs, ``secondary_intents`` as stored)."""
+    values = dict(zip(ROW_COLUMNS, row, strict=True))
+    for col in _UUID_COLUMNS:
+        values[ROW_COLUMNS[col]] = as_uuid(row[col])
+    values["secondary_intents"] = secondary_items(row[C_SECONDARY])
+    return values
+
+
+def _uuid_text(value: bytes) -> str:
+    h = value.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # --- (de)serialisation --------------------------------------------------------------------
@@ -107,11 +180,19 @@ class Op:
 
 def encode_op(op: Op) -> bytes:
     """The spool line (with trailing newline) of ``op`` (orjson: UUIDs and aware datetimes
-    serialise natively, as strings and ISO 8601)."""
+    serialise natively, as strings and ISO 8601; wire bytes are converted here)."""
     data = op.data
     record: dict[str, Any]
     if op.kind == INSERT:
-        record = {"v": FORMAT_VERSION, "op": INSERT, "seq": op.seq, "row": data}
+        row = list(data)
+        for col in _UUID_COLUMNS:
+            value = row[col]
+            if type(value) is bytes:
+                row[col] = _uuid_text(value)
+        secondary = row[C_SECONDARY]
+        if type(secondary) is bytes:
+            row[C_SECONDARY] = orjson.Fragment(secondary[1:])
+        record = {"v": FORMAT_VERSION, "op": INSERT, "seq": op.seq, "row": row}
     elif op.kind == OUTCOME:
         record = {
             "v": FORMAT_VERSION,
@@ -140,15 +221,13 @@ def _time(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
 
 
-def _uuid(value: str | None) -> uuid.UUID | None:
-    return None if value is None else uuid.UUID(value)
-
-
 def decode_op(line: bytes) -> Op:
     """Parse one spool line; raises ``ValueError`` (naming what is wrong) for a bad line."""
     record = orjson.loads(line)
-    if not isinstance(record, dict) or record.get("v") != FORMAT_VERSION:
-        raise ValueError(f"expected a version-{FORMAT_VERSION} spool record, found {line[:80]!r}")
+    if not isinstance(record, dict) or record.get("v") not in READABLE_VERSIONS:
+        raise ValueError(
+            f"expected a spool record of version {READABLE_VERSIONS}, found {line[:80]!r}"
+        )
     kind = record.get("op")
     seq = int(record["seq"])
     if kind == INSERT:
@@ -156,11 +235,16 @@ def decode_op(line: bytes) -> Op:
         if len(row) != len(ROW_COLUMNS):
             raise ValueError(f"insert row has {len(row)} values, expected {len(ROW_COLUMNS)}")
         for col in _UUID_COLUMNS:
-            row[col] = _uuid(row[col])
+            row[col] = None if row[col] is None else uuid.UUID(row[col]).bytes
         for col in _TIME_COLUMNS:
             row[col] = _time(row[col])
-        row[C_SECONDARY] = tuple((str(n), float(c)) for n, c in row[C_SECONDARY])
-        return Op(INSERT, seq, row)
+        row[C_SECONDARY] = secondary_document(
+            (str(item["intent"]), float(item["confidence"]))
+            if isinstance(item, dict)
+            else (str(item[0]), float(item[1]))
+            for item in row[C_SECONDARY] or ()
+        )
+        return Op(INSERT, seq, tuple(row))
     if kind == OUTCOME:
         data = [
             uuid.UUID(record["id"]),

@@ -423,10 +423,10 @@ def demo_cmd(
     *,
     first_steps: Annotated[
         int, typer.Option("--first-steps", help="Training steps of the first model.")
-    ] = 60,
+    ] = 30,
     retrain_steps: Annotated[
         int, typer.Option("--retrain-steps", help="Training steps of the weekly retrain.")
-    ] = 40,
+    ] = 20,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """The whole loop on the bundled demo dataset, from an empty PROMPT_CAPTURE_HOME."""

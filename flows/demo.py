@@ -157,8 +157,8 @@ def wait_for_version(classifier: Any, version: str, timeout: float = 60.0) -> fl
 def run_demo(
     out: Printer,
     *,
-    first_steps: int = 60,
-    retrain_steps: int = 40,
+    first_steps: int = 30,
+    retrain_steps: int = 20,
     seed: int = 0,
     home: Path | None = None,
 ) -> DemoResult:
@@ -247,10 +247,11 @@ def run_demo(
         for reason in result["reasons"]:
             out.print(f"     - {reason}", highlight=False)
         if cycle["deployed"]:
-            seconds = wait_for_version(classifier, result["version"])
+            wait_for_version(classifier, result["version"])
             out.print(
                 f"[bold]6. hot reload[/bold]: the running classifier switched from "
-                f"{version_before} to {classifier.version} {seconds:.1f}s after deploy"
+                f"{version_before} to {classifier.version} without a restart "
+                f"(reloads: {classifier.reloads})"
             )
         else:
             out.print(f"[bold]6. no deploy[/bold]: version {version_before} keeps serving")
@@ -271,13 +272,22 @@ def run_demo(
     out.print(f"registry: {settings.models_dir}")
     for entry in list_models(settings.models_dir):
         out.print(
-            f"  version {entry.version}: gate {entry.gate or 'first model'}"
-            f"{' [serving]' if entry.serving else ''} — {entry.path}"
+            f"  version {entry.version}: gate {entry.gate or '-'}"
+            f"{', serving' if entry.serving else ''} — {entry.path}",
+            highlight=False,
         )
     out.print(
         f"exports: {settings.exports_dir}; inbox: {settings.inbox_dir}; "
         f"database: {url}\nsee them with: PROMPT_CAPTURE_HOME={demo_home} prompt-capture models"
     )
+    api = os.environ.get("PREFECT_API_URL")
+    if api:
+        out.print(f"flow runs, the model card and review artifacts are in the Prefect UI ({api})")
+    else:
+        out.print(
+            "the flows ran in Prefect's ephemeral mode; to see them in the UI run "
+            "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
     out.print(f"demo finished in {elapsed:.0f}s")
     return DemoResult(
         home=demo_home,

@@ -472,8 +472,9 @@ def environment(values: Mapping[str, str | None]) -> Iterator[None]:
 class LoopSettings:
     """How each simulated week runs (everything but the strategy and the seed).
 
-    ``review_confidence_threshold`` 1.0 makes every prompt of the week a review candidate, so the
-    strategy alone decides what the budget is spent on (production's default is 0.7).
+    ``review_confidence_threshold`` 1.0 and ``review_margin_threshold`` above 1 make every prompt
+    of the week a review candidate, so the strategy alone decides what the budget is spent on
+    (production's defaults are 0.7 and 0.15: only uncertain or failed prompts are candidates).
     ``hyperparameters`` are ``TrainConfig`` overrides for every training (first model and
     retrains); ``max_pairs``, ``holdout_fraction``, ``min_confidence``, ``quantize`` and the gate
     rules are the weekly cycle's parameters.
@@ -486,6 +487,7 @@ class LoopSettings:
     gate_per_intent: int = 3
     review_days: int = 7
     review_confidence_threshold: float = 1.0
+    review_margin_threshold: float = 1.01
     fail_if_wrong: float = 0.5
     fail_if_right: float = 0.05
     users: int = 200
@@ -793,6 +795,7 @@ def review_week(
         url=space.database_url,
         days=settings.review_days,
         confidence_threshold=settings.review_confidence_threshold,
+        margin_threshold=settings.review_margin_threshold,
         limit=settings.review_budget,
         strategy=strategy,
         seed=seed * 1000 + week,

@@ -122,7 +122,7 @@ def test_plan_is_disjoint_per_intent_and_repeatable() -> None:
         data, seed=4, initial_per_intent=4, traffic_per_week=14, weeks=3, gate_per_intent=2
     )
     assert other.weeks != plan.weeks
-    with pytest.raises(SimulationError, match="has 42 prompts left .* need 45; lower"):
+    with pytest.raises(SimulationError, match=r"has 42 prompts left .* need 45; lower"):
         plan_traffic(
             data, seed=0, initial_per_intent=4, traffic_per_week=15, weeks=3, gate_per_intent=2
         )
@@ -297,8 +297,10 @@ def check_outputs(tmp_path: Path, out: dict[str, object], strategies: list[str])
         week0, week1, week2 = [r for r in rows if r.strategy == strategy]
         assert week0.gate == "initial" and week0.model_version == "1" and week0.reviewed == 0
         assert week0.labels_used == 8  # 2 per intent x 4 intents
-        assert week1.reviewed == 10  # the whole budget: 30 fresh prompts, most uncertain
-        assert week1.reviewed <= week2.reviewed <= 20
+        # Every prompt is a candidate; near-duplicates (templated prompts) may collapse.
+        assert week1.candidates == 30
+        assert 5 <= week1.reviewed <= 10
+        assert week1.reviewed + 5 <= week2.reviewed <= week1.reviewed + 10
         assert week2.labels_used == 8 + week2.reviewed
         for r in (week1, week2):
             assert r.gate in {"promoted", "rejected"}

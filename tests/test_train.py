@@ -150,6 +150,16 @@ def test_batches_never_repeat_an_intent_and_use_every_pair_once() -> None:
     assert sorted(id(p) for b in batches for p in b) == sorted(id(p) for p in pairs)
 
 
+def test_confusions_rank_the_nearest_other_classes() -> None:
+    from tasks.train import _confusions
+
+    centroids = np.array([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)
+    emb = centroids[[0, 0, 1, 1, 2, 2]]
+    y = np.array([0, 0, 1, 1, 2, 2])
+    ranked = _confusions(emb, y, centroids, ["a", "b", "c"], top=2)
+    assert ranked == {"a": ["b", "c"], "b": ["a", "c"], "c": ["a", "b"]}
+
+
 def test_step_budget_scales_with_data() -> None:
     config = TrainConfig(batch_size=32, epochs=1.0, min_steps=150, max_steps=None)
     assert plan_steps(15_000, config) == 469
@@ -162,3 +172,56 @@ def test_config_rejects_bad_values() -> None:
         TrainConfig(loss="triplet")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=1)
+
+
+# --------------------------------------------------------------------------------------------
+# real CLINC150 runs (slow: minutes on 2 cores; run with `pytest -m slow tests/test_train.py`)
+
+CLINC = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "clinc150"
+
+
+def _clinc() -> tuple[list[Record], list[Record], list[Record]]:
+    from tasks.records import load_records
+
+    if not (CLINC / "train.jsonl").exists():
+        pytest.fail(f"CLINC150 not found at {CLINC}: the slow accuracy tests need it")
+    return tuple(load_records(CLINC / f"{name}.jsonl") for name in ("train", "val", "test"))  # type: ignore[return-value]
+
+
+@pytest.mark.slow
+def test_clinc150_full_data_meets_the_accuracy_targets(tmp_path: Path) -> None:
+    train, val, test = _clinc()
+    result = train_model(train, val, tmp_path / "clinc", config=TrainConfig())
+    model = TorchModel.load(result.model_dir)
+    report = compute_report(
+        model.labels,
+        model.predict_proba([r.text for r in test]),
+        [r.label for r in test],
+        oos_threshold=model.oos_threshold,
+    )
+    assert report.closed_set_accuracy is not None and report.closed_set_accuracy >= 0.965
+    assert report.joint_accuracy >= 0.90
+    assert report.ece <= 0.03
+
+
+@pytest.mark.slow
+def test_clinc150_eight_shot_beats_frozen_embeddings_with_logistic_regression(
+    tmp_path: Path,
+) -> None:
+    from bench.accuracy import baseline, few_shot, frozen_embeddings
+
+    train, val, test = _clinc()
+    shots = few_shot(train, 8, seed=0)
+    emb = frozen_embeddings(sorted({r.text for r in (*shots, *val, *test)}), None)
+    frozen = baseline(shots, val, test, emb)
+    result = train_model(shots, val, tmp_path / "few", config=TrainConfig())
+    model = TorchModel.load(result.model_dir)
+    report = compute_report(
+        model.labels,
+        model.predict_proba([r.text for r in test]),
+        [r.label for r in test],
+        oos_threshold=model.oos_threshold,
+    )
+    assert report.closed_set_accuracy is not None
+    assert report.closed_set_accuracy > frozen["closed_set_accuracy"]
+    assert report.joint_accuracy > frozen["accuracy"]
