@@ -48,7 +48,7 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from capture import db
-from capture.ids import uuid7
+from capture.ids import uuid7, uuid_from_int
 from capture.service import create_nlu_service
 from capture.settings import Settings
 from capture.spool import ROW_COLUMNS, secondary_items, wire_row
@@ -180,6 +180,8 @@ async def ingest(url: str, server: str, home: Path, rows: int) -> dict[str, floa
     service = create_nlu_service(classifier, url=url, settings=settings, application_name=app)
     await service.process_message("warm up")
     await service.flush()
+    gc.collect()  # a long-running server has long done the full collections of its start-up
+    gc_before = [g["collections"] for g in gc.get_stats()]
     pg_before = _backend_cpu_s(server, app)
     cpu_before = time.process_time()
     start = time.perf_counter()
@@ -191,6 +193,7 @@ async def ingest(url: str, server: str, home: Path, rows: int) -> dict[str, floa
     await service.flush()
     end = time.perf_counter()
     cpu = time.process_time() - cpu_before
+    gc_runs = [g["collections"] - b for g, b in zip(gc.get_stats(), gc_before, strict=True)]
     pg_after = _backend_cpu_s(server, app)
     stats = service.stats()
     await service.aclose()
@@ -219,6 +222,9 @@ async def ingest(url: str, server: str, home: Path, rows: int) -> dict[str, floa
         "pg_cpu_us_per_row": -1.0 if pg_cpu is None else pg_cpu / rows * 1e6,
         "writer_rows_per_s": rows / drain,
         "writer_cpu_us_per_row": drain_cpu / rows * 1e6,
+        "gc_gen0": float(gc_runs[0]),
+        "gc_gen1": float(gc_runs[1]),
+        "gc_gen2": float(gc_runs[2]),
     }
 
 
@@ -328,15 +334,86 @@ def copy_forms(url: str, rows: int) -> dict[str, float]:
     return result
 
 
+def pg_side(url: str, server: str, rows: int) -> dict[str, float]:
+    """PostgreSQL backend CPU per row (µs) of the writer's COPY (wire rows, 5,000-row batches),
+    best of two: as the service sends them, with ``secondary_intents`` empty (the jsonb parse),
+    and with ``synchronous_commit = off`` (the writer does not use it: see docs/CAPTURE.md)."""
+    from capture.logger import _PG_TYPES, _RawJsonbDumper, _RawUuidDumper
+
+    users = [uuid.uuid4() for _ in range(1_000)]
+
+    def data(secondary: tuple[tuple[str, float], ...]) -> list[tuple[Any, ...]]:
+        now = datetime.now(UTC)
+        return [
+            wire_row(
+                [
+                    uuid7(),
+                    users[i % 1_000],
+                    PROMPTS[i % 8],
+                    "scheduling",
+                    0.5 + (i % 50) / 100,
+                    secondary,
+                    *(None,) * 7,
+                    i % 20,
+                    "bench-v1",
+                    now,
+                    now,
+                ]
+            )
+            for i in range(rows)
+        ]
+
+    full = data((("calendar_event", 0.06), ("reminders", 0.03)))
+    empty = data(())
+    cols = ", ".join(ROW_COLUMNS)
+    result: dict[str, float] = {}
+    app = f"pc-bench-pg-side-{os.getpid()}"
+    variants = [("as sent", full, True), ("secondary []", empty, True), ("sync off", full, False)]
+    with psycopg.connect(url.replace("+psycopg", ""), application_name=app) as conn:
+        conn.adapters.register_dumper(None, _RawUuidDumper)
+        conn.adapters.register_dumper(None, _RawJsonbDumper)
+        for name, rows_, sync in variants * 2:
+            conn.execute("TRUNCATE nlu_prompt_logs")
+            conn.execute(f"SET synchronous_commit = {'on' if sync else 'off'}")
+            conn.commit()
+            before = _backend_cpu_s(server, app)
+            cur = conn.cursor()
+            for start in range(0, rows, 5_000):
+                with cur.copy(f"COPY nlu_prompt_logs ({cols}) FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.set_types(_PG_TYPES)
+                    for row in rows_[start : start + 5_000]:
+                        copy.write_row(row)
+                conn.commit()
+            after = _backend_cpu_s(server, app)
+            if before is None or after is None:
+                return {}
+            per_row = (after - before) / rows * 1e6
+            result[name] = min(result.get(name, per_row), per_row)
+        conn.execute("TRUNCATE nlu_prompt_logs")
+        conn.commit()
+    return result
+
+
 def micro() -> dict[str, float]:
+    from capture.spool import secondary_document
+    from capture.types import NLUResult
+
     n = 50_000
     value = uuid7().int
+    pairs = (("calendar_event", 0.06), ("reminders", 0.03))
+
+    def best(fn: Callable[[], object]) -> float:
+        return min(timeit.repeat(fn, timer=time.process_time, number=n, repeat=3)) / n * 1e6
+
     return {
-        "uuid7() µs": timeit.timeit(uuid7, number=n) / n * 1e6,
-        "of which os.urandom(8) µs": timeit.timeit(lambda: os.urandom(8), number=n) / n * 1e6,
-        "of which UUID(int=) µs": timeit.timeit(lambda: uuid.UUID(int=value), number=n) / n * 1e6,
-        "uuid4() µs": timeit.timeit(uuid.uuid4, number=n) / n * 1e6,
-        "datetime.now(UTC) µs": timeit.timeit(lambda: datetime.now(UTC), number=n) / n * 1e6,
+        "uuid7() µs": best(uuid7),
+        "uuid7.next_int() µs": best(uuid7.next_int),
+        "UUID(int=) µs": best(lambda: uuid.UUID(int=value)),
+        "uuid_from_int µs": best(lambda: uuid_from_int(value)),
+        "uuid4() µs": best(uuid.uuid4),
+        "datetime.now(UTC) µs": best(lambda: datetime.now(UTC)),
+        "secondary_document(2 pairs) µs": best(lambda: secondary_document(pairs)),
+        "NLUResult(...) µs": best(lambda: NLUResult("a", 0.5, pairs, uuid.UUID(int=value), "v")),
     }
 
 
@@ -403,6 +480,10 @@ def report(results: dict[str, Any]) -> str:
         )
     )
     lines.append(
+        f"  GC collections, service run      : gen0 {int(ing['gc_gen0'])}, "
+        f"gen1 {int(ing['gc_gen1'])}, gen2 {int(ing['gc_gen2'])}"
+    )
+    lines.append(
         f"  naive INSERT per request         : {nav['rows_per_s']:>10,.0f}  "
         f"({int(nav['rows']):,} rows, repository.log_prompt)"
     )
@@ -418,6 +499,12 @@ def report(results: dict[str, Any]) -> str:
         f"block {forms['text block']:,.0f} rows/s "
         f"({forms['binary write_row'] / forms['text block']:.1f}x; the writer uses binary)"
     )
+    pg_side_ = results.get("pg_side") or {}
+    if pg_side_:
+        lines.append(
+            "  PostgreSQL backend CPU per row of the writer's COPY: "
+            + ", ".join(f"{k} {v:.1f} µs" for k, v in pg_side_.items())
+        )
     lines.append("  " + ", ".join(f"{k} {v:.2f}" for k, v in results["micro"].items()))
     if results.get("queries"):
         lines.append("")
@@ -470,6 +557,7 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="pc-bench-") as tmp:
             results = asyncio.run(_run_async(url, server, Path(tmp), args))
         results["copy_forms"] = copy_forms(url, 50_000)
+        results["pg_side"] = pg_side(url, server, 50_000)
         results["micro"] = micro()
     finally:
         _drop_database(server, url)

@@ -28,7 +28,7 @@ import logging
 import os
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,9 +57,13 @@ from capture.spool import (
     C_UPDATED,
     C_WORKFLOW,
     CORRECTION,
+    DATA,
     INSERT,
+    KIND,
     OUTCOME,
     ROW_COLUMNS,
+    SEGMENT,
+    SEQ,
     Op,
     Segment,
     Spool,
@@ -174,21 +178,22 @@ class _Split:
 
 
 def _split(ops: list[Op]) -> _Split:
-    rows = [op.data for op in ops if op.kind == INSERT]
+    rows = [op[DATA] for op in ops if op[KIND] == INSERT]
     split = _Split(rows, {}, {})
     if len(rows) == len(ops):
         return split  # the common case: a batch of new rows
     for op in ops:
-        if op.kind == INSERT:
+        kind, _, data, _ = op
+        if kind == INSERT:
             continue
-        target = split.outcomes if op.kind == OUTCOME else split.corrections
-        log_id = op.data[0]
+        target = split.outcomes if kind == OUTCOME else split.corrections
+        log_id = data[0]
         entry = target.get(log_id)
         if entry is None:
-            target[log_id] = (op.data, [op])
+            target[log_id] = (data, [op])
         else:
             entry[1].append(op)
-            target[log_id] = (op.data, entry[1])
+            target[log_id] = (data, entry[1])
     return split
 
 
@@ -423,7 +428,9 @@ class CaptureLogger:
         self.rejected_path: Path = self.settings.home / "rejected.jsonl"
 
         self._buffer: deque[Op] = deque()
-        self._queued_inserts: dict[bytes, Op] = {}  # buffered mode, by id bytes: for merging
+        # Buffered mode: id bytes -> the row as it is to be written (a merged outcome or
+        # correction replaces it; the queued op picks up the latest row when it is taken).
+        self._queued_inserts: dict[bytes, tuple[Any, ...]] = {}
         self._inflight: list[Op] | None = None
         self._seq = 0
         self._done_seq = 0
@@ -480,16 +487,16 @@ class CaptureLogger:
         if self._task is None:
             self.start()
         self._seq = seq = self._seq + 1
-        op = Op(INSERT, seq, row)
+        op: Op = (INSERT, seq, row, None)
         buffer = self._buffer
         if self._journal or self._spool_active or len(buffer) >= self._max_buffer:
             if self._enqueue(op) and not self._journal:
-                self._queued_inserts[row[C_ID]] = op
+                self._queued_inserts[row[C_ID]] = row
             return
         # The common case (buffered mode, healthy database), inlined: it is the request path.
         self.queued += 1
         buffer.append(op)
-        self._queued_inserts[row[C_ID]] = op
+        self._queued_inserts[row[C_ID]] = row
         if len(buffer) >= self._batch_size:
             self._wake.set()
 
@@ -548,21 +555,34 @@ class CaptureLogger:
     def _submit_update(self, kind: str, data: list[Any]) -> bool:
         if self._task is None:
             self.start()
-        queued = self._queued_inserts.get(data[0].bytes)
+        key = data[0].bytes
+        queued = self._queued_inserts.get(key)
         if queued is not None:
-            row = list(queued.data)
+            row = list(queued)
             if kind == OUTCOME:
                 row[C_SUCCESS], row[C_WORKFLOW], row[C_ERROR] = data[1], data[2], data[3]
             else:
                 row[C_CORRECTED], row[C_NOTES], row[C_CORRECTED_AT] = data[1], data[2], data[4]
             row[C_UPDATED] = data[4]
-            queued.data = tuple(row)
+            self._queued_inserts[key] = tuple(row)
             self.queued += 1
             self.merged += 1
             return True
         self._seq += 1
-        self._enqueue(Op(kind, self._seq, data))
+        self._enqueue((kind, self._seq, data, None))
         return False
+
+    def _with_merges(self, ops: Iterable[Op]) -> list[Op]:
+        """``ops`` with each queued insert carrying its latest row (merged updates)."""
+        queued = self._queued_inserts
+        out: list[Op] = []
+        for op in ops:
+            row = queued.get(op[DATA][C_ID]) if queued and op[KIND] == INSERT else None
+            if row is not None and row is not op[DATA]:
+                out.append((INSERT, op[SEQ], row, op[SEGMENT]))
+            else:
+                out.append(op)
+        return out
 
     def _enqueue(self, op: Op) -> bool:
         """Put ``op`` in memory (True) or in the spool (False), journaling it in spool modes."""
@@ -587,14 +607,15 @@ class CaptureLogger:
                 self._maybe_rotate(segment, to_pending=True)
                 return False
             if self._journal:
-                op.segment = self.spool.append(op)
+                journal = self.spool.append(op)
+                op = (op[KIND], op[SEQ], op[DATA], journal)
                 self.journaled += 1
-                self._maybe_rotate(op.segment, to_pending=False)
+                self._maybe_rotate(journal, to_pending=False)
         except OSError:
             # The spool is unwritable (disk full, permissions): keep the operation in memory
             # rather than fail the request; the writer still commits it.
             logger.exception("capture spool %s is not writable", self.spool.directory)
-            op.segment = None
+            op = (op[KIND], op[SEQ], op[DATA], None)
         self._buffer.append(op)
         if len(self._buffer) >= self._batch_size:
             self._wake.set()
@@ -643,7 +664,7 @@ class CaptureLogger:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._closed = True
-        leftover = [*(self._inflight or []), *self._buffer]
+        leftover = [*(self._inflight or []), *self._with_merges(self._buffer)]
         self._inflight = None
         self._buffer.clear()
         self._queued_inserts.clear()
@@ -720,7 +741,7 @@ class CaptureLogger:
 
     async def _step(self) -> bool:
         pending = self.spool.pending
-        if pending and (not self._buffer or pending[0].first_seq < self._buffer[0].seq):
+        if pending and (not self._buffer or pending[0].first_seq < self._buffer[0][SEQ]):
             await self._replay_own(pending[0])
             return True
         if self._buffer:
@@ -741,16 +762,18 @@ class CaptureLogger:
         if pending:
             bound = pending[0].first_seq
             batch: list[Op] = []
-            while buffer and len(batch) < count and buffer[0].seq < bound:
+            while buffer and len(batch) < count and buffer[0][SEQ] < bound:
                 batch.append(buffer.popleft())
         else:
             batch = [buffer.popleft() for _ in range(count)]
         queued = self._queued_inserts
         if queued:
             pop = queued.pop
-            for op in batch:
-                if op.kind == INSERT:
-                    pop(op.data[C_ID], None)
+            for index, op in enumerate(batch):
+                if op[KIND] == INSERT:
+                    row = pop(op[DATA][C_ID], None)
+                    if row is not None and row is not op[DATA]:  # updates were merged into it
+                        batch[index] = (INSERT, op[SEQ], row, op[SEGMENT])
         return batch
 
     async def _write_memory_batch(self) -> None:
@@ -768,22 +791,23 @@ class CaptureLogger:
         if self._journal:
             counts: dict[Segment, int] = {}
             for op in batch:
-                if op.segment is not None:
-                    counts[op.segment] = counts.get(op.segment, 0) + 1
+                journal = op[SEGMENT]
+                if journal is not None:
+                    counts[journal] = counts.get(journal, 0) + 1
             for segment, count in counts.items():
                 self.spool.mark_committed(segment, count)
-        self._done_seq = batch[-1].seq
+        self._done_seq = batch[-1][SEQ]
 
     def _divert(self, batch: list[Op]) -> None:
         """The database failed: from now on the spool holds everything not yet committed."""
         self._spool_active = True
-        ops = [*batch, *self._buffer]
+        ops = [*batch, *self._with_merges(self._buffer)]
         self._buffer.clear()
         self._queued_inserts.clear()
         if self._journal:
             # Every queued operation is already in a journal segment: replay those instead.
             self.spool.all_uncovered()
-            ops = [op for op in ops if op.segment is None]  # journal write had failed
+            ops = [op for op in ops if op[SEGMENT] is None]  # journal write had failed
         if not ops:
             return
         try:
@@ -820,12 +844,13 @@ class CaptureLogger:
             await self._write(ops[middle:], idempotent=idempotent)
             return
         for op in unknown:
-            self._reject(op, f"unknown log id {op.data[0]}: no prompt log row has this id")
+            self._reject(op, f"unknown log id {op[DATA][0]}: no prompt log row has this id")
 
     def _reject(self, op: Op, reason: str) -> None:
         self.rejected += 1
-        log_id = as_uuid(op.data[C_ID])
-        logger.error("capture writer: rejected %s %s (seq %d): %s", op.kind, log_id, op.seq, reason)
+        kind, seq, data, _ = op
+        log_id = as_uuid(data[C_ID])
+        logger.error("capture writer: rejected %s %s (seq %d): %s", kind, log_id, seq, reason)
         record = {"at": _utcnow().isoformat(), "reason": reason, "op": json.loads(encode_op(op))}
         self._append_rejected(json.dumps(record, ensure_ascii=False) + "\n")
 

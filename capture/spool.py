@@ -39,7 +39,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, TypeAlias
 
 import orjson
 
@@ -96,20 +96,24 @@ _TIME_COLUMNS = (C_CORRECTED_AT, C_CREATED, C_UPDATED)
 INSERT, OUTCOME, CORRECTION = "insert", "outcome", "correction"
 
 
-@dataclass(slots=True)
-class Op:
-    """One logged operation. ``data`` is the wire row (insert, see :func:`wire_row`) or
-    ``[log_id, a, b, c, at]`` (update).
+# One logged operation: a plain ``(kind, seq, data, segment)`` tuple, indexed with KIND, SEQ,
+# DATA, SEGMENT. A plain tuple (not a class instance, not even a NamedTuple) because the garbage
+# collector stops tracking an exact tuple of atomic values: a queue of 100k buffered inserts then
+# adds nothing to the full collections, which otherwise cost microseconds per row.
+# ``data`` is the wire row (insert, see :func:`wire_row`) or, for an update,
+# outcome: ``[log_id, was_successful, workflow_type, execution_error, at]``;
+# correction: ``[log_id, corrected_intent, correction_notes, None, at]``.
+# ``segment`` is the journal segment holding the op (spool/fsync modes), else ``None``.
+Op: TypeAlias = "tuple[str, int, Sequence[Any], Segment | None]"
+KIND: Final = 0
+SEQ: Final = 1
+DATA: Final = 2
+SEGMENT: Final = 3
 
-    outcome: ``[log_id, was_successful, workflow_type, execution_error, at]``;
-    correction: ``[log_id, corrected_intent, correction_notes, None, at]``.
-    ``segment`` is the journal segment holding the op (spool/fsync modes), else ``None``.
-    """
 
-    kind: str
-    seq: int
-    data: Sequence[Any]
-    segment: Segment | None = None
+def make_op(kind: str, seq: int, data: Sequence[Any], segment: Segment | None = None) -> Op:
+    """An :data:`Op` tuple."""
+    return (kind, seq, data, segment)
 
 
 # --- wire rows ----------------------------------------------------------------------------
@@ -181,9 +185,9 @@ def _uuid_text(value: bytes) -> str:
 def encode_op(op: Op) -> bytes:
     """The spool line (with trailing newline) of ``op`` (orjson: UUIDs and aware datetimes
     serialise natively, as strings and ISO 8601; wire bytes are converted here)."""
-    data = op.data
+    kind, seq, data, _ = op
     record: dict[str, Any]
-    if op.kind == INSERT:
+    if kind == INSERT:
         row = list(data)
         for col in _UUID_COLUMNS:
             value = row[col]
@@ -192,12 +196,12 @@ def encode_op(op: Op) -> bytes:
         secondary = row[C_SECONDARY]
         if type(secondary) is bytes:
             row[C_SECONDARY] = orjson.Fragment(secondary[1:])
-        record = {"v": FORMAT_VERSION, "op": INSERT, "seq": op.seq, "row": row}
-    elif op.kind == OUTCOME:
+        record = {"v": FORMAT_VERSION, "op": INSERT, "seq": seq, "row": row}
+    elif kind == OUTCOME:
         record = {
             "v": FORMAT_VERSION,
             "op": OUTCOME,
-            "seq": op.seq,
+            "seq": seq,
             "id": data[0],
             "was_successful": data[1],
             "workflow_type": data[2],
@@ -208,7 +212,7 @@ def encode_op(op: Op) -> bytes:
         record = {
             "v": FORMAT_VERSION,
             "op": CORRECTION,
-            "seq": op.seq,
+            "seq": seq,
             "id": data[0],
             "corrected_intent": data[1],
             "correction_notes": data[2],
@@ -244,7 +248,7 @@ def decode_op(line: bytes) -> Op:
             else (str(item[0]), float(item[1]))
             for item in row[C_SECONDARY] or ()
         )
-        return Op(INSERT, seq, tuple(row))
+        return (INSERT, seq, tuple(row), None)
     if kind == OUTCOME:
         data = [
             uuid.UUID(record["id"]),
@@ -253,7 +257,7 @@ def decode_op(line: bytes) -> Op:
             record["execution_error"],
             _time(record["at"]),
         ]
-        return Op(OUTCOME, seq, data)
+        return (OUTCOME, seq, data, None)
     if kind == CORRECTION:
         data = [
             uuid.UUID(record["id"]),
@@ -262,7 +266,7 @@ def decode_op(line: bytes) -> Op:
             None,
             _time(record["at"]),
         ]
-        return Op(CORRECTION, seq, data)
+        return (CORRECTION, seq, data, None)
     raise ValueError(f"unknown spool op {kind!r}; expected insert, outcome or correction")
 
 
@@ -379,8 +383,8 @@ class Spool:
         """Append ``op`` to the current segment (created on demand); returns that segment."""
         segment = self.current
         if segment is None:
-            segment = self.current = self.new_segment(op.seq)
-        segment.append(encode_op(op) if line is None else line, op.seq)
+            segment = self.current = self.new_segment(op[SEQ])
+        segment.append(encode_op(op) if line is None else line, op[SEQ])
         return segment
 
     def rotate(self, *, to_pending: bool) -> Segment | None:
@@ -406,7 +410,7 @@ class Spool:
 
     def write_segment(self, ops: list[Op]) -> Segment:
         """Write ``ops`` (contiguous seqs, oldest first) to a new closed, pending segment."""
-        segment = self.new_segment(ops[0].seq)
+        segment = self.new_segment(ops[0][SEQ])
         data = b"".join(encode_op(op) for op in ops)
         view = memoryview(data)
         assert segment.fd is not None
@@ -415,7 +419,7 @@ class Spool:
         if self.fsync:
             os.fsync(segment.fd)
         segment.appended = len(ops)
-        segment.last_seq = ops[-1].seq
+        segment.last_seq = ops[-1][SEQ]
         segment.close_for_append()
         self.add_pending(segment)
         return segment

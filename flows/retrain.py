@@ -181,6 +181,7 @@ def retrain_flow(
         max_intent_drop=max_intent_drop,
         min_support=min_support,
     )
+    train_config(hyperparameters)  # fail fast on a misspelt hyperparameter
     train_path = Path(training_data) if training_data else latest_training_export()
     if not train_path.exists():
         raise FileNotFoundError(f"{train_path}: training data not found; run the export first")
@@ -207,8 +208,10 @@ def retrain_flow(
         pairs_data=resolve_optional(pairs_data),
         hyperparameters=hyperparameters,
     )
-    eval_sets = {"base test": read_eval_records(test), "held-out corrected": []}
-    eval_sets["held-out corrected"] = read_eval_records(holdout)
+    eval_sets = {
+        "base test": read_eval_records(test),
+        "held-out corrected": read_eval_records(holdout),
+    }
     scored = score_models(champion, trained, eval_sets)
     champion_all, challenger_all = scored["all"]
     if champion_all is None:

@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from sqlalchemy import Connection, select
 
 from capture import queries
-from capture.db import get_sync_engine
+from capture.db import database_url, get_sync_engine
 from capture.models import PromptLog
 from tasks.registry import current_model_dir, model_labels
 
@@ -287,7 +287,7 @@ def import_corrections(
         return result
     corrections, result.not_reviewed, problems = parse_corrections(text)
     result.rejected.extend(problems)
-    with get_sync_engine(url).begin() as conn:
+    with get_sync_engine(database_url(url)).begin() as conn:
         logs = _fetch_logs(conn, (c.log_id for c in corrections))
         allowed = catalog if catalog is not None else intent_catalog(conn, models_dir)
         result.rejected.extend(_validate(corrections, logs, allowed, allow_new_intent))

@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from sqlalchemy import Connection, or_, select
 
 from capture import queries
-from capture.db import get_sync_engine
+from capture.db import database_url, get_sync_engine
 from capture.models import PromptLog
 from tasks.review_select import DEFAULT_STRATEGY, ReviewCandidate, select_for_review
 
@@ -159,7 +159,7 @@ def export_review(
             f"confidence_threshold: expected a number in [0, 1], found {confidence_threshold!r}"
         )
     now = now or datetime.now(UTC)
-    with get_sync_engine(url).connect() as conn:
+    with get_sync_engine(database_url(url)).connect() as conn:
         found = fetch_candidates(
             conn,
             days=days,

@@ -728,7 +728,7 @@ async def _send_traffic(
     try:
         async with service:
             for i, record in enumerate(records):
-                clock.now = begin + step * i
+                clock.now = begin + step * (i + 0.5)  # strictly inside the week
                 result = await service.process_message(
                     record.text,
                     user_id=users[i % len(users)],
@@ -745,7 +745,7 @@ async def _send_traffic(
                 fail_if_right=settings.fail_if_right,
             )
             for i, (result, ok) in enumerate(zip(results, outcomes, strict=True)):
-                clock.now = begin + step * i + timedelta(seconds=30)
+                clock.now = begin + step * (i + 0.5) + timedelta(seconds=1)
                 await service.update_workflow_outcome(
                     result.log_id,
                     was_successful=ok,

@@ -35,7 +35,7 @@ from prefect.cache_policies import NO_CACHE
 from sqlalchemy import Connection, select
 
 from capture import queries
-from capture.db import get_sync_engine
+from capture.db import database_url, get_sync_engine
 from capture.models import TrainingExample
 from tasks.anonymise import scrub_pii
 
@@ -238,7 +238,7 @@ def export_training_data(
         raise ValueError(f"min_confidence: expected a number in [0, 1], found {min_confidence!r}")
     now = now or datetime.now(UTC)
     rows: list[TrainingRow] = base_rows(base_data) if base_data is not None else []
-    with get_sync_engine(url).connect() as conn:
+    with get_sync_engine(database_url(url)).connect() as conn:
         if include_store:
             rows.extend(store_rows(conn, days=days, now=now))
         rows.extend(production_rows(conn, days=days, min_confidence=min_confidence, now=now))

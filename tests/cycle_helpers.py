@@ -60,7 +60,7 @@ def insert_logs(url: str, logs: list[Log]) -> list[uuid.UUID]:
                 values["corrected_intent"] = log.corrected
                 values["corrected_at"] = NOW
             if values:
-                conn.execute(update(T).where(T.c.id == log_id).values(**values))
+                conn.execute(update(PromptLog).where(PromptLog.id == log_id).values(**values))
     return ids
 
 

@@ -20,7 +20,7 @@ from tests.cycle_helpers import Log, corrections_in_db, insert_logs
 CATALOG = {"scheduling", "calendar_event", "weather"}
 
 
-def review_file(path: Path, rows: list[dict[str, Any]]) -> Path:
+def review_file(path: Path, rows: list[Any]) -> Path:
     path.write_text(json.dumps(rows, indent=2), encoding="utf-8")
     return path
 

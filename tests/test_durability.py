@@ -336,7 +336,7 @@ async def test_a_damaged_segment_left_by_a_crash_is_replayed_as_far_as_it_can_be
     from datetime import UTC, datetime
 
     from capture.ids import uuid7
-    from capture.spool import INSERT, Op, encode_op
+    from capture.spool import INSERT, encode_op, make_op
 
     home = tmp_path / "home"
     spool = home / "spool"
@@ -344,9 +344,10 @@ async def test_a_damaged_segment_left_by_a_crash_is_replayed_as_far_as_it_can_be
     now = datetime.now(UTC)
     good = [uuid7(), None, "left behind", "weather", 0.5, (), None, None, None]
     good += [None, None, None, None, 2, "v0", now, now]
-    torn = encode_op(Op(INSERT, 3, [uuid7(), *good[1:]]))[:-10]
+    torn = encode_op(make_op(INSERT, 3, [uuid7(), *good[1:]]))[:-10]
+    bad_line = b'{"v": 1, "op": "insert", "seq": 2, "row": [1,\n'
     (spool / f"{uuid7().hex}-999999-{1:012d}.jsonl").write_bytes(
-        encode_op(Op(INSERT, 1, good)) + b'{"v": 1, "op": "insert", "seq": 2, "row": [1,\n' + torn
+        encode_op(make_op(INSERT, 1, good)) + bad_line + torn
     )
     service = create_nlu_service(
         FixedClassifier(), url=db_url, settings=capture_settings(db_url, home)

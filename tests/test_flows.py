@@ -64,6 +64,17 @@ def serving(home: Path, champion_dir: Path) -> Path:
     return models
 
 
+def model_card_artifacts() -> list[str]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["model-card"]))
+        )
+    return [str(a.data) for a in found]
+
+
 def wait_for(predicate: Any, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -120,6 +131,8 @@ def test_shuffled_labels_are_rejected_and_the_champion_keeps_serving(
         assert not registry.is_deployable(challenger)
         card = (challenger / "card.md").read_text(encoding="utf-8")
         assert "**Decision: REJECT**" in card and "champion 1" in card
+        # The same card is a keyed markdown artifact (it versions in the UI).
+        assert card in model_card_artifacts()
         training = json.loads((challenger / "training.json").read_text(encoding="utf-8"))
         data_file = Path(training["training_data"])
         assert (
@@ -242,10 +255,9 @@ def test_review_training_data_and_pairs_flows(db_url: str, home: Path, serving: 
     jsonl(home / "data" / "base_train.jsonl", list(FIXTURE_RECORDS))
     data = training_data_flow(days=7, holdout_fraction=0.0, database_url=db_url)
     assert data["counts"] == {"base": 24, "corrected": 2, "predicted": 2, "holdout": 0}
-    assert (
-        read_summary(Path(data["training_data"]))["training_data_sha256"]
-        == (data["training_data_sha256"])
-    )
+    sidecar = read_summary(Path(data["training_data"]))
+    assert sidecar is not None
+    assert sidecar["training_data_sha256"] == data["training_data_sha256"]
     pairs = pairs_flow(max_pairs=10)  # the newest export; production rows only
     assert pairs["input"] == data["training_data"]
     assert (pairs["rows"], pairs["pairs"]) == (4, 2)  # one pair per intent with two texts
@@ -330,3 +342,21 @@ def test_cli_export_and_import_corrections(
     both = {"what's my balance", "play jazz please"}
     assert texts | held == both and not texts & held
     assert held == {t for t in both if is_held_out(t, 0.2)}
+
+
+def test_retrain_helpers_refuse_bad_input(tmp_path: Path) -> None:
+    from flows.retrain import read_eval_records, train_config, training_info
+
+    with pytest.raises(ValueError, match="unknown name\\(s\\) max_stepz"):
+        train_config({"max_stepz": 3})
+    assert train_config({"max_steps": 3}).max_steps == 3
+    assert read_eval_records(None) == [] and read_eval_records(tmp_path / "missing.jsonl") == []
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    assert read_eval_records(empty) == []
+    data = jsonl(tmp_path / "t.jsonl", [("a", "x"), ("b", "y")])
+    info = training_info(data, None)
+    assert info["training_data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert info["n_train"] == 2
+    with pytest.raises(ValueError, match="the file changed after the export"):
+        training_info(data, {"training_data_sha256": "0" * 64})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def test_near_duplicates_are_collapsed(db_url: str, tmp_path: Path) -> None:
     plain = export_review_task.fn(tmp_path / "a.json", url=db_url, days=7, limit=10)
     assert len(plain.selected) == 3  # the exact (normalised) duplicate is collapsed
 
-    def embed(texts: object) -> np.ndarray:
+    def embed(texts: Sequence[str]) -> np.ndarray:
         # "reminder" prompts share one direction: near-duplicates by cosine similarity.
         return np.array([[1.0, 0.0] if "remind" in t.lower() else [0.0, 1.0] for t in texts])
 

@@ -46,7 +46,7 @@ def test_sources_scrubbing_dedup_and_no_user_ids(db_url: str, tmp_path: Path) ->
     )
     with db.get_sync_engine(db_url).begin() as conn:
         conn.execute(
-            insert(TrainingExample.__table__),
+            insert(TrainingExample),
             [
                 {
                     "id": uuid.uuid4(),
