@@ -212,6 +212,16 @@ async def ingest(url: str, server: str, home: Path, rows: int) -> dict[str, floa
     drain_cpu = time.process_time() - drain_cpu
     await service.aclose()
     pg_cpu = (pg_after - pg_before) if pg_before is not None and pg_after is not None else None
+
+    # The same loop without logging (classify and return): the machine's speed right now, to
+    # compare runs on a busy machine (CPU time per operation grows with the load).
+    baseline = NoLoggingService(classifier)
+    base_cpu = time.process_time()
+    for i in range(rows):
+        await baseline.process_message(PROMPTS[i % 8], users[i % 1_000], None, i % 20)
+        if i % 500 == 499:
+            await asyncio.sleep(0)
+    base_cpu = time.process_time() - base_cpu
     return {
         "rows": float(rows),
         "rows_per_s": rows / (end - start),
@@ -222,6 +232,7 @@ async def ingest(url: str, server: str, home: Path, rows: int) -> dict[str, floa
         "pg_cpu_us_per_row": -1.0 if pg_cpu is None else pg_cpu / rows * 1e6,
         "writer_rows_per_s": rows / drain,
         "writer_cpu_us_per_row": drain_cpu / rows * 1e6,
+        "baseline_cpu_us_per_row": base_cpu / rows * 1e6,
         "gc_gen0": float(gc_runs[0]),
         "gc_gen1": float(gc_runs[1]),
         "gc_gen2": float(gc_runs[2]),
@@ -478,6 +489,11 @@ def report(results: dict[str, Any]) -> str:
             if pg_cpu >= 0
             else ""
         )
+    )
+    base_cpu = ing["baseline_cpu_us_per_row"]
+    lines.append(
+        f"  same loop without logging        : {base_cpu:.1f} µs CPU/row (Python per row above = "
+        f"{py_cpu / base_cpu:.1f}x this baseline)"
     )
     lines.append(
         f"  GC collections, service run      : gen0 {int(ing['gc_gen0'])}, "

@@ -41,6 +41,9 @@ PROBABILITIES = "probabilities"
 EMBEDDINGS = "embeddings"
 REQUIRED_METADATA = ("labels", "version", "oos_label", "oos_threshold", "temperature")
 SMOKE_TEXT = "schedule time to work on my assignment"
+# Texts per ONNX run inside a batch: sorted by length and trimmed, 16 was 2-2.5x the throughput
+# of one padded run of 64 (int8, 1 thread, CLINC150 prompts).
+SUB_BATCH = 16
 
 
 class ModelLoadError(RuntimeError):
@@ -50,14 +53,24 @@ class ModelLoadError(RuntimeError):
 class OnnxClassifier:
     """One exported model directory, loaded once; thread-safe for concurrent predictions."""
 
-    def __init__(self, model_dir: Path | str, *, threads: int = 1, top_k: int = 3) -> None:
+    def __init__(
+        self,
+        model_dir: Path | str,
+        *,
+        threads: int = 1,
+        top_k: int = 3,
+        sub_batch: int = SUB_BATCH,
+    ) -> None:
         if threads < 1:
             raise ValueError(f"threads: expected >= 1, found {threads}")
+        if sub_batch < 1:
+            raise ValueError(f"sub_batch: expected >= 1, found {sub_batch}")
         if top_k < 1:
             raise ValueError(f"top_k: expected >= 1 ranked intents, found {top_k}")
         self.model_dir = Path(model_dir)
         self.threads = threads
         self.top_k = top_k
+        self.sub_batch = sub_batch
         self._session = self._load_session()
         props = self._session.get_modelmeta().custom_metadata_map
         self.version, self.labels, self.oos_label, self.oos_threshold = _read_metadata(
@@ -210,7 +223,24 @@ class OnnxClassifier:
         }
 
     def _run(self, texts: Sequence[str], outputs: Sequence[str]) -> list[np.ndarray]:
-        return list(self._session.run(list(outputs), self._encode(texts)))
+        """Run the graph; batches larger than ``sub_batch`` go in length-sorted sub-batches,
+        each trimmed to its own longest input (less padding), results in input order."""
+        feeds = self._encode(texts)
+        if len(texts) <= self.sub_batch:
+            return list(self._session.run(list(outputs), feeds))
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        lengths = mask.sum(axis=1)
+        order = np.argsort(lengths, kind="stable")
+        results: dict[int, np.ndarray] = {}
+        for start in range(0, len(texts), self.sub_batch):
+            rows = order[start : start + self.sub_batch]
+            width = int(lengths[rows].max())
+            chunk = {"input_ids": ids[rows, :width], "attention_mask": mask[rows, :width]}
+            for k, value in enumerate(self._session.run(list(outputs), chunk)):
+                if k not in results:
+                    results[k] = np.empty((len(texts), *value.shape[1:]), dtype=value.dtype)
+                results[k][rows] = value
+        return [results[k] for k in range(len(outputs))]
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """Calibrated probabilities, shape ``(len(texts), len(labels))``, columns in label order."""

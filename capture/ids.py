@@ -50,7 +50,7 @@ class Uuid7Generator:
         self._last_ms = 0
         self._counter = 0
         self._pool: tuple[int, ...] = ()
-        self._next = 0
+        self._next = _POOL_WORDS  # the pool is empty: the first call fills it
         forget = weakref.WeakMethod(self._forget_pool)
 
         def after_fork_in_child() -> None:
@@ -61,16 +61,17 @@ class Uuid7Generator:
         os.register_at_fork(after_in_child=after_fork_in_child)
 
     def _forget_pool(self) -> None:
-        self._pool, self._next = (), 0
+        self._pool, self._next = (), _POOL_WORDS
 
     def next_int(self, now_ns: int | None = None) -> int:
         """The next id as a 128-bit integer (``now_ns``: Unix time in ns, default now)."""
         ms = (time.time_ns() if now_ns is None else now_ns) // 1_000_000
         with self._lock:
-            pool, index = self._pool, self._next
-            if index + 2 > len(pool):
-                pool = self._pool = _UNPACK_POOL(os.urandom(8 * _POOL_WORDS))
+            index = self._next
+            if index > _POOL_WORDS - 2:  # an id takes up to two words
+                self._pool = _UNPACK_POOL(os.urandom(8 * _POOL_WORDS))
                 index = 0
+            pool = self._pool
             if ms > self._last_ms:
                 self._last_ms = ms
                 counter = pool[index] & _COUNTER_START_MASK

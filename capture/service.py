@@ -155,7 +155,13 @@ class NLUService:
                 f"message: expected a non-empty prompt, found {message[:40]!r}; "
                 "send the user's text"
             )
-        user = None if user_id is None else _uuid_bytes(user_id, "user_id")
+        # (uuid.UUID arguments inlined: this is the request path)
+        if user_id is None:
+            user = None
+        elif type(user_id) is uuid.UUID:
+            user = user_id.int.to_bytes(16, "big")
+        else:
+            user = _uuid_bytes(user_id, "user_id")
         conversation = (
             None if conversation_id is None else _uuid_bytes(conversation_id, "conversation_id")
         )
@@ -195,7 +201,9 @@ class NLUService:
             now = self._now_dt
         else:
             now = self._now()
-        version = self._model()
+        version = self._model_version
+        if version is None:
+            version = self._model()
         id_bytes = id_int.to_bytes(16, "big")
         # The wire row (ROW_COLUMNS order), exactly as binary COPY sends it.
         self.capture.submit_wire_row(

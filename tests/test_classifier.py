@@ -129,6 +129,10 @@ def test_top_k_and_threads(exported_model_dir: Path, classifier: OnnxClassifier)
     assert len(everything.secondary_intents) == 3  # all other labels, no more
     with pytest.raises(ValueError, match="threads"):
         OnnxClassifier(exported_model_dir, threads=0)
+    # A batch split into length-sorted sub-batches keeps the input order.
+    texts = [*PROMPTS, *reversed(PROMPTS), "ok"]
+    split = OnnxClassifier(exported_model_dir, sub_batch=2).predict_batch(texts)
+    assert [p.intent for p in split[:8]] == [*EXPECTED, *reversed(EXPECTED)]
 
 
 def test_out_of_scope_below_the_threshold(

@@ -159,6 +159,10 @@ def test_fp32_parity_with_torch(fallback_export, torch_model) -> None:
     # One at a time (no padding) gives the same numbers as the padded batch.
     single = np.stack([classifier.predict_proba([t])[0] for t in FIXED])
     assert np.abs(single - onnx_probs).max() < 1e-5
+    # Length-sorted sub-batches come back in input order with the same numbers.
+    small = OnnxClassifier(model_dir, sub_batch=3)
+    assert np.abs(small.predict_proba(FIXED) - onnx_probs).max() < 1e-5
+    assert np.abs(small.embed(FIXED) - embeddings).max() < 1e-5
 
 
 def test_tokenizer_pads_to_the_longest_input_and_truncates(exported_model_dir: Path) -> None:  # noqa: F811
