@@ -69,10 +69,24 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-@lru_cache(maxsize=8)
 def get_engine(url: str | None = None) -> AsyncEngine:
-    """The process's async engine for ``url`` (default: the settings' database)."""
-    url = async_url(database_url(url))
+    """The process's async engine for ``url`` (default: the settings' database, resolved now)."""
+    return _async_engine(async_url(database_url(url)))
+
+
+def get_sync_engine(url: str | None = None) -> Engine:
+    """The process's synchronous engine for ``url`` (migrations, flows, the CLI)."""
+    return _sync_engine(sync_url(database_url(url)))
+
+
+def clear_engine_cache() -> None:
+    """Forget the cached engines (tests that switch databases; pooled connections are dropped)."""
+    _async_engine.cache_clear()
+    _sync_engine.cache_clear()
+
+
+@lru_cache(maxsize=8)
+def _async_engine(url: str) -> AsyncEngine:
     if is_sqlite(url):
         _prepare_sqlite_file(url)
         engine = create_async_engine(url)
@@ -82,9 +96,7 @@ def get_engine(url: str | None = None) -> AsyncEngine:
 
 
 @lru_cache(maxsize=8)
-def get_sync_engine(url: str | None = None) -> Engine:
-    """The process's synchronous engine for ``url`` (migrations, flows, the CLI)."""
-    url = sync_url(database_url(url))
+def _sync_engine(url: str) -> Engine:
     if is_sqlite(url):
         _prepare_sqlite_file(url)
         engine = create_engine(url)

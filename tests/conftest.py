@@ -76,8 +76,7 @@ def postgres_url(postgres_server_url: str) -> Iterator[str]:
     url = _create_database(postgres_server_url, "pc_test")
     db.upgrade(url)
     yield url
-    for engine_getter in (db.get_engine, db.get_sync_engine):
-        engine_getter.cache_clear()
+    db.clear_engine_cache()
     _drop_database(postgres_server_url, url)
 
 

@@ -63,5 +63,5 @@ def test_postgres_downgrade_and_upgrade_again(postgres_server_url: str) -> None:
         db.upgrade(url)
         assert db.current_revision(url) == db.head_revision()
     finally:
-        db.get_sync_engine.cache_clear()
+        db.clear_engine_cache()
         _drop_database(postgres_server_url, url)

@@ -184,7 +184,7 @@ async def test_pipeline_role_reads_and_writes_every_row(
     assert {r.id for r in await pipeline.get_user_prompts(BOB)} == {rows["bob"], other}
     # The migration check works for the pipeline role (SELECT on alembic_version).
     db.ensure_migrated(_as_role(postgres_url, logins.pipeline))
-    db.get_sync_engine.cache_clear()
+    db.clear_engine_cache()
 
 
 def test_copy_needs_a_role_that_bypasses_rls(postgres_url: str, logins: Logins) -> None:
@@ -253,7 +253,7 @@ def test_forced_rls_keeps_a_non_superuser_owner_working(postgres_server_url: str
             ).fetchone() == (False, False)
             assert conn.execute("SELECT count(*) FROM pg_policy").fetchone() == (0,)
     finally:
-        db.get_sync_engine.cache_clear()
+        db.clear_engine_cache()
         _drop_database(postgres_server_url, url)
         with psycopg.connect(postgres_server_url, autocommit=True) as conn:
             conn.execute(f"DROP ROLE IF EXISTS {owner}")
