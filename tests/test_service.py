@@ -185,3 +185,29 @@ def test_demo_traffic_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     with_outcome = [r for r in rows.values() if r["was_successful"] is not None]
     assert with_outcome and any(r["was_successful"] is False for r in with_outcome)
     assert all(r["predicted_intent"] != "oos" for r in with_outcome)
+
+
+async def test_created_at_without_a_clock_is_the_ids_millisecond(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Without an injected clock, created_at is read with the id: the UUIDv7's millisecond."""
+    from datetime import UTC, datetime, timedelta
+
+    from capture.ids import uuid7_time_ms
+    from tests.capture_helpers import aware
+
+    service = create_nlu_service(
+        FixedClassifier(), url=db_url, settings=capture_settings(db_url, tmp_path / "home")
+    )
+    before = datetime.now(UTC)
+    results = [await service.process_message(f"what time is it {i}") for i in range(50)]
+    after = datetime.now(UTC)
+    await service.aclose()
+    rows = fetch_rows(db_url)
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    for result in results:
+        created = aware(rows[result.log_id]["created_at"])
+        assert created is not None
+        assert created == epoch + timedelta(milliseconds=uuid7_time_ms(result.log_id))
+        assert before - timedelta(milliseconds=1) < created <= after
+        assert aware(rows[result.log_id]["updated_at"]) == created
