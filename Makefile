@@ -43,8 +43,8 @@ lint: setup-test
 	$(BIN)/mypy
 
 bench: setup-test
-	$(BIN)/python bench/capture.py
-	$(BIN)/python bench/inference.py
+	$(BIN)/python -m bench.capture
+	$(BIN)/python -m bench.inference
 
 clean:
 	rm -rf $(VENV) .prompt-capture .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -443,8 +443,7 @@ def _create_database(server: str) -> str:
 
 
 def _drop_database(server: str, url: str) -> None:
-    for getter in (db.get_engine, db.get_sync_engine):
-        getter.cache_clear()
+    db.clear_engine_cache()
     name = url.rpartition("/")[2]
     with psycopg.connect(server, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
