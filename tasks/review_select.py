@@ -33,7 +33,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 STRATEGIES: tuple[str, ...] = ("random", "threshold", "margin", "failed-first", "diverse")
-# Chosen from the simulator's evidence (bench/RESULTS.md, "Review selection strategies").
+# Chosen from the simulator's evidence (bench/RESULTS.md, "Learning-loop simulator: review
+# strategies"): margin led random and diverse there (one seed, reduced configuration).
 DEFAULT_STRATEGY = "margin"
 
 EmbedFn = Callable[[Sequence[str]], np.ndarray]
