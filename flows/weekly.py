@@ -7,16 +7,20 @@ keeps serving); any error fails the run.
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from capture.settings import get_settings
 from flows.corrections import corrections_flow
 from flows.deploy import deploy_flow
 from flows.pairs import pairs_flow
 from flows.retrain import retrain_flow
 from flows.training_data import training_data_flow
+from tasks.monitor import record_cycle_success
+from tasks.report import publish_monitoring_artifact
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +42,14 @@ def weekly_cycle(
     min_support: int = 10,
     deploy: bool = True,
     quantize: bool = True,
+    monitoring_days: float = 7,
     database_url: str | None = None,
 ) -> dict[str, Any]:
-    """Run the whole cycle now; returns what each stage did and the gate's decision."""
+    """Run the whole cycle now; returns what each stage did and the gate's decision.
+
+    It ends by publishing the monitoring figures of the last ``monitoring_days`` as artifacts
+    and recording the success time that the monitor flow's staleness check reads.
+    """
     run_logger = get_run_logger()
     summary: dict[str, Any] = {}
     if import_inbox:
@@ -96,4 +105,6 @@ def weekly_cycle(
         f"- held out: {data['n_holdout']}\n- pairs: {pairs['pairs']}\n",
         description=message[:200],
     )
+    summary["monitoring"] = publish_monitoring_artifact(database_url, days=monitoring_days)
+    summary["success_marker"] = str(record_cycle_success(get_settings().home, datetime.now(UTC)))
     return summary

@@ -123,6 +123,13 @@ def test_shuffled_labels_are_rejected_and_the_champion_keeps_serving(
         assert "rejected by the gate" in summary["message"]
         assert "version 1 keeps serving" in summary["message"]
         assert summary["deployed"] is None
+        # A completed cycle (even with a rejected challenger) publishes the monitoring figures
+        # and records its success time for the monitor flow's staleness check.
+        from tasks.monitor import last_cycle_success
+
+        assert Path(summary["success_marker"]).is_file()
+        assert last_cycle_success(home) is not None
+        assert isinstance(summary["monitoring"], dict)
         # The champion keeps serving; the challenger is in the registry, rejected, not exported.
         assert registry.current_version(serving) == "1"
         assert classifier.reload_now() is False and classifier.version == "1"
