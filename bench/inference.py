@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     for name, directory, report in (
         ("onnx fp32", fp32_dir, fp32_report),
-        ("onnx int8 (per-channel)", int8_dir, int8_report),
+        (f"onnx int8 (per-channel, {int8_report.int8_recipe})", int8_dir, int8_report),
     ):
         classifier = OnnxClassifier(directory, threads=args.threads)
         logger.info("%s: timing", name)
@@ -299,6 +299,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "load_average": os.getloadavg(),
         "int8_gate": {
+            "recipe": int8_report.int8_recipe,
+            "attempts": list(int8_report.int8_attempts),
             "export_agreement_on_500": int8_report.int8_agreement,
             "would_publish_int8_at_0.99": bool(
                 (int8_report.int8_agreement or 0.0) >= TARGET_AGREEMENT

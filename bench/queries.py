@@ -3,7 +3,10 @@
 Creates a fresh database on the server, migrates it, loads the rows with COPY (and reports the
 ingest rate with every index in place), runs VACUUM ANALYZE, then times each statement from
 ``capture.queries`` (the ones the repository and the flows run): median and p95 of several runs,
-and the plan's scan kind from EXPLAIN. Drops the database at the end.
+and the plan's scan kind from EXPLAIN. Then the monitoring rollup (migration 0004): the cost of
+a full refresh, of an hourly incremental one and of one after late corrections, and the three
+statistics read through it (plan query + statement, as the repository runs them), next to the
+raw statements and the baseline. Drops the database at the end.
 
     .venv/bin/python -m bench.queries [--rows 1000000] [--repeats 15] [--url postgresql://...]
 
@@ -22,14 +25,15 @@ import os
 import statistics
 import time
 import uuid
-from collections.abc import Iterator
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psycopg
-from sqlalchemy import Engine, create_engine, func, select
+from sqlalchemy import Connection, Engine, create_engine, func, select
+from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from capture import db, queries
@@ -188,14 +192,24 @@ def _plan_kind(plan: dict[str, Any]) -> str:
     return f"{plan['Node Type']} <- {', '.join(unique)}"
 
 
-def _time(engine: Engine, statement: Any, repeats: int) -> tuple[list[float], int]:
+Runner = Callable[[Connection], int]
+
+
+def _runner(statement: Any) -> Runner:
+    def run(conn: Connection) -> int:
+        return len(conn.execute(statement).all())
+
+    return run
+
+
+def _time(engine: Engine, run: Runner, repeats: int) -> tuple[list[float], int]:
     timings: list[float] = []
     n_rows = 0
     with engine.connect() as conn:
-        conn.execute(statement).all()  # warm the plan and the cache
+        run(conn)  # warm the plan and the cache
         for _ in range(repeats):
             start = time.perf_counter()
-            n_rows = len(conn.execute(statement).all())
+            n_rows = run(conn)
             timings.append((time.perf_counter() - start) * 1000)
     return timings, n_rows
 
@@ -208,7 +222,7 @@ def _schedstat_ns(pid: int) -> int | None:
         return None
 
 
-def _backend_cpu_ms(engine: Engine, statement: Any, repeats: int) -> float | None:
+def _backend_cpu_ms(engine: Engine, run: Runner, repeats: int) -> float | None:
     """Median CPU time the server backend spends per run, with parallel workers off.
 
     Wall times on a busy machine measure the machine; this measures the query: what one idle
@@ -218,10 +232,10 @@ def _backend_cpu_ms(engine: Engine, statement: Any, repeats: int) -> float | Non
     with engine.connect() as conn:
         conn.exec_driver_sql("SET max_parallel_workers_per_gather = 0")
         pid = int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
-        conn.execute(statement).all()
+        run(conn)
         for _ in range(repeats):
             before = _schedstat_ns(pid)
-            conn.execute(statement).all()
+            run(conn)
             after = _schedstat_ns(pid)
             if before is None or after is None:
                 return None
@@ -230,7 +244,9 @@ def _backend_cpu_ms(engine: Engine, statement: Any, repeats: int) -> float | Non
 
 
 def _explain(engine: Engine, statement: Any) -> str:
-    compiled = statement.compile(dialect=engine.dialect)
+    compiled = statement.compile(
+        dialect=engine.dialect, compile_kwargs={"render_postcompile": True}
+    )
     with engine.connect() as conn:
         plan = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + str(compiled), compiled.params)
         return _plan_kind(plan.scalar_one()[0]["Plan"])
@@ -253,6 +269,143 @@ def benchmark_cases(now: datetime, user_id: str) -> list[tuple[str, Any]]:
         ("success_rate_by_intent(all)", queries.select_success_rate_by_intent()),
         ("prompts_for_retraining(7d)", queries.select_for_retraining(since=week)),
     ]
+
+
+StatsBuilder = Callable[..., Any]
+ROLLUP_CASES: list[tuple[str, StatsBuilder, float | None]] = [
+    ("confidence_distribution(7d)", queries.select_confidence_distribution, 7),
+    ("intent_distribution(7d)", queries.select_intent_distribution, 7),
+    ("success_rate_by_intent(7d)", queries.select_success_rate_by_intent, 7),
+    ("success_rate_by_intent(all)", queries.select_success_rate_by_intent, None),
+]
+#: Late corrections and outcomes applied to random rows of the last 30 days before the
+#: "late changes" refresh (a week's review batch).
+LATE_CHANGES = 200
+
+
+def rollup_runner(builder: StatsBuilder, since: datetime | None) -> Runner:
+    """What the repository runs for one statistic: the cover query, then the statement."""
+
+    def run(conn: Connection) -> int:
+        rows = conn.execute(queries.select_stats_cover_state()).all()
+        cover = queries.stats_cover_from_rows(rows, since)
+        return len(conn.execute(builder(since=since, cover=cover)).all())
+
+    return run
+
+
+def _refresh(engine: Engine, until: datetime | None) -> tuple[queries.StatsRefresh, float, float]:
+    """One refresh in its own transaction: (result, wall ms, server backend CPU ms)."""
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SET max_parallel_workers_per_gather = 0")
+        pid = int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+        conn.commit()
+        with Session(bind=conn) as session:
+            before = _schedstat_ns(pid)
+            start = time.perf_counter()
+            result = queries.refresh_prompt_stats(session=session, until=until, wait_timeout=5)
+            session.commit()
+            wall = (time.perf_counter() - start) * 1000
+            after = _schedstat_ns(pid)
+    cpu = float("nan") if before is None or after is None else (after - before) / 1e6
+    return result, wall, cpu
+
+
+def _late_changes(bench_url: str, now: datetime, n: int, seed: int) -> int:
+    """Correct ``n`` random rows of the last 30 days and flip their outcome (what a weekly
+    review import and late workflow callbacks do); returns the number of hours touched."""
+    rng = np.random.default_rng(seed + 1)
+    with psycopg.connect(bench_url) as conn:
+        ids = conn.execute(
+            "SELECT id FROM nlu_prompt_logs WHERE created_at > %s - interval '30 days' "
+            "AND created_at < %s - interval '1 day'",
+            (now, now),
+        ).fetchall()
+        picked = [ids[int(i)][0] for i in rng.choice(len(ids), n, replace=False)]
+        conn.execute(
+            "UPDATE nlu_prompt_logs SET corrected_intent = 'late_review', "
+            "was_successful = NOT coalesce(was_successful, true) WHERE id = ANY(%s)",
+            (picked,),
+        )
+        hours = conn.execute(
+            "SELECT count(DISTINCT date_trunc('hour', created_at, 'UTC')) FROM nlu_prompt_logs "
+            "WHERE id = ANY(%s)",
+            (picked,),
+        ).fetchone()
+        conn.commit()
+    return int(hours[0]) if hours else 0
+
+
+def _timed_entry(
+    engine: Engine, label: str, run: Runner, *, repeats: int, baseline_ms: float, plan: str
+) -> dict[str, Any]:
+    timings, n_rows = _time(engine, run, repeats)
+    median = statistics.median(timings)
+    return {
+        "query": label,
+        "median_ms": median,
+        "p95_ms": float(np.percentile(timings, 95)),
+        "x_baseline": median / baseline_ms if baseline_ms else 1.0,
+        "server_cpu_ms": _backend_cpu_ms(engine, run, repeats),
+        "rows": n_rows,
+        "plan": plan,
+        "target_met": median <= TARGET_MS,
+    }
+
+
+def _rollup_plan(engine: Engine, builder: StatsBuilder, since: datetime | None) -> str:
+    with engine.connect() as conn:
+        rows = conn.execute(queries.select_stats_cover_state()).all()
+        cover = queries.stats_cover_from_rows(rows, since)
+    if cover is None:
+        return "raw (no cover)"
+    parts = f"{len(cover.raw)} raw, {len(cover.hourly)} hourly, {len(cover.daily)} daily spans"
+    return f"{_explain(engine, builder(since=since, cover=cover))}; {parts}"
+
+
+def benchmark_rollup(
+    engine: Engine,
+    bench_url: str,
+    now: datetime,
+    *,
+    repeats: int,
+    baseline_ms: float,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """Refresh costs (full; +1 hour; +23 hours; after late corrections; nothing new) and the
+    statistics through the rollup: right after a refresh, and with dirty hours pending."""
+    results: list[dict[str, Any]] = []
+    day_ago = queries.floor_hour(now) - timedelta(days=1)
+
+    def refresh(label: str, until: datetime | None) -> None:
+        result, wall, cpu = _refresh(engine, until)
+        results.append({"refresh": label, "wall_ms": wall, "cpu_ms": cpu, **result.as_dict()})
+
+    def statistics(suffix: str) -> None:
+        for label, builder, days in ROLLUP_CASES:
+            since = queries.since_days(now, days)
+            results.append(
+                _timed_entry(
+                    engine,
+                    f"{label} rollup{suffix}",
+                    rollup_runner(builder, since),
+                    repeats=repeats,
+                    baseline_ms=baseline_ms,
+                    plan=_rollup_plan(engine, builder, since),
+                )
+            )
+
+    refresh("full: 90 days, up to 1 day ago", day_ago)
+    refresh("incremental: +1 hour", day_ago + timedelta(hours=1))
+    refresh("incremental: the remaining 23 hours", None)
+    with psycopg.connect(bench_url, autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE) nlu_prompt_stats_hourly, nlu_prompt_stats_daily")
+    statistics("")
+    hours = _late_changes(bench_url, now, LATE_CHANGES, seed)
+    statistics(f", {hours} dirty h")
+    refresh(f"incremental: {LATE_CHANGES} late corrections in {hours} hours", None)
+    refresh("again: nothing new (idempotent)", None)
+    return results
 
 
 def run(
@@ -284,7 +437,13 @@ def run(
             seconds = time.perf_counter() - start
         del chunks
         results.append(
-            {"query": "ingest (COPY, all indexes)", "rows": rows, "rows_per_s": rows / seconds}
+            {
+                # Every row is older than the late-change age, so migration 0004's insert
+                # trigger marks its hour (a backfill); live traffic fires no trigger.
+                "query": "ingest (COPY, all indexes, every row a late/backfill row)",
+                "rows": rows,
+                "rows_per_s": rows / seconds,
+            }
         )
         with psycopg.connect(bench_url, autocommit=True) as conn:
             conn.execute("VACUUM (ANALYZE) nlu_prompt_logs")
@@ -295,21 +454,20 @@ def run(
         assert row is not None
         baseline_ms = 0.0
         for label, statement in benchmark_cases(now, row[0]):
-            timings, n_rows = _time(engine, statement, repeats)
-            median = statistics.median(timings)
-            baseline_ms = baseline_ms or median
-            results.append(
-                {
-                    "query": label,
-                    "median_ms": median,
-                    "p95_ms": float(np.percentile(timings, 95)),
-                    "x_baseline": median / baseline_ms,
-                    "server_cpu_ms": _backend_cpu_ms(engine, statement, repeats),
-                    "rows": n_rows,
-                    "plan": _explain(engine, statement),
-                    "target_met": median <= TARGET_MS,
-                }
+            entry = _timed_entry(
+                engine,
+                label,
+                _runner(statement),
+                repeats=repeats,
+                baseline_ms=baseline_ms,
+                plan=_explain(engine, statement),
             )
+            baseline_ms = baseline_ms or entry["median_ms"]
+            entry["x_baseline"] = entry["median_ms"] / baseline_ms
+            results.append(entry)
+        results += benchmark_rollup(
+            engine, bench_url, now, repeats=repeats, baseline_ms=baseline_ms, seed=seed
+        )
     finally:
         engine.dispose()
         with psycopg.connect(server, autocommit=True) as conn:
@@ -323,18 +481,32 @@ def format_table(results: list[dict[str, Any]]) -> str:
         if "rows_per_s" in r:
             lines.append(f"{r['query']}: {r['rows']:,} rows at {r['rows_per_s']:,.0f} rows/s")
     header = f"{'median ms':>9} {'p95 ms':>8} {'x base':>6} {'cpu ms':>7} {'rows':>6}"
-    lines.append(f"{'query':<36} {header}  plan")
+    lines.append(f"{'query':<44} {header}  plan")
     for r in results:
         if "median_ms" in r:
             flag = "" if r["target_met"] else "  (> target)"
             cpu = "-" if r["server_cpu_ms"] is None else f"{r['server_cpu_ms']:.2f}"
             lines.append(
-                f"{r['query']:<36} {r['median_ms']:>9.2f} {r['p95_ms']:>8.2f} "
+                f"{r['query']:<44} {r['median_ms']:>9.2f} {r['p95_ms']:>8.2f} "
                 f"{r['x_baseline']:>6.2f} {cpu:>7} {r['rows']:>6}  {r['plan']}{flag}"
+            )
+    refreshes = [r for r in results if "refresh" in r]
+    if refreshes:
+        lines.append(
+            f"{'rollup refresh':<58} {'wall ms':>9} {'cpu ms':>8} {'dirty h':>7} "
+            f"{'hourly':>7} {'daily':>6}  watermark"
+        )
+        for r in refreshes:
+            lines.append(
+                f"{r['refresh']:<58} {r['wall_ms']:>9.1f} {r['cpu_ms']:>8.1f} "
+                f"{r['dirty_hours']:>7} {r['hourly_rows']:>7} {r['daily_rows']:>6}  "
+                f"{r['watermark']}"
             )
     lines.append(
         "median/p95: wall time per run (parallel plans allowed); x base: median / baseline; "
-        "cpu ms: server backend CPU per run, serial plan (what one idle core takes)"
+        "cpu ms: server backend CPU per run, serial plan (what one idle core takes); "
+        "rollup rows: the statistic through the rollup as the repository runs it (cover "
+        "query + statement); refresh cpu ms: the refreshing backend's CPU"
     )
     return "\n".join(lines)
 

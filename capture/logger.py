@@ -300,9 +300,12 @@ class _PostgresBackend:
     async def _copy(cur: psycopg.AsyncCursor[Any], table: str, rows: list[Sequence[Any]]) -> None:
         async with cur.copy(f"COPY {table} ({_COLUMNS_SQL}) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types(_PG_TYPES)
-            write_row = copy.write_row
+            # What AsyncCopy.write_row does, without a coroutine per row: the formatter (C)
+            # appends the row to its buffer and hands back a block when the buffer is full.
+            format_row = copy.formatter.write_row
             for row in rows:
-                await write_row(row)
+                if block := format_row(row):
+                    await copy.write(block)
 
     @staticmethod
     def classify(exc: BaseException) -> str:

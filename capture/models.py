@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     Date,
@@ -15,6 +16,7 @@ from sqlalchemy import (
     Float,
     Integer,
     MetaData,
+    SmallInteger,
     Text,
     Uuid,
     func,
@@ -100,3 +102,71 @@ class TrainingExample(Base):
     created_at: Mapped[datetime] = mapped_column(
         Timestamp, nullable=False, server_default=func.now()
     )
+
+
+# --------------------------------------------------------------------------- monitoring rollup
+# Migration 0004; filled by ``capture.queries.refresh_prompt_stats``, read by the statistics.
+
+Count = BigInteger
+
+
+class _StatsMeasures:
+    """Per period and predicted intent: what the three monitoring statistics need, exactly."""
+
+    predicted_intent: Mapped[str] = mapped_column(Text, primary_key=True)
+    prompts: Mapped[int] = mapped_column(Count, nullable=False)  # COUNT(*)
+    confidence_count: Mapped[int] = mapped_column(Count, nullable=False)  # COUNT(confidence)
+    confidence_sum: Mapped[float] = mapped_column(Float(precision=53), nullable=False)
+    corrections: Mapped[int] = mapped_column(Count, nullable=False)  # COUNT(corrected_intent)
+    outcomes: Mapped[int] = mapped_column(Count, nullable=False)  # COUNT(was_successful)
+    successes: Mapped[int] = mapped_column(Count, nullable=False)
+    # Rows per confidence bucket: confidence_tenths(confidence) = k, and NULL confidence.
+    tenths_0: Mapped[int] = mapped_column(Count, nullable=False)
+    tenths_1: Mapped[int] = mapped_column(Count, nullable=False)
+    tenths_2: Mapped[int] = mapped_column(Count, nullable=False)
+    tenths_3: Mapped[int] = mapped_column(Count, nullable=False)
+    tenths_4: Mapped[int] = mapped_column(Count, nullable=False)
+    tenths_5: Mapped[int] = mapped_column(Count, nullable=False)
+    tenths_6: Mapped[int] = mapped_column(Count, nullable=False)
+    tenths_7: Mapped[int] = mapped_column(Count, nullable=False)
+    tenths_8: Mapped[int] = mapped_column(Count, nullable=False)
+    tenths_9: Mapped[int] = mapped_column(Count, nullable=False)
+    tenths_10: Mapped[int] = mapped_column(Count, nullable=False)
+    tenths_null: Mapped[int] = mapped_column(Count, nullable=False)
+
+
+class PromptStatsHourly(_StatsMeasures, Base):
+    """The rows of one UTC hour (``hour`` <= created_at < ``hour`` + 1 h) per predicted intent."""
+
+    __tablename__ = "nlu_prompt_stats_hourly"
+
+    hour: Mapped[datetime] = mapped_column(Timestamp, primary_key=True)
+
+
+class PromptStatsDaily(_StatsMeasures, Base):
+    """The sum of a closed UTC day's hourly rows per predicted intent."""
+
+    __tablename__ = "nlu_prompt_stats_daily"
+
+    day: Mapped[datetime] = mapped_column(Timestamp, primary_key=True)
+
+
+class PromptStatsState(Base):
+    """One row: hours before ``watermark`` are rolled up (NULL: never refreshed)."""
+
+    __tablename__ = "nlu_prompt_stats_state"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    watermark: Mapped[datetime | None] = mapped_column(Timestamp)
+    late_after_seconds: Mapped[int] = mapped_column(Integer, nullable=False)
+    refreshed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class PromptStatsDirty(Base):
+    """An hour whose rows changed after it may have been rolled up (set by triggers)."""
+
+    __tablename__ = "nlu_prompt_stats_dirty"
+
+    hour: Mapped[datetime] = mapped_column(Timestamp, primary_key=True)
+    txid: Mapped[int] = mapped_column(BigInteger, primary_key=True)

@@ -28,7 +28,9 @@ scoped the same way.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -44,6 +46,8 @@ from capture.queries import (
     PromptLogRow,
     RetrainingRow,
     SecondaryIntents,
+    StatsCover,
+    StatsRefresh,
     utc_now,
 )
 
@@ -59,6 +63,7 @@ __all__ = [
     "NLURepository",
     "PromptLogRow",
     "RetrainingRow",
+    "StatsRefresh",
     "UnknownLogIdError",
     "add_prompt_correction",
     "create_nlu_repository",
@@ -71,6 +76,7 @@ __all__ = [
     "get_success_rate_by_intent",
     "get_user_prompts",
     "log_prompt",
+    "refresh_prompt_stats",
     "update_prompt_log_outcome",
     "user_scope",
 ]
@@ -247,25 +253,68 @@ async def get_prompts_for_retraining(
     return [queries.map_retraining_row(r) for r in await session.execute(statement)]
 
 
+async def _stats_cover(session: AsyncSession, since: datetime | None) -> StatsCover | None:
+    """Where the statistics over ``created_at > since`` read from (rollup and/or raw table)."""
+    rows = (await session.execute(queries.select_stats_cover_state())).all()
+    return queries.stats_cover_from_rows(rows, since)
+
+
 async def get_confidence_distribution(
     days: float | None = 7, *, session: AsyncSession, clock: Clock = utc_now
 ) -> list[ConfidenceBucket]:
-    statement = queries.select_confidence_distribution(since=queries.since_days(clock(), days))
+    """Rows per confidence bucket (one decimal) over the last ``days`` days, highest first."""
+    since = queries.since_days(clock(), days)
+    statement = queries.select_confidence_distribution(
+        since=since, cover=await _stats_cover(session, since)
+    )
     return [queries.map_confidence_bucket(r) for r in await session.execute(statement)]
 
 
 async def get_intent_distribution(
     days: float | None = 7, *, session: AsyncSession, clock: Clock = utc_now
 ) -> list[IntentStats]:
-    statement = queries.select_intent_distribution(since=queries.since_days(clock(), days))
+    """Per predicted intent: rows, average confidence, corrections; most frequent first."""
+    since = queries.since_days(clock(), days)
+    statement = queries.select_intent_distribution(
+        since=since, cover=await _stats_cover(session, since)
+    )
     return [queries.map_intent_stats(r) for r in await session.execute(statement)]
 
 
 async def get_success_rate_by_intent(
     days: float | None = None, *, session: AsyncSession, clock: Clock = utc_now
 ) -> list[IntentSuccessRate]:
-    statement = queries.select_success_rate_by_intent(since=queries.since_days(clock(), days))
+    """Per predicted intent with a known outcome: total, successes, rate; lowest rate first.
+    ``days=None`` (the default) is all time: the rollup keeps that cheap."""
+    since = queries.since_days(clock(), days)
+    statement = queries.select_success_rate_by_intent(
+        since=since, cover=await _stats_cover(session, since)
+    )
     return [queries.map_success_rate(r) for r in await session.execute(statement)]
+
+
+async def refresh_prompt_stats(
+    *,
+    session: AsyncSession,
+    until: datetime | None = None,
+    wait_timeout: float = 30.0,
+    poll_interval: float = 0.05,
+) -> StatsRefresh:
+    """Bring the monitoring rollup up to date (see :func:`capture.queries.refresh_prompt_stats`;
+    the caller owns the transaction). The statistics are exact with or without it; it keeps
+    them fast. Waiting for concurrent writers (PostgreSQL) does not block the event loop."""
+    start = await session.run_sync(queries.refresh_begin)
+    left = start.writers
+    deadline = time.monotonic() + wait_timeout
+    while left and time.monotonic() < deadline:
+        await asyncio.sleep(poll_interval)
+        result = await session.execute(queries.select_raw_writers_left(left))
+        left = tuple(result.scalars())
+    return await session.run_sync(
+        lambda sync_session: queries.refresh_finish(
+            sync_session, start, writers_left=left, until=until
+        )
+    )
 
 
 # --------------------------------------------------------------------------- the class
@@ -388,6 +437,14 @@ class NLURepository:
     ) -> list[IntentSuccessRate]:
         async with db.session_scope(self.engine) as session:
             return await get_success_rate_by_intent(days, session=session, clock=self.clock)
+
+    async def refresh_prompt_stats(
+        self, *, until: datetime | None = None, wait_timeout: float = 30.0
+    ) -> StatsRefresh:
+        async with db.session_scope(self.engine) as session:
+            return await refresh_prompt_stats(
+                session=session, until=until, wait_timeout=wait_timeout
+            )
 
 
 def create_nlu_repository(url: str | None = None, *, clock: Clock = utc_now) -> NLURepository:

@@ -57,6 +57,51 @@ def db_current() -> None:
     console.print(f"current: {db.current_revision() or 'none'}; head: {db.head_revision()}")
 
 
+@db_app.command("refresh-stats")
+def db_refresh_stats(
+    wait_timeout: Annotated[
+        float,
+        typer.Option(
+            "--wait-timeout",
+            min=0,
+            help="Seconds to wait for transactions writing the logs (PostgreSQL).",
+        ),
+    ] = 30.0,
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="Drop the rollup and recompute every hour.")
+    ] = False,
+) -> None:
+    """Bring the monitoring rollup up to date (the hourly monitor flow does it every run).
+
+    The confidence / intent / success-rate statistics read it for closed hours and the raw
+    table for the rest; they are exact either way, the rollup keeps them fast.
+    """
+    from sqlalchemy.orm import Session
+
+    from capture import db, queries
+
+    try:
+        db.ensure_migrated()
+    except db.DatabaseNotMigratedError as exc:
+        _fail_bad_input(exc)
+    with Session(db.get_sync_engine()) as session:
+        if rebuild:
+            queries.reset_prompt_stats(session)
+        result = queries.refresh_prompt_stats(session=session, wait_timeout=wait_timeout)
+        session.commit()
+    if result.writers_left:
+        console.print(
+            f"[yellow]{result.writers_left} transaction(s) were still writing the logs after "
+            f"{wait_timeout:g} s: the watermark did not advance; run it again later[/yellow]"
+        )
+    watermark = "none" if result.watermark is None else result.watermark.isoformat()
+    console.print(
+        f"statistics rollup: hours before [bold]{watermark}[/bold] rolled up "
+        f"({'full' if result.full else 'incremental'}: {result.dirty_hours} dirty hours, "
+        f"{result.hourly_rows} hourly rows, {result.daily_rows} daily rows written)"
+    )
+
+
 def _fail_bad_input(exc: Exception) -> None:
     """Print a data/model error without a traceback and exit with status 2."""
     from rich.markup import escape

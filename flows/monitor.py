@@ -18,6 +18,7 @@ from tasks.monitor import (
     collect_window_stats,
     find_breaches,
     notify_breaches,
+    refresh_statistics,
     window_bounds,
 )
 
@@ -38,6 +39,7 @@ def monitor_flow(
     low_confidence_threshold: float = 0.7,
     max_cycle_age_days: float = 8.0,
     check_weekly_cycle: bool = True,
+    refresh_stats: bool = True,
     delivery_attempts: int = 3,
     retry_backoff_s: float = 2.0,
     database_url: str | None = None,
@@ -49,6 +51,10 @@ def monitor_flow(
     ``PROMPT_CAPTURE_ALERT_WEBHOOK_URL``) and/or the Prefect notification block
     ``notification_block`` (``<block-type>/<name>``). Delivery failures are retried, then
     reported in the result (``delivery_errors``); they never fail the flow.
+
+    First (unless ``refresh_stats`` is false) it brings the monitoring rollup up to date, which
+    keeps the confidence / intent / success-rate statistics fast (``stats_refresh`` in the
+    result; see docs/DATABASE.md "Monitoring rollup").
     """
     run_logger = get_run_logger()
     settings = get_settings()
@@ -66,6 +72,7 @@ def monitor_flow(
     home_dir = Path(home) if home else settings.home
     webhook_url = webhook_url or settings.alert_webhook_url or None
 
+    refreshed = refresh_statistics(database_url) if refresh_stats else None
     stats = collect_window_stats(
         database_url, now=now, window=window, low_confidence_threshold=low_confidence_threshold
     )
@@ -104,4 +111,5 @@ def monitor_flow(
             for d in result.deliveries
         ],
         "delivery_errors": result.errors,
+        "stats_refresh": refreshed,
     }

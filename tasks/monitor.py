@@ -174,6 +174,25 @@ def _select_traffic(start: datetime, end: datetime) -> Any:
     )
 
 
+@task(name="monitor-refresh-stats", cache_policy=NO_CACHE)
+def refresh_statistics(url: str | None, *, wait_timeout: float = 30.0) -> dict[str, Any]:
+    """Bring the monitoring rollup (migration 0004) up to date, so that the dashboards' and
+    reports' statistics read it instead of the raw rows; returns what the refresh did
+    (:meth:`capture.queries.StatsRefresh.as_dict`)."""
+    with Session(get_sync_engine(database_url(url))) as session:
+        result = queries.refresh_prompt_stats(session=session, wait_timeout=wait_timeout)
+        session.commit()
+    logger.info(
+        "statistics rollup: watermark %s (was %s), %d dirty hours, %d hourly and %d daily rows",
+        result.watermark,
+        result.previous_watermark,
+        result.dirty_hours,
+        result.hourly_rows,
+        result.daily_rows,
+    )
+    return result.as_dict()
+
+
 @task(name="monitor-window-stats", cache_policy=NO_CACHE)
 def collect_window_stats(
     url: str | None, *, now: datetime, window: timedelta, low_confidence_threshold: float

@@ -9,7 +9,8 @@ Recipe (defaults in :class:`TrainConfig`):
    ``max_seq_length``) optimises the encoder jointly with a cosine classifier head (cross-entropy,
    head initialised from class centroids) plus MultipleNegativesRankingLoss on the pairs.
 3. The final head is an L2-regularised logistic regression on the tuned embeddings.
-4. A temperature is fitted on validation (NLL), and the out-of-scope threshold is chosen on
+4. A temperature is fitted on validation (NLL) — jointly with an offset on the out-of-scope
+   logit when validation has out-of-scope rows — and the out-of-scope threshold is chosen on
    validation when it has out-of-scope rows.
 
 The output follows docs/ARCHITECTURE.md (metadata.json, encoder/, head.npz).
@@ -42,6 +43,7 @@ from tasks.evaluate import (
     encode_texts,
     expected_calibration_error,
     fit_temperature,
+    fit_temperature_and_offset,
     load_encoder,
     read_metadata,
     softmax,
@@ -79,6 +81,9 @@ class TrainConfig:
     oos_label: str = "oos"
     oos_as_class: bool = True
     calibrate: bool = True
+    # With out-of-scope rows in validation: fit an offset on the out-of-scope logit jointly with
+    # the temperature (tasks.evaluate.fit_temperature_and_offset), folded into the head's bias.
+    calibrate_oos_offset: bool = True
     centroid_examples: int = 16
     log_every: int = 25
     torch_threads: int | None = None
@@ -445,7 +450,19 @@ def train_model(
         known = np.array([r.label in label_index for r in val])
         targets = np.array([label_index[r.label] for r in val if r.label in label_index])
         raw = softmax(val_logits)
-        if config.calibrate and known.any():
+        oos_column = label_index.get(oos)
+        if (
+            config.calibrate
+            and config.calibrate_oos_offset
+            and oos_column is not None
+            and (targets == oos_column).any()
+        ):
+            temperature, beta = fit_temperature_and_offset(val_logits[known], targets, oos_column)
+            b = b.copy()
+            b[oos_column] += np.float32(temperature * beta)  # folded into the head
+            val_logits = val_emb @ W.T + b
+            metrics["oos_logit_offset"] = float(temperature * beta)
+        elif config.calibrate and known.any():
             temperature = fit_temperature(val_logits[known], targets)
         probs = softmax(val_logits / temperature)
         ece_before = expected_calibration_error(

@@ -18,6 +18,7 @@ from tasks.evaluate import (
     evaluate_model,
     expected_calibration_error,
     fit_temperature,
+    fit_temperature_and_offset,
     softmax,
 )
 from tasks.records import Record
@@ -76,6 +77,31 @@ def test_temperature_fit_recovers_a_known_temperature_and_lowers_held_out_ece() 
     ece_raw = expected_calibration_error(raw.max(1), raw.argmax(1) == held_targets)
     ece_cal = expected_calibration_error(cal.max(1), cal.argmax(1) == held_targets)
     assert ece_cal < 0.03 < ece_raw
+
+
+def test_temperature_and_offset_recover_a_shifted_class_and_beat_temperature_alone() -> None:
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3.0, size=(8000, 6))
+    true_t, true_beta, column = 1.5, -2.0, 5  # column 5 is predicted far too often
+    p = softmax(logits / true_t + true_beta * (np.arange(6) == column))
+    targets = np.array([rng.choice(6, p=row) for row in p])
+    t, beta = fit_temperature_and_offset(logits[:4000], targets[:4000], column)
+    assert t == pytest.approx(true_t, rel=0.1)
+    assert beta == pytest.approx(true_beta, abs=0.25)
+    held, held_targets = logits[4000:], targets[4000:]
+    shifted = held.copy()
+    shifted[:, column] += t * beta  # the fold used by training: b[column] += T * beta
+    joint = softmax(shifted / t)
+    t_only = softmax(held / fit_temperature(logits[:4000], targets[:4000]))
+    ece_joint = expected_calibration_error(joint.max(1), joint.argmax(1) == held_targets)
+    ece_t_only = expected_calibration_error(t_only.max(1), t_only.argmax(1) == held_targets)
+    assert ece_joint < 0.03 and ece_joint < ece_t_only
+    # Data with no class shift: the offset stays near zero.
+    fair = softmax(logits / true_t)
+    fair_targets = np.array([rng.choice(6, p=row) for row in fair])
+    assert abs(fit_temperature_and_offset(logits, fair_targets, column)[1]) < 0.2
+    with pytest.raises(ValueError, match="column"):
+        fit_temperature_and_offset(logits, targets, 6)
 
 
 def test_oos_threshold_balances_in_scope_and_oos() -> None:

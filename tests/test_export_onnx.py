@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 
 from tasks.export_onnx import (
+    INT8_RECIPES,
     QUANTIZATION_INT8,
     QUANTIZATION_NONE,
     ExportError,
     ExportReport,
     export_onnx,
+    quantize_int8,
+    split_outlier_channels,
 )
 from tests.model_fixtures import (  # noqa: F401  (fixtures)
     FIXTURE_RECORDS,
@@ -118,6 +121,22 @@ def test_metadata_round_trip(exported_model_dir: Path) -> None:  # noqa: F811
     assert prob_dims[0].dim_param == "batch" and prob_dims[1].dim_value == len(meta["labels"])
     assert outputs["embeddings"].shape.dim[1].dim_value == meta["embedding_dim"]
 
+    # Layer norms and GELU are fused; with the first int8 recipe, attention too (one quantised
+    # attention node per encoder layer); outlier channels stay in small fp32 MatMuls.
+    encoder_config = json.loads((exported_model_dir / "encoder" / "config.json").read_text())
+    report = exported_report(exported_model_dir)
+    ops = [node.op_type for node in graph.node]
+    layers = encoder_config["num_hidden_layers"]
+    recipe = json.loads(props["export_int8_recipe"])
+    assert recipe == report["int8_recipe"] and recipe in {r.name for r in INT8_RECIPES}
+    assert ops.count("QAttention") == (layers if recipe == INT8_RECIPES[0].name else 0)
+    assert "SkipLayerNormalization" in ops and "BiasGelu" in ops
+    assert props["export_fused_attention"] == "true"
+    attempt = report["int8_attempts"][-1]
+    fp32_side = [n for n in graph.node if n.op_type == "MatMul" and n.name.endswith("__outliers")]
+    assert attempt["recipe"] == recipe and attempt["outlier_channels"] > 0
+    assert fp32_side, "outlier channels must stay in fp32 MatMuls"
+
 
 def test_int8_parity_on_fixed_sentences(exported_model_dir: Path, torch_model) -> None:  # noqa: F811
     from capture.classifier import OnnxClassifier
@@ -204,3 +223,51 @@ def test_head_shape_mismatch_is_refused(small_model_dir: Path, tmp_path: Path) -
     with pytest.raises(ExportError, match="'temperature' must be > 0"):
         export_onnx(dest)
     assert sorted(p.name for p in dest.iterdir()) == ["encoder", "head.npz", "metadata.json"]
+
+
+def _matmul_graph(weight: np.ndarray) -> bytes:
+    import onnx
+    from onnx import helper, numpy_helper
+
+    k, n = weight.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="dense")],
+        "dense",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["rows", k])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["rows", n])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_outlier_split_is_exact_in_fp32_and_sharpens_int8(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(0, 0.1, size=(64, 32)).astype(np.float32)
+    x = rng.normal(0, 1.0, size=(200, 64)).astype(np.float32)
+    x[:, [3, 40]] *= 40.0  # two outlier channels, as in BERT's layer-norm outputs
+    source = tmp_path / "dense.onnx"
+    source.write_bytes(_matmul_graph(weight))
+    ranges = {"x": np.abs(x).max(axis=0)}
+    split = split_outlier_channels(source, tmp_path / "split.onnx", ranges, threshold=6.0)
+    assert split.channels == 2 and split.fp32_nodes == ("dense__outliers",)
+
+    def run(path: Path) -> np.ndarray:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return np.asarray(session.run(["y"], {"x": x})[0])
+
+    exact = x @ weight
+    np.testing.assert_allclose(run(split.path), exact, rtol=1e-4, atol=1e-3)
+    quantize_int8(source, tmp_path / "plain-int8.onnx")
+    quantize_int8(split.path, tmp_path / "split-int8.onnx", exclude=split.fp32_nodes)
+    plain_error = np.abs(run(tmp_path / "plain-int8.onnx") - exact).mean()
+    split_error = np.abs(run(tmp_path / "split-int8.onnx") - exact).mean()
+    assert split_error < plain_error / 3
+    # Nothing above the threshold: the graph is left as it was.
+    calm = split_outlier_channels(
+        source, tmp_path / "calm.onnx", {"x": np.ones(64, np.float32)}, threshold=6.0
+    )
+    assert calm.channels == 0 and calm.fp32_nodes == ()
