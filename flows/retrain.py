@@ -75,12 +75,11 @@ def train_challenger(
     config = train_config(hyperparameters)
     train = load_records(training_data)
     val = read_eval_records(val_data) or None
-    extra = read_pairs(pairs_data) if pairs_data is not None else None
+    # The pairs flow's file is the contrastive budget (max_pairs): train on it, not on top of it.
+    pairs = read_pairs(pairs_data) if pairs_data is not None else None
     if output.exists():
         shutil.rmtree(output)
-    result = train_model(
-        train, val, output, config=config, base_model=base_model, extra_pairs=extra
-    )
+    result = train_model(train, val, output, config=config, base_model=base_model, pairs=pairs)
     return result.model_dir
 
 

@@ -341,6 +341,7 @@ def train_model(
     config: TrainConfig | None = None,
     base_model: str | os.PathLike[str] | None = None,
     extra_pairs: Sequence[Pair] | None = None,
+    pairs: Sequence[Pair] | None = None,
     progress: bool = True,
     on_encoder_ready: Callable[[Any], None] | None = None,
 ) -> TrainResult:
@@ -350,6 +351,9 @@ def train_model(
     ``base_model``: None for the bundled all-MiniLM-L6-v2; a model directory warm-starts from its
     encoder/ (its version becomes ``parent_version``); any sentence-transformers directory works.
     ``extra_pairs`` (e.g. from ``convert-to-pairs``) are added to the generated pairs.
+    ``pairs``, when given, are the contrastive pairs to train on instead of generated ones (the
+    weekly cycle passes the pairs flow's budgeted file, so a retrain costs ``max_pairs``, not
+    the size of the training data); ``extra_pairs`` are still added.
     Without ``val``, the temperature is 1 and there is no OOS threshold.
     """
     import torch
@@ -398,26 +402,34 @@ def train_model(
         c = base_emb[y_sample == i].mean(axis=0)
         centroids[i] = c / (np.linalg.norm(c) + 1e-12)
 
-    n_pairs = config.max_pairs
-    if n_pairs is None:
-        n_pairs = max(round(config.pairs_per_example * len(train_rows)), len(labels))
-    pairs = build_pairs(
-        train_rows,
-        max_pairs=n_pairs,
-        seed=config.seed,
-        with_negatives=config.hard_negatives,
-        hard_negatives=_confusions(base_emb, y_sample, centroids, labels)
-        if config.hard_negatives
-        else None,
-    )
+    if pairs is not None:
+        training_pairs = [p for p in pairs if p.label in label_index]
+        if not training_pairs:
+            raise ValueError(
+                f"pairs: expected pairs whose labels occur in the training data, found none of "
+                f"{len(pairs)}; rebuild the pairs from this training file"
+            )
+    else:
+        n_pairs = config.max_pairs
+        if n_pairs is None:
+            n_pairs = max(round(config.pairs_per_example * len(train_rows)), len(labels))
+        training_pairs = build_pairs(
+            train_rows,
+            max_pairs=n_pairs,
+            seed=config.seed,
+            with_negatives=config.hard_negatives,
+            hard_negatives=_confusions(base_emb, y_sample, centroids, labels)
+            if config.hard_negatives
+            else None,
+        )
     if extra_pairs:
-        pairs += [p for p in extra_pairs if p.label in label_index]
-    steps = plan_steps(len(pairs), config)
+        training_pairs += [p for p in extra_pairs if p.label in label_index]
+    steps = plan_steps(len(training_pairs), config)
     logger.info(
         "training %d labels on %d examples: %d pairs, %d steps of %d pairs (%s)",
         len(labels),
         len(train_rows),
-        len(pairs),
+        len(training_pairs),
         steps,
         config.batch_size,
         config.loss,
@@ -425,7 +437,7 @@ def train_model(
     t_train = time.perf_counter()
     cos_head, history = _fine_tune(
         encoder,
-        pairs=pairs,
+        pairs=training_pairs,
         label_index=label_index,
         centroids=centroids,
         config=config,

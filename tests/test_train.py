@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tasks.evaluate import TorchModel, compute_report, expected_calibration_error, softmax
-from tasks.pairs import build_pairs
+from tasks.pairs import Pair, build_pairs
 from tasks.records import Record
 from tasks.train import (
     BUNDLED_BASE_NAME,
@@ -124,6 +124,24 @@ def test_warm_start_loads_the_parent_and_records_its_version(
     assert meta["parent_version"] == tiny_model.version
     assert meta["base_model"] == BUNDLED_BASE_NAME
     assert meta["version"] != tiny_model.version
+
+
+def test_given_pairs_replace_the_generated_ones_and_set_the_budget(tmp_path: Path) -> None:
+    train, val, _ = split()
+    by_label: dict[str, list[str]] = {}
+    for record in train:
+        by_label.setdefault(record.label, []).append(record.text)
+    pairs = [Pair(texts[0], texts[1], label) for label, texts in sorted(by_label.items())][:4]
+    config = TrainConfig(min_steps=1, epochs=2.0, batch_size=2, max_seq_length=16)
+    result = train_model(
+        train, val, tmp_path / "budget", config=config, pairs=pairs, progress=False
+    )
+    assert result.steps == plan_steps(len(pairs), config) == 4  # 2 passes over 4 pairs of 2
+    assert result.steps < plan_steps(len(train), config)  # generated pairs would cost more
+    stranger = [Pair("hello there", "hi there", "no-such-intent")]
+    with pytest.raises(ValueError, match="pairs: expected pairs whose labels occur"):
+        train_model(train, val, tmp_path / "never", config=config, pairs=stranger, progress=False)
+    assert not (tmp_path / "never").exists()
 
 
 def test_refuses_non_empty_output_and_writes_nothing_on_bad_input(tmp_path: Path) -> None:
