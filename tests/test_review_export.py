@@ -58,9 +58,16 @@ def test_selection_goes_beyond_the_threshold(db_url: str, tmp_path: Path) -> Non
         "small margin above the threshold",
     }
     assert export.reasons == {"failed": 1, "low-confidence": 3, "small-margin": 2}
-    # The budget takes the most uncertain first (margin strategy: smallest gap first).
-    top = export_review_task.fn(tmp_path / "top.json", url=db_url, days=7, limit=2)
+    # The budget takes the most uncertain first: margin = smallest top-1/top-2 gap first,
+    # threshold = lowest confidence first.
+    top = export_review_task.fn(
+        tmp_path / "top.json", url=db_url, days=7, limit=2, strategy="margin"
+    )
     assert [c.prompt for c in top.selected] == ["a near tie", "small margin above the threshold"]
+    lowest = export_review_task.fn(
+        tmp_path / "low.json", url=db_url, days=7, limit=2, strategy="threshold"
+    )
+    assert [c.prompt for c in lowest.selected] == ["low confidence one", "a near tie"]
     failed_first = export_review_task.fn(
         tmp_path / "ff.json", url=db_url, days=7, limit=1, strategy="failed-first"
     )
