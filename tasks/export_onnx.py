@@ -676,7 +676,6 @@ def export_onnx(
         fallback: str | None = None
         chosen = fp32_path
         if quantize:
-            ranges: dict[str, np.ndarray] | None = None
             calibration = texts[:CALIBRATION_TEXTS]
             for recipe in INT8_RECIPES:
                 source = fp32_path
@@ -687,8 +686,11 @@ def export_onnx(
                     optimize_graph(traced_path, source, model_dir / "encoder", fuse_attention=False)
                 split: OutlierSplit | None = None
                 if recipe.split_outliers:
-                    ranges = activation_ranges(source, tokenizer, calibration)
-                    split = split_outlier_channels(source, work / "model.split.onnx", ranges)
+                    split = split_outlier_channels(
+                        source,
+                        work / "model.split.onnx",
+                        activation_ranges(source, tokenizer, calibration),
+                    )
                     source = split.path
                 quantize_int8(source, int8_path, exclude=split.fp32_nodes if split else ())
                 int8_agreement, int8_diff = parity(
