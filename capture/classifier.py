@@ -45,6 +45,12 @@ SMOKE_TEXT = "schedule time to work on my assignment"
 # int8 graph (1 thread, CLINC150 prompts, batches of 64): 4 -> 749, 8 -> 728, 16 -> 677,
 # 32 -> 547 and one padded run of 64 -> 322 texts/s (2026-11-26).
 SUB_BATCH = 8
+# ONNX Runtime graph rewrites left off when a session is built. SkipLayerNormFusion would turn
+# each residual Add + LayerNormalization back into the contrib SkipLayerNormalization op, whose
+# CPU kernel (onnxruntime 1.32) takes ~25 us on a 10 x 384 input where Add + LayerNormalization
+# take ~9 us: 12 of them cost a fifth of a single-prompt forward pass (bench/RESULTS.md,
+# 2026-11-26). The export leaves them unfused for the same reason.
+DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
 class ModelLoadError(RuntimeError):
@@ -109,7 +115,10 @@ class OnnxClassifier:
         options.log_severity_level = 3
         try:
             return ort.InferenceSession(
-                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+                str(path),
+                sess_options=options,
+                providers=["CPUExecutionProvider"],
+                disabled_optimizers=list(DISABLED_OPTIMIZERS),
             )
         except Exception as exc:  # onnxruntime raises several pybind types; re-raised with the path
             raise ModelLoadError(

@@ -17,6 +17,7 @@ from tasks.export_onnx import (
     ExportReport,
     export_onnx,
     quantize_int8,
+    smooth_outlier_channels,
     split_outlier_channels,
 )
 from tests.model_fixtures import (  # noqa: F401  (fixtures)
@@ -121,8 +122,10 @@ def test_metadata_round_trip(exported_model_dir: Path) -> None:  # noqa: F811
     assert prob_dims[0].dim_param == "batch" and prob_dims[1].dim_value == len(meta["labels"])
     assert outputs["embeddings"].shape.dim[1].dim_value == meta["embedding_dim"]
 
-    # Layer norms and GELU are fused; with the first int8 recipe, attention too (one quantised
-    # attention node per encoder layer); outlier channels stay in small fp32 MatMuls.
+    # The embedding layer norm and GELU are fused, residual layer norms are not (the faster pair
+    # on CPU); with the first int8 recipe attention is fused too (one quantised attention node per
+    # encoder layer) and outlier channels are scaled by Mul nodes, with the second they are split
+    # into small fp32 MatMuls.
     encoder_config = json.loads((exported_model_dir / "encoder" / "config.json").read_text())
     report = exported_report(exported_model_dir)
     ops = [node.op_type for node in graph.node]
@@ -130,12 +133,19 @@ def test_metadata_round_trip(exported_model_dir: Path) -> None:  # noqa: F811
     recipe = json.loads(props["export_int8_recipe"])
     assert recipe == report["int8_recipe"] and recipe in {r.name for r in INT8_RECIPES}
     assert ops.count("QAttention") == (layers if recipe == INT8_RECIPES[0].name else 0)
-    assert "SkipLayerNormalization" in ops and "BiasGelu" in ops
+    assert "SkipLayerNormalization" not in ops
+    assert ops.count("LayerNormalization") == 2 * layers and "BiasGelu" in ops
     assert props["export_fused_attention"] == "true"
     attempt = report["int8_attempts"][-1]
-    fp32_side = [n for n in graph.node if n.op_type == "MatMul" and n.name.endswith("__outliers")]
     assert attempt["recipe"] == recipe and attempt["outlier_channels"] > 0
-    assert fp32_side, "outlier channels must stay in fp32 MatMuls"
+    if recipe == "fused-attention+smoothed":
+        smoothing = [n for n in graph.node if n.op_type == "Mul" and n.name.endswith("__smooth")]
+        assert smoothing, "outlier channels must be scaled before quantisation"
+    else:
+        fp32_side = [
+            n for n in graph.node if n.op_type == "MatMul" and n.name.endswith("__outliers")
+        ]
+        assert fp32_side, "outlier channels must stay in fp32 MatMuls"
 
 
 def test_int8_parity_on_fixed_sentences(exported_model_dir: Path, torch_model) -> None:  # noqa: F811
@@ -271,3 +281,51 @@ def test_outlier_split_is_exact_in_fp32_and_sharpens_int8(tmp_path: Path) -> Non
         source, tmp_path / "calm.onnx", {"x": np.ones(64, np.float32)}, threshold=6.0
     )
     assert calm.channels == 0 and calm.fp32_nodes == ()
+
+
+def test_outlier_smoothing_is_exact_in_fp32_and_sharpens_int8(tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(1)
+    weight = rng.normal(0, 0.1, size=(64, 32)).astype(np.float32)
+    x = rng.normal(0, 1.0, size=(200, 64)).astype(np.float32)
+    # Two outlier channels reaching ~25 and a milder third one (~8), as in MiniLM's layer-norm
+    # outputs; at most two channels are treated per input.
+    x[:, [5, 17]] *= 8.0
+    x[:, 60] *= 2.5
+    source = tmp_path / "dense.onnx"
+    source.write_bytes(_matmul_graph(weight))
+    peaks = np.abs(x).max(axis=0)
+    smoothed = smooth_outlier_channels(
+        source, tmp_path / "smooth.onnx", {"x": peaks}, threshold=6.0, max_channels=2
+    )
+    top_two = sorted(int(i) for i in np.argsort(peaks)[::-1][:2])
+    assert smoothed.channels == 2 and smoothed.fp32_nodes == ()
+    graph = onnx.load(str(smoothed.path)).graph
+    assert [n.op_type for n in graph.node] == ["Mul", "MatMul"]
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    inv_scale = inits["x__inv_scale"]
+    expected = np.ones(64, np.float32)
+    expected[top_two] = 6.0 / peaks[top_two]
+    np.testing.assert_allclose(inv_scale, expected, rtol=1e-6)
+    assert "w" not in inits  # the unscaled weight is no longer used and is dropped
+
+    def run(path: Path) -> np.ndarray:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return np.asarray(session.run(["y"], {"x": x})[0])
+
+    exact = x @ weight
+    np.testing.assert_allclose(run(smoothed.path), exact, rtol=1e-4, atol=1e-3)
+    quantize_int8(source, tmp_path / "plain-int8.onnx")
+    quantize_int8(smoothed.path, tmp_path / "smooth-int8.onnx")
+    plain_error = np.abs(run(tmp_path / "plain-int8.onnx") - exact).mean()
+    smooth_error = np.abs(run(tmp_path / "smooth-int8.onnx") - exact).mean()
+    # The weight rows of the outlier channels grow by up to ~4x (per-channel weight scales absorb
+    # part of it); the activations' int8 step shrinks by as much.
+    assert smooth_error < plain_error * 0.75
+    calm = smooth_outlier_channels(
+        source, tmp_path / "calm.onnx", {"x": np.ones(64, np.float32)}, threshold=6.0
+    )
+    assert calm.channels == 0
+    assert [n.op_type for n in onnx.load(str(calm.path)).graph.node] == ["MatMul"]
