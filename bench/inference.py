@@ -1,17 +1,20 @@
 """Serving benchmark: sentence-transformers torch vs ONNX Runtime fp32 vs ONNX int8, same run.
 
-    .venv/bin/python -m bench.inference [--model DIR] [--threads 1] [--per-intent 40]
-        [--n-single 300] [--n-batches 15] [--agreement-limit 0] [--work DIR] [--no-results]
+    .venv/bin/python -m bench.inference [--model DIR] [--threads 1 2] [--per-intent 40]
+        [--n-single 300] [--n-batches 15] [--rounds 5] [--agreement-limit 0] [--work DIR]
+        [--no-results]
 
 Baseline: ``SentenceTransformer.encode`` (torch) + the same linear head, temperature and softmax
 in numpy. Candidates: :class:`capture.classifier.OnnxClassifier` over the fp32 and the int8
 export of the same model directory (``tasks.export_onnx.export_onnx``; the int8 file is exported
 with the gate off so that it can be measured, and the gate verdict is reported separately).
 
-Measured, tokenisation included, ``--threads`` intra-op threads for every backend:
-single-prompt latency p50/p99 (``predict`` of one prompt at a time), batch-64 throughput, top-1
-agreement with the torch model on CLINC150 val+test texts (batched, and for int8 also one prompt
-at a time, the serving case), and top-1 accuracy against the gold labels.
+Measured, tokenisation included, for each ``--threads`` value (intra-op threads, the same for
+every backend): single-prompt latency p50/p99 (``predict`` of one prompt at a time) and batch-64
+throughput. The backends take turns: ``--rounds`` rounds, each timing a share of the prompts and
+batches on every backend in turn, so a slow spell of this shared machine falls on all of them
+alike. Then top-1 agreement with the torch model on CLINC150 val+test texts (batched, and one
+prompt at a time, the serving case) and top-1 accuracy against the gold labels.
 
 Model: ``--model DIR`` (a trained model directory: encoder/, head.npz, metadata.json), otherwise
 the bundled all-MiniLM-L6-v2 with a logistic-regression head (C=10) fit on frozen embeddings of
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -60,6 +64,13 @@ BATCH = 64
 TARGET_P50 = 12.0
 TARGET_THROUGHPUT = 4.0
 TARGET_AGREEMENT = 0.99
+# A pause before each backend's turn: the previous backend's worker threads (torch's OpenMP pool,
+# ONNX Runtime's intra-op pool) spin for a while after their last task and would take the cores
+# from the next backend.
+SETTLE_S = 0.5
+# Untimed prompts at the start of each turn: the other backends' turns pushed this one's weights
+# out of the CPU caches, where a serving process that runs one model keeps them.
+TURN_WARMUP = 10
 
 
 @dataclass
@@ -144,27 +155,60 @@ def staged_copy(model_dir: Path, dest: Path) -> Path:
     return dest
 
 
-def latency(predict_one: Callable[[str], object], texts: Sequence[str], n: int) -> list[float]:
-    for text in texts[:20]:
-        predict_one(text)  # warm-up
-    out = []
-    for i in range(n):
-        text = texts[i % len(texts)]
-        started = time.perf_counter()
-        predict_one(text)
-        out.append((time.perf_counter() - started) * 1000.0)
-    return out
+@dataclass
+class Backend:
+    """One thing to time: how to classify one prompt and a batch, and what to do before a turn
+    (torch's thread count is process-wide, so its turn sets it)."""
+
+    name: str
+    predict_one: Callable[[str], object]
+    predict_many: Callable[[list[str]], object]
+    before_turn: Callable[[], None] = lambda: None
 
 
-def throughput(
-    predict_many: Callable[[list[str]], object], texts: Sequence[str], n_batches: int
-) -> float:
+def timed_rounds(
+    backends: Sequence[Backend],
+    texts: Sequence[str],
+    *,
+    n_single: int,
+    n_batches: int,
+    rounds: int,
+) -> list[Timing]:
+    """Single-prompt latencies (ms) and batch-64 throughput of every backend, in ``rounds``
+    turns: each round gives every backend its share of the prompts and of the batches."""
     batches = [list(texts[i * BATCH : (i + 1) * BATCH]) for i in range(n_batches)]
-    predict_many(batches[0])  # warm-up
-    started = time.perf_counter()
-    for batch in batches:
-        predict_many(batch)
-    return n_batches * BATCH / (time.perf_counter() - started)
+    single: dict[str, list[float]] = {b.name: [] for b in backends}
+    batch_seconds = dict.fromkeys(single, 0.0)
+    batch_count = dict.fromkeys(single, 0)
+    for backend in backends:  # warm-up
+        backend.before_turn()
+        for text in texts[:20]:
+            backend.predict_one(text)
+        backend.predict_many(batches[0])
+    for r in range(rounds):
+        prompts = range(r * n_single // rounds, (r + 1) * n_single // rounds)
+        round_batches = batches[r * n_batches // rounds : (r + 1) * n_batches // rounds]
+        for backend in backends:
+            backend.before_turn()
+            time.sleep(SETTLE_S)
+            for text in texts[:TURN_WARMUP]:  # the other backends' turns evicted its weights
+                backend.predict_one(text)
+            for i in prompts:
+                text = texts[i % len(texts)]
+                started = time.perf_counter()
+                backend.predict_one(text)
+                single[backend.name].append((time.perf_counter() - started) * 1000.0)
+            started = time.perf_counter()
+            for batch in round_batches:
+                backend.predict_many(batch)
+            batch_seconds[backend.name] += time.perf_counter() - started
+            batch_count[backend.name] += len(round_batches)
+    return [
+        summarise(
+            b.name, single[b.name], batch_count[b.name] * BATCH / max(batch_seconds[b.name], 1e-9)
+        )
+        for b in backends
+    ]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -242,52 +286,89 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row = torch_proba([text])[0]
         return labels[int(row.argmax())], float(row.max())
 
-    results: list[Timing] = []
     logger.info("torch: reference probabilities of %d texts", len(texts))
     reference = np.concatenate(
         [torch_proba(texts[i : i + BATCH]) for i in range(0, len(texts), BATCH)]
     )
-    torch.set_num_threads(args.threads)
-    logger.info("torch: %d single prompts, %d batches of %d", args.n_single, args.n_batches, BATCH)
-    torch_timing = summarise(
-        "torch (sentence-transformers encode + head)",
-        latency(torch_one, timing_texts, args.n_single),
-        throughput(torch_proba, timing_texts, args.n_batches),
-    )
     ref_top = reference.argmax(axis=1)
     gold_index = np.array([labels.index(g) if g in labels else -1 for g in gold])
     in_scope = gold_index >= 0
-    torch_timing.accuracy = float(np.mean(ref_top[in_scope] == gold_index[in_scope]))
-    results.append(torch_timing)
-
-    for name, directory, report in (
+    onnx_models = (
         ("onnx fp32", fp32_dir, fp32_report),
         (f"onnx int8 (per-channel, {int8_report.int8_recipe})", int8_dir, int8_report),
-    ):
-        classifier = OnnxClassifier(directory, threads=args.threads)
-        logger.info("%s: timing", name)
-        timing = summarise(
-            name,
-            latency(classifier.predict, timing_texts, args.n_single),
-            throughput(classifier.predict_batch, timing_texts, args.n_batches),
-        )
+    )
+
+    # Quality does not depend on the thread count: measured once.
+    quality: dict[str, dict[str, float | None]] = {
+        "torch": {"accuracy": float(np.mean(ref_top[in_scope] == gold_index[in_scope]))}
+    }
+    for name, directory, report in onnx_models:
+        classifier = OnnxClassifier(directory, threads=untimed_threads)
         probs = np.concatenate(
             [classifier.predict_proba(texts[i : i + BATCH]) for i in range(0, len(texts), BATCH)]
         )
-        timing.agreement = float(np.mean(probs.argmax(axis=1) == ref_top))
-        timing.accuracy = float(np.mean(probs.argmax(axis=1)[in_scope] == gold_index[in_scope]))
         single = np.array([int(classifier.predict_proba([t])[0].argmax()) for t in texts])
-        timing.agreement_single = float(np.mean(single == ref_top))
-        timing.agreement_single_in_scope = float(np.mean((single == ref_top)[in_scope]))
-        timing.size_mb = report.published_size_bytes / 1e6
-        results.append(timing)
+        quality[name] = {
+            "agreement": float(np.mean(probs.argmax(axis=1) == ref_top)),
+            "accuracy": float(np.mean(probs.argmax(axis=1)[in_scope] == gold_index[in_scope])),
+            "agreement_single": float(np.mean(single == ref_top)),
+            "agreement_single_in_scope": float(np.mean((single == ref_top)[in_scope])),
+            "size_mb": report.published_size_bytes / 1e6,
+        }
 
-    base = results[0]
+    runs = []
+    for threads in args.threads:
+        logger.info(
+            "%d thread(s): %d single prompts and %d batches of %d per backend, %d rounds",
+            threads,
+            args.n_single,
+            args.n_batches,
+            BATCH,
+            args.rounds,
+        )
+        backends = [
+            Backend(
+                "torch (sentence-transformers encode + head)",
+                torch_one,
+                torch_proba,
+                functools.partial(torch.set_num_threads, threads),
+            )
+        ]
+        for name, directory, _ in onnx_models:
+            classifier = OnnxClassifier(directory, threads=threads)
+            backends.append(Backend(name, classifier.predict, classifier.predict_batch))
+        results = timed_rounds(
+            backends,
+            timing_texts,
+            n_single=args.n_single,
+            n_batches=args.n_batches,
+            rounds=args.rounds,
+        )
+        for timing, key in zip(results, ("torch", *(m[0] for m in onnx_models)), strict=True):
+            for field, value in quality[key].items():
+                setattr(timing, field, value)
+        base = results[0]
+        runs.append(
+            {
+                "threads": threads,
+                "results": [
+                    {
+                        **t.__dict__,
+                        "p50_speedup": base.p50_ms / t.p50_ms,
+                        "throughput_ratio": t.batch_texts_per_s / base.batch_texts_per_s,
+                    }
+                    for t in results
+                ],
+            }
+        )
+    torch.set_num_threads(untimed_threads)
+
     summary = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": shlex.join([".venv/bin/python", "bench/inference.py", *sys.argv[1:]]),
         "model": model_source,
-        "threads": args.threads,
+        "threads": list(args.threads),
+        "rounds": args.rounds,
         "n_agreement": len(texts),
         "n_single": args.n_single,
         "n_batches": args.n_batches,
@@ -306,14 +387,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 (int8_report.int8_agreement or 0.0) >= TARGET_AGREEMENT
             ),
         },
-        "results": [
-            {
-                **t.__dict__,
-                "p50_speedup": base.p50_ms / t.p50_ms,
-                "throughput_ratio": t.batch_texts_per_s / base.batch_texts_per_s,
-            }
-            for t in results
-        ],
+        "runs": runs,
         "work_dir": str(work),
     }
     return summary
@@ -323,7 +397,7 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table(summary: dict[str, Any]) -> str:
+def table(run: dict[str, Any]) -> str:
     head = (
         "| backend | p50 ms | p99 ms | p50 speed-up | batch-64 texts/s | throughput ratio | "
         "agreement (batched) | agreement (single) | agreement (single, in-scope texts) | "
@@ -336,13 +410,13 @@ def table(summary: dict[str, Any]) -> str:
         f"{fmt(r['agreement'], '.2%')} | {fmt(r['agreement_single'], '.2%')} | "
         f"{fmt(r['agreement_single_in_scope'], '.2%')} | "
         f"{fmt(r['accuracy'], '.2%')} | {fmt(r['size_mb'], '.1f')} |"
-        for r in summary["results"]
+        for r in run["results"]
     ]
-    return head + "\n".join(rows) + "\n"
+    return f"{run['threads']} thread(s):\n\n" + head + "\n".join(rows) + "\n"
 
 
-def verdicts(summary: dict[str, Any]) -> str:
-    int8 = summary["results"][-1]
+def verdicts(run: dict[str, Any]) -> str:
+    int8 = run["results"][-1]
     checks = [
         ("int8 p50 speed-up", int8["p50_speedup"], TARGET_P50, f"{int8['p50_speedup']:.1f}x"),
         (
@@ -359,7 +433,8 @@ def verdicts(summary: dict[str, Any]) -> str:
         ),
     ]
     return "\n".join(
-        f"- {name}: {shown} (target >= {target:g}{'x' if target > 1 else ''}): "
+        f"- {run['threads']} thread(s), {name}: {shown} "
+        f"(target >= {target:g}{'x' if target > 1 else ''}): "
         f"{'met' if value >= target else 'NOT met'}"
         for name, value, target, shown in checks
     )
@@ -373,16 +448,14 @@ def append_results(summary: dict[str, Any]) -> None:
         f"\n## Inference: torch vs ONNX fp32 vs ONNX int8 ({summary['date']})\n\n"
         f"Command: `{summary['command']}`  \n"
         f"Model: {summary['model']}  \n"
-        f"Threads: {summary['threads']} intra-op thread(s) for every backend; "
-        f"{summary['n_single']} single prompts, {summary['n_batches']} batches of {BATCH}; "
+        f"Threads: {', '.join(map(str, summary['threads']))} intra-op thread(s), the same for "
+        f"every backend; {summary['n_single']} single prompts and {summary['n_batches']} batches "
+        f"of {BATCH} per backend, in {summary['rounds']} interleaved rounds; "
         f"agreement/accuracy on {summary['n_agreement']} CLINC150 val+test texts.  \n"
         f"Machine: {summary['cpu']}, load average {load} (shared); "
         f"torch {summary['versions']['torch']}, onnxruntime "
         f"{summary['versions']['onnxruntime']}.\n\n"
-        + table(summary)
-        + "\n"
-        + verdicts(summary)
-        + "\n"
+        + "\n".join(table(run) + "\n" + verdicts(run) + "\n" for run in summary["runs"])
     )
     with RESULTS.open("a", encoding="utf-8") as handle:
         handle.write(section)
@@ -392,10 +465,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a trained model directory (default: build one)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="CLINC150 directory")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads, every backend")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="intra-op threads, the same for every backend; one timed run per value",
+    )
     parser.add_argument("--per-intent", type=int, default=40, help="training rows per intent")
     parser.add_argument("--n-single", type=int, default=300, help="single prompts timed")
     parser.add_argument("--n-batches", type=int, default=15, help="batches of 64 timed")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument(
         "--agreement-limit", type=int, default=0, help="subsample val+test (0: all of them)"
     )
@@ -413,8 +493,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         logging.getLogger(name).setLevel(logging.INFO)
 
     summary = run(args)
-    print(table(summary))
-    print(verdicts(summary))
+    for timed in summary["runs"]:
+        print(table(timed))
+        print(verdicts(timed))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     if not args.no_results:

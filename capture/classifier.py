@@ -223,10 +223,10 @@ class OnnxClassifier:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}]: expected str, found {type(text).__name__}")
-        if len(texts) == 1:
+        if len(texts) == 1:  # encode_batch_fast would hand one text to a thread pool: slower
             encodings = [self._tokenizer.encode(texts[0])]
-        else:
-            encodings = self._tokenizer.encode_batch(list(texts))
+        else:  # skips the character offsets, which serving never reads
+            encodings = self._tokenizer.encode_batch_fast(list(texts))
         return {
             "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
             "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
@@ -276,12 +276,14 @@ class OnnxClassifier:
         Below ``oos_threshold`` the intent is ``oos_label``, its confidence the top probability,
         and the runners-up start with the best in-scope label.
         """
-        k = min(len(row), self.top_k)
-        top = np.argpartition(-row, k - 1)[:k] if k < len(row) else np.arange(len(row))
-        ranked = [int(i) for i in top[np.argsort(-row[top], kind="stable")]]
+        # Plain Python on one tolist(): right after a forward pass the caches are cold and each
+        # numpy call costs tens of microseconds (argpartition + argsort took ~2x as long here).
+        # The sort is stable, so ties keep label order.
+        values = row.tolist()
+        ranked = sorted(range(len(values)), key=values.__getitem__, reverse=True)[: self.top_k]
+        runners = [(self.labels[i], _probability(values[i])) for i in ranked]
         best = ranked[0]
-        confidence = _probability(row[best])
-        runners = [(self.labels[i], _probability(row[i])) for i in ranked]
+        confidence = runners[0][1]
         if self.oos_threshold is not None and confidence < self.oos_threshold:
             return Prediction(self.oos_label, confidence, tuple(runners[: self.top_k - 1]))
         return Prediction(self.labels[best], confidence, tuple(runners[1 : self.top_k]))
