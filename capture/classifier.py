@@ -47,9 +47,9 @@ SMOKE_TEXT = "schedule time to work on my assignment"
 SUB_BATCH = 8
 # ONNX Runtime graph rewrites left off when a session is built. SkipLayerNormFusion would turn
 # each residual Add + LayerNormalization back into the contrib SkipLayerNormalization op, whose
-# CPU kernel (onnxruntime 1.32) takes ~25 us on a 10 x 384 input where Add + LayerNormalization
-# take ~9 us: 12 of them cost a fifth of a single-prompt forward pass (bench/RESULTS.md,
-# 2026-11-26). The export leaves them unfused for the same reason.
+# CPU kernel (onnxruntime 1.32) takes ~19 us on a 10 x 384 input where the pair takes ~4 us
+# (one-node graphs: 24.8 us against 8.9 us per run, 5.4 us of it the run call itself); a
+# forward pass has 12 of them (bench/RESULTS.md, 2026-11-26). The export leaves them unfused.
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 

@@ -164,6 +164,9 @@ def test_fp32_fallback_when_the_gate_cannot_pass(fallback_export) -> None:
     assert report.quantization == QUANTIZATION_NONE
     assert report.int8_agreement is not None and report.int8_agreement < 1.01
     assert report.fallback_reason is not None and "below 1.01" in report.fallback_reason
+    # Every recipe was built and judged, the split one included, before falling back.
+    assert [a["recipe"] for a in report.int8_attempts] == [r.name for r in INT8_RECIPES]
+    assert all(0.0 < float(str(a["agreement"])) <= 1.0 for a in report.int8_attempts)
     assert report.published_size_bytes == report.fp32_size_bytes
     assert report.agreement == report.fp32_agreement == 1.0
     props = onnx_props(model_dir / "model.onnx")
