@@ -255,8 +255,14 @@ def _matmul_graph(weight: np.ndarray) -> bytes:
     return model.SerializeToString()
 
 
-def test_outlier_split_is_exact_in_fp32_and_sharpens_int8(tmp_path: Path) -> None:
+def _run_dense(path: Path, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(["y"], {"x": x})[0])
+
+
+def test_outlier_split_is_exact_in_fp32_and_sharpens_int8(tmp_path: Path) -> None:
 
     rng = np.random.default_rng(0)
     weight = rng.normal(0, 0.1, size=(64, 32)).astype(np.float32)
@@ -268,16 +274,12 @@ def test_outlier_split_is_exact_in_fp32_and_sharpens_int8(tmp_path: Path) -> Non
     split = split_outlier_channels(source, tmp_path / "split.onnx", ranges, threshold=6.0)
     assert split.channels == 2 and split.fp32_nodes == ("dense__outliers",)
 
-    def run(path: Path) -> np.ndarray:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return np.asarray(session.run(["y"], {"x": x})[0])
-
     exact = x @ weight
-    np.testing.assert_allclose(run(split.path), exact, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(_run_dense(split.path, x), exact, rtol=1e-4, atol=1e-3)
     quantize_int8(source, tmp_path / "plain-int8.onnx")
     quantize_int8(split.path, tmp_path / "split-int8.onnx", exclude=split.fp32_nodes)
-    plain_error = np.abs(run(tmp_path / "plain-int8.onnx") - exact).mean()
-    split_error = np.abs(run(tmp_path / "split-int8.onnx") - exact).mean()
+    plain_error = np.abs(_run_dense(tmp_path / "plain-int8.onnx", x) - exact).mean()
+    split_error = np.abs(_run_dense(tmp_path / "split-int8.onnx", x) - exact).mean()
     assert split_error < plain_error / 3
     # Nothing above the threshold: the graph is left as it was.
     calm = split_outlier_channels(
@@ -288,7 +290,6 @@ def test_outlier_split_is_exact_in_fp32_and_sharpens_int8(tmp_path: Path) -> Non
 
 def test_outlier_smoothing_is_exact_in_fp32_and_sharpens_int8(tmp_path: Path) -> None:
     import onnx
-    import onnxruntime as ort
 
     rng = np.random.default_rng(1)
     weight = rng.normal(0, 0.1, size=(64, 32)).astype(np.float32)
@@ -314,16 +315,12 @@ def test_outlier_smoothing_is_exact_in_fp32_and_sharpens_int8(tmp_path: Path) ->
     np.testing.assert_allclose(inv_scale, expected, rtol=1e-6)
     assert "w" not in inits  # the unscaled weight is no longer used and is dropped
 
-    def run(path: Path) -> np.ndarray:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return np.asarray(session.run(["y"], {"x": x})[0])
-
     exact = x @ weight
-    np.testing.assert_allclose(run(smoothed.path), exact, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(_run_dense(smoothed.path, x), exact, rtol=1e-4, atol=1e-3)
     quantize_int8(source, tmp_path / "plain-int8.onnx")
     quantize_int8(smoothed.path, tmp_path / "smooth-int8.onnx")
-    plain_error = np.abs(run(tmp_path / "plain-int8.onnx") - exact).mean()
-    smooth_error = np.abs(run(tmp_path / "smooth-int8.onnx") - exact).mean()
+    plain_error = np.abs(_run_dense(tmp_path / "plain-int8.onnx", x) - exact).mean()
+    smooth_error = np.abs(_run_dense(tmp_path / "smooth-int8.onnx", x) - exact).mean()
     # The weight rows of the outlier channels grow by up to ~4x (per-channel weight scales absorb
     # part of it); the activations' int8 step shrinks by as much.
     assert smooth_error < plain_error * 0.75
