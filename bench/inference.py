@@ -176,7 +176,12 @@ def timed_rounds(
 ) -> list[Timing]:
     """Single-prompt latencies (ms) and batch-64 throughput of every backend, in ``rounds``
     turns: each round gives every backend its share of the prompts and of the batches."""
-    batches = [list(texts[i * BATCH : (i + 1) * BATCH]) for i in range(n_batches)]
+    if not texts:
+        raise ValueError("timed_rounds: expected at least one text to time, found none")
+    # Texts are reused in turn when there are fewer than n_batches * BATCH of them.
+    batches = [
+        [texts[(i * BATCH + j) % len(texts)] for j in range(BATCH)] for i in range(n_batches)
+    ]
     single: dict[str, list[float]] = {b.name: [] for b in backends}
     batch_seconds = dict.fromkeys(single, 0.0)
     batch_count = dict.fromkeys(single, 0)

@@ -9,13 +9,15 @@ previous one keeps serving.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +53,10 @@ SUB_BATCH = 8
 # (one-node graphs: 24.8 us against 8.9 us per run, 5.4 us of it the run call itself); a
 # forward pass has 12 of them (bench/RESULTS.md, 2026-11-26). The export leaves them unfused.
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+# With threads > 1, a batch's sub-batches run side by side, each on one thread of a second,
+# single-threaded session, instead of one after another on the multi-threaded session: at two
+# threads, int8, CLINC150 batches of 64, 886 against 708 texts/s (2026-11-26, bench/RESULTS.md).
+# A single prompt still runs on the multi-threaded session (intra-op threads cut its latency).
 
 
 class ModelLoadError(RuntimeError):
@@ -78,7 +84,8 @@ class OnnxClassifier:
         self.threads = threads
         self.top_k = top_k
         self.sub_batch = sub_batch
-        self._session = self._load_session()
+        self._session = self._load_session(threads)
+        self._batch_session = self._session if threads == 1 else self._load_session(1)
         props = self._session.get_modelmeta().custom_metadata_map
         self.version, self.labels, self.oos_label, self.oos_threshold = _read_metadata(
             self.model_dir / MODEL_FILE, props
@@ -97,7 +104,7 @@ class OnnxClassifier:
 
     # Loading and validation.
 
-    def _load_session(self) -> ort.InferenceSession:
+    def _load_session(self, threads: int) -> ort.InferenceSession:
         import onnxruntime as ort
 
         path = self.model_dir / MODEL_FILE
@@ -108,7 +115,7 @@ class OnnxClassifier:
                 f"{path}: missing; export the model first (tasks.export_onnx.export_onnx)"
             )
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -234,23 +241,36 @@ class OnnxClassifier:
 
     def _run(self, texts: Sequence[str], outputs: Sequence[str]) -> list[np.ndarray]:
         """Run the graph; batches larger than ``sub_batch`` go in length-sorted sub-batches,
-        each trimmed to its own longest input (less padding), results in input order."""
+        each trimmed to its own longest input (less padding), results in input order. With
+        ``threads`` > 1 the sub-batches run side by side (see ``_batch_pool``)."""
+        names = list(outputs)
         feeds = self._encode(texts)
         if len(texts) <= self.sub_batch:
-            return list(self._session.run(list(outputs), feeds))
+            return list(self._session.run(names, feeds))
         ids, mask = feeds["input_ids"], feeds["attention_mask"]
         lengths = mask.sum(axis=1)
         order = np.argsort(lengths, kind="stable")
-        results: dict[int, np.ndarray] = {}
-        for start in range(0, len(texts), self.sub_batch):
-            rows = order[start : start + self.sub_batch]
+        chunks = [
+            order[start : start + self.sub_batch] for start in range(0, len(texts), self.sub_batch)
+        ]
+
+        def run_chunk(rows: np.ndarray) -> list[np.ndarray]:
             width = int(lengths[rows].max())
             chunk = {"input_ids": ids[rows, :width], "attention_mask": mask[rows, :width]}
-            for k, value in enumerate(self._session.run(list(outputs), chunk)):
-                if k not in results:
-                    results[k] = np.empty((len(texts), *value.shape[1:]), dtype=value.dtype)
-                results[k][rows] = value
-        return [results[k] for k in range(len(outputs))]
+            return list(self._batch_session.run(names, chunk))
+
+        chunk_results: Iterator[list[np.ndarray]] = (
+            map(run_chunk, chunks)
+            if self.threads == 1
+            else _batch_pool(self.threads).map(run_chunk, chunks)
+        )
+        results: list[np.ndarray] = []
+        for rows, values in zip(chunks, chunk_results, strict=True):
+            if not results:
+                results = [np.empty((len(texts), *v.shape[1:]), dtype=v.dtype) for v in values]
+            for result, value in zip(results, values, strict=True):
+                result[rows] = value
+        return results
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """Calibrated probabilities, shape ``(len(texts), len(labels))``, columns in label order."""
@@ -287,6 +307,14 @@ class OnnxClassifier:
         if self.oos_threshold is not None and confidence < self.oos_threshold:
             return Prediction(self.oos_label, confidence, tuple(runners[: self.top_k - 1]))
         return Prediction(self.labels[best], confidence, tuple(runners[1 : self.top_k]))
+
+
+@functools.cache
+def _batch_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's worker threads for sub-batches, one pool per thread count, made on first
+    use and shared by every classifier (a hot reload does not add threads); ``workers``
+    bounds how many sub-batches run at once across all concurrent batch calls."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"onnx-batch-{workers}")
 
 
 def _probability(value: float) -> float:

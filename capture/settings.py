@@ -51,7 +51,11 @@ class Settings(BaseSettings):
         default=8_192, ge=16, description="Longer prompts are stored truncated to this length."
     )
     # Serving.
-    onnx_threads: int = Field(default=1, ge=1, description="Intra-op threads of ONNX Runtime.")
+    onnx_threads: int = Field(
+        default=1,
+        ge=1,
+        description="Serving threads: intra-op for one prompt, sub-batches side by side.",
+    )
     reload_interval_s: float = Field(default=2.0, gt=0, description="How often to check `current`.")
     review_confidence_threshold: float = Field(default=0.7, ge=0, le=1)
     # Monitoring.

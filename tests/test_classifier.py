@@ -131,8 +131,15 @@ def test_top_k_and_threads(exported_model_dir: Path, classifier: OnnxClassifier)
         OnnxClassifier(exported_model_dir, threads=0)
     # A batch split into length-sorted sub-batches keeps the input order.
     texts = [*PROMPTS, *reversed(PROMPTS), "ok"]
-    split = OnnxClassifier(exported_model_dir, sub_batch=2).predict_batch(texts)
+    in_turn = OnnxClassifier(exported_model_dir, sub_batch=2)
+    split = in_turn.predict_batch(texts)
     assert [p.intent for p in split[:8]] == [*EXPECTED, *reversed(EXPECTED)]
+    # With two threads the sub-batches run side by side: the same sub-batches (int8 activations
+    # are quantised per run, so the sub-batches decide the numbers), the same rows and order.
+    side_by_side = OnnxClassifier(exported_model_dir, sub_batch=2, threads=2)
+    assert side_by_side.predict_batch(texts) == split
+    assert np.array_equal(side_by_side.predict_proba(texts), in_turn.predict_proba(texts))
+    assert np.array_equal(side_by_side.embed(texts), in_turn.embed(texts))
 
 
 def test_out_of_scope_below_the_threshold(
