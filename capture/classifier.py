@@ -309,12 +309,18 @@ class OnnxClassifier:
         return Prediction(self.labels[best], confidence, tuple(runners[1 : self.top_k]))
 
 
-@functools.cache
 def _batch_pool(workers: int) -> ThreadPoolExecutor:
     """The process's worker threads for sub-batches, one pool per thread count, made on first
     use and shared by every classifier (a hot reload does not add threads); ``workers``
     bounds how many sub-batches run at once across all concurrent batch calls."""
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"onnx-batch-{workers}")
+    # Keyed by process id too: a child forked after the pool was made (a pre-forking server)
+    # inherits a pool whose threads do not exist in it and would wait on them forever.
+    return _pool_for(workers, os.getpid())
+
+
+@functools.cache
+def _pool_for(workers: int, pid: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"onnx-batch-{pid}")
 
 
 def _probability(value: float) -> float:

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -414,3 +415,27 @@ def test_load_serving_classifier_reads_settings(
         assert classifier.version == "7" and classifier.threads == 2
         assert isinstance(classifier.predict(PROMPTS[3]), Prediction)
         assert classifier.predict(PROMPTS[3]).intent == "music"
+
+
+def _batch_in_child(model_dir: Path, texts: list[str], out: Any) -> None:
+    out.put([p.intent for p in OnnxClassifier(model_dir, threads=2).predict_batch(texts)])
+
+
+def test_side_by_side_batches_after_fork(exported_model_dir: Path) -> None:  # noqa: F811
+    """A process forked after the parent used the sub-batch pool gets a pool of its own (the
+    inherited one has no threads in the child: a batch there would wait forever)."""
+    import multiprocessing
+
+    texts = [*PROMPTS, *reversed(PROMPTS), "ok"]
+    parent = OnnxClassifier(exported_model_dir, threads=2).predict_batch(texts)
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    child = context.Process(target=_batch_in_child, args=(exported_model_dir, texts, out))
+    child.start()
+    try:
+        assert out.get(timeout=60) == [p.intent for p in parent]
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
