@@ -55,7 +55,7 @@ SUB_BATCH = 8
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 # With threads > 1, a batch's sub-batches run side by side, each on one thread of a second,
 # single-threaded session, instead of one after another on the multi-threaded session: at two
-# threads, int8, CLINC150 batches of 64, 886 against 708 texts/s (2026-11-26, bench/RESULTS.md).
+# threads, int8, CLINC150 batches of 64, 1.05-1.25x the texts/s (2026-11-26, bench/RESULTS.md).
 # A single prompt still runs on the multi-threaded session (intra-op threads cut its latency).
 
 
@@ -310,9 +310,9 @@ class OnnxClassifier:
 
 
 def _batch_pool(workers: int) -> ThreadPoolExecutor:
-    """The process's worker threads for sub-batches, one pool per thread count, made on first
-    use and shared by every classifier (a hot reload does not add threads); ``workers``
-    bounds how many sub-batches run at once across all concurrent batch calls."""
+    """The process's worker threads for sub-batches, one pool per thread count and process,
+    made on first use and shared by every classifier (a hot reload does not add threads);
+    ``workers`` bounds how many sub-batches run at once across all concurrent batch calls."""
     # Keyed by process id too: a child forked after the pool was made (a pre-forking server)
     # inherits a pool whose threads do not exist in it and would wait on them forever.
     return _pool_for(workers, os.getpid())
