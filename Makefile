@@ -38,8 +38,9 @@ test-slow: setup-test
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 lint: setup-test
-	$(BIN)/ruff check capture tasks flows deployments migrations tests bench
-	$(BIN)/ruff format --check capture tasks flows deployments migrations tests bench
+	$(BIN)/lint-imports
+	$(BIN)/ruff check capture tasks flows deployments review_ui migrations tests bench scripts
+	$(BIN)/ruff format --check capture tasks flows deployments review_ui migrations tests bench scripts
 	$(BIN)/mypy
 
 bench: setup-test
