@@ -51,7 +51,7 @@ from capture import db
 from capture.ids import uuid7, uuid_from_int
 from capture.service import create_nlu_service
 from capture.settings import Settings
-from capture.spool import ROW_COLUMNS, secondary_items, wire_row
+from capture.spool import ROW_COLUMNS, new_row, secondary_items, wire_row
 from capture.types import NLUResult, Prediction
 
 logger = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ async def ingest(url: str, server: str, home: Path, rows: int) -> dict[str, floa
     classifier = TrivialClassifier()
     users = [uuid.uuid4() for _ in range(1_000)]
     app = f"pc-bench-writer-{os.getpid()}"
-    with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
+    with psycopg.connect(db.libpq_url(url), autocommit=True) as conn:
         conn.execute("TRUNCATE nlu_prompt_logs")  # every run starts from the same table size
     # A queue that holds the whole run: this measures the memory path (an overloaded writer
     # spills to the spool instead, which the durability tests cover).
@@ -294,38 +294,31 @@ def copy_forms(url: str, rows: int) -> dict[str, float]:
     """rows/s of the two COPY forms over the same rows (table truncated between runs): binary
     ``write_row`` of the logger's wire rows (what the writer does) vs a text block formatted in
     Python from the same rows."""
-    from capture.logger import _PG_TYPES, _RawJsonbDumper, _RawUuidDumper
+    from capture.copy_writer import copy_sql, register_wire_dumpers
+    from capture.spool import COPY_TYPES
 
     now = datetime.now(UTC)
     data = [
         wire_row(
-            [
-                uuid7(),
-                None,
-                PROMPTS[i % 8],
-                "scheduling",
-                0.91,
-                (("calendar_event", 0.06),),
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-                i % 20,
-                "bench-v1",
-                now,
-                now,
-            ]
+            new_row(
+                log_id=uuid7(),
+                user_id=None,
+                prompt=PROMPTS[i % 8],
+                predicted_intent="scheduling",
+                confidence=0.91,
+                secondary_intents=(("calendar_event", 0.06),),
+                conversation_id=None,
+                message_index=i % 20,
+                model_version="bench-v1",
+                created_at=now,
+            )
         )
         for i in range(rows)
     ]
     cols = ", ".join(ROW_COLUMNS)
     result: dict[str, float] = {}
-    with psycopg.connect(url.replace("+psycopg", "")) as conn:
-        conn.adapters.register_dumper(None, _RawUuidDumper)
-        conn.adapters.register_dumper(None, _RawJsonbDumper)
+    with psycopg.connect(db.libpq_url(url)) as conn:
+        register_wire_dumpers(conn.adapters)
         for name in ("binary write_row", "text block", "binary write_row", "text block"):
             conn.execute("TRUNCATE nlu_prompt_logs")
             conn.commit()
@@ -335,8 +328,8 @@ def copy_forms(url: str, rows: int) -> dict[str, float]:
                 with cur.copy(f"COPY nlu_prompt_logs ({cols}) FROM STDIN") as copy:
                     copy.write("".join(map(_text_line, data)))
             else:
-                with cur.copy(f"COPY nlu_prompt_logs ({cols}) FROM STDIN (FORMAT BINARY)") as copy:
-                    copy.set_types(_PG_TYPES)
+                with cur.copy(copy_sql("nlu_prompt_logs")) as copy:
+                    copy.set_types(COPY_TYPES)
                     for row in data:
                         copy.write_row(row)
             conn.commit()
@@ -351,7 +344,8 @@ def pg_side(url: str, server: str, rows: int) -> dict[str, float]:
     """PostgreSQL backend CPU per row (µs) of the writer's COPY (wire rows, 5,000-row batches),
     best of two: as the service sends them, with ``secondary_intents`` empty (the jsonb parse),
     and with ``synchronous_commit = off`` (the writer does not use it: see docs/CAPTURE.md)."""
-    from capture.logger import _PG_TYPES, _RawJsonbDumper, _RawUuidDumper
+    from capture.copy_writer import copy_sql, register_wire_dumpers
+    from capture.spool import COPY_TYPES
 
     users = [uuid.uuid4() for _ in range(1_000)]
 
@@ -359,32 +353,29 @@ def pg_side(url: str, server: str, rows: int) -> dict[str, float]:
         now = datetime.now(UTC)
         return [
             wire_row(
-                [
-                    uuid7(),
-                    users[i % 1_000],
-                    PROMPTS[i % 8],
-                    "scheduling",
-                    0.5 + (i % 50) / 100,
-                    secondary,
-                    *(None,) * 7,
-                    i % 20,
-                    "bench-v1",
-                    now,
-                    now,
-                ]
+                new_row(
+                    log_id=uuid7(),
+                    user_id=users[i % 1_000],
+                    prompt=PROMPTS[i % 8],
+                    predicted_intent="scheduling",
+                    confidence=0.5 + (i % 50) / 100,
+                    secondary_intents=secondary,
+                    conversation_id=None,
+                    message_index=i % 20,
+                    model_version="bench-v1",
+                    created_at=now,
+                )
             )
             for i in range(rows)
         ]
 
     full = data((("calendar_event", 0.06), ("reminders", 0.03)))
     empty = data(())
-    cols = ", ".join(ROW_COLUMNS)
     result: dict[str, float] = {}
     app = f"pc-bench-pg-side-{os.getpid()}"
     variants = [("as sent", full, True), ("secondary []", empty, True), ("sync off", full, False)]
-    with psycopg.connect(url.replace("+psycopg", ""), application_name=app) as conn:
-        conn.adapters.register_dumper(None, _RawUuidDumper)
-        conn.adapters.register_dumper(None, _RawJsonbDumper)
+    with psycopg.connect(db.libpq_url(url), application_name=app) as conn:
+        register_wire_dumpers(conn.adapters)
         for name, rows_, sync in variants * 2:
             conn.execute("TRUNCATE nlu_prompt_logs")
             conn.execute(f"SET synchronous_commit = {'on' if sync else 'off'}")
@@ -392,8 +383,8 @@ def pg_side(url: str, server: str, rows: int) -> dict[str, float]:
             before = _backend_cpu_s(server, app)
             cur = conn.cursor()
             for start in range(0, rows, 5_000):
-                with cur.copy(f"COPY nlu_prompt_logs ({cols}) FROM STDIN (FORMAT BINARY)") as copy:
-                    copy.set_types(_PG_TYPES)
+                with cur.copy(copy_sql("nlu_prompt_logs")) as copy:
+                    copy.set_types(COPY_TYPES)
                     for row in rows_[start : start + 5_000]:
                         copy.write_row(row)
                 conn.commit()
@@ -433,20 +424,6 @@ def micro() -> dict[str, float]:
 def _machine() -> str:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return f"{os.cpu_count()} CPUs, load average {load}, Python {sys.version.split()[0]}"
-
-
-def _create_database(server: str) -> str:
-    name = f"pc_bench_capture_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return f"{server.rpartition('/')[0]}/{name}".replace("postgresql://", "postgresql+psycopg://")
-
-
-def _drop_database(server: str, url: str) -> None:
-    db.clear_engine_cache()
-    name = url.rpartition("/")[2]
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _mark(ok: bool) -> str:
@@ -582,9 +559,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-append", action="store_true", help="do not write bench/RESULTS.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    server = (args.url or DEFAULT_SERVER).replace("postgresql+psycopg://", "postgresql://", 1)
+    server = db.libpq_url(args.url or DEFAULT_SERVER)
 
-    url = _create_database(server)
+    url = db.create_database(server, "pc_bench_capture")
     try:
         db.upgrade(url)
         with tempfile.TemporaryDirectory(prefix="pc-bench-") as tmp:
@@ -593,7 +570,8 @@ def main(argv: list[str] | None = None) -> None:
         results["pg_side"] = pg_side(url, server, 50_000)
         results["micro"] = micro()
     finally:
-        _drop_database(server, url)
+        db.clear_engine_cache()
+        db.drop_database(server, url)
 
     if not args.skip_queries:
         if str(ROOT) not in sys.path:

@@ -92,17 +92,11 @@ def read_jsonl(path: Path) -> list[dict[str, str]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
-    return out
-
-
 def build_default_model(
     work: Path, data: Path, *, per_intent: int, seed: int, batch_size: int = BATCH
 ) -> Path:
     """Base encoder + LR head (C=10) on frozen embeddings of a per-intent training subsample."""
+    from capture.model_dir import ENCODER_DIR, Head, ModelMetadata
     from tasks.evaluate import bundled_base_model, encode_texts, load_encoder
     from tasks.train import fit_logreg_head
 
@@ -126,31 +120,32 @@ def build_default_model(
     )
     model_dir = work / "model"
     model_dir.mkdir(parents=True)
-    (model_dir / "encoder").symlink_to(bundled_base_model(), target_is_directory=True)
-    np.savez(model_dir / "head.npz", W=weight, b=bias)
-    metadata = {
-        "version": f"bench-frozen-lr-{per_intent}",
-        "labels": labels,
-        "oos_label": OOS,
-        "oos_threshold": None,
-        "temperature": 1.0,
-        "base_model": "all-MiniLM-L6-v2",
-        "parent_version": None,
-        "created_at": dt.datetime.now(dt.UTC).isoformat(),
-        "hyperparameters": {"head": "logreg", "C": 10.0, "per_intent": per_intent, "seed": seed},
-        "metrics": {},
-        "max_seq_length": int(encoder.max_seq_length),
-        "embedding_dim": int(weight.shape[1]),
-    }
-    (model_dir / "metadata.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+    (model_dir / ENCODER_DIR).symlink_to(bundled_base_model(), target_is_directory=True)
+    Head(weight, bias).write(model_dir)
+    ModelMetadata(
+        version=f"bench-frozen-lr-{per_intent}",
+        labels=tuple(labels),
+        oos_label=OOS,
+        oos_threshold=None,
+        temperature=1.0,
+        base_model="all-MiniLM-L6-v2",
+        parent_version=None,
+        created_at=dt.datetime.now(dt.UTC).isoformat(),
+        hyperparameters={"head": "logreg", "C": 10.0, "per_intent": per_intent, "seed": seed},
+        metrics={},
+        max_seq_length=int(encoder.max_seq_length),
+        embedding_dim=int(weight.shape[1]),
+    ).write(model_dir)
     return model_dir
 
 
 def staged_copy(model_dir: Path, dest: Path) -> Path:
     """A directory that exports can write into, sharing the (read-only) encoder by symlink."""
+    from capture.model_dir import ENCODER_DIR, HEAD_FILE, METADATA_FILE
+
     dest.mkdir(parents=True)
-    (dest / "encoder").symlink_to((model_dir / "encoder").resolve(), target_is_directory=True)
-    for name in ("head.npz", "metadata.json"):
+    (dest / ENCODER_DIR).symlink_to((model_dir / ENCODER_DIR).resolve(), target_is_directory=True)
+    for name in (HEAD_FILE, METADATA_FILE):
         shutil.copy2(model_dir / name, dest / name)
     return dest
 
@@ -235,7 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from capture.classifier import OnnxClassifier
-    from tasks.evaluate import TorchModel
+    from tasks.evaluate import TorchModel, softmax
     from tasks.export_onnx import export_onnx
 
     untimed_threads = os.cpu_count() or 1  # building and reference runs are not timed

@@ -2,7 +2,7 @@
 
 Creates a fresh database on the server, migrates it, loads the rows with COPY (and reports the
 ingest rate with every index in place), runs VACUUM ANALYZE, then times each statement from
-``capture.queries`` (the ones the repository and the flows run): median and p95 of several runs,
+``capture.statements`` (the ones the repository and the flows run): median and p95 of several runs,
 and the plan's scan kind from EXPLAIN. Then the monitoring rollup (migration 0004): the cost of
 a full refresh, of an hourly incremental one and of one after late corrections, and the three
 statistics read through it (plan query + statement, as the repository runs them), next to the
@@ -24,7 +24,6 @@ import logging
 import os
 import statistics
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,8 +35,9 @@ from sqlalchemy import Connection, Engine, create_engine, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from capture import db, queries
+from capture import db, statements, stats_rollup
 from capture.settings import normalise_database_url
+from capture.values import floor_hour, since_days
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ CLINC = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cl
 
 def _server_url(url: str | None) -> str:
     url = url or os.environ.get("PROMPT_CAPTURE_BENCH_POSTGRES_URL") or DEFAULT_SERVER
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+    return db.libpq_url(url)
 
 
 def _texts_by_intent(rng: np.random.Generator) -> dict[str, list[str]]:
@@ -254,29 +254,31 @@ def _explain(engine: Engine, statement: Any) -> str:
 
 def benchmark_cases(now: datetime, user_id: str) -> list[tuple[str, Any]]:
     """(label, statement) for every timed query; windows end at ``now``."""
-    week = queries.since_days(now, 7)
+    week = since_days(now, 7)
     assert week is not None
-    baseline = select(func.count()).select_from(queries.TABLE).where(queries.C.created_at > week)
+    baseline = (
+        select(func.count()).select_from(statements.TABLE).where(statements.C.created_at > week)
+    )
     return [
         (BASELINE, baseline),
-        ("low_confidence(0.7, 100)", queries.select_low_confidence()),
-        ("low_confidence(0.7, 100, days=7)", queries.select_low_confidence(since=week)),
-        ("failed_workflows(100)", queries.select_failed_workflows()),
-        ("user_prompts(50)", queries.select_user_prompts(user_id)),
-        ("confidence_distribution(7d)", queries.select_confidence_distribution(since=week)),
-        ("intent_distribution(7d)", queries.select_intent_distribution(since=week)),
-        ("success_rate_by_intent(7d)", queries.select_success_rate_by_intent(since=week)),
-        ("success_rate_by_intent(all)", queries.select_success_rate_by_intent()),
-        ("prompts_for_retraining(7d)", queries.select_for_retraining(since=week)),
+        ("low_confidence(0.7, 100)", statements.select_low_confidence()),
+        ("low_confidence(0.7, 100, days=7)", statements.select_low_confidence(since=week)),
+        ("failed_workflows(100)", statements.select_failed_workflows()),
+        ("user_prompts(50)", statements.select_user_prompts(user_id)),
+        ("confidence_distribution(7d)", statements.select_confidence_distribution(since=week)),
+        ("intent_distribution(7d)", statements.select_intent_distribution(since=week)),
+        ("success_rate_by_intent(7d)", statements.select_success_rate_by_intent(since=week)),
+        ("success_rate_by_intent(all)", statements.select_success_rate_by_intent()),
+        ("prompts_for_retraining(7d)", statements.select_for_retraining(since=week)),
     ]
 
 
 StatsBuilder = Callable[..., Any]
 ROLLUP_CASES: list[tuple[str, StatsBuilder, float | None]] = [
-    ("confidence_distribution(7d)", queries.select_confidence_distribution, 7),
-    ("intent_distribution(7d)", queries.select_intent_distribution, 7),
-    ("success_rate_by_intent(7d)", queries.select_success_rate_by_intent, 7),
-    ("success_rate_by_intent(all)", queries.select_success_rate_by_intent, None),
+    ("confidence_distribution(7d)", statements.select_confidence_distribution, 7),
+    ("intent_distribution(7d)", statements.select_intent_distribution, 7),
+    ("success_rate_by_intent(7d)", statements.select_success_rate_by_intent, 7),
+    ("success_rate_by_intent(all)", statements.select_success_rate_by_intent, None),
 ]
 #: Late corrections and outcomes applied to random rows of the last 30 days before the
 #: "late changes" refresh (a week's review batch).
@@ -287,14 +289,16 @@ def rollup_runner(builder: StatsBuilder, since: datetime | None) -> Runner:
     """What the repository runs for one statistic: the cover query, then the statement."""
 
     def run(conn: Connection) -> int:
-        rows = conn.execute(queries.select_stats_cover_state()).all()
-        cover = queries.stats_cover_from_rows(rows, since)
+        rows = conn.execute(stats_rollup.select_stats_cover_state()).all()
+        cover = stats_rollup.stats_cover_from_rows(rows, since)
         return len(conn.execute(builder(since=since, cover=cover)).all())
 
     return run
 
 
-def _refresh(engine: Engine, until: datetime | None) -> tuple[queries.StatsRefresh, float, float]:
+def _refresh(
+    engine: Engine, until: datetime | None
+) -> tuple[stats_rollup.StatsRefresh, float, float]:
     """One refresh in its own transaction: (result, wall ms, server backend CPU ms)."""
     with engine.connect() as conn:
         conn.exec_driver_sql("SET max_parallel_workers_per_gather = 0")
@@ -303,7 +307,7 @@ def _refresh(engine: Engine, until: datetime | None) -> tuple[queries.StatsRefre
         with Session(bind=conn) as session:
             before = _schedstat_ns(pid)
             start = time.perf_counter()
-            result = queries.refresh_prompt_stats(session=session, until=until, wait_timeout=5)
+            result = stats_rollup.refresh_prompt_stats(session=session, until=until, wait_timeout=5)
             session.commit()
             wall = (time.perf_counter() - start) * 1000
             after = _schedstat_ns(pid)
@@ -355,8 +359,8 @@ def _timed_entry(
 
 def _rollup_plan(engine: Engine, builder: StatsBuilder, since: datetime | None) -> str:
     with engine.connect() as conn:
-        rows = conn.execute(queries.select_stats_cover_state()).all()
-        cover = queries.stats_cover_from_rows(rows, since)
+        rows = conn.execute(stats_rollup.select_stats_cover_state()).all()
+        cover = stats_rollup.stats_cover_from_rows(rows, since)
     if cover is None:
         return "raw (no cover)"
     parts = f"{len(cover.raw)} raw, {len(cover.hourly)} hourly, {len(cover.daily)} daily spans"
@@ -375,7 +379,7 @@ def benchmark_rollup(
     """Refresh costs (full; +1 hour; +23 hours; after late corrections; nothing new) and the
     statistics through the rollup: right after a refresh, and with dirty hours pending."""
     results: list[dict[str, Any]] = []
-    day_ago = queries.floor_hour(now) - timedelta(days=1)
+    day_ago = floor_hour(now) - timedelta(days=1)
 
     def refresh(label: str, until: datetime | None) -> None:
         result, wall, cpu = _refresh(engine, until)
@@ -383,7 +387,7 @@ def benchmark_rollup(
 
     def statistics(suffix: str) -> None:
         for label, builder, days in ROLLUP_CASES:
-            since = queries.since_days(now, days)
+            since = since_days(now, days)
             results.append(
                 _timed_entry(
                     engine,
@@ -418,10 +422,7 @@ def run(
     COPY load, all indexes in place).
     """
     server = _server_url(url)
-    name = f"pc_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    bench_url = f"{server.rpartition('/')[0]}/{name}"
+    bench_url = db.libpq_url(db.create_database(server, "pc_bench"))
     results: list[dict[str, Any]] = []
     engine = create_engine(normalise_database_url(bench_url), poolclass=NullPool)
     try:
@@ -470,8 +471,7 @@ def run(
         )
     finally:
         engine.dispose()
-        with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        db.drop_database(server, bench_url)
     return results
 
 

@@ -1,29 +1,42 @@
 """The serving classifier: ONNX Runtime + ``tokenizers`` only (no torch), with hot reload.
 
-:class:`OnnxClassifier` serves one exported model directory (``model.onnx`` + ``tokenizer.json``,
-see docs/ARCHITECTURE.md). :class:`HotReloadingClassifier` serves whatever version
-``models_dir/current`` names and switches to a new one in the background when deploy or rollback
-replaces that file; a version that fails to load or validate is logged and skipped while the
-previous one keeps serving.
+:class:`OnnxClassifier` serves one exported model directory (``model.onnx`` + ``tokenizer.json``;
+the format and its one validation live in ``capture.model_dir``). :class:`HotReloadingClassifier`
+serves whatever version the serving pointer ``models_dir/current`` names and switches to a new
+one in the background when deploy or rollback replaces that file; a version that fails to load
+or validate is logged and skipped while the previous one keeps serving. :func:`onnx_session` and
+:func:`input_feeds` are how every ONNX Runtime session of the project is built and fed.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import math
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from capture.errors import UserError
+from capture.model_dir import (
+    EMBEDDINGS,
+    INPUT_NAMES,
+    METADATA_FILE,
+    MODEL_FILE,
+    POINTER_FILE,
+    PROBABILITIES,
+    TOKENIZER_FILE,
+    ModelDirError,
+    ModelMetadata,
+    OnnxMetadata,
+    ServingPointer,
+    read_pointer,
+)
 from capture.types import Prediction
 
 if TYPE_CHECKING:
@@ -34,33 +47,64 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
-TOKENIZER_FILE = "tokenizer.json"
-METADATA_FILE = "metadata.json"
-POINTER_FILE = "current"
-INPUT_NAMES = ("input_ids", "attention_mask")
-PROBABILITIES = "probabilities"
-EMBEDDINGS = "embeddings"
-REQUIRED_METADATA = ("labels", "version", "oos_label", "oos_threshold", "temperature")
 SMOKE_TEXT = "schedule time to work on my assignment"
-# Texts per ONNX run inside a batch: sorted by length and trimmed to their longest. With the fused
-# int8 graph (1 thread, CLINC150 prompts, batches of 64): 4 -> 749, 8 -> 728, 16 -> 677,
-# 32 -> 547 and one padded run of 64 -> 322 texts/s (2026-11-26).
+# Texts per ONNX run inside a batch: sorted by length and trimmed to their longest. Small runs
+# waste less on padding; one padded run of a whole batch is the slowest (bench/RESULTS.md).
 SUB_BATCH = 8
 # ONNX Runtime graph rewrites left off when a session is built. SkipLayerNormFusion would turn
 # each residual Add + LayerNormalization back into the contrib SkipLayerNormalization op, whose
-# CPU kernel (onnxruntime 1.32) takes ~19 us on a 10 x 384 input where the pair takes ~4 us
-# (one-node graphs: 24.8 us against 8.9 us per run, 5.4 us of it the run call itself); a
-# forward pass has 12 of them (bench/RESULTS.md, 2026-11-26). The export leaves them unfused.
+# CPU kernel is several times slower than the pair it replaces, and a forward pass has one per
+# residual (bench/RESULTS.md). The export leaves them unfused.
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 # With threads > 1, a batch's sub-batches run side by side, each on one thread of a second,
-# single-threaded session, instead of one after another on the multi-threaded session: at two
-# threads, int8, CLINC150 batches of 64, 1.05-1.25x the texts/s (2026-11-26, bench/RESULTS.md).
-# A single prompt still runs on the multi-threaded session (intra-op threads cut its latency).
+# single-threaded session, instead of one after another on the multi-threaded session: more
+# texts/s (bench/RESULTS.md). A single prompt still runs on the multi-threaded session
+# (intra-op threads cut its latency).
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model directory cannot be served; the message names the file and what is wrong."""
+
+
+def onnx_session(model: str | bytes, *, threads: int = 1) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session as serving builds it (sequential, ``threads`` intra-op
+    threads, 0 for ONNX Runtime's default of one per core; ``DISABLED_OPTIMIZERS`` off) over a
+    file path or a serialised model. Raises what ONNX Runtime raises for a file it cannot load."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(
+        model,
+        sess_options=options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(DISABLED_OPTIMIZERS),
+    )
+
+
+def input_feeds(tokenizer: Tokenizer, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """The graph's inputs for ``texts``: int64 ``input_ids`` and ``attention_mask``, shape
+    ``(len(texts), longest)`` (the tokenizer pads to the longest input)."""
+    if len(texts) == 1:  # encode_batch_fast would hand one text to a thread pool: slower
+        encodings = [tokenizer.encode(texts[0])]
+    else:  # skips the character offsets, which serving never reads
+        encodings = tokenizer.encode_batch_fast(list(texts))
+    return {
+        "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+    }
+
+
+def _load_error(exc: ModelDirError | OSError, path: Path) -> ModelLoadError:
+    """A model-directory format or I/O failure as the classifier's own error (the hot reload
+    catches ``ModelLoadError`` and keeps the previous model serving)."""
+    if isinstance(exc, ModelDirError):
+        return ModelLoadError(str(exc))
+    return ModelLoadError(f"{path}: cannot be read ({exc})")
 
 
 class OnnxClassifier:
@@ -87,12 +131,15 @@ class OnnxClassifier:
         self._session = self._load_session(threads)
         self._batch_session = self._session if threads == 1 else self._load_session(1)
         props = self._session.get_modelmeta().custom_metadata_map
-        self.version, self.labels, self.oos_label, self.oos_threshold = _read_metadata(
-            self.model_dir / MODEL_FILE, props
-        )
-        self.quantization = props.get("quantization", "unknown")
+        try:
+            meta = OnnxMetadata.from_props(props, self.model_dir / MODEL_FILE)
+        except ModelDirError as exc:
+            raise _load_error(exc, self.model_dir / MODEL_FILE) from exc
+        self.version, self.labels = meta.version, meta.labels
+        self.oos_label, self.oos_threshold = meta.oos_label, meta.oos_threshold
+        self.quantization = meta.quantization
         self.embedding_dim = self._check_graph()
-        self._check_metadata_json()
+        self._check_model_metadata()
         self._tokenizer = self._load_tokenizer()
         self._smoke_test()
 
@@ -105,8 +152,6 @@ class OnnxClassifier:
     # Loading and validation.
 
     def _load_session(self, threads: int) -> ort.InferenceSession:
-        import onnxruntime as ort
-
         path = self.model_dir / MODEL_FILE
         if not self.model_dir.is_dir():
             raise ModelLoadError(f"{self.model_dir}: model directory not found")
@@ -114,19 +159,8 @@ class OnnxClassifier:
             raise ModelLoadError(
                 f"{path}: missing; export the model first (tasks.export_onnx.export_onnx)"
             )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
         try:
-            return ort.InferenceSession(
-                str(path),
-                sess_options=options,
-                providers=["CPUExecutionProvider"],
-                disabled_optimizers=list(DISABLED_OPTIMIZERS),
-            )
+            return onnx_session(str(path), threads=threads)
         except Exception as exc:  # onnxruntime raises several pybind types; re-raised with the path
             raise ModelLoadError(
                 f"{path}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc}); the file "
@@ -161,22 +195,28 @@ class OnnxClassifier:
         dim = outputs[EMBEDDINGS].shape[-1]
         return dim if isinstance(dim, int) else -1
 
-    def _check_metadata_json(self) -> None:
+    def _check_model_metadata(self) -> None:
+        """The model metadata (``ModelMetadata``), when the directory has it, must be valid and
+        describe the same
+        model as ``model.onnx`` (serving itself reads only the ONNX metadata)."""
         path = self.model_dir / METADATA_FILE
         if not path.exists():
             return
         try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(f"{path}: not valid UTF-8 JSON ({exc})") from exc
-        if not isinstance(meta, dict):
-            raise ModelLoadError(f"{path}: expected a JSON object")
-        for key, served in (("version", self.version), ("labels", list(self.labels))):
-            if key in meta and meta[key] != served:
-                raise ModelLoadError(
-                    f"{path}: {key} {_short(meta[key])} differs from {_short(served)} in "
-                    f"{MODEL_FILE}; the directory mixes two models: re-export it"
-                )
+            meta = ModelMetadata.read(self.model_dir)
+        except ModelDirError as exc:
+            raise _load_error(exc, path) from exc
+        mixed = "the directory mixes two models: re-export it"
+        if meta.version != self.version:
+            raise ModelLoadError(
+                f"{path}: version {meta.version!r} differs from {self.version!r} in "
+                f"{MODEL_FILE}; {mixed}"
+            )
+        if meta.labels != self.labels:
+            raise ModelLoadError(
+                f"{path}: labels ({len(meta.labels)}) differ from the {len(self.labels)} in "
+                f"{MODEL_FILE}; {mixed}"
+            )
 
     def _load_tokenizer(self) -> Tokenizer:
         from tokenizers import Tokenizer
@@ -230,14 +270,7 @@ class OnnxClassifier:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}]: expected str, found {type(text).__name__}")
-        if len(texts) == 1:  # encode_batch_fast would hand one text to a thread pool: slower
-            encodings = [self._tokenizer.encode(texts[0])]
-        else:  # skips the character offsets, which serving never reads
-            encodings = self._tokenizer.encode_batch_fast(list(texts))
-        return {
-            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-        }
+        return input_feeds(self._tokenizer, texts)
 
     def _run(self, texts: Sequence[str], outputs: Sequence[str]) -> list[np.ndarray]:
         """Run the graph; batches larger than ``sub_batch`` go in length-sorted sub-batches,
@@ -297,7 +330,7 @@ class OnnxClassifier:
         and the runners-up start with the best in-scope label.
         """
         # Plain Python on one tolist(): right after a forward pass the caches are cold and each
-        # numpy call costs tens of microseconds (argpartition + argsort took ~2x as long here).
+        # small numpy call is slow (argpartition + argsort took longer than this sort).
         # The sort is stable, so ties keep label order.
         values = row.tolist()
         ranked = sorted(range(len(values)), key=values.__getitem__, reverse=True)[: self.top_k]
@@ -327,63 +360,7 @@ def _probability(value: float) -> float:
     return min(1.0, max(0.0, float(value)))
 
 
-def _short(value: object) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _read_metadata(
-    path: Path, props: dict[str, str]
-) -> tuple[str, tuple[str, ...], str, float | None]:
-    missing = [key for key in REQUIRED_METADATA if key not in props]
-    if missing:
-        raise ModelLoadError(
-            f"{path}: metadata is missing {missing}; the file was not written by "
-            "tasks.export_onnx: re-export the model"
-        )
-    try:
-        labels = json.loads(props["labels"])
-        threshold = json.loads(props["oos_threshold"])
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path}: metadata labels/oos_threshold is not JSON ({exc})") from exc
-    if (
-        not isinstance(labels, list)
-        or not labels
-        or not all(isinstance(x, str) and x for x in labels)
-        or len(set(labels)) != len(labels)
-    ):
-        raise ModelLoadError(
-            f"{path}: metadata 'labels' must be a JSON list of distinct non-empty strings, "
-            f"found {_short(labels)}"
-        )
-    if threshold is not None and (
-        isinstance(threshold, bool)
-        or not isinstance(threshold, int | float)
-        or not 0.0 <= threshold <= 1.0
-        or math.isnan(threshold)
-    ):
-        raise ModelLoadError(
-            f"{path}: metadata 'oos_threshold' must be null or a number in [0, 1], "
-            f"found {threshold!r}"
-        )
-    version, oos_label = props["version"], props["oos_label"]
-    if not version or not oos_label:
-        raise ModelLoadError(f"{path}: metadata 'version' and 'oos_label' must be non-empty")
-    return version, tuple(labels), oos_label, None if threshold is None else float(threshold)
-
-
 # Hot reload.
-
-
-@dataclass(frozen=True, slots=True)
-class _PointerState:
-    """What ``current`` said when last read: its content and file identity (a rewrite via
-    ``os.replace`` makes a new inode even within one timestamp tick)."""
-
-    version: str
-    mtime_ns: int
-    size: int
-    inode: int
 
 
 class HotReloadingClassifier:
@@ -420,7 +397,7 @@ class HotReloadingClassifier:
         self.last_error: str | None = None
         self.last_check_at: float | None = None
         self.loaded_at: float | None = None
-        self._failed_pointer: _PointerState | None = None
+        self._failed_pointer: ServingPointer | None = None
 
         pointer = self._read_pointer()
         self._classifier = self._load(pointer.version)
@@ -478,40 +455,17 @@ class HotReloadingClassifier:
 
     # Watching ``current``.
 
-    def _read_pointer(self) -> _PointerState:
+    def _read_pointer(self) -> ServingPointer:
         path = self.models_dir / POINTER_FILE
         try:
-            with path.open("rb") as handle:  # stat and content of the same file
-                stat = os.fstat(handle.fileno())
-                raw = handle.read(4096)
-        except FileNotFoundError as exc:
+            pointer = read_pointer(self.models_dir)
+        except (ModelDirError, OSError) as exc:
+            raise _load_error(exc, path) from exc
+        if pointer is None:
             raise ModelLoadError(
                 f"{path}: missing; deploy a model first (it names the serving version)"
-            ) from exc
-        except OSError as exc:
-            raise ModelLoadError(f"{path}: cannot be read ({exc})") from exc
-        try:
-            version = raw.decode("utf-8").strip()
-        except UnicodeDecodeError as exc:
-            raise ModelLoadError(f"{path}: not UTF-8 text ({exc})") from exc
-        if (
-            not version
-            or "\n" in version
-            or "/" in version
-            or "\\" in version
-            or version
-            in {
-                ".",
-                "..",
-            }
-        ):
-            raise ModelLoadError(
-                f"{path}: expected one line naming a version directory under {self.models_dir}, "
-                f"found {raw[:80]!r}"
             )
-        return _PointerState(
-            version=version, mtime_ns=stat.st_mtime_ns, size=stat.st_size, inode=stat.st_ino
-        )
+        return pointer
 
     def _load(self, version: str) -> OnnxClassifier:
         return OnnxClassifier(self.models_dir / version, threads=self.threads, top_k=self.top_k)
@@ -553,7 +507,7 @@ class HotReloadingClassifier:
             logger.info("hot reload: %s -> %s", previous, candidate.version)
             return True
 
-    def _record_failure(self, pointer: _PointerState | None, message: str) -> None:
+    def _record_failure(self, pointer: ServingPointer | None, message: str) -> None:
         if pointer is not None:
             self._failed_pointer = pointer
         if message != self.last_error:

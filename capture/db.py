@@ -1,13 +1,18 @@
-"""Engines (one per process and URL), sessions, and the migration check the app runs at start."""
+"""Database access shared by every layer: URLs, engines (exactly one per database URL and
+process), sessions, migrations and the check the app runs at start, and the creation/removal of
+throw-away PostgreSQL databases (tests, the simulator, benchmarks)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import os
+import re
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -20,6 +25,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from capture.errors import UserError
 from capture.settings import get_settings, normalise_database_url
 
 logger = logging.getLogger(__name__)
@@ -27,8 +33,9 @@ logger = logging.getLogger(__name__)
 UPGRADE_COMMAND = "prompt-capture db upgrade"
 
 
-class DatabaseNotMigratedError(RuntimeError):
-    """The database schema is missing or older than this code expects."""
+class DatabaseNotMigratedError(UserError, RuntimeError):
+    """The database schema is missing or older than this code expects (fix: run
+    ``prompt-capture db upgrade``)."""
 
 
 def is_sqlite(url: str) -> bool:
@@ -45,12 +52,23 @@ def database_url(url: str | None = None) -> str:
 
 
 def sync_url(url: str) -> str:
+    """``url`` with the synchronous SQLite driver (PostgreSQL URLs unchanged)."""
     return url.replace("sqlite+aiosqlite://", "sqlite://", 1)
 
 
 def async_url(url: str) -> str:
+    """``url`` with the async SQLite driver (PostgreSQL URLs unchanged: psycopg does both)."""
     if url.startswith("sqlite://"):
         return "sqlite+aiosqlite://" + url[len("sqlite://") :]
+    return url
+
+
+def libpq_url(url: str) -> str:
+    """THE conversion of a PostgreSQL URL to the form libpq / ``psycopg.connect`` take:
+    ``postgresql+psycopg://`` and ``postgres://`` become ``postgresql://``; others unchanged."""
+    for prefix in ("postgresql+psycopg://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql://" + url[len(prefix) :]
     return url
 
 
@@ -71,22 +89,40 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def get_engine(url: str | None = None) -> AsyncEngine:
     """The process's async engine for ``url`` (default: the settings' database, resolved now)."""
-    return _async_engine(async_url(database_url(url)))
+    return _cached(_async_engines, async_url(database_url(url)), _new_async_engine)
 
 
 def get_sync_engine(url: str | None = None) -> Engine:
     """The process's synchronous engine for ``url`` (migrations, flows, the CLI)."""
-    return _sync_engine(sync_url(database_url(url)))
+    return _cached(_sync_engines, sync_url(database_url(url)), _new_sync_engine)
 
 
 def clear_engine_cache() -> None:
     """Forget the cached engines (tests that switch databases; pooled connections are dropped)."""
-    _async_engine.cache_clear()
-    _sync_engine.cache_clear()
+    with _engines_lock:
+        _async_engines.clear()
+        _sync_engines.clear()
 
 
-@lru_cache(maxsize=8)
-def _async_engine(url: str) -> AsyncEngine:
+# One engine per normalised URL for the life of the process (never evicted: a second engine
+# for the same database would mean a second pool).
+_async_engines: dict[str, AsyncEngine] = {}
+_sync_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+_E = TypeVar("_E", AsyncEngine, Engine)
+
+
+def _cached(cache: dict[str, _E], url: str, make: Callable[[str], _E]) -> _E:
+    engine = cache.get(url)
+    if engine is None:
+        with _engines_lock:
+            engine = cache.get(url)
+            if engine is None:
+                engine = cache[url] = make(url)
+    return engine
+
+
+def _new_async_engine(url: str) -> AsyncEngine:
     if is_sqlite(url):
         _prepare_sqlite_file(url)
         engine = create_async_engine(url)
@@ -95,8 +131,7 @@ def _async_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
-@lru_cache(maxsize=8)
-def _sync_engine(url: str) -> Engine:
+def _new_sync_engine(url: str) -> Engine:
     if is_sqlite(url):
         _prepare_sqlite_file(url)
         engine = create_engine(url)
@@ -163,3 +198,42 @@ def ensure_migrated(url: str | None = None) -> None:
             f"database {shown} is at schema revision {current or 'none'}, this code needs {head}; "
             f"run `{UPGRADE_COMMAND}` (with the same PROMPT_CAPTURE_DATABASE_URL) first"
         )
+
+
+# --------------------------------------------------------------------------- throw-away databases
+
+_DATABASE_PREFIX = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+def create_database(server_url: str, prefix: str) -> str:
+    """Create an empty PostgreSQL database ``<prefix>_<pid>_<8 hex>`` on the server of
+    ``server_url`` (any URL form; it names the database to connect to for ``CREATE DATABASE``,
+    e.g. ``postgres``) and return its SQLAlchemy URL (``postgresql+psycopg://``). Not migrated:
+    run :func:`upgrade`. ``ValueError`` unless ``prefix`` is 1-40 of ``[a-z0-9_]``, starting
+    with a letter.
+    """
+    import psycopg
+
+    if not _DATABASE_PREFIX.fullmatch(prefix):
+        raise ValueError(
+            f"prefix: expected 1-40 characters of [a-z0-9_] starting with a letter, "
+            f"found {prefix!r}"
+        )
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    server = libpq_url(server_url)
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    logger.info("created database %s", name)
+    return normalise_database_url(f"{server.rpartition('/')[0]}/{name}")
+
+
+def drop_database(server_url: str, url: str) -> None:
+    """Drop the database of ``url`` (made by :func:`create_database`), connecting through
+    ``server_url``; its open connections are terminated (``WITH (FORCE)``). No error if it is
+    already gone."""
+    import psycopg
+
+    name = url.rpartition("/")[2].split("?", 1)[0]
+    with psycopg.connect(libpq_url(server_url), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    logger.info("dropped database %s", name)

@@ -2,9 +2,10 @@
 
 ``prompt-capture demo-traffic --count N`` runs :func:`run_demo_traffic`: the keyword classifier
 (fitted on the demo train split) classifies the traffic split through
-:func:`capture.service.create_nlu_service`, a simulated workflow runs for each in-scope
-prediction (a wrong intent usually fails it, a right one rarely), its outcome is recorded, and the
-monitoring statistics are read back through the repository.
+:func:`capture.service.create_nlu_service` and the shared traffic harness
+(:func:`capture.traffic.send_traffic`): a simulated workflow runs for each in-scope prediction (a
+wrong intent usually fails it, a right one rarely), its outcome is recorded, and the monitoring
+statistics are read back through the repository.
 """
 
 from __future__ import annotations
@@ -12,15 +13,21 @@ from __future__ import annotations
 import logging
 import random
 import time
-import uuid
 from dataclasses import dataclass
 
 from capture.demo_data import OOS_LABEL, KeywordClassifier, load_demo_dataset, split_demo_dataset
 from capture.logger import CaptureStats
-from capture.queries import ConfidenceBucket, IntentStats, IntentSuccessRate
 from capture.repository import create_nlu_repository
+from capture.rows import ConfidenceBucket, IntentStats, IntentSuccessRate
 from capture.service import create_nlu_service
 from capture.settings import Settings
+from capture.traffic import (
+    LabelledPrompt,
+    OutcomeRule,
+    conversation_sessions,
+    make_users,
+    send_traffic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,39 +61,25 @@ async def run_demo_traffic(*, count: int, seed: int, settings: Settings) -> Demo
         raise ValueError(f"count: expected a positive number of prompts, found {count}")
     url = settings.resolved_database_url
     splits = split_demo_dataset(load_demo_dataset(), seed=seed)
+    traffic = LabelledPrompt.of(splits.traffic)
+    prompts = [traffic[i % len(traffic)] for i in range(count)]
     service = create_nlu_service(KeywordClassifier.fit(splits.train), url=url, settings=settings)
     rng = random.Random(seed)
-    users = [uuid.UUID(int=rng.getrandbits(128), version=4) for _ in range(USERS)]
-    conversations: dict[uuid.UUID, tuple[uuid.UUID, int]] = {}
-    agree = outcomes = failures = 0
+    rule = OutcomeRule(
+        fail_if_wrong=WRONG_INTENT_FAILURE_RATE,
+        fail_if_right=RIGHT_INTENT_FAILURE_RATE,
+        seed=f"{seed}-outcomes",
+        skip_intents=frozenset({OOS_LABEL}),  # nothing to run for an out-of-scope request
+        error="the workflow could not complete",
+    )
     start = time.perf_counter()
     try:
-        for i in range(count):
-            record = splits.traffic[i % len(splits.traffic)]
-            user = users[rng.randrange(USERS)]
-            conversation, index = conversations.get(user, (uuid.uuid4(), 0))
-            if rng.random() < 0.2:  # a new conversation
-                conversation, index = uuid.uuid4(), 0
-            conversations[user] = (conversation, index + 1)
-            result = await service.process_message(
-                record["text"], user_id=user, conversation_id=conversation, message_index=index
-            )
-            right = result.intent == record["label"]
-            agree += right
-            if result.intent == OOS_LABEL:
-                continue  # nothing to run for an out-of-scope request
-            rate = RIGHT_INTENT_FAILURE_RATE if right else WRONG_INTENT_FAILURE_RATE
-            failed = rng.random() < rate
-            await service.update_workflow_outcome(
-                result.log_id,
-                was_successful=not failed,
-                workflow_type=result.intent,
-                execution_error=(
-                    None if not failed else f"{result.intent} workflow could not complete"
-                ),
-            )
-            outcomes += 1
-            failures += failed
+        sent = await send_traffic(
+            service,
+            prompts,
+            sessions=conversation_sessions(make_users(USERS, rng), rng),
+            outcome=rule,
+        )
     finally:
         await service.aclose()
     seconds = time.perf_counter() - start
@@ -96,9 +89,9 @@ async def run_demo_traffic(*, count: int, seed: int, settings: Settings) -> Demo
     return DemoTrafficReport(
         sent=count,
         seconds=seconds,
-        agreement=agree / count,
-        outcomes=outcomes,
-        failures=failures,
+        agreement=sent.accuracy,
+        outcomes=sent.outcomes,
+        failures=sent.failed,
         stats=service.stats(),
         confidence=await repo.get_confidence_distribution(days=7),
         intents=await repo.get_intent_distribution(days=7),

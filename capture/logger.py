@@ -2,9 +2,10 @@
 
 ``submit_*`` never waits on the database: an operation (insert / outcome / correction) gets a
 sequence number and goes to a bounded in-memory queue; a background asyncio task (the writer)
-drains the queue in batches, one transaction per batch (PostgreSQL: binary ``COPY`` of the
-queued wire rows, see :func:`capture.spool.wire_row`, plus ``UPDATE ... FROM unnest(...)``;
-SQLite: ``executemany``).
+drains the queue in batches, one transaction per batch, through :mod:`capture.copy_writer`
+(PostgreSQL: binary ``COPY`` of the queued wire rows, see :func:`capture.spool.wire_row`, plus
+the shared update statement over ``unnest(...)``; SQLite: ``executemany``). Queued updates are
+:class:`capture.rows.Outcome` / :class:`capture.rows.Correction` (named fields).
 
 Order: the writer applies operations strictly in sequence order, whether they come from memory
 or from the spool, so an outcome is never applied before its insert. In ``buffered`` mode an
@@ -23,61 +24,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
-import psycopg.errors
-import sqlalchemy.exc
-from psycopg.adapt import Dumper, PyFormat
-from psycopg.postgres import adapters as postgres
-from psycopg.pq import Format
-from sqlalchemy import Table, bindparam, select, update
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
 from capture import db
-from capture.models import PromptLog
-from capture.queries import as_real
+from capture.copy_writer import SqliteWriter, Writer, make_writer
+from capture.rows import Change, Correction, Outcome
 from capture.settings import Settings, get_settings
 from capture.spool import (
-    C_CORRECTED,
-    C_CORRECTED_AT,
-    C_ERROR,
     C_ID,
-    C_NOTES,
-    C_SUCCESS,
-    C_UPDATED,
-    C_WORKFLOW,
     CORRECTION,
     DATA,
     INSERT,
     KIND,
     OUTCOME,
-    ROW_COLUMNS,
+    REJECTED_FILE,
+    ROW_INDEX,
     SEGMENT,
     SEQ,
     Op,
     Segment,
     Spool,
-    as_uuid,
-    encode_op,
-    python_row,
-    read_ops,
+    append_rejected,
+    read_batches,
     wire_row,
+    wire_uuid,
 )
+from capture.statements import change_set
 
 logger = logging.getLogger(__name__)
 
 SEGMENT_MAX_OPS = 100_000
-TABLE = PromptLog.__tablename__
 Sleep = Callable[[float], Awaitable[None]]
 
 
@@ -112,292 +96,16 @@ class ConnectionLostError(RuntimeError):
     """The database could not be reached (or dropped the connection) during a write."""
 
 
-# --- COPY (binary format) ----------------------------------------------------------------
-# bench/capture.py measured binary ``write_row`` (psycopg's C dumpers) at 2-3x the rows/s of a
-# pre-formatted text block built in Python, so the writer sends binary COPY. The queued rows are
-# already in binary-COPY form (wire rows): UUID and jsonb columns are bytes that psycopg's C
-# ``bytes`` dumper copies as they are (:class:`_RawBinaryDumper`), so no Python code runs per
-# value.
-
-_PG_TYPES = (
-    "uuid",
-    "uuid",
-    "text",
-    "text",
-    "float4",
-    "jsonb",
-    "text",
-    "text",
-    "timestamptz",
-    "bool",
-    "text",
-    "text",
-    "uuid",
-    "int4",
-    "text",
-    "timestamptz",
-    "timestamptz",
-)
-_BYTES_BINARY_DUMPER = postgres.get_dumper(bytes, PyFormat.BINARY)  # C when psycopg has it
-
-
-class _RawBinaryDumper(Dumper):
-    """Sends ``bytes`` already in the PostgreSQL binary format of the column's type.
-
-    Registered by oid only (``register_dumper(None, ...)``), so it is used where ``set_types``
-    names the type, i.e. in the writer's ``COPY``; an instance *is* psycopg's own ``bytes``
-    dumper (the C one with ``psycopg[binary]``), which copies the bytes with no Python call.
-    """
-
-    format = Format.BINARY
-
-    def __new__(cls, obj_cls: type | None, context: Any = None) -> Any:
-        return _BYTES_BINARY_DUMPER(bytes, context)
-
-    def dump(self, obj: Any) -> Any:
-        return obj  # (not reached: instances are psycopg's bytes dumper)
-
-
-class _RawUuidDumper(_RawBinaryDumper):
-    oid = postgres.types["uuid"].oid
-
-
-class _RawJsonbDumper(_RawBinaryDumper):
-    oid = postgres.types["jsonb"].oid
-
-
-# --- splitting a batch --------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Split:
-    rows: list[Sequence[Any]]
-    # id -> (values, ops): the last values win; ops are kept to report unknown ids.
-    outcomes: dict[uuid.UUID, tuple[Sequence[Any], list[Op]]]
-    corrections: dict[uuid.UUID, tuple[Sequence[Any], list[Op]]]
-
-
-def _split(ops: list[Op]) -> _Split:
-    rows = [op[DATA] for op in ops if op[KIND] == INSERT]
-    split = _Split(rows, {}, {})
-    if len(rows) == len(ops):
-        return split  # the common case: a batch of new rows
-    for op in ops:
-        kind, _, data, _ = op
-        if kind == INSERT:
-            continue
-        target = split.outcomes if kind == OUTCOME else split.corrections
-        log_id = data[0]
-        entry = target.get(log_id)
-        if entry is None:
-            target[log_id] = (data, [op])
-        else:
-            entry[1].append(op)
-            target[log_id] = (data, entry[1])
-    return split
-
-
-def _unknown(target: dict[uuid.UUID, tuple[Sequence[Any], list[Op]]], found: set[Any]) -> list[Op]:
-    return [op for log_id, (_, ops) in target.items() if log_id not in found for op in ops]
-
-
-# --- backends -----------------------------------------------------------------------------
-
-_COLUMNS_SQL = ", ".join(ROW_COLUMNS)
-_OUTCOME_PG = f"""
-UPDATE {TABLE} AS t
-SET was_successful = u.ok, workflow_type = u.wt, execution_error = u.err, updated_at = u.at
-FROM unnest(%s::uuid[], %s::boolean[], %s::text[], %s::text[], %s::timestamptz[])
-    AS u(id, ok, wt, err, at)
-WHERE t.id = u.id
-RETURNING t.id
-"""
-_CORRECTION_PG = f"""
-UPDATE {TABLE} AS t
-SET corrected_intent = u.ci, correction_notes = u.cn, corrected_at = u.at, updated_at = u.at
-FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::timestamptz[]) AS u(id, ci, cn, at)
-WHERE t.id = u.id
-RETURNING t.id
-"""
-_STAGE = "pc_capture_stage"
-
-
-class _PostgresBackend:
-    """A dedicated psycopg 3 connection (``application_name`` identifies it in pg_stat_activity)."""
-
-    def __init__(self, url: str, application_name: str) -> None:
-        self.dsn = url.replace("postgresql+psycopg://", "postgresql://", 1)
-        self.application_name = application_name
-        self._conn: psycopg.AsyncConnection[Any] | None = None
-        self.rls_active = False
-
-    async def _connection(self) -> psycopg.AsyncConnection[Any]:
-        conn = self._conn
-        if conn is not None and not conn.closed and not conn.broken:
-            return conn
-        if conn is not None:
-            with contextlib.suppress(psycopg.Error, OSError):
-                await conn.close()
-        self._conn = await psycopg.AsyncConnection.connect(
-            self.dsn,
-            autocommit=True,
-            application_name=self.application_name,
-            connect_timeout=5,
-        )
-        # PostgreSQL refuses COPY FROM into a table whose row-level security applies to this
-        # role (migration 0003 FORCEs it); such a writer stages rows in a temp table instead.
-        cur = await self._conn.execute("SELECT row_security_active(%s::regclass)", [TABLE])
-        row = await cur.fetchone()
-        self.rls_active = bool(row and row[0])
-        if self.rls_active:
-            logger.info(
-                "capture writer: row-level security applies to this role; COPY goes through a "
-                "staging table (a BYPASSRLS role writes faster, see docs/CAPTURE.md)"
-            )
-        return self._conn
-
-    async def apply(self, ops: list[Op], *, idempotent: bool) -> list[Op]:
-        """Apply ``ops`` in one transaction; return the update ops whose id has no row."""
-        split = _split(ops)
-        conn = await self._connection()
-        unknown: list[Op] = []
-        async with conn.transaction(), conn.cursor() as cur:
-            # The raw dumpers serve this cursor's COPY only (registered on the cursor).
-            cur.adapters.register_dumper(None, _RawUuidDumper)
-            cur.adapters.register_dumper(None, _RawJsonbDumper)
-            if split.rows:
-                if idempotent or self.rls_active:
-                    await cur.execute(
-                        f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} "
-                        f"(LIKE {TABLE} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-                    )
-                    await self._copy(cur, _STAGE, split.rows)
-                    await cur.execute(
-                        f"INSERT INTO {TABLE} ({_COLUMNS_SQL}) SELECT {_COLUMNS_SQL} "
-                        f"FROM {_STAGE} ON CONFLICT (id) DO NOTHING"
-                    )
-                else:
-                    await self._copy(cur, TABLE, split.rows)
-            if split.outcomes:
-                values = [v for v, _ in split.outcomes.values()]
-                await cur.execute(
-                    _OUTCOME_PG,
-                    [[v[i] for v in values] for i in (0, 1, 2, 3, 4)],
-                )
-                found = {r[0] for r in await cur.fetchall()}
-                unknown += _unknown(split.outcomes, found)
-            if split.corrections:
-                values = [v for v, _ in split.corrections.values()]
-                await cur.execute(
-                    _CORRECTION_PG,
-                    [[v[i] for v in values] for i in (0, 1, 2, 4)],
-                )
-                found = {r[0] for r in await cur.fetchall()}
-                unknown += _unknown(split.corrections, found)
-        return unknown
-
-    @staticmethod
-    async def _copy(cur: psycopg.AsyncCursor[Any], table: str, rows: list[Sequence[Any]]) -> None:
-        async with cur.copy(f"COPY {table} ({_COLUMNS_SQL}) FROM STDIN (FORMAT BINARY)") as copy:
-            copy.set_types(_PG_TYPES)
-            # What AsyncCopy.write_row does, without a coroutine per row: the formatter (C)
-            # appends the row to its buffer and hands back a block when the buffer is full.
-            format_row = copy.formatter.write_row
-            for row in rows:
-                if block := format_row(row):
-                    await copy.write(block)
-
-    @staticmethod
-    def classify(exc: BaseException) -> str:
-        """``duplicate`` / ``data`` (bisect, reject) / ``connection`` (spool, retry)."""
-        if isinstance(exc, psycopg.errors.UniqueViolation):
-            return "duplicate"
-        if isinstance(exc, psycopg.DataError | psycopg.IntegrityError | TypeError | ValueError):
-            return "data"
-        return "connection"
-
-    async def close(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(psycopg.Error, OSError):
-                await self._conn.close()
-            self._conn = None
-
-
-class _SqliteBackend:
-    """SQLAlchemy Core executemany over the project's async SQLite engine."""
-
-    application_name = ""
-
-    def __init__(self, url: str) -> None:
-        self.engine = db.get_engine(url)
-        self.table: Table = PromptLog.__table__  # type: ignore[assignment]
-
-    @staticmethod
-    def _row_dict(row: Sequence[Any]) -> dict[str, Any]:
-        values = python_row(row)
-        values["confidence"] = as_real(values["confidence"])  # as PostgreSQL's REAL stores it
-        return values
-
-    async def apply(self, ops: list[Op], *, idempotent: bool) -> list[Op]:
-        split = _split(ops)
-        t = self.table
-        unknown: list[Op] = []
-        async with self.engine.begin() as conn:
-            if split.rows:
-                stmt = sqlite_insert(t).on_conflict_do_nothing(index_elements=["id"])
-                await conn.execute(stmt, [self._row_dict(r) for r in split.rows])
-            for target, columns in (
-                (split.outcomes, ("was_successful", "workflow_type", "execution_error")),
-                (split.corrections, ("corrected_intent", "correction_notes")),
-            ):
-                if not target:
-                    continue
-                ids = list(target)
-                found: set[Any] = set()
-                for start in range(0, len(ids), 500):
-                    result = await conn.execute(
-                        select(t.c.id).where(t.c.id.in_(ids[start : start + 500]))
-                    )
-                    found.update(result.scalars())
-                unknown += _unknown(target, found)
-                params = []
-                for log_id in ids:
-                    if log_id not in found:
-                        continue
-                    values = target[log_id][0]
-                    item = {"b_id": log_id, "b_at": values[4]}
-                    item.update({f"b_{c}": values[i + 1] for i, c in enumerate(columns)})
-                    params.append(item)
-                if params:
-                    assignments: dict[str, Any] = {c: bindparam(f"b_{c}") for c in columns}
-                    assignments["updated_at"] = bindparam("b_at")
-                    if "corrected_intent" in columns:
-                        assignments["corrected_at"] = bindparam("b_at")
-                    stmt_u = update(t).where(t.c.id == bindparam("b_id")).values(assignments)
-                    await conn.execute(stmt_u, params)
-        return unknown
-
-    @staticmethod
-    def classify(exc: BaseException) -> str:
-        if isinstance(exc, sqlalchemy.exc.IntegrityError | sqlalchemy.exc.DataError):
-            return "data"
-        if isinstance(exc, sqlalchemy.exc.StatementError) and not isinstance(
-            exc, sqlalchemy.exc.DBAPIError
-        ):
-            return "data"  # a value the type layer could not convert
-        if isinstance(exc, TypeError | ValueError):
-            return "data"
-        return "connection"
-
-    async def close(self) -> None:
-        """The engine is shared per process (capture.db); nothing of our own to close."""
+def _merged(op: Op, take: Callable[[bytes, None], tuple[Any, ...] | None]) -> Op:
+    """``op``, or for a queued insert into which updates were merged, the insert with its latest
+    row (``take``: get or pop of the queued inserts by id)."""
+    if op[KIND] != INSERT:
+        return op
+    row = take(op[DATA][C_ID], None)
+    return op if row is None or row is op[DATA] else (INSERT, op[SEQ], row, op[SEGMENT])
 
 
 # --- the logger ---------------------------------------------------------------------------
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class CaptureLogger:
@@ -422,13 +130,9 @@ class CaptureLogger:
         self._sleep: Sleep = sleep or asyncio.sleep
         self._backoff = backoff
         self.application_name = application_name or f"prompt-capture-writer-{os.getpid()}"
-        self._backend: _PostgresBackend | _SqliteBackend
-        if db.is_postgres(self.url):
-            self._backend = _PostgresBackend(self.url, self.application_name)
-        else:
-            self._backend = _SqliteBackend(self.url)
+        self._backend: Writer = make_writer(self.url, self.application_name)
         self.spool = Spool(self.settings.spool_dir, fsync=self.durability == "fsync")
-        self.rejected_path: Path = self.settings.home / "rejected.jsonl"
+        self.rejected_path: Path = self.settings.home / REJECTED_FILE
 
         self._buffer: deque[Op] = deque()
         # Buffered mode: id bytes -> the row as it is to be written (a merged outcome or
@@ -511,16 +215,18 @@ class CaptureLogger:
         execution_error: str | None,
         at: datetime,
     ) -> bool:
-        """Queue an outcome; returns True when it was merged into a still-queued insert."""
+        """Queue an outcome (already validated by the caller); returns True when it was merged
+        into a still-queued insert."""
         return self._submit_update(
-            OUTCOME, [log_id, was_successful, workflow_type, execution_error, at]
+            OUTCOME, Outcome(log_id, was_successful, workflow_type, execution_error, at)
         )
 
     def submit_correction(
         self, log_id: uuid.UUID, corrected_intent: str, correction_notes: str | None, at: datetime
     ) -> bool:
+        """Queue a correction (already validated); True when merged into a queued insert."""
         return self._submit_update(
-            CORRECTION, [log_id, corrected_intent, correction_notes, None, at]
+            CORRECTION, Correction(log_id, corrected_intent, correction_notes, at)
         )
 
     @property
@@ -528,7 +234,7 @@ class CaptureLogger:
         """How inserts reach PostgreSQL: ``direct`` COPY, or ``staged`` (COPY into a temp table,
         then INSERT; used when row-level security applies to the writer's role); ``executemany``
         on SQLite."""
-        if isinstance(self._backend, _SqliteBackend):
+        if isinstance(self._backend, SqliteWriter):
             return "executemany"
         return "staged" if self._backend.rls_active else "direct"
 
@@ -555,37 +261,28 @@ class CaptureLogger:
     def is_queued(self, log_id: uuid.UUID) -> bool:
         return log_id.bytes in self._queued_inserts
 
-    def _submit_update(self, kind: str, data: list[Any]) -> bool:
+    def _submit_update(self, kind: str, change: Change) -> bool:
         if self._task is None:
             self.start()
-        key = data[0].bytes
+        key = change.log_id.bytes
         queued = self._queued_inserts.get(key)
         if queued is not None:
+            # Merge into the queued insert: the columns the update statement would set.
             row = list(queued)
-            if kind == OUTCOME:
-                row[C_SUCCESS], row[C_WORKFLOW], row[C_ERROR] = data[1], data[2], data[3]
-            else:
-                row[C_CORRECTED], row[C_NOTES], row[C_CORRECTED_AT] = data[1], data[2], data[4]
-            row[C_UPDATED] = data[4]
+            for column, field in change_set(type(change)).items():
+                row[ROW_INDEX[column]] = getattr(change, field)
             self._queued_inserts[key] = tuple(row)
             self.queued += 1
             self.merged += 1
             return True
         self._seq += 1
-        self._enqueue((kind, self._seq, data, None))
+        self._enqueue((kind, self._seq, change, None))
         return False
 
     def _with_merges(self, ops: Iterable[Op]) -> list[Op]:
         """``ops`` with each queued insert carrying its latest row (merged updates)."""
-        queued = self._queued_inserts
-        out: list[Op] = []
-        for op in ops:
-            row = queued.get(op[DATA][C_ID]) if queued and op[KIND] == INSERT else None
-            if row is not None and row is not op[DATA]:
-                out.append((INSERT, op[SEQ], row, op[SEGMENT]))
-            else:
-                out.append(op)
-        return out
+        get = self._queued_inserts.get
+        return [_merged(op, get) for op in ops] if self._queued_inserts else list(ops)
 
     def _enqueue(self, op: Op) -> bool:
         """Put ``op`` in memory (True) or in the spool (False), journaling it in spool modes."""
@@ -769,14 +466,9 @@ class CaptureLogger:
                 batch.append(buffer.popleft())
         else:
             batch = [buffer.popleft() for _ in range(count)]
-        queued = self._queued_inserts
-        if queued:
-            pop = queued.pop
-            for index, op in enumerate(batch):
-                if op[KIND] == INSERT:
-                    row = pop(op[DATA][C_ID], None)
-                    if row is not None and row is not op[DATA]:  # updates were merged into it
-                        batch[index] = (INSERT, op[SEQ], row, op[SEGMENT])
+        if self._queued_inserts:
+            pop = self._queued_inserts.pop
+            batch = [_merged(op, pop) for op in batch]
         return batch
 
     async def _write_memory_batch(self) -> None:
@@ -847,49 +539,32 @@ class CaptureLogger:
             await self._write(ops[middle:], idempotent=idempotent)
             return
         for op in unknown:
-            self._reject(op, f"unknown log id {op[DATA][0]}: no prompt log row has this id")
+            log_id = op[DATA].log_id
+            self._reject(op, f"unknown log id {log_id}: no prompt log row has this id")
 
     def _reject(self, op: Op, reason: str) -> None:
         self.rejected += 1
         kind, seq, data, _ = op
-        log_id = as_uuid(data[C_ID])
+        log_id = wire_uuid(data[C_ID]) if kind == INSERT else data.log_id
         logger.error("capture writer: rejected %s %s (seq %d): %s", kind, log_id, seq, reason)
-        record = {"at": _utcnow().isoformat(), "reason": reason, "op": json.loads(encode_op(op))}
-        self._append_rejected(json.dumps(record, ensure_ascii=False) + "\n")
+        append_rejected(self.rejected_path, reason, op=op)
 
     def _reject_line(self, path: Path, number: int, raw: bytes) -> None:
         self.rejected += 1
-        record = {
-            "at": _utcnow().isoformat(),
-            "reason": f"unreadable spool line {path.name}:{number}",
-            "raw": raw.decode("utf-8", "replace"),
-        }
-        self._append_rejected(json.dumps(record, ensure_ascii=False) + "\n")
-
-    def _append_rejected(self, line: str) -> None:
-        self.rejected_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.rejected_path.open("a", encoding="utf-8", errors="surrogateescape") as handle:
-            handle.write(line)
+        append_rejected(self.rejected_path, f"unreadable spool line {path.name}:{number}", raw=raw)
 
     async def _replay(self, segment: Segment) -> int:
         """Apply a segment's operations idempotently, in order; returns how many were applied
         (rejected ones not counted)."""
         rejected_before = self.rejected
         total = 0
-        chunk: list[Op] = []
-        for number, item in read_ops(segment.path):
-            if isinstance(item, bytes):
-                self._reject_line(segment.path, number, item)
+        for item in read_batches(segment.path, self._batch_size):
+            if isinstance(item, tuple):  # (line number, raw): an unreadable line
+                self._reject_line(segment.path, *item)
                 rejected_before += 1
                 continue
-            chunk.append(item)
-            if len(chunk) >= self._batch_size:
-                await self._write(chunk, idempotent=True)
-                total += len(chunk)
-                chunk = []
-        if chunk:
-            await self._write(chunk, idempotent=True)
-            total += len(chunk)
+            await self._write(item, idempotent=True)
+            total += len(item)
         return total - (self.rejected - rejected_before)
 
     async def _replay_own(self, segment: Segment) -> None:

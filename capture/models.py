@@ -105,7 +105,7 @@ class TrainingExample(Base):
 
 
 # --------------------------------------------------------------------------- monitoring rollup
-# Migration 0004; filled by ``capture.queries.refresh_prompt_stats``, read by the statistics.
+# Migration 0004; filled by ``capture.stats_rollup.refresh_prompt_stats``, read by the statistics.
 
 Count = BigInteger
 
@@ -120,19 +120,14 @@ class _StatsMeasures:
     corrections: Mapped[int] = mapped_column(Count, nullable=False)  # COUNT(corrected_intent)
     outcomes: Mapped[int] = mapped_column(Count, nullable=False)  # COUNT(was_successful)
     successes: Mapped[int] = mapped_column(Count, nullable=False)
-    # Rows per confidence bucket: confidence_tenths(confidence) = k, and NULL confidence.
-    tenths_0: Mapped[int] = mapped_column(Count, nullable=False)
-    tenths_1: Mapped[int] = mapped_column(Count, nullable=False)
-    tenths_2: Mapped[int] = mapped_column(Count, nullable=False)
-    tenths_3: Mapped[int] = mapped_column(Count, nullable=False)
-    tenths_4: Mapped[int] = mapped_column(Count, nullable=False)
-    tenths_5: Mapped[int] = mapped_column(Count, nullable=False)
-    tenths_6: Mapped[int] = mapped_column(Count, nullable=False)
-    tenths_7: Mapped[int] = mapped_column(Count, nullable=False)
-    tenths_8: Mapped[int] = mapped_column(Count, nullable=False)
-    tenths_9: Mapped[int] = mapped_column(Count, nullable=False)
-    tenths_10: Mapped[int] = mapped_column(Count, nullable=False)
-    tenths_null: Mapped[int] = mapped_column(Count, nullable=False)
+
+
+#: The confidence buckets: ``confidence_tenths(confidence)`` = 0 .. 10.
+TENTHS = tuple(range(11))
+#: Rows per confidence bucket (``tenths_<k>``), and with NULL confidence (``tenths_null``).
+TENTHS_COLUMNS = (*(f"tenths_{k}" for k in TENTHS), "tenths_null")
+for _column in TENTHS_COLUMNS:  # BIGINT NOT NULL each, after the measures above
+    setattr(_StatsMeasures, _column, mapped_column(Count, nullable=False))
 
 
 class PromptStatsHourly(_StatsMeasures, Base):

@@ -8,14 +8,15 @@ Two layers:
   short-lived session (commit on success, rollback on error). Build it with
   :func:`create_nlu_repository`, which refuses a database whose schema is not at head.
 
-Every statement comes from :mod:`capture.queries`, which the synchronous Prefect tasks use too.
+Every statement comes from :mod:`capture.statements` (rows mapped by :mod:`capture.rows`), which
+the synchronous Prefect tasks use too.
 
 Stored shapes:
 
 - ``id`` is a client-made UUIDv7 (:data:`capture.ids.uuid7`) unless the caller passes one.
 - ``secondary_intents`` is a JSON list of ``{"intent": str, "confidence": float}`` objects, best
   first (the capture logger writes the same shape); read back as ``(intent, confidence)`` pairs.
-- ``confidence`` is stored rounded to float4 (``queries.as_real``) on both databases.
+- ``confidence`` is stored rounded to float4 (``as_real``) on both databases.
 - Timestamps are written from the injected clock as UTC and read back timezone-aware UTC.
 
 User scoping (privacy): ``get_user_prompts`` and the ``user_id=`` forms of the updates run
@@ -32,28 +33,41 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
+from typing import Any, TypeVar, Unpack
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from capture import db, queries
+from capture import db, statements, stats_rollup
+from capture.errors import UserError
 from capture.ids import uuid7
-from capture.queries import (
+from capture.rows import (
+    Change,
     ConfidenceBucket,
+    Correction,
     IntentStats,
     IntentSuccessRate,
+    Outcome,
+    PromptContext,
     PromptLogRow,
     RetrainingRow,
-    SecondaryIntents,
-    StatsCover,
-    StatsRefresh,
-    utc_now,
+    map_confidence_bucket,
+    map_intent_stats,
+    map_prompt_log,
+    map_retraining_row,
+    map_success_rate,
+    prompt_log_values,
 )
+from capture.statements import AnySelect
+from capture.stats_rollup import StatsCover, StatsRefresh
+from capture.values import SecondaryIntents, as_uuid, since_days, utc_now
 
 logger = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+_T = TypeVar("_T")
+_Row = TypeVar("_Row")
 
 __all__ = [
     "Clock",
@@ -82,8 +96,9 @@ __all__ = [
 ]
 
 
-class UnknownLogIdError(ValueError):
-    """No prompt log has this id (or, for a user-scoped call, none of that user's has)."""
+class UnknownLogIdError(UserError, ValueError):
+    """No prompt log has this id (or, for a user-scoped call, none of that user's has); the fix
+    is to pass a ``log_id`` that ``log_prompt`` / ``process_message`` returned."""
 
     def __init__(self, log_id: uuid.UUID, user_id: uuid.UUID | str | None = None) -> None:
         self.log_id = log_id
@@ -105,7 +120,7 @@ async def user_scope(session: AsyncSession, user_id: uuid.UUID | str) -> None:
     PostgreSQL: ``set_config('app.user_id', uid, true)`` (transaction-local), which the RLS
     policies read. SQLite has no RLS: user-scoped statements carry ``WHERE user_id = :uid``.
     """
-    statement = queries.set_user_scope(user_id)
+    statement = statements.set_user_scope(user_id)
     if _is_postgres(session):
         await session.execute(statement)
 
@@ -120,30 +135,25 @@ async def log_prompt(
     secondary_intents: SecondaryIntents = (),
     *,
     session: AsyncSession,
-    user_id: uuid.UUID | str | None = None,
-    conversation_id: uuid.UUID | str | None = None,
-    message_index: int | None = None,
-    model_version: str | None = None,
     log_id: uuid.UUID | str | None = None,
     created_at: datetime | None = None,
     clock: Clock = utc_now,
+    **context: Unpack[PromptContext],
 ) -> uuid.UUID:
-    """Insert one prediction and return its id. ``ValueError`` names a bad field."""
-    values = queries.prompt_log_values(
-        log_id=uuid7() if log_id is None else queries.as_uuid(log_id, "log_id"),
+    """Insert one prediction and return its id (``context``: ``user_id``, ``conversation_id``,
+    ``message_index``, ``model_version``). ``ValueError`` names a bad field."""
+    values = prompt_log_values(
+        log_id=uuid7() if log_id is None else as_uuid(log_id, "log_id"),
         prompt=prompt,
         predicted_intent=predicted_intent,
         confidence=confidence,
         secondary_intents=secondary_intents,
-        user_id=user_id,
-        conversation_id=conversation_id,
-        message_index=message_index,
-        model_version=model_version,
         created_at=clock() if created_at is None else created_at,
+        **context,
     )
     if values["user_id"] is not None:
         await user_scope(session, values["user_id"])
-    await session.execute(queries.insert_prompt_logs(), values)
+    await session.execute(statements.insert_prompt_logs(), values)
     new_id: uuid.UUID = values["id"]
     return new_id
 
@@ -156,21 +166,18 @@ async def update_prompt_log_outcome(
     *,
     session: AsyncSession,
     user_id: uuid.UUID | str | None = None,
+    clock: Clock = utc_now,
 ) -> None:
-    """Record a workflow's outcome; :class:`UnknownLogIdError` when no row matches."""
-    uid = queries.as_uuid(log_id, "log_id")
-    statement = queries.update_outcome(
-        uid,
+    """Record a workflow's outcome (``updated_at`` from ``clock``); :class:`UnknownLogIdError`
+    when no row matches."""
+    change = Outcome.checked(
+        log_id,
         was_successful=was_successful,
         workflow_type=workflow_type,
         execution_error=execution_error,
-        user_id=user_id,
+        at=clock(),
     )
-    if user_id is not None:
-        await user_scope(session, user_id)
-    result = await session.execute(statement)
-    if result.rowcount == 0:  # type: ignore[attr-defined]
-        raise UnknownLogIdError(uid, user_id)
+    await _write_change(change, session=session, user_id=user_id)
 
 
 async def add_prompt_correction(
@@ -184,36 +191,39 @@ async def add_prompt_correction(
 ) -> None:
     """Record a human correction (sets ``corrected_at``); :class:`UnknownLogIdError` when no
     row matches."""
-    uid = queries.as_uuid(log_id, "log_id")
-    statement = queries.update_correction(
-        uid,
-        corrected_intent=corrected_intent,
-        correction_notes=correction_notes,
-        corrected_at=clock(),
-        user_id=user_id,
+    change = Correction.checked(
+        log_id, corrected_intent=corrected_intent, correction_notes=correction_notes, at=clock()
     )
+    await _write_change(change, session=session, user_id=user_id)
+
+
+async def _write_change(
+    change: Change, *, session: AsyncSession, user_id: uuid.UUID | str | None
+) -> None:
+    """Run the shared update statement for ``change`` (user-scoped when ``user_id`` is given)."""
+    statement = statements.update_change(change, user_id=user_id)
     if user_id is not None:
         await user_scope(session, user_id)
     result = await session.execute(statement)
     if result.rowcount == 0:  # type: ignore[attr-defined]
-        raise UnknownLogIdError(uid, user_id)
+        raise UnknownLogIdError(change.log_id, user_id)
 
 
 # --------------------------------------------------------------------------- reads
 
 
 async def get_prompt_log(log_id: uuid.UUID | str, *, session: AsyncSession) -> PromptLogRow | None:
-    row = (await session.execute(queries.select_prompt_log(log_id))).first()
-    return None if row is None else queries.map_prompt_log(row)
+    row = (await session.execute(statements.select_prompt_log(log_id))).first()
+    return None if row is None else map_prompt_log(row)
 
 
 async def get_user_prompts(
     user_id: uuid.UUID | str, limit: int = 50, *, session: AsyncSession
 ) -> list[PromptLogRow]:
     """The user's own prompts, newest first (RLS-scoped on PostgreSQL)."""
-    statement = queries.select_user_prompts(user_id, limit=limit)
+    statement = statements.select_user_prompts(user_id, limit=limit)
     await user_scope(session, user_id)
-    return [queries.map_prompt_log(r) for r in await session.execute(statement)]
+    return [map_prompt_log(r) for r in await session.execute(statement)]
 
 
 async def get_low_confidence_prompts(
@@ -225,18 +235,18 @@ async def get_low_confidence_prompts(
     clock: Clock = utc_now,
 ) -> list[PromptLogRow]:
     """Uncorrected prompts below ``threshold``, lowest confidence first."""
-    statement = queries.select_low_confidence(
-        threshold=threshold, limit=limit, since=queries.since_days(clock(), days)
+    statement = statements.select_low_confidence(
+        threshold=threshold, limit=limit, since=since_days(clock(), days)
     )
-    return [queries.map_prompt_log(r) for r in await session.execute(statement)]
+    return [map_prompt_log(r) for r in await session.execute(statement)]
 
 
 async def get_failed_workflow_prompts(
     limit: int = 100, *, session: AsyncSession
 ) -> list[PromptLogRow]:
     """Prompts whose workflow failed, newest first."""
-    statement = queries.select_failed_workflows(limit=limit)
-    return [queries.map_prompt_log(r) for r in await session.execute(statement)]
+    statement = statements.select_failed_workflows(limit=limit)
+    return [map_prompt_log(r) for r in await session.execute(statement)]
 
 
 async def get_prompts_for_retraining(
@@ -247,38 +257,46 @@ async def get_prompts_for_retraining(
     clock: Clock = utc_now,
 ) -> list[RetrainingRow]:
     """Corrected prompts plus confident uncorrected ones whose workflow did not fail."""
-    statement = queries.select_for_retraining(
-        min_confidence=min_confidence, since=queries.since_days(clock(), days)
+    statement = statements.select_for_retraining(
+        min_confidence=min_confidence, since=since_days(clock(), days)
     )
-    return [queries.map_retraining_row(r) for r in await session.execute(statement)]
+    return [map_retraining_row(r) for r in await session.execute(statement)]
 
 
 async def _stats_cover(session: AsyncSession, since: datetime | None) -> StatsCover | None:
     """Where the statistics over ``created_at > since`` read from (rollup and/or raw table)."""
-    rows = (await session.execute(queries.select_stats_cover_state())).all()
-    return queries.stats_cover_from_rows(rows, since)
+    rows = (await session.execute(stats_rollup.select_stats_cover_state())).all()
+    return stats_rollup.stats_cover_from_rows(rows, since)
+
+
+async def _statistic(
+    build: Callable[..., AnySelect],
+    mapper: Callable[[Any], _Row],
+    days: float | None,
+    session: AsyncSession,
+    clock: Clock,
+) -> list[_Row]:
+    """One of the three monitoring statistics over the last ``days`` days, read from the rollup
+    where it can."""
+    since = since_days(clock(), days)
+    statement = build(since=since, cover=await _stats_cover(session, since))
+    return [mapper(r) for r in await session.execute(statement)]
 
 
 async def get_confidence_distribution(
     days: float | None = 7, *, session: AsyncSession, clock: Clock = utc_now
 ) -> list[ConfidenceBucket]:
     """Rows per confidence bucket (one decimal) over the last ``days`` days, highest first."""
-    since = queries.since_days(clock(), days)
-    statement = queries.select_confidence_distribution(
-        since=since, cover=await _stats_cover(session, since)
-    )
-    return [queries.map_confidence_bucket(r) for r in await session.execute(statement)]
+    build = statements.select_confidence_distribution
+    return await _statistic(build, map_confidence_bucket, days, session, clock)
 
 
 async def get_intent_distribution(
     days: float | None = 7, *, session: AsyncSession, clock: Clock = utc_now
 ) -> list[IntentStats]:
     """Per predicted intent: rows, average confidence, corrections; most frequent first."""
-    since = queries.since_days(clock(), days)
-    statement = queries.select_intent_distribution(
-        since=since, cover=await _stats_cover(session, since)
-    )
-    return [queries.map_intent_stats(r) for r in await session.execute(statement)]
+    build = statements.select_intent_distribution
+    return await _statistic(build, map_intent_stats, days, session, clock)
 
 
 async def get_success_rate_by_intent(
@@ -286,11 +304,8 @@ async def get_success_rate_by_intent(
 ) -> list[IntentSuccessRate]:
     """Per predicted intent with a known outcome: total, successes, rate; lowest rate first.
     ``days=None`` (the default) is all time: the rollup keeps that cheap."""
-    since = queries.since_days(clock(), days)
-    statement = queries.select_success_rate_by_intent(
-        since=since, cover=await _stats_cover(session, since)
-    )
-    return [queries.map_success_rate(r) for r in await session.execute(statement)]
+    build = statements.select_success_rate_by_intent
+    return await _statistic(build, map_success_rate, days, session, clock)
 
 
 async def refresh_prompt_stats(
@@ -300,18 +315,19 @@ async def refresh_prompt_stats(
     wait_timeout: float = 30.0,
     poll_interval: float = 0.05,
 ) -> StatsRefresh:
-    """Bring the monitoring rollup up to date (see :func:`capture.queries.refresh_prompt_stats`;
-    the caller owns the transaction). The statistics are exact with or without it; it keeps
-    them fast. Waiting for concurrent writers (PostgreSQL) does not block the event loop."""
-    start = await session.run_sync(queries.refresh_begin)
+    """Bring the monitoring rollup up to date (see
+    :func:`capture.stats_rollup.refresh_prompt_stats`; the caller owns the transaction). The
+    statistics are exact with or without it; it keeps them fast. Waiting for concurrent
+    writers (PostgreSQL) does not block the event loop."""
+    start = await session.run_sync(stats_rollup.refresh_begin)
     left = start.writers
     deadline = time.monotonic() + wait_timeout
     while left and time.monotonic() < deadline:
         await asyncio.sleep(poll_interval)
-        result = await session.execute(queries.select_raw_writers_left(left))
+        result = await session.execute(stats_rollup.select_raw_writers_left(left))
         left = tuple(result.scalars())
     return await session.run_sync(
-        lambda sync_session: queries.refresh_finish(
+        lambda sync_session: stats_rollup.refresh_finish(
             sync_session, start, writers_left=left, until=until
         )
     )
@@ -321,11 +337,16 @@ async def refresh_prompt_stats(
 
 
 class NLURepository:
-    """The repository over one database: each call runs in its own short-lived session."""
+    """The repository over one database: each call runs the module function of the same name in
+    its own short-lived session (commit on success, rollback on error), with this clock."""
 
     def __init__(self, engine: AsyncEngine, *, clock: Clock = utc_now) -> None:
         self.engine = engine
         self.clock = clock
+
+    async def _run(self, call: Callable[..., Awaitable[_T]], *args: Any, **kwargs: Any) -> _T:
+        async with db.session_scope(self.engine) as session:
+            return await call(*args, session=session, **kwargs)
 
     async def log_prompt(
         self,
@@ -334,28 +355,21 @@ class NLURepository:
         confidence: float,
         secondary_intents: SecondaryIntents = (),
         *,
-        user_id: uuid.UUID | str | None = None,
-        conversation_id: uuid.UUID | str | None = None,
-        message_index: int | None = None,
-        model_version: str | None = None,
         log_id: uuid.UUID | str | None = None,
         created_at: datetime | None = None,
+        **context: Unpack[PromptContext],
     ) -> uuid.UUID:
-        async with db.session_scope(self.engine) as session:
-            return await log_prompt(
-                prompt,
-                predicted_intent,
-                confidence,
-                secondary_intents,
-                session=session,
-                user_id=user_id,
-                conversation_id=conversation_id,
-                message_index=message_index,
-                model_version=model_version,
-                log_id=log_id,
-                created_at=created_at,
-                clock=self.clock,
-            )
+        return await self._run(
+            log_prompt,
+            prompt,
+            predicted_intent,
+            confidence,
+            secondary_intents,
+            log_id=log_id,
+            created_at=created_at,
+            clock=self.clock,
+            **context,
+        )
 
     async def update_prompt_log_outcome(
         self,
@@ -366,15 +380,15 @@ class NLURepository:
         *,
         user_id: uuid.UUID | str | None = None,
     ) -> None:
-        async with db.session_scope(self.engine) as session:
-            await update_prompt_log_outcome(
-                log_id,
-                was_successful,
-                workflow_type,
-                execution_error,
-                session=session,
-                user_id=user_id,
-            )
+        await self._run(
+            update_prompt_log_outcome,
+            log_id,
+            was_successful,
+            workflow_type,
+            execution_error,
+            user_id=user_id,
+            clock=self.clock,
+        )
 
     async def add_prompt_correction(
         self,
@@ -384,67 +398,51 @@ class NLURepository:
         *,
         user_id: uuid.UUID | str | None = None,
     ) -> None:
-        async with db.session_scope(self.engine) as session:
-            await add_prompt_correction(
-                log_id,
-                corrected_intent,
-                correction_notes,
-                session=session,
-                user_id=user_id,
-                clock=self.clock,
-            )
+        await self._run(
+            add_prompt_correction,
+            log_id,
+            corrected_intent,
+            correction_notes,
+            user_id=user_id,
+            clock=self.clock,
+        )
 
     async def get_prompt_log(self, log_id: uuid.UUID | str) -> PromptLogRow | None:
-        async with db.session_scope(self.engine) as session:
-            return await get_prompt_log(log_id, session=session)
+        return await self._run(get_prompt_log, log_id)
 
     async def get_user_prompts(
         self, user_id: uuid.UUID | str, limit: int = 50
     ) -> list[PromptLogRow]:
-        async with db.session_scope(self.engine) as session:
-            return await get_user_prompts(user_id, limit, session=session)
+        return await self._run(get_user_prompts, user_id, limit)
 
     async def get_low_confidence_prompts(
         self, threshold: float = 0.7, limit: int = 100, days: float | None = None
     ) -> list[PromptLogRow]:
-        async with db.session_scope(self.engine) as session:
-            return await get_low_confidence_prompts(
-                threshold, limit, days, session=session, clock=self.clock
-            )
+        return await self._run(get_low_confidence_prompts, threshold, limit, days, clock=self.clock)
 
     async def get_failed_workflow_prompts(self, limit: int = 100) -> list[PromptLogRow]:
-        async with db.session_scope(self.engine) as session:
-            return await get_failed_workflow_prompts(limit, session=session)
+        return await self._run(get_failed_workflow_prompts, limit)
 
     async def get_prompts_for_retraining(
         self, days: float | None = None, min_confidence: float = 0.9
     ) -> list[RetrainingRow]:
-        async with db.session_scope(self.engine) as session:
-            return await get_prompts_for_retraining(
-                days, min_confidence, session=session, clock=self.clock
-            )
+        return await self._run(get_prompts_for_retraining, days, min_confidence, clock=self.clock)
 
     async def get_confidence_distribution(self, days: float | None = 7) -> list[ConfidenceBucket]:
-        async with db.session_scope(self.engine) as session:
-            return await get_confidence_distribution(days, session=session, clock=self.clock)
+        return await self._run(get_confidence_distribution, days, clock=self.clock)
 
     async def get_intent_distribution(self, days: float | None = 7) -> list[IntentStats]:
-        async with db.session_scope(self.engine) as session:
-            return await get_intent_distribution(days, session=session, clock=self.clock)
+        return await self._run(get_intent_distribution, days, clock=self.clock)
 
     async def get_success_rate_by_intent(
         self, days: float | None = None
     ) -> list[IntentSuccessRate]:
-        async with db.session_scope(self.engine) as session:
-            return await get_success_rate_by_intent(days, session=session, clock=self.clock)
+        return await self._run(get_success_rate_by_intent, days, clock=self.clock)
 
     async def refresh_prompt_stats(
         self, *, until: datetime | None = None, wait_timeout: float = 30.0
     ) -> StatsRefresh:
-        async with db.session_scope(self.engine) as session:
-            return await refresh_prompt_stats(
-                session=session, until=until, wait_timeout=wait_timeout
-            )
+        return await self._run(refresh_prompt_stats, until=until, wait_timeout=wait_timeout)
 
 
 def create_nlu_repository(url: str | None = None, *, clock: Clock = utc_now) -> NLURepository:

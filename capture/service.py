@@ -36,8 +36,9 @@ from capture.logger import CaptureLogger, CaptureStats, Sleep
 from capture.models import PromptLog
 from capture.repository import UnknownLogIdError
 from capture.settings import Settings, get_settings
-from capture.spool import EMPTY_SECONDARY, secondary_document
+from capture.spool import EMPTY_SECONDARY, new_row, secondary_document, uuid_bytes
 from capture.types import Classifier, NLUResult, Prediction
+from capture.values import as_uuid, optional_text, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -58,34 +59,9 @@ def clean_text(value: str) -> str:
     return value
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def _as_uuid(value: object, field: str) -> uuid.UUID:
-    if isinstance(value, uuid.UUID):
-        return value
-    if isinstance(value, str):
-        try:
-            return uuid.UUID(value)
-        except ValueError:
-            pass
-    raise ValueError(f"{field}: expected a UUID (uuid.UUID or its string form), found {value!r}")
-
-
-def _uuid_bytes(value: object, field: str) -> bytes:
-    """The 16 bytes of a UUID argument (how the logger's rows hold UUID columns)."""
-    if type(value) is uuid.UUID:
-        return value.int.to_bytes(16, "big")
-    return _as_uuid(value, field).bytes
-
-
 def _opt_text(value: object, field: str) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ValueError(f"{field}: expected a string or None, found {value!r}")
-    return clean_text(value)
+    text = optional_text(value, field)
+    return None if text is None else clean_text(text)
 
 
 class NLUService:
@@ -108,7 +84,7 @@ class NLUService:
         # id's UUIDv7 timestamp, truncated to the millisecond (the id's precision); one datetime
         # is made per millisecond and shared by the rows of that millisecond.
         self._injected_clock = clock
-        self._clock: Clock = clock or _utcnow
+        self._clock: Clock = clock or utc_now
         self._now_ms = -1
         self._now_dt = _EPOCH
         # Ids (16 bytes) issued recently: outcomes for them need no database check. Two
@@ -161,10 +137,8 @@ class NLUService:
         elif type(user_id) is uuid.UUID:
             user = user_id.int.to_bytes(16, "big")
         else:
-            user = _uuid_bytes(user_id, "user_id")
-        conversation = (
-            None if conversation_id is None else _uuid_bytes(conversation_id, "conversation_id")
-        )
+            user = uuid_bytes(user_id, "user_id")
+        conversation = uuid_bytes(conversation_id, "conversation_id")
         if message_index is not None and (
             type(message_index) is not int or not 0 <= message_index <= _INT32_MAX
         ):
@@ -205,26 +179,19 @@ class NLUService:
         if version is None:
             version = self._model()
         id_bytes = id_int.to_bytes(16, "big")
-        # The wire row (ROW_COLUMNS order), exactly as binary COPY sends it.
+        # The wire row, exactly as binary COPY sends it.
         self.capture.submit_wire_row(
-            (
-                id_bytes,
-                user,
-                prompt,
-                intent,
-                confidence,
-                secondary_document(secondary) if secondary else EMPTY_SECONDARY,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-                conversation,
-                message_index,
-                version,
-                now,
-                now,
+            new_row(
+                log_id=id_bytes,
+                user_id=user,
+                prompt=prompt,
+                predicted_intent=intent,
+                confidence=confidence,
+                secondary_intents=secondary_document(secondary) if secondary else EMPTY_SECONDARY,
+                conversation_id=conversation,
+                message_index=message_index,
+                model_version=version,
+                created_at=now,
             )
         )
         issued = self._issued
@@ -288,7 +255,7 @@ class NLUService:
 
         Raises :class:`UnknownLogIdError` (a ``ValueError``) when no row has ``log_id``.
         """
-        lid = _as_uuid(log_id, "log_id")
+        lid = as_uuid(log_id, "log_id")
         if not isinstance(was_successful, bool):
             raise ValueError(f"was_successful: expected True or False, found {was_successful!r}")
         workflow = _opt_text(workflow_type, "workflow_type")
@@ -300,7 +267,7 @@ class NLUService:
         self, log_id: uuid.UUID | str, corrected_intent: str, correction_notes: str | None = None
     ) -> None:
         """Record a human correction of the predicted intent."""
-        lid = _as_uuid(log_id, "log_id")
+        lid = as_uuid(log_id, "log_id")
         if not isinstance(corrected_intent, str) or not clean_text(corrected_intent).strip():
             raise ValueError(
                 f"corrected_intent: expected a non-empty intent name, found {corrected_intent!r}"

@@ -68,6 +68,13 @@ class Settings(BaseSettings):
     def _normalise(cls, value: str) -> str:
         return normalise_database_url(value)
 
+    def for_run(self, home: Path, database_url: str) -> Settings:
+        """A copy with ``home`` and ``database_url`` replaced (one flow run's home and database:
+        the demo's fresh home, one simulator run). The environment is not touched."""
+        return self.model_copy(
+            update={"home": home, "database_url": normalise_database_url(database_url)}
+        )
+
     @property
     def resolved_database_url(self) -> str:
         """The database URL in force: the configured one, or the SQLite default under home."""

@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -44,6 +45,8 @@ from typing import Any, Final, TypeAlias
 import orjson
 
 from capture.ids import uuid7
+from capture.rows import Change, Correction, Outcome
+from capture.values import as_uuid, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -51,67 +54,100 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 SUFFIX = ".jsonl"
 
-# The columns of an insert row, in the order the logger keeps them (and COPY sends them).
-ROW_COLUMNS: tuple[str, ...] = (
-    "id",
-    "user_id",
-    "prompt",
-    "predicted_intent",
-    "confidence",
-    "secondary_intents",
-    "corrected_intent",
-    "correction_notes",
-    "corrected_at",
-    "was_successful",
-    "workflow_type",
-    "execution_error",
-    "conversation_id",
-    "message_index",
-    "model_version",
-    "created_at",
-    "updated_at",
+# THE column table of an insert row: (column, PostgreSQL type of its binary COPY value), in the
+# order the logger keeps a row, COPY sends it and the spool writes it (a change here is a new
+# spool FORMAT_VERSION). ROW_COLUMNS, the COPY types, the C_* indexes and the UUID/timestamp
+# columns derive from it.
+ROW_LAYOUT: tuple[tuple[str, str], ...] = (
+    ("id", "uuid"),
+    ("user_id", "uuid"),
+    ("prompt", "text"),
+    ("predicted_intent", "text"),
+    ("confidence", "float4"),
+    ("secondary_intents", "jsonb"),
+    ("corrected_intent", "text"),
+    ("correction_notes", "text"),
+    ("corrected_at", "timestamptz"),
+    ("was_successful", "bool"),
+    ("workflow_type", "text"),
+    ("execution_error", "text"),
+    ("conversation_id", "uuid"),
+    ("message_index", "int4"),
+    ("model_version", "text"),
+    ("created_at", "timestamptz"),
+    ("updated_at", "timestamptz"),
 )
-(
-    C_ID,
-    C_USER,
-    C_PROMPT,
-    C_INTENT,
-    C_CONF,
-    C_SECONDARY,
-    C_CORRECTED,
-    C_NOTES,
-    C_CORRECTED_AT,
-    C_SUCCESS,
-    C_WORKFLOW,
-    C_ERROR,
-    C_CONVERSATION,
-    C_INDEX,
-    C_MODEL,
-    C_CREATED,
-    C_UPDATED,
-) = range(len(ROW_COLUMNS))
-_UUID_COLUMNS = (C_ID, C_USER, C_CONVERSATION)
-_TIME_COLUMNS = (C_CORRECTED_AT, C_CREATED, C_UPDATED)
+ROW_COLUMNS: tuple[str, ...] = tuple(name for name, _ in ROW_LAYOUT)
+#: The binary COPY types of the columns (``copy.set_types``), in ``ROW_COLUMNS`` order.
+COPY_TYPES: tuple[str, ...] = tuple(pg_type for _, pg_type in ROW_LAYOUT)
+#: Column name -> its index in a row.
+ROW_INDEX: Mapping[str, int] = {name: index for index, name in enumerate(ROW_COLUMNS)}
+C_ID = ROW_INDEX["id"]
+C_USER = ROW_INDEX["user_id"]
+C_SECONDARY = ROW_INDEX["secondary_intents"]
+C_CONVERSATION = ROW_INDEX["conversation_id"]
+C_CREATED = ROW_INDEX["created_at"]
+_UUID_COLUMNS = tuple(i for i, (_, pg_type) in enumerate(ROW_LAYOUT) if pg_type == "uuid")
+_TIME_COLUMNS = tuple(i for i, (_, pg_type) in enumerate(ROW_LAYOUT) if pg_type == "timestamptz")
+
+
+def new_row(
+    *,
+    log_id: Any,
+    user_id: Any,
+    prompt: str,
+    predicted_intent: str,
+    confidence: float,
+    secondary_intents: Any,
+    conversation_id: Any,
+    message_index: int | None,
+    model_version: str | None,
+    created_at: datetime,
+) -> tuple[Any, ...]:
+    """A new prompt's row in ``ROW_COLUMNS`` order: no correction or outcome yet,
+    ``updated_at = created_at``. Values pass through as given (wire values from the service,
+    Python values for :func:`wire_row`); ``tests/test_spool_format.py`` checks the order."""
+    return (
+        log_id,
+        user_id,
+        prompt,
+        predicted_intent,
+        confidence,
+        secondary_intents,
+        None,  # corrected_intent
+        None,  # correction_notes
+        None,  # corrected_at
+        None,  # was_successful
+        None,  # workflow_type
+        None,  # execution_error
+        conversation_id,
+        message_index,
+        model_version,
+        created_at,
+        created_at,  # updated_at
+    )
+
 
 INSERT, OUTCOME, CORRECTION = "insert", "outcome", "correction"
 
 
 # One logged operation: a plain ``(kind, seq, data, segment)`` tuple, indexed with KIND, SEQ,
-# DATA, SEGMENT. A plain tuple (not a class instance, not even a NamedTuple) because the garbage
-# collector stops tracking an exact tuple of atomic values: a queue of 100k buffered inserts then
-# adds nothing to the full collections, which otherwise cost microseconds per row.
-# ``data`` is the wire row (insert, see :func:`wire_row`) or, for an update,
-# outcome: ``[log_id, was_successful, workflow_type, execution_error, at]``;
-# correction: ``[log_id, corrected_intent, correction_notes, None, at]``.
+# DATA, SEGMENT (or unpacked). A plain tuple (not a class instance, not even a NamedTuple)
+# because the garbage collector stops tracking an exact tuple of atomic values: a queue of 100k
+# buffered inserts then adds nothing to the full collections, which otherwise cost microseconds
+# per row. ``data`` is the wire row (insert, see :func:`wire_row`) or the update with named
+# fields (:class:`capture.rows.Outcome` / :class:`capture.rows.Correction`).
 # ``segment`` is the journal segment holding the op (spool/fsync modes), else ``None``.
-Op: TypeAlias = "tuple[str, int, Sequence[Any], Segment | None]"
+Op: TypeAlias = "tuple[str, int, Any, Segment | None]"
 KIND: Final = 0
 SEQ: Final = 1
 DATA: Final = 2
 SEGMENT: Final = 3
+#: The update kinds and the type of their ``data``.
+CHANGE_TYPES: Mapping[str, type[Change]] = {OUTCOME: Outcome, CORRECTION: Correction}
 
 
-def make_op(kind: str, seq: int, data: Sequence[Any], segment: Segment | None = None) -> Op:
+def make_op(kind: str, seq: int, data: Any, segment: Segment | None = None) -> Op:
     """An :data:`Op` tuple."""
     return (kind, seq, data, segment)
 
@@ -135,16 +171,17 @@ def secondary_items(document: bytes) -> list[dict[str, Any]]:
     return items
 
 
-def uuid_bytes(value: uuid.UUID | str | bytes | None) -> bytes | None:
-    """A UUID column's wire value: its 16 bytes (from a UUID, its text, or the bytes)."""
+def uuid_bytes(value: object, field: str = "uuid") -> bytes | None:
+    """A UUID column's wire value: its 16 bytes (from a UUID, its text, or the bytes; ``None``
+    stays ``None``); anything else is a ``ValueError`` naming ``field``."""
     if value is None or type(value) is bytes:
         return value
-    if isinstance(value, uuid.UUID):
-        return value.bytes
-    return uuid.UUID(str(value)).bytes
+    if type(value) is uuid.UUID:
+        return value.int.to_bytes(16, "big")
+    return as_uuid(value, field).bytes
 
 
-def as_uuid(value: uuid.UUID | bytes | None) -> uuid.UUID | None:
+def wire_uuid(value: uuid.UUID | bytes | None) -> uuid.UUID | None:
     """The UUID of a wire (or already Python) UUID column value."""
     if value is None or isinstance(value, uuid.UUID):
         return value
@@ -169,7 +206,7 @@ def python_row(row: Sequence[Any]) -> dict[str, Any]:
     """A wire row as column name -> Python value (UUIDs, ``secondary_intents`` as stored)."""
     values = dict(zip(ROW_COLUMNS, row, strict=True))
     for col in _UUID_COLUMNS:
-        values[ROW_COLUMNS[col]] = as_uuid(row[col])
+        values[ROW_COLUMNS[col]] = wire_uuid(row[col])
     values["secondary_intents"] = secondary_items(row[C_SECONDARY])
     return values
 
@@ -197,27 +234,10 @@ def encode_op(op: Op) -> bytes:
         if type(secondary) is bytes:
             row[C_SECONDARY] = orjson.Fragment(secondary[1:])
         record = {"v": FORMAT_VERSION, "op": INSERT, "seq": seq, "row": row}
-    elif kind == OUTCOME:
-        record = {
-            "v": FORMAT_VERSION,
-            "op": OUTCOME,
-            "seq": seq,
-            "id": data[0],
-            "was_successful": data[1],
-            "workflow_type": data[2],
-            "execution_error": data[3],
-            "at": data[4],
-        }
     else:
-        record = {
-            "v": FORMAT_VERSION,
-            "op": CORRECTION,
-            "seq": seq,
-            "id": data[0],
-            "corrected_intent": data[1],
-            "correction_notes": data[2],
-            "at": data[4],
-        }
+        # {"id": log_id, <the other fields by name>}: the keys of format version 2.
+        record = {"v": FORMAT_VERSION, "op": kind, "seq": seq, "id": data.log_id}
+        record.update(zip(data._fields[1:], data[1:], strict=True))
     return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
 
 
@@ -232,7 +252,7 @@ def decode_op(line: bytes) -> Op:
         raise ValueError(
             f"expected a spool record of version {READABLE_VERSIONS}, found {line[:80]!r}"
         )
-    kind = record.get("op")
+    kind = str(record.get("op"))
     seq = int(record["seq"])
     if kind == INSERT:
         row = list(record["row"])
@@ -249,25 +269,34 @@ def decode_op(line: bytes) -> Op:
             for item in row[C_SECONDARY] or ()
         )
         return (INSERT, seq, tuple(row), None)
-    if kind == OUTCOME:
-        data = [
-            uuid.UUID(record["id"]),
-            record["was_successful"],
-            record["workflow_type"],
-            record["execution_error"],
-            _time(record["at"]),
-        ]
-        return (OUTCOME, seq, data, None)
-    if kind == CORRECTION:
-        data = [
-            uuid.UUID(record["id"]),
-            record["corrected_intent"],
-            record["correction_notes"],
-            None,
-            _time(record["at"]),
-        ]
-        return (CORRECTION, seq, data, None)
+    change = CHANGE_TYPES.get(kind)
+    if change is not None:
+        fields = change._fields  # log_id, <named fields>, at
+        values = [record[field] for field in fields[1:-1]]
+        data = change._make([uuid.UUID(record["id"]), *values, _time(record["at"])])
+        return (kind, seq, data, None)
     raise ValueError(f"unknown spool op {kind!r}; expected insert, outcome or correction")
+
+
+# --- rejected operations ------------------------------------------------------------------
+
+REJECTED_FILE = "rejected.jsonl"
+
+
+def append_rejected(
+    path: Path, reason: str, *, op: Op | None = None, raw: bytes | None = None
+) -> None:
+    """Append one JSON line to the rejected-operations file (``HOME/rejected.jsonl``):
+    ``{"at", "reason", "op": <the spool record>}`` for an operation the database refused, or
+    ``{"at", "reason", "raw": <the text>}`` for a spool line that could not be read."""
+    record: dict[str, Any] = {"at": utc_now().isoformat(), "reason": reason}
+    if op is not None:
+        record["op"] = json.loads(encode_op(op))
+    if raw is not None:
+        record["raw"] = raw.decode("utf-8", "replace")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8", errors="surrogateescape") as handle:
+        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 # --- segments -----------------------------------------------------------------------------
@@ -334,6 +363,22 @@ def read_ops(path: Path) -> Iterator[tuple[int, bytes | Op]]:
             except (ValueError, KeyError, TypeError) as exc:  # orjson.JSONDecodeError too
                 logger.error("spool %s line %d is unreadable: %s", path, number, exc)
                 yield number, line
+
+
+def read_batches(path: Path, size: int) -> Iterator[list[Op] | tuple[int, bytes]]:
+    """The operations of a segment (:func:`read_ops`) in order, in lists of at most ``size``;
+    an unreadable line comes as ``(line number, raw)`` when it is reached."""
+    batch: list[Op] = []
+    for number, item in read_ops(path):
+        if isinstance(item, bytes):
+            yield number, item
+            continue
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _lock(fd: int) -> bool:

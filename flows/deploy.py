@@ -7,49 +7,15 @@ requests, so deploying or rolling back needs no restart.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 
-from flows.common import models_dir, resolve_optional
-from tasks.registry import (
-    RegistryError,
-    current_version,
-    deploy_task,
-    gate_status,
-    is_deployable,
-    rollback_task,
-    version_dir,
-    versions,
-    write_json_atomic,
-)
+from capture.settings import get_settings
+from tasks.deploy import DeployResult, choose_version, export_for_serving
+from tasks.registry import deploy_task, is_deployable, rollback_task, version_dir
+from tasks.run_settings import resolve_run_settings
 
 logger = logging.getLogger(__name__)
-
-
-def latest_promotable(registry: Path) -> str | None:
-    """The newest version the gate did not reject."""
-    candidates = [v for v in versions(registry) if gate_status(registry / v) != "rejected"]
-    return candidates[-1] if candidates else None
-
-
-@task(cache_policy=NO_CACHE, name="export-onnx")
-def export_model(model_dir: Path, quantize: bool, validation_data: Path | None) -> dict[str, Any]:
-    """Write model.onnx + tokenizer.json into ``model_dir``; record the export in metrics.json."""
-    import json
-
-    from tasks.export_onnx import export_onnx
-    from tasks.records import load_records
-
-    texts = [r.text for r in load_records(validation_data)] if validation_data else None
-    report = export_onnx(model_dir, quantize=quantize, validation_texts=texts).to_dict()
-    metrics_path = model_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    metrics["export"] = report
-    write_json_atomic(metrics_path, metrics)
-    return report
 
 
 @flow(name="deploy")
@@ -59,48 +25,36 @@ def deploy_flow(
     quantize: bool = True,
     validation_data: str | None = None,
     allow_rejected: bool = False,
-) -> dict[str, Any]:
+    home: str | None = None,
+) -> DeployResult:
     """Export ``version`` (default: the newest one the gate did not reject) to ONNX when needed
     and make it the serving version. ``validation_data`` (default ``home/data/base_val.jsonl``)
-    holds the texts of the int8 parity check."""
+    holds the texts of the int8 parity check; ``home`` defaults to PROMPT_CAPTURE_HOME."""
     run_logger = get_run_logger()
-    registry = models_dir()
-    version = version or latest_promotable(registry)
-    if version is None:
-        raise RegistryError(f"nothing to deploy: the registry at {registry} has no version")
-    target = version_dir(registry, version)
-    if not target.is_dir():
-        raise RegistryError(f"version {version} is not in the registry at {registry}")
-    if gate_status(target) == "rejected" and not allow_rejected:
-        raise RegistryError(
-            f"version {version} was rejected by the gate (see {target / 'card.md'}); pass "
-            "allow_rejected=True to deploy it anyway"
-        )
-    export: dict[str, Any] | None = None
+    layout = resolve_run_settings(get_settings(), home=home).layout
+    target = choose_version(layout.models_dir, version, allow_rejected=allow_rejected)
+    export = None
     if not is_deployable(target):
-        export = export_model(target, quantize, resolve_optional(validation_data, "val"))
+        validation = layout.optional_file(validation_data, "val")
+        export = export_for_serving(target, quantize=quantize, validation_data=validation)
         run_logger.info(
             "exported version %s to ONNX (%s, agreement %.4f)",
-            version,
-            export["published"],
-            export["agreement"],
+            target.name,
+            export.published,
+            export.agreement,
         )
-    previous = deploy_task(registry, version)
-    run_logger.info("now serving version %s (was %s)", version, previous)
-    return {
-        "version": version,
-        "previous": previous,
-        "model_dir": str(target),
-        "export": export,
-    }
+    previous = deploy_task(layout.models_dir, target.name)
+    run_logger.info("now serving version %s (was %s)", target.name, previous)
+    return DeployResult(version=target.name, previous=previous, model_dir=target, export=export)
 
 
 @flow(name="rollback")
-def rollback_flow(to: str | None = None) -> dict[str, Any]:
+def rollback_flow(to: str | None = None, home: str | None = None) -> DeployResult:
     """Serve ``to`` (default: the newest deployable, not rejected version older than the
-    current one)."""
-    registry = models_dir()
-    before = current_version(registry)
-    previous, now = rollback_task(registry, to)
-    get_run_logger().info("rolled back from version %s to %s", before, now)
-    return {"previous": previous, "version": now}
+    current one); ``home`` defaults to PROMPT_CAPTURE_HOME."""
+    layout = resolve_run_settings(get_settings(), home=home).layout
+    previous, now = rollback_task(layout.models_dir, to)
+    get_run_logger().info("rolled back from version %s to %s", previous, now)
+    return DeployResult(
+        version=now, previous=previous, model_dir=version_dir(layout.models_dir, now)
+    )

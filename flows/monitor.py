@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
-from capture.queries import utc_now
 from capture.settings import get_settings
+from capture.values import utc_now
+from tasks.alert_delivery import notify_breaches
 from tasks.monitor import (
     AlertThresholds,
     breach_dict,
     check_cycle,
     collect_window_stats,
     find_breaches,
-    notify_breaches,
     refresh_statistics,
     window_bounds,
 )
+from tasks.run_settings import resolve_run_settings
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,9 @@ def monitor_flow(
     refresh_stats: bool = True,
     delivery_attempts: int = 3,
     retry_backoff_s: float = 2.0,
-    database_url: str | None = None,
     home: str | None = None,
+    database_url: str | None = None,
+    database_secret: str | None = None,
     now: datetime | None = None,
 ) -> dict[str, Any]:
     """Check the last ``window_hours`` of traffic per intent and overall, and the weekly cycle's
@@ -55,9 +56,15 @@ def monitor_flow(
     First (unless ``refresh_stats`` is false) it brings the monitoring rollup up to date, which
     keeps the confidence / intent / success-rate statistics fast (``stats_refresh`` in the
     result; see docs/DATABASE.md "Monitoring rollup").
+
+    ``home`` defaults to PROMPT_CAPTURE_HOME; the database to ``database_url`` (no password),
+    the Secret block ``database_secret``, PROMPT_CAPTURE_DATABASE_URL, or the home's SQLite file.
     """
     run_logger = get_run_logger()
     settings = get_settings()
+    run = resolve_run_settings(
+        settings, home=home, database_url=database_url, database_secret=database_secret
+    )
     thresholds = AlertThresholds(
         max_failure_rate=max_failure_rate,
         max_low_confidence_rate=max_low_confidence_rate,
@@ -69,12 +76,12 @@ def monitor_flow(
     )
     window = timedelta(hours=window_hours)
     now = now if now is not None else utc_now()
-    home_dir = Path(home) if home else settings.home
+    home_dir = run.home
     webhook_url = webhook_url or settings.alert_webhook_url or None
 
-    refreshed = refresh_statistics(database_url) if refresh_stats else None
+    refreshed = refresh_statistics(run.database_url) if refresh_stats else None
     stats = collect_window_stats(
-        database_url, now=now, window=window, low_confidence_threshold=low_confidence_threshold
+        run.database_url, now=now, window=window, low_confidence_threshold=low_confidence_threshold
     )
     breaches = find_breaches(stats, thresholds)
     if check_weekly_cycle:

@@ -8,7 +8,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from tasks.retention import DEFAULT_BATCH_SIZE, DEFAULT_RETENTION_DAYS, apply_retention
+from capture.settings import get_settings
+from tasks.retention import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_RETENTION_DAYS,
+    apply_retention,
+)
+from tasks.run_settings import resolve_run_settings
 
 logger = logging.getLogger(__name__)
 
@@ -17,16 +23,24 @@ logger = logging.getLogger(__name__)
 def retention_flow(
     retention_days: float = DEFAULT_RETENTION_DAYS,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    *,
+    home: str | None = None,
     database_url: str | None = None,
+    database_secret: str | None = None,
     now: datetime | None = None,
 ) -> dict[str, Any]:
     """Copy raw logs older than ``retention_days`` (anonymised) into ``nlu_training_examples``
     and delete them, ``batch_size`` rows per transaction. ``now`` defaults to the current time.
 
-    Returns ``{"cutoff", "copied", "deleted", "batches"}``.
+    ``home`` defaults to PROMPT_CAPTURE_HOME; the database to ``database_url`` (no password),
+    the Secret block ``database_secret``, PROMPT_CAPTURE_DATABASE_URL, or the home's SQLite file.
+    Returns ``{"cutoff", "copied", "deleted", "batches"}`` (a standalone flow: the CLI prints it).
     """
+    run = resolve_run_settings(
+        get_settings(), home=home, database_url=database_url, database_secret=database_secret
+    )
     result = apply_retention(
-        database_url, retention_days=retention_days, batch_size=batch_size, now=now
+        run.database_url, retention_days=retention_days, batch_size=batch_size, now=now
     )
     get_run_logger().info(
         "retention: deleted %d raw logs older than %s, copied %d to the training store "

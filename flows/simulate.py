@@ -1,178 +1,136 @@
-"""The learning-loop simulator as a Prefect flow (see ``tasks/simulate.py`` for the loop).
+"""The learning-loop simulator as a Prefect flow (``tasks.simulate`` holds the steps).
 
-Every strategy × seed run gets its own ``PROMPT_CAPTURE_HOME`` (``output/runs/<strategy>-seed-
-<n>/home``) and database (an SQLite file there, or a new PostgreSQL database when
-``PROMPT_CAPTURE_DATABASE_URL`` or ``database_url`` names a PostgreSQL server), and runs the
-production flows in it: the weekly cycle is a subflow of this one.
+Every strategy × seed run gets its own home (``output/runs/<strategy>-seed-<n>/home``) and
+database (an SQLite file there, or a new PostgreSQL database when the simulation's database
+setting names a PostgreSQL server), and runs the production flows in it: the weekly cycle is a
+subflow of this one, given the run's home and database as parameters.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from capture.settings import Settings, get_settings
 from flows.weekly import weekly_cycle
+from tasks.records import Record
 from tasks.review_select import DEFAULT_STRATEGY
-from tasks.simulate import (
+from tasks.run_settings import configured_database_url
+from tasks.simulate.data import TrafficPlan, check_strategies, load_data_task, plan_traffic_task
+from tasks.simulate.reference import reference_task
+from tasks.simulate.results import WeekResult, write_csv, write_outputs_task
+from tasks.simulate.space import (
     LoopSettings,
     RunSpace,
-    SimulationError,
-    TrafficPlan,
-    WeekResult,
-    check_strategies,
+    check_reviewer_files_applied,
     clone_registry,
-    environment,
-    evaluate_task,
-    load_data_task,
-    plan_traffic_task,
     prepare_space_task,
-    reference_task,
     release_space,
+    write_base_files,
+)
+from tasks.simulate.week import (
+    evaluate_task,
+    initial_row,
     review_week_task,
     send_traffic_task,
     simulation_start,
-    write_base_files,
-    write_csv,
-    write_outputs_task,
+    week_row,
 )
+from tasks.weekly import WeeklyResult
 
 logger = logging.getLogger(__name__)
 
 SIMULATION_ARTIFACT_KEY = "simulation"
 
 
-def _cycle(space: RunSpace, settings: LoopSettings, seed: int) -> dict[str, Any]:
+def _cycle(space: RunSpace, loop: LoopSettings, seed: int) -> WeeklyResult:
     """The production weekly cycle inside ``space`` (its home and database)."""
-    params = settings.weekly_cycle_parameters(space.database_url)
+    params = loop.weekly_cycle_parameters()
     params["hyperparameters"] = {"seed": seed, **params["hyperparameters"]}
-    with environment(space.env()):
-        summary: dict[str, Any] = weekly_cycle(**params)
-    rejected = [r for r in summary.get("corrections", []) if r.get("rejected")]
-    if rejected:
-        raise SimulationError(
-            f"run {space.name}: the corrections import refused the stand-in reviewer's file: "
-            f"{rejected[0]['rejected'][:3]}"
-        )
-    return summary
+    result: WeeklyResult = weekly_cycle(**params, **space.flow_params())
+    check_reviewer_files_applied(space, result.corrections)
+    return result
 
 
 def _first_model(
-    root: Path, plan: TrafficPlan, settings: LoopSettings, seed: int, server_url: str | None
+    root: Path, plan: TrafficPlan, loop: LoopSettings, seed: int, settings: Settings
 ) -> RunSpace:
     """Train, gate (first model: promoted) and deploy the seed-set model once per seed."""
-    space = prepare_space_task(root, f"first-model-seed-{seed}", server_url=server_url)
+    space = prepare_space_task(
+        root, f"first-model-seed-{seed}", settings=settings, server_url=settings.database_url
+    )
     write_base_files(space, plan)
-    _cycle(space, settings, seed)
+    _cycle(space, loop, seed)
     return space
 
 
 def _run(
-    *,
     base: RunSpace,
     root: Path,
+    *,
     strategy: str,
     seed: int,
     plan: TrafficPlan,
-    test: Any,
-    settings: LoopSettings,
-    start: Any,
-    server_url: str | None,
+    test: tuple[Record, ...],
+    loop: LoopSettings,
+    start: datetime,
+    settings: Settings,
     rows: list[WeekResult],
     csv_path: Path,
 ) -> None:
-    """One strategy with one seed: week 0 (the first model), then ``settings.weeks`` weeks."""
-    run_logger = get_run_logger()
-    space = prepare_space_task(root, f"{strategy}-seed-{seed}", server_url=server_url)
+    """One strategy with one seed: week 0 (the first model), then ``loop.weeks`` weeks."""
+    space = prepare_space_task(
+        root, f"{strategy}-seed-{seed}", settings=settings, server_url=settings.database_url
+    )
     try:
         write_base_files(space, plan)
         clone_registry(base, space)
-        with environment(space.env()):
-            accuracy, version = evaluate_task(space, test)
-        seed_labels = len(plan.seed_set)
-        rows.append(
-            WeekResult(
-                strategy,
-                seed,
-                0,
-                accuracy,
-                0,
-                0,
-                seed_labels,
-                None,
-                None,
-                seed_labels,
-                "initial",
-                version,
-                0.0,
-            )
-        )
-        reviewed = errors = 0
-        for week in range(1, settings.weeks + 1):
+        row = initial_row(strategy, seed, *evaluate_task(space, test), len(plan.seed_set))
+        rows.append(row)
+        for week in range(1, loop.weeks + 1):
             began = time.perf_counter()
-            with environment(space.env()):
-                traffic = send_traffic_task(
-                    space,
-                    plan.weeks[week - 1],
-                    start=start,
-                    week=week,
-                    seed=seed,
-                    settings=settings,
-                )
-                review = review_week_task(
-                    space,
-                    traffic,
-                    strategy=strategy,
-                    start=start,
-                    week=week,
-                    seed=seed,
-                    settings=settings,
-                )
-            cycle = _cycle(space, settings, seed)
-            seconds = time.perf_counter() - began
-            with environment(space.env()):
-                accuracy, version = evaluate_task(space, test)
-            reviewed += review.selected
-            errors += review.errors_found
-            gate = "promoted" if cycle["retrain"]["promote"] else "rejected"
-            rows.append(
-                WeekResult(
-                    strategy=strategy,
-                    seed=seed,
-                    week=week,
-                    accuracy=accuracy,
-                    reviewed=reviewed,
-                    errors_found=errors,
-                    labels_used=seed_labels + reviewed,
-                    traffic_accuracy=traffic.accuracy,
-                    candidates=review.candidates,
-                    training_rows=int(cycle["training_data"]["n_train"]),
-                    gate=gate,
-                    model_version=version,
-                    week_seconds=seconds,
-                )
+            traffic = send_traffic_task(
+                space, plan.weeks[week - 1], start=start, week=week, seed=seed, loop=loop
             )
+            review = review_week_task(
+                space, traffic, strategy=strategy, start=start, week=week, seed=seed, loop=loop
+            )
+            cycle = _cycle(space, loop, seed)
+            seconds = time.perf_counter() - began
+            accuracy, version = evaluate_task(space, test)
+            row = week_row(
+                row,
+                traffic=traffic,
+                review=review,
+                cycle=cycle,
+                accuracy=accuracy,
+                version=version,
+                seconds=seconds,
+            )
+            rows.append(row)
             write_csv(rows, csv_path)  # progress survives an interrupted simulation
-            run_logger.info(
+            get_run_logger().info(
                 "%s seed %d week %d: accuracy %.2f%% (%s, version %s), reviewed %d "
                 "(%d errors found), live accuracy %.2f%%, week %.0fs",
                 strategy,
                 seed,
                 week,
-                100 * accuracy,
-                gate,
+                100 * row.accuracy,
+                row.gate,
                 version,
-                reviewed,
-                errors,
+                row.reviewed,
+                row.errors_found,
                 100 * traffic.accuracy,
                 seconds,
             )
     finally:
-        release_space(space, server_url=server_url)
+        release_space(space)
 
 
 @flow(name="simulate")
@@ -198,17 +156,19 @@ def simulate_flow(
     fail_if_wrong: float = 0.5,
     fail_if_right: float = 0.05,
     database_url: str | None = None,
+    database_secret: str | None = None,
 ) -> dict[str, Any]:
     """Simulate ``weeks`` weeks of the learning loop for each strategy and seed on ``dataset``
     (a folder with ``train.jsonl`` and ``test.jsonl``); write ``output/simulation.csv`` and
     ``output/simulation.png``. ``strategies`` may hold ``all``; default: the default strategy.
-    ``reference`` also trains the all-labels model (the ceiling)."""
-    from capture.settings import get_settings
+    ``reference`` also trains the all-labels model (the ceiling).
 
-    run_logger = get_run_logger()
+    The runs' databases: new PostgreSQL databases on the server ``database_url`` (no password),
+    the Secret block ``database_secret`` or PROMPT_CAPTURE_DATABASE_URL names; SQLite files in
+    the runs' homes when none names a server.
+    """
     names = check_strategies(strategies or [DEFAULT_STRATEGY])
-    seed_list = list(dict.fromkeys(seeds if seeds is not None else [0]))
-    settings = LoopSettings(
+    loop = LoopSettings(
         weeks=weeks,
         review_budget=review_budget,
         initial_per_intent=initial_per_intent,
@@ -222,17 +182,20 @@ def simulate_flow(
         max_pairs=max_pairs,
         quantize=quantize,
     )
-    server_url = database_url or get_settings().database_url or None
+    env = get_settings()
+    server_url = configured_database_url(
+        env, database_url=database_url, database_secret=database_secret
+    )
+    # The runs' settings: the environment's, with the server (or none: SQLite per run).
+    settings = env.model_copy(update={"database_url": server_url or ""})
     data = load_data_task(
         Path(dataset),
         exclude_labels=tuple(exclude_labels if exclude_labels is not None else ["oos"]),
         max_intents=max_intents,
     )
     out = Path(output).resolve()
-    root = out / "runs"
-    csv_path = out / "simulation.csv"
     start = simulation_start(weeks)
-    run_logger.info(
+    get_run_logger().info(
         "simulating %d week(s) of %d prompts, review budget %d, on %d intents (%d train, %d "
         "test): strategies %s, seeds %s",
         weeks,
@@ -242,12 +205,10 @@ def simulate_flow(
         len(data.train),
         len(data.test),
         ", ".join(names),
-        seed_list,
+        seeds if seeds is not None else [0],
     )
-    rows: list[WeekResult] = []
-    if reference:
-        rows.append(reference_task(data, settings, out))
-    for seed in seed_list:
+    rows: list[WeekResult] = [reference_task(data, loop, out)] if reference else []
+    for seed in dict.fromkeys(seeds if seeds is not None else [0]):
         plan = plan_traffic_task(
             data,
             seed=seed,
@@ -256,32 +217,31 @@ def simulate_flow(
             weeks=weeks,
             gate_per_intent=gate_per_intent,
         )
-        base = _first_model(root, plan, settings, seed, server_url)
+        base = _first_model(out / "runs", plan, loop, seed, settings)
         try:
             for strategy in names:
                 _run(
-                    base=base,
-                    root=root,
+                    base,
+                    out / "runs",
                     strategy=strategy,
                     seed=seed,
                     plan=plan,
                     test=data.test,
-                    settings=settings,
+                    loop=loop,
                     start=start,
-                    server_url=server_url,
+                    settings=settings,
                     rows=rows,
-                    csv_path=csv_path,
+                    csv_path=out / "simulation.csv",
                 )
         finally:
-            release_space(base, server_url=server_url)
+            release_space(base)
     outputs = write_outputs_task(rows, out)
     create_markdown_artifact(
         key=SIMULATION_ARTIFACT_KEY,
-        markdown=f"# Learning-loop simulation\n\n```\n{outputs.table}\n```\n\n"
-        f"- CSV: `{outputs.csv}`\n- plot: `{outputs.png}`\n- best strategy: {outputs.best}\n",
+        markdown=outputs.markdown(),
         description=f"best strategy: {outputs.best}",
     )
-    run_logger.info("simulation table:\n%s", outputs.table)
+    get_run_logger().info("simulation table:\n%s", outputs.table)
     return {
         "csv": str(outputs.csv),
         "png": str(outputs.png),

@@ -1,7 +1,9 @@
 """The weekly cycle: corrections inbox -> training data -> pairs -> retrain + gate -> deploy.
 
 A challenger the gate rejects ends the run COMPLETED with a message saying so (the champion
-keeps serving); any error fails the run.
+keeps serving); any error fails the run. Each stage is a subflow of this one; each gets the
+``home`` and the database parameters this run got (never a resolved URL: see
+``tasks.run_settings``).
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from flows.retrain import retrain_flow
 from flows.training_data import training_data_flow
 from tasks.monitor import record_cycle_success
 from tasks.report import publish_monitoring_artifact
+from tasks.run_settings import resolve_run_settings
+from tasks.weekly import WEEKLY_SUMMARY_KEY, WeeklyResult, cycle_message, summary_markdown
 
 logger = logging.getLogger(__name__)
-
-WEEKLY_SUMMARY_KEY = "weekly-cycle"
 
 
 @flow(name="weekly-cycle")
@@ -43,68 +45,68 @@ def weekly_cycle(
     deploy: bool = True,
     quantize: bool = True,
     monitoring_days: float = 7,
+    home: str | None = None,
     database_url: str | None = None,
-) -> dict[str, Any]:
+    database_secret: str | None = None,
+) -> WeeklyResult:
     """Run the whole cycle now; returns what each stage did and the gate's decision.
 
     It ends by publishing the monitoring figures of the last ``monitoring_days`` as artifacts
-    and recording the success time that the monitor flow's staleness check reads.
+    and recording the success time that the monitor flow's staleness check reads. ``home``
+    defaults to PROMPT_CAPTURE_HOME; the database to ``database_url`` (no password), the Secret
+    block ``database_secret``, PROMPT_CAPTURE_DATABASE_URL, or the home's SQLite file.
     """
-    run_logger = get_run_logger()
-    summary: dict[str, Any] = {}
-    if import_inbox:
-        summary["corrections"] = corrections_flow(database_url=database_url)
+    run = resolve_run_settings(
+        get_settings(), home=home, database_url=database_url, database_secret=database_secret
+    )
+    where = str(run.home)  # subflows get this home and the database parameters given here
+    corrections = (
+        corrections_flow(home=where, database_url=database_url, database_secret=database_secret)
+        if import_inbox
+        else None
+    )
     data = training_data_flow(
         days=days,
         min_confidence=min_confidence,
         holdout_fraction=holdout_fraction,
+        home=where,
         database_url=database_url,
+        database_secret=database_secret,
     )
-    summary["training_data"] = {k: v for k, v in data.items() if not k.endswith("_ids")}
-    pairs = pairs_flow(input=data["training_data"], max_pairs=max_pairs)
-    summary["pairs"] = pairs
-    result = retrain_flow(
-        data["training_data"],
-        holdout_data=data["holdout_data"],
-        pairs_data=pairs["output"] if pairs["pairs"] else None,
+    pairs = pairs_flow(input=str(data.path), max_pairs=max_pairs, home=where)
+    retrain = retrain_flow(
+        str(data.path),
+        holdout_data=str(data.holdout_path),
+        pairs_data=str(pairs.output) if pairs.pairs else None,
         warm_start=warm_start,
         hyperparameters=hyperparameters,
         max_overall_drop=max_overall_drop,
         max_intent_drop=max_intent_drop,
         min_support=min_support,
+        home=where,
     )
-    summary["retrain"] = result
-    if not result["promote"]:
-        message = (
-            f"challenger {result['version']} rejected by the gate; version "
-            f"{result['champion_version']} keeps serving. Reasons: "
-            + "; ".join(result["reasons"])
-            + f". Model card: {result['card']}"
-        )
-        summary["deployed"] = None
-    elif deploy:
-        deployed = deploy_flow(result["version"], quantize=quantize)
-        summary["deployed"] = deployed
-        message = (
-            f"challenger {result['version']} promoted and deployed (was "
-            f"{deployed['previous']}): accuracy {result['challenger_accuracy']:.2%} vs "
-            f"{result['champion_accuracy']:.2%}. Model card: {result['card']}"
-        )
-    else:
-        summary["deployed"] = None
-        message = (
-            f"challenger {result['version']} promoted, not deployed (deploy=False); run the "
-            f"deploy flow for version {result['version']}. Model card: {result['card']}"
-        )
-    summary["message"] = message
-    run_logger.info(message)
+    deployed = (
+        deploy_flow(retrain.version, quantize=quantize, home=where)
+        if retrain.promote and deploy
+        else None
+    )
+    message = cycle_message(retrain, deployed)
+    get_run_logger().info(message)
     create_markdown_artifact(
         key=WEEKLY_SUMMARY_KEY,
-        markdown=f"# Weekly cycle\n\n{message}\n\n"
-        f"- training rows: {data['n_train']} ({data['counts']})\n"
-        f"- held out: {data['n_holdout']}\n- pairs: {pairs['pairs']}\n",
+        markdown=summary_markdown(message, data, pairs),
         description=message[:200],
     )
-    summary["monitoring"] = publish_monitoring_artifact(database_url, days=monitoring_days)
-    summary["success_marker"] = str(record_cycle_success(get_settings().home, datetime.now(UTC)))
-    return summary
+    monitoring = publish_monitoring_artifact(
+        run.database_url, days=monitoring_days, models_dir=run.layout.models_dir
+    )
+    return WeeklyResult(
+        corrections=corrections,
+        training_data=data,
+        pairs=pairs,
+        retrain=retrain,
+        deployed=deployed,
+        message=message,
+        monitoring=monitoring,
+        success_marker=record_cycle_success(run.home, datetime.now(UTC)),
+    )

@@ -1,17 +1,21 @@
 """Corrections import: reviewed files (the spec's ``review`` format) back into the database.
 
-A file is validated row by row and applied all or nothing, in one transaction: one bad row and
-nothing changes. Rows whose ``corrected_intent`` is empty were not reviewed and are skipped (not
-rejected). Importing the same file twice changes nothing the second time (``unchanged``).
+The file format and its row rules are :mod:`tasks.review_file`'s (:func:`read_corrections`);
+here the rows are checked against the database — the logged prompt exists, the intent is in the
+catalog (the serving model's labels, else the intents the logs know) unless
+``allow_new_intent``, one prompt is not corrected to two intents — and applied all or nothing, in
+one transaction: one bad row and nothing changes. Rows whose ``corrected_intent`` is empty were
+not reviewed and are skipped (not rejected). Importing the same file twice changes nothing the
+second time (``unchanged``). The statements are ``capture.offline_statements``'
+``select_logs_by_id`` and ``select_known_intents`` and ``capture.statements.update_correction``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,41 +23,42 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 
-from capture import queries
+from capture import statements
 from capture.db import database_url, get_sync_engine
-from capture.models import PromptLog
+from capture.model_dir import METADATA_FILE
+from capture.offline_statements import ID_CHUNK, select_known_intents, select_logs_by_id
 from tasks.registry import current_model_dir, model_labels
+from tasks.retry import retry_on_io
+from tasks.review_file import (
+    MAX_NOTES_CHARS,
+    Correction,
+    RowProblem,
+    corrections_from_rows,
+    parse_corrections,
+    read_corrections,
+)
 
 logger = logging.getLogger(__name__)
 
-_T = PromptLog.__table__
-MAX_NOTES_CHARS = 2_000
-_ID_CHUNK = 500
-
-
-@dataclass(frozen=True, slots=True)
-class RowProblem:
-    """Why one row of a corrections file was refused. ``row`` is 1-based (0: the whole file)."""
-
-    row: int
-    field: str
-    message: str
-    log_id: str | None = None
-
-    def __str__(self) -> str:
-        where = "file" if self.row == 0 else f"row {self.row}"
-        ident = f" (id {self.log_id})" if self.log_id else ""
-        return f"{where}{ident}, field {self.field!r}: {self.message}"
-
-
-@dataclass(frozen=True, slots=True)
-class Correction:
-    row: int
-    log_id: uuid.UUID
-    corrected_intent: str
-    notes: str | None
+__all__ = [
+    "MAX_NOTES_CHARS",
+    "Correction",
+    "ImportResult",
+    "RowProblem",
+    "file_away",
+    "file_away_task",
+    "import_corrections",
+    "import_corrections_task",
+    "import_table",
+    "inbox_files",
+    "intent_catalog",
+    "known_intents",
+    "list_inbox_task",
+    "parse_corrections",
+    "validate_correction_rows",
+]
 
 
 @dataclass(slots=True)
@@ -82,136 +87,30 @@ class ImportResult:
         return "\n".join(str(p) for p in self.rejected)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "file": self.file,
-            "applied": self.applied,
-            "unchanged": self.unchanged,
-            "not_reviewed": self.not_reviewed,
-            "rejected": [str(p) for p in self.rejected],
-        }
-
-
-def parse_corrections(text: str) -> tuple[list[Correction], int, list[RowProblem]]:
-    """Parse a review file: a JSON list of objects (or JSON Lines, one object per line).
-
-    Returns the corrections to apply, the number of not-reviewed rows, and the problems found.
-    """
-    problems: list[RowProblem] = []
-    rows: list[tuple[int, Any]] = []
-    stripped = text.lstrip()
-    if not stripped:
-        return [], 0, [RowProblem(0, "-", "the file is empty; expected a JSON list of rows")]
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            return (
-                [],
-                0,
-                [
-                    RowProblem(
-                        0,
-                        "-",
-                        f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
-                        "fix the file (it must be the JSON list written by `export --mode review`)",
-                    )
-                ],
-            )
-        rows = list(enumerate(data, start=1))
-    else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                problems.append(
-                    RowProblem(lineno, "-", f"malformed JSON ({exc.msg} at column {exc.colno})")
-                )
-
-    corrections: list[Correction] = []
-    not_reviewed = 0
-    for row, item in rows:
-        if not isinstance(item, dict):
-            problems.append(
-                RowProblem(row, "-", f"expected an object, found {type(item).__name__}")
-            )
-            continue
-        raw_id = item.get("id")
-        shown_id = str(raw_id) if raw_id is not None else None
-        if "corrected_intent" not in item:
-            problems.append(
-                RowProblem(
-                    row,
-                    "corrected_intent",
-                    'missing; every row needs it (leave it "" for prompts not reviewed)',
-                    shown_id,
-                )
-            )
-            continue
-        intent = item["corrected_intent"]
-        if intent is None or (isinstance(intent, str) and not intent.strip()):
-            not_reviewed += 1
-            continue
-        if not isinstance(intent, str):
-            problems.append(
-                RowProblem(
-                    row,
-                    "corrected_intent",
-                    f"expected a string, found {type(intent).__name__} {intent!r}",
-                    shown_id,
-                )
-            )
-            continue
-        try:
-            log_id = uuid.UUID(str(raw_id))
-        except ValueError:
-            problems.append(
-                RowProblem(
-                    row, "id", f"expected the UUID of a logged prompt, found {raw_id!r}", shown_id
-                )
-            )
-            continue
-        notes = item.get("notes", "")
-        if notes is not None and not isinstance(notes, str):
-            problems.append(
-                RowProblem(
-                    row, "notes", f"expected a string, found {type(notes).__name__}", shown_id
-                )
-            )
-            continue
-        notes = (notes or "").strip()[:MAX_NOTES_CHARS] or None
-        corrections.append(Correction(row, log_id, intent.strip(), notes))
-    return corrections, not_reviewed, problems
+        """JSON-able: ``file``, the three counts, and ``rejected`` (one line per problem)."""
+        counts = {name: getattr(self, name) for name in ("applied", "unchanged", "not_reviewed")}
+        return {"file": self.file, **counts, "rejected": [str(p) for p in self.rejected]}
 
 
 def _fetch_logs(conn: Connection, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Any]:
     found: dict[uuid.UUID, Any] = {}
     unique = list(dict.fromkeys(ids))
-    for start in range(0, len(unique), _ID_CHUNK):
-        chunk = unique[start : start + _ID_CHUNK]
-        stmt = select(_T.c.id, _T.c.prompt, _T.c.corrected_intent, _T.c.correction_notes).where(
-            _T.c.id.in_(chunk)
-        )
-        for row in conn.execute(stmt):
+    for start in range(0, len(unique), ID_CHUNK):
+        for row in conn.execute(select_logs_by_id(unique[start : start + ID_CHUNK])):
             found[row.id] = row
     return found
 
 
 def known_intents(conn: Connection) -> set[str]:
     """Every intent the database has seen predicted or corrected."""
-    predicted = conn.execute(select(_T.c.predicted_intent).distinct()).scalars()
-    corrected = conn.execute(
-        select(_T.c.corrected_intent).where(_T.c.corrected_intent.is_not(None)).distinct()
-    ).scalars()
-    return {x for x in predicted if x} | {x for x in corrected if x}
+    return {x for x in conn.execute(select_known_intents()).scalars() if x}
 
 
 def intent_catalog(conn: Connection, models_dir: Path | None) -> set[str]:
     """The intents a correction may name: the serving model's labels when a model is deployed,
     otherwise every intent the database knows."""
     model_dir = current_model_dir(models_dir) if models_dir is not None else None
-    if model_dir is not None and (model_dir / "metadata.json").exists():
+    if model_dir is not None and (model_dir / METADATA_FILE).exists():
         return set(model_labels(model_dir))
     return known_intents(conn)
 
@@ -280,12 +179,7 @@ def import_corrections(
     ``models_dir``, else the intents in the database).
     """
     result = ImportResult(file=str(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        result.rejected.append(RowProblem(0, "-", f"not UTF-8 text ({exc.reason}); save as UTF-8"))
-        return result
-    corrections, result.not_reviewed, problems = parse_corrections(text)
+    corrections, result.not_reviewed, problems = read_corrections(path)
     result.rejected.extend(problems)
     with get_sync_engine(database_url(url)).begin() as conn:
         logs = _fetch_logs(conn, (c.log_id for c in corrections))
@@ -310,7 +204,7 @@ def import_corrections(
         stamp = now()
         for change in changes:
             conn.execute(
-                queries.update_correction(
+                statements.update_correction(
                     change["id"],
                     corrected_intent=change["intent"],
                     correction_notes=change["notes"],
@@ -351,10 +245,55 @@ def file_away(path: Path, result: ImportResult, inbox: Path) -> Path:
     return target
 
 
+def import_table(results: Sequence[ImportResult]) -> list[dict[str, Any]]:
+    """Rows for the Prefect table artifact of a corrections import: one per file."""
+    return [
+        {
+            "file": Path(r.file).name,
+            "status": "applied" if r.ok else "rejected",
+            "applied": r.applied,
+            "unchanged": r.unchanged,
+            "not_reviewed": r.not_reviewed,
+            "rejected_rows": len(r.rejected),
+            "first_reason": str(r.rejected[0]) if r.rejected else "",
+        }
+        for r in results
+    ]
+
+
 import_corrections_task = task(
-    cache_policy=NO_CACHE, name="import-corrections", retries=2, retry_delay_seconds=2
+    cache_policy=NO_CACHE,
+    name="import-corrections",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_on_io,
 )(import_corrections)
 list_inbox_task = task(cache_policy=NO_CACHE, name="list-inbox")(inbox_files)
-file_away_task = task(cache_policy=NO_CACHE, name="file-away", retries=2, retry_delay_seconds=1)(
-    file_away
-)
+file_away_task = task(
+    cache_policy=NO_CACHE,
+    name="file-away",
+    retries=2,
+    retry_delay_seconds=1,
+    retry_condition_fn=retry_on_io,
+)(file_away)
+
+
+def validate_correction_rows(
+    conn: Connection,
+    rows: Sequence[dict[str, Any]],
+    *,
+    catalog: set[str],
+    allow_new_intent: bool = False,
+) -> tuple[list[Correction], list[RowProblem]]:
+    """Validate corrections made outside a file (the review workbench) with the import's rules.
+
+    ``rows`` are review-file objects ``{"id", "corrected_intent", "notes"}``; they go through
+    exactly :func:`parse_corrections` and the checks of :func:`import_corrections` (the logged
+    prompt exists, the intent is in ``catalog`` unless ``allow_new_intent``, one prompt is not
+    corrected to two intents). Returns the parsed corrections (an empty ``corrected_intent`` is
+    "not reviewed" and dropped) and the problems by row (1-based); writes nothing.
+    """
+    corrections, _not_reviewed, problems = corrections_from_rows(enumerate(rows, start=1))
+    logs = _fetch_logs(conn, (c.log_id for c in corrections))
+    problems.extend(_validate(corrections, logs, catalog, allow_new_intent))
+    return corrections, sorted(problems, key=lambda p: p.row)

@@ -1,14 +1,13 @@
 """Evaluation of a model directory: accuracy, macro-F1, per-intent scores, confusions, ECE,
 in-scope accuracy and out-of-scope recall, plus champion/challenger comparison.
 
-Metrics are computed from predicted probabilities (``labels`` order of the model's
-``metadata.json``). ``TorchModel`` is the torch-side predictor of a model directory (the
-reference the ONNX export is checked against).
+Metrics are computed from predicted probabilities (in the ``labels`` order of the model's
+metadata, ``capture.model_dir.ModelMetadata``). ``TorchModel`` is the torch-side predictor of a
+model directory (the reference the ONNX export is checked against).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import statistics
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
+from capture.model_dir import ENCODER_DIR, MODEL_FILE, ModelMetadata, read_trained
 from capture.types import Prediction
 from tasks.records import Record
 
@@ -47,6 +47,7 @@ class ProbabilityPredictor(Protocol):
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of ``(n, k)`` logits (shifted by the row maximum: no overflow)."""
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     out: np.ndarray = e / e.sum(axis=1, keepdims=True)
@@ -338,19 +339,8 @@ def encode_texts(
     return result
 
 
-def read_metadata(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(model_dir) / "metadata.json"
-    try:
-        meta: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{path}: not found; expected a model directory written by `prompt-capture train`"
-        ) from None
-    return meta
-
-
 class TorchModel:
-    """The torch predictor of a model directory (encoder/ + head.npz + metadata.json).
+    """The torch predictor of a model directory (encoder, head and metadata: ``capture.model_dir``).
 
     ``embed`` gives L2-normalised embeddings, ``logits`` = ``emb @ W.T + b``,
     ``predict_proba`` = ``softmax(logits / temperature)`` in ``labels`` order, ``predict`` a
@@ -362,31 +352,26 @@ class TorchModel:
         encoder: SentenceTransformer,
         W: np.ndarray,
         b: np.ndarray,
-        metadata: dict[str, Any],
+        metadata: ModelMetadata,
     ) -> None:
         self.encoder = encoder
         self.W = W.astype(np.float32)
         self.b = b.astype(np.float32)
         self.metadata = metadata
-        self._labels: list[str] = list(metadata["labels"])
-        self.temperature = float(metadata.get("temperature", 1.0))
-        self.oos_label: str = metadata.get("oos_label", "oos")
-        self.oos_threshold: float | None = metadata.get("oos_threshold")
-        self.version: str | None = metadata.get("version")
+        self._labels: list[str] = list(metadata.labels)
+        self.temperature = metadata.temperature
+        self.oos_label = metadata.oos_label
+        self.oos_threshold = metadata.oos_threshold
+        self.version = metadata.version
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike[str]) -> TorchModel:
+        """Load ``model_dir``; raises ``capture.model_dir.ModelDirError`` (a ``ValueError``)
+        naming the file and field when the directory is incomplete or inconsistent."""
         d = Path(model_dir)
-        meta = read_metadata(d)
-        encoder = load_encoder(d / "encoder", max_seq_length=meta.get("max_seq_length"))
-        with np.load(d / "head.npz") as head:
-            W, b = head["W"], head["b"]
-        if W.shape[0] != len(meta["labels"]):
-            raise ValueError(
-                f"{d / 'head.npz'}: W has {W.shape[0]} rows, expected one per label "
-                f"({len(meta['labels'])}); the model directory is inconsistent"
-            )
-        return cls(encoder, W, b, meta)
+        meta, head = read_trained(d)
+        encoder = load_encoder(d / ENCODER_DIR, max_seq_length=meta.max_seq_length)
+        return cls(encoder, head.weight, head.bias, meta)
 
     @property
     def labels(self) -> list[str]:
@@ -426,7 +411,7 @@ class TorchModel:
 
 
 def _onnx_predictor(model_dir: Path) -> Any:
-    from capture.classifier import OnnxClassifier  # engineer C's serving classifier
+    from capture.classifier import OnnxClassifier
 
     return OnnxClassifier(model_dir)
 
@@ -459,12 +444,12 @@ def evaluate_model(
     single-prompt ``predict`` latency over about 200 prompts.
     """
     d = Path(model_dir)
-    meta = read_metadata(d)
+    meta = ModelMetadata.read(d)
     texts = [r.text for r in records]
     latency: float | None = None
     used = "custom"
     if predictor is None:
-        use_onnx = backend == "onnx" or (backend == "auto" and (d / "model.onnx").exists())
+        use_onnx = backend == "onnx" or (backend == "auto" and (d / MODEL_FILE).exists())
         if use_onnx:
             onnx_model = _onnx_predictor(d)
             if measure_latency:
@@ -480,8 +465,8 @@ def evaluate_model(
         labels,
         probs,
         [r.label for r in records],
-        oos_label=meta.get("oos_label", "oos"),
-        oos_threshold=meta.get("oos_threshold"),
+        oos_label=meta.oos_label,
+        oos_threshold=meta.oos_threshold,
     )
     logger.info(
         "evaluated %s (%s) on %d rows: accuracy %.4f, macro-F1 %.4f, ECE %.4f",

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from capture.files import write_jsonl_atomic
 from tasks.records import Record
 
 logger = logging.getLogger(__name__)
@@ -122,14 +123,10 @@ def build_pairs(
 
 
 def write_pairs(path: str | os.PathLike[str], pairs: Sequence[Pair]) -> int:
-    """Write pairs as JSONL (one object per pair; absent negatives are omitted)."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for pair in pairs:
-            row = {k: v for k, v in asdict(pair).items() if v is not None}
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, p)
+    """Write pairs as JSONL (one object per pair; absent negatives are omitted), atomically and
+    private (0600: the texts are prompts, like the export they come from); returns how many."""
+    rows = ({k: v for k, v in asdict(pair).items() if v is not None} for pair in pairs)
+    write_jsonl_atomic(Path(path), rows, private=True)
     return len(pairs)
 
 

@@ -3,10 +3,10 @@
 Layout (see docs/ARCHITECTURE.md)::
 
     models_dir/
-      current            one line: the serving version, replaced atomically (os.replace)
+      current            the serving pointer (capture.model_dir.read_pointer / write_pointer)
       history.jsonl      one line per deploy / rollback: {"at", "action", "version", "previous"}
-      <version>/         a model directory (metadata.json, head.npz, encoder/, model.onnx,
-                         tokenizer.json) plus metrics.json, training.json, card.md, gate.json
+      <version>/         a model directory (format: capture.model_dir) plus metrics.json,
+                         training.json, card.md, gate.json
 
 Versions are positive integers written in decimal ("1", "2", ...), so they sort by number.
 Nothing here imports torch: the CLI's ``models`` and ``rollback`` stay light.
@@ -14,27 +14,43 @@ Nothing here imports torch: the CLI's ``models`` and ``rollback`` stay light.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from prefect import task
+from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
+
+from capture.errors import UserError
+from capture.files import write_json_atomic
+from capture.model_dir import (
+    METADATA_FILE,
+    MODEL_FILE,
+    SERVING_FILES,
+    ModelDirError,
+    ModelMetadata,
+    missing_files,
+    read_pointer,
+    write_pointer,
+)
+from tasks.retry import retry_on_io
 
 logger = logging.getLogger(__name__)
 
-CURRENT_FILE = "current"
 HISTORY_FILE = "history.jsonl"
-SERVING_FILES = ("metadata.json", "model.onnx", "tokenizer.json")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError, RuntimeError):
     """The registry cannot do what was asked (unknown version, incomplete model, nothing to roll
     back to); the message names the fix."""
 
@@ -50,8 +66,9 @@ class ModelEntry:
     created_at: str | None
     parent_version: str | None
     gate: str | None  # "promoted", "rejected", or None (never gated, e.g. the first model)
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)  # metrics.json (the weekly cycle's)
     training: dict[str, Any] = field(default_factory=dict)
+    metadata: ModelMetadata | None = None  # None when the version has no metadata file
 
 
 def _now() -> str:
@@ -65,26 +82,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RegistryError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file and ``os.replace``."""
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _is_version(name: str) -> bool:
@@ -115,12 +112,12 @@ def version_dir(models_dir: Path, version: str) -> Path:
 
 
 def current_version(models_dir: Path) -> str | None:
-    """The serving version named by ``models_dir/current``, or None when nothing is deployed."""
-    pointer = models_dir / CURRENT_FILE
-    if not pointer.exists():
-        return None
-    value = pointer.read_text(encoding="utf-8").strip()
-    return value or None
+    """The serving version named by ``models_dir/current``, or None when nothing is deployed.
+
+    Raises ``ModelDirError`` when the pointer does not name one version directory.
+    """
+    pointer = read_pointer(models_dir)
+    return None if pointer is None else pointer.version
 
 
 def current_model_dir(models_dir: Path) -> Path | None:
@@ -130,7 +127,7 @@ def current_model_dir(models_dir: Path) -> Path | None:
 
 def is_deployable(path: Path) -> bool:
     """A model directory can serve when it has metadata, the ONNX model and the tokenizer."""
-    return all((path / name).is_file() for name in SERVING_FILES)
+    return not missing_files(path, SERVING_FILES)
 
 
 def gate_status(path: Path) -> str | None:
@@ -141,31 +138,33 @@ def gate_status(path: Path) -> str | None:
 
 
 def model_labels(path: Path) -> list[str]:
-    """The label list in a model directory's metadata.json."""
-    labels = _read_json(path / "metadata.json").get("labels")
-    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-        raise RegistryError(f"{path / 'metadata.json'}: expected a list of labels under 'labels'")
-    return list(labels)
+    """The label list in a model directory's metadata (``ModelDirError`` when malformed)."""
+    return list(ModelMetadata.read(path).labels)
 
 
 def list_models(models_dir: Path) -> list[ModelEntry]:
-    """Every version with its metrics, training summary, gate decision and serving flag."""
+    """Every version with its metrics, training summary, gate decision and serving flag.
+
+    Raises ``ModelDirError`` naming the file and field when a version's metadata file is
+    malformed (a version without one is listed with ``metadata`` None).
+    """
     serving = current_version(models_dir)
     entries = []
     for version in versions(models_dir):
         path = models_dir / version
-        metadata = _read_json(path / "metadata.json")
+        metadata = ModelMetadata.read(path) if (path / METADATA_FILE).exists() else None
         entries.append(
             ModelEntry(
                 version=version,
                 path=path,
                 serving=version == serving,
                 deployable=is_deployable(path),
-                created_at=metadata.get("created_at"),
-                parent_version=metadata.get("parent_version"),
+                created_at=metadata.created_at if metadata else None,
+                parent_version=metadata.parent_version if metadata else None,
                 gate=gate_status(path),
                 metrics=_read_json(path / "metrics.json"),
                 training=_read_json(path / "training.json"),
+                metadata=metadata,
             )
         )
     return entries
@@ -194,14 +193,14 @@ def _switch(models_dir: Path, version: str, action: str) -> str | None:
             f"version {version} is not in the registry at {models_dir}; "
             "see `prompt-capture models` for the versions there"
         )
-    if not is_deployable(path):
-        missing = [name for name in SERVING_FILES if not (path / name).is_file()]
+    missing = missing_files(path, SERVING_FILES)
+    if missing:
         raise RegistryError(
             f"version {version} at {path} cannot serve: missing {', '.join(missing)}; "
             "export it to ONNX first"
         )
     previous = current_version(models_dir)
-    write_text_atomic(models_dir / CURRENT_FILE, version + "\n")
+    write_pointer(models_dir, version)
     _append_history(
         models_dir, {"at": _now(), "action": action, "version": version, "previous": previous}
     )
@@ -211,12 +210,9 @@ def _switch(models_dir: Path, version: str, action: str) -> str | None:
 
 def _set_onnx_version(path: Path, version: str) -> None:
     """Keep the version in an already exported model.onnx equal to the registry version."""
-    import onnx
+    from tasks.onnx_graph import read_onnx_metadata, set_onnx_metadata
 
-    from tasks.export_onnx import set_onnx_metadata
-
-    model = onnx.load(str(path), load_external_data=False)
-    props = {p.key: p.value for p in model.metadata_props}
+    props = read_onnx_metadata(path)
     props["version"] = version
     set_onnx_metadata(path, props)
 
@@ -243,9 +239,17 @@ def publish(
     """Put ``model_dir`` into the registry as ``version`` (default: the next one) and return the
     version directory. A model already inside ``models_dir`` under its version is kept in place;
     anything else is moved (``move``) or copied. Writes metrics.json and training.json when
-    given, and records the version in metadata.json. Does not deploy."""
+    given, and records the version in the model metadata (and model.onnx). Does not deploy.
+
+    Raises ``RegistryError`` when ``model_dir`` has no valid metadata or ``version`` is
+    taken or not a registry version.
+    """
     version = version or next_version(models_dir)
     target = version_dir(models_dir, version)
+    try:
+        metadata = ModelMetadata.read(model_dir)
+    except ModelDirError as exc:
+        raise RegistryError(f"{model_dir} is not a model directory: {exc}") from exc
     if model_dir.resolve() != target.resolve():
         if target.exists():
             raise RegistryError(
@@ -256,15 +260,10 @@ def publish(
             os.replace(model_dir, target)
         else:
             _copy_in(model_dir, models_dir, target)
-    metadata_path = target / "metadata.json"
-    metadata = _read_json(metadata_path)
-    if not metadata:
-        raise RegistryError(f"{model_dir} has no metadata.json: it is not a model directory")
-    if metadata.get("version") != version:
-        metadata["version"] = version
-        write_json_atomic(metadata_path, metadata)
-        if (target / "model.onnx").exists():
-            _set_onnx_version(target / "model.onnx", version)
+    if metadata.version != version:
+        dataclasses.replace(metadata, version=version).write(target)
+        if (target / MODEL_FILE).exists():
+            _set_onnx_version(target / MODEL_FILE, version)
     if metrics is not None:
         write_json_atomic(target / "metrics.json", metrics)
     if training is not None:
@@ -304,12 +303,17 @@ def rollback(models_dir: Path, to: str | None = None) -> tuple[str | None, str]:
     return previous, target
 
 
-publish_task = task(cache_policy=NO_CACHE, name="publish-model", retries=2, retry_delay_seconds=2)(
-    publish
-)
-deploy_task = task(cache_policy=NO_CACHE, name="deploy-model", retries=2, retry_delay_seconds=2)(
-    deploy
-)
-rollback_task = task(
-    cache_policy=NO_CACHE, name="rollback-model", retries=2, retry_delay_seconds=2
-)(rollback)
+def _io_task(fn: Callable[P, R], name: str) -> Task[P, R]:
+    """``fn`` as a Prefect task retried twice on I/O failures (never on a ``UserError``)."""
+    return task(
+        cache_policy=NO_CACHE,
+        name=name,
+        retries=2,
+        retry_delay_seconds=2,
+        retry_condition_fn=retry_on_io,
+    )(fn)
+
+
+publish_task = _io_task(publish, "publish-model")
+deploy_task = _io_task(deploy, "deploy-model")
+rollback_task = _io_task(rollback, "rollback-model")

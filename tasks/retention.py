@@ -12,6 +12,10 @@ batch in ONE transaction:
 A crash at any point rolls back the batch in progress (nothing lost: the raw rows are still
 there) and keeps the committed ones (nothing duplicated: their raw rows are gone, and a copy
 that already exists is skipped by the unique ``source_key``). Rerunning finishes the job.
+
+The two statements are ``capture.offline_statements.delete_expired_logs`` and
+``insert_training_examples``. A bad ``retention_days`` or ``batch_size`` raises
+``ParameterError`` (a ``UserError``) before the database is touched.
 """
 
 from __future__ import annotations
@@ -22,23 +26,26 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from sqlalchemy import Connection, Table, delete, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection
 
 from capture.db import database_url, get_sync_engine, is_postgres
 from capture.ids import uuid7
-from capture.models import PromptLog, TrainingExample
-from capture.queries import from_db_datetime, to_utc, utc_now
+from capture.offline_statements import (
+    check_count,
+    check_positive,
+    delete_expired_logs,
+    insert_training_examples,
+)
+from capture.rows import RetrainingRow, map_retraining_row
+from capture.values import to_utc, utc_now
 from tasks.anonymise import scrub_pii
 
 logger = logging.getLogger(__name__)
 
-LOGS = cast(Table, PromptLog.__table__)
-EXAMPLES = cast(Table, TrainingExample.__table__)
 SOURCE_PRODUCTION = "production"
 DEFAULT_RETENTION_DAYS = 90
 DEFAULT_BATCH_SIZE = 1_000
@@ -72,62 +79,33 @@ def iso_week_monday(moment: datetime) -> date:
     return day - timedelta(days=day.weekday())
 
 
-def training_values(row: Any) -> dict[str, Any]:
-    """The anonymised training-store row for one raw log row (a mapping of log columns)."""
-    created_at = from_db_datetime(row["created_at"])
-    assert created_at is not None  # NOT NULL column
-    corrected = row["corrected_intent"]
+def training_values(row: RetrainingRow) -> dict[str, Any]:
+    """The anonymised training-store row for one removed raw log."""
     return {
         "id": uuid7(),
-        "source_key": source_key(row["id"]),
-        "prompt": scrub_pii(row["prompt"]),
-        "label": corrected if corrected is not None else row["predicted_intent"],
+        "source_key": source_key(row.id),
+        "prompt": scrub_pii(row.prompt),
+        "label": row.label,
         "source": SOURCE_PRODUCTION,
-        "corrected": corrected is not None,
-        "confidence": row["confidence"],
-        "was_successful": row["was_successful"],
-        "model_version": row["model_version"],
-        "week": iso_week_monday(created_at),
+        "corrected": row.corrected,
+        "confidence": row.confidence,
+        "was_successful": row.was_successful,
+        "model_version": row.model_version,
+        "week": iso_week_monday(row.created_at),
     }
 
 
-def _insert_ignoring_duplicates(url: str) -> Any:
-    dialect_insert = postgresql.insert if is_postgres(url) else sqlite.insert
-    return (
-        dialect_insert(EXAMPLES)
-        .on_conflict_do_nothing(index_elements=[EXAMPLES.c.source_key])
-        .returning(EXAMPLES.c.source_key)
-    )
-
-
-def _move_batch(conn: Connection, url: str, cutoff: datetime, batch_size: int) -> tuple[int, int]:
+def _move_batch(
+    conn: Connection, *, postgres: bool, cutoff: datetime, batch_size: int
+) -> tuple[int, int]:
     """Delete up to ``batch_size`` expired logs and copy them; returns (copied, deleted)."""
-    oldest = (
-        select(LOGS.c.id)
-        .where(LOGS.c.created_at < cutoff)
-        .order_by(LOGS.c.created_at, LOGS.c.id)
-        .limit(batch_size)
-    )
-    if is_postgres(url):
-        oldest = oldest.with_for_update(skip_locked=True)
     removed = conn.execute(
-        delete(LOGS)
-        .where(LOGS.c.id.in_(oldest.scalar_subquery()))
-        .returning(
-            LOGS.c.id,
-            LOGS.c.prompt,
-            LOGS.c.predicted_intent,
-            LOGS.c.corrected_intent,
-            LOGS.c.confidence,
-            LOGS.c.was_successful,
-            LOGS.c.model_version,
-            LOGS.c.created_at,
-        )
+        delete_expired_logs(cutoff=cutoff, batch_size=batch_size, postgres=postgres)
     ).all()
     if not removed:
         return 0, 0
-    values = [training_values(row._mapping) for row in removed]
-    copied = conn.execute(_insert_ignoring_duplicates(url), values).all()
+    values = [training_values(map_retraining_row(row)) for row in removed]
+    copied = conn.execute(insert_training_examples(postgres=postgres), values).all()
     return len(copied), len(removed)
 
 
@@ -145,19 +123,18 @@ def run_retention(
     ``now`` (or ``clock()``) fixes the cutoff; ``before_commit(batch_number)`` runs inside each
     batch's transaction just before it commits (tests inject a crash there).
     """
-    if isinstance(retention_days, bool) or not retention_days > 0:
-        raise ValueError(
-            f"retention_days: expected a positive number of days, found {retention_days!r}"
-        )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, found {batch_size!r}")
+    check_positive(retention_days, "retention_days")
+    check_count(batch_size, "batch_size")
     url = database_url(url)
+    postgres = is_postgres(url)
     cutoff = to_utc(now if now is not None else clock(), "now") - timedelta(days=retention_days)
     engine = get_sync_engine(url)
     copied = deleted = batches = 0
     while True:
         with engine.begin() as conn:
-            batch_copied, batch_deleted = _move_batch(conn, url, cutoff, batch_size)
+            batch_copied, batch_deleted = _move_batch(
+                conn, postgres=postgres, cutoff=cutoff, batch_size=batch_size
+            )
             if batch_deleted == 0:
                 break
             if before_commit is not None:

@@ -1,47 +1,97 @@
-"""Review export: the spec's ``review`` file, a JSON list of
-``{id, prompt, predicted_intent, confidence, created_at, corrected_intent: "", notes: ""}``.
+"""Review export: this week's uncertain prompts, selected within a budget, as the review file.
 
 Candidates are the uncorrected prompts of the window that are uncertain: confidence below the
-threshold, a workflow that failed, or a small gap between the top-1 and top-2 confidences. The
+threshold, a workflow that failed, or a small gap between the top-1 and top-2 confidences
+(``capture.offline_statements.select_review_candidates``, then :func:`candidate_reasons`). The
 review budget (``limit``) is spent by ``tasks.review_select.select_for_review`` (ranking by the
-chosen strategy, near-duplicates collapsed).
+chosen strategy, near-duplicates collapsed). The file is ``tasks.review_file``'s format.
+
+What to select is one value, :class:`ReviewSelection`, checked when it is built: a flow builds it
+from its parameters and calls :func:`export_review` (the Prefect task
+``export_review_task``), then :func:`publish_review_artifact`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
-import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from sqlalchemy import Connection, or_, select
+from sqlalchemy import Connection
 
-from capture import queries
 from capture.db import database_url, get_sync_engine
-from capture.models import PromptLog
-from tasks.review_select import DEFAULT_STRATEGY, ReviewCandidate, select_for_review
+from capture.offline_statements import (
+    check_count,
+    check_days,
+    check_fraction,
+    select_review_candidates,
+    window_start,
+)
+from capture.values import from_db_datetime
+from tasks.retry import retry_on_io
+from tasks.review_file import REVIEW_FIELDS, ReviewRow, write_review_file
+from tasks.review_select import (
+    DEFAULT_STRATEGY,
+    EmbedFn,
+    ReviewCandidate,
+    check_strategy,
+    select_for_review,
+)
 
 logger = logging.getLogger(__name__)
 
-_LOGS = PromptLog.__table__
+__all__ = [
+    "REVIEW_ARTIFACT_KEY",
+    "REVIEW_FIELDS",
+    "ReviewExport",
+    "ReviewSelection",
+    "candidate_reasons",
+    "export_review",
+    "export_review_task",
+    "fetch_candidates",
+    "publish_review_artifact",
+    "review_row",
+    "review_table",
+]
 
-#: The fields of one review row, in the spec's order; nothing else is written.
-REVIEW_FIELDS: tuple[str, ...] = (
-    "id",
-    "prompt",
-    "predicted_intent",
-    "confidence",
-    "created_at",
-    "corrected_intent",
-    "notes",
-)
+REVIEW_ARTIFACT_KEY = "review-export"
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewSelection:
+    """What goes into a review file: the window (``days``; None: all time), what counts as
+    uncertain (confidence below ``confidence_threshold``, top-1/top-2 gap below
+    ``margin_threshold``), the budget (``limit`` prompts) and the ranking ``strategy`` (with its
+    ``seed``). Checked when built: ``ParameterError`` (a ``UserError``) names a bad value."""
+
+    days: int | None = 7
+    confidence_threshold: float = 0.7
+    margin_threshold: float = 0.15
+    limit: int = 200
+    strategy: str = DEFAULT_STRATEGY
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_days(self.days)
+        check_fraction(self.confidence_threshold, "confidence_threshold")
+        check_fraction(self.margin_threshold, "margin_threshold")
+        check_count(self.limit, "limit", minimum=0)
+        check_strategy(self.strategy)
+
+    def ranking(self) -> Ranking:
+        """The arguments of ``tasks.review_select.select_for_review`` this selection fixes."""
+        return {"strategy": self.strategy, "limit": self.limit, "seed": self.seed}
+
+
+class Ranking(TypedDict):
+    strategy: str
+    limit: int
+    seed: int
 
 
 @dataclass(slots=True)
@@ -52,10 +102,15 @@ class ReviewExport:
     n_candidates: int
     selected: list[ReviewCandidate] = field(default_factory=list)
     reasons: dict[str, int] = field(default_factory=dict)
+    selection: ReviewSelection = field(default_factory=ReviewSelection)
 
     @property
     def n_selected(self) -> int:
         return len(self.selected)
+
+    def reasons_text(self) -> str:
+        """``"failed 1, low-confidence 3"`` (or ``"none"``)."""
+        return ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items())) or "none"
 
 
 def candidate_reasons(
@@ -80,26 +135,13 @@ def fetch_candidates(
     margin_threshold: float,
     now: datetime,
 ) -> list[tuple[ReviewCandidate, list[str]]]:
-    """Uncorrected prompts of the window that fail, are unsure, or nearly tie, oldest first."""
+    """Uncorrected prompts of the window that fail, are unsure, or nearly tie, oldest first,
+    each with its :func:`candidate_reasons`."""
     # margin >= 2 * confidence - 1, so a margin below m needs confidence below (1 + m) / 2.
-    confidence_bound = max(confidence_threshold, (1.0 + margin_threshold) / 2.0)
-    stmt = (
-        select(
-            _LOGS.c.id,
-            _LOGS.c.prompt,
-            _LOGS.c.predicted_intent,
-            _LOGS.c.confidence,
-            _LOGS.c.secondary_intents,
-            _LOGS.c.was_successful,
-            _LOGS.c.created_at,
-        )
-        .where(_LOGS.c.corrected_intent.is_(None))
-        .where(or_(_LOGS.c.confidence < confidence_bound, _LOGS.c.was_successful.is_(False)))
-        .order_by(_LOGS.c.created_at, _LOGS.c.id)
+    stmt = select_review_candidates(
+        confidence_below=max(confidence_threshold, (1.0 + margin_threshold) / 2.0),
+        since=window_start(now, days),
     )
-    since = queries.since_days(now, days)
-    if since is not None:
-        stmt = stmt.where(_LOGS.c.created_at > since)
     out = []
     for row in conn.execute(stmt).mappings():
         candidate = ReviewCandidate.from_row(dict(row))
@@ -113,78 +155,71 @@ def fetch_candidates(
     return out
 
 
-def review_row(candidate: ReviewCandidate) -> dict[str, Any]:
-    """One row of the review file, exactly the spec's fields."""
-    created = queries.from_db_datetime(candidate.created_at)  # aware UTC on both databases
-    return {
-        "id": str(candidate.id),
-        "prompt": candidate.prompt,
-        "predicted_intent": candidate.predicted_intent,
-        "confidence": round(float(candidate.confidence), 4),
-        "created_at": created.isoformat() if created is not None else None,
-        "corrected_intent": "",
-        "notes": "",
-    }
+def review_row(candidate: ReviewCandidate) -> ReviewRow:
+    """The review-file row of a candidate (not reviewed yet)."""
+    created = from_db_datetime(candidate.created_at)  # aware UTC on both databases
+    return ReviewRow(
+        id=str(candidate.id),
+        prompt=candidate.prompt,
+        predicted_intent=candidate.predicted_intent,
+        confidence=float(candidate.confidence),
+        created_at=created.isoformat() if created is not None else None,
+    )
 
 
-def write_review_file(path: Path, candidates: Sequence[ReviewCandidate]) -> None:
-    """Write the review JSON list atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    rows = [review_row(c) for c in candidates]
-    tmp.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def export_review(
-    output: Path,
-    *,
-    url: str | None = None,
-    days: int | None = 7,
-    confidence_threshold: float = 0.7,
-    margin_threshold: float = 0.15,
-    limit: int = 200,
-    strategy: str = DEFAULT_STRATEGY,
-    seed: int = 0,
-    embed: Callable[[Sequence[str]], np.ndarray] | None = None,
-    now: datetime | None = None,
-) -> ReviewExport:
-    """Select up to ``limit`` prompts for review and write them to ``output``.
-
-    ``embed`` (e.g. the serving classifier's ``.embed``) enables near-duplicate collapse by
-    cosine similarity; without it only prompts equal after normalisation are collapsed.
-    """
-    if not 0.0 <= confidence_threshold <= 1.0:
-        raise ValueError(
-            f"confidence_threshold: expected a number in [0, 1], found {confidence_threshold!r}"
-        )
-    now = now or datetime.now(UTC)
-    with get_sync_engine(database_url(url)).connect() as conn:
-        found = fetch_candidates(
-            conn,
-            days=days,
-            confidence_threshold=confidence_threshold,
-            margin_threshold=margin_threshold,
-            now=now,
-        )
-    candidates = [c for c, _ in found]
-    why = {str(c.id): reasons for c, reasons in found}
-    selected = select_for_review(candidates, strategy=strategy, limit=limit, seed=seed, embed=embed)
-    write_review_file(output, selected)
+def _count_reasons(
+    selected: Sequence[ReviewCandidate], why: dict[str, list[str]]
+) -> dict[str, int]:
     counts: dict[str, int] = {}
     for c in selected:
         for reason in why[str(c.id)]:
             counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
+
+def export_review(
+    output: Path,
+    selection: ReviewSelection | None = None,
+    *,
+    url: str | None = None,
+    embed: EmbedFn | None = None,
+    now: datetime | None = None,
+) -> ReviewExport:
+    """Select up to ``selection.limit`` prompts for review and write them to ``output``
+    (:func:`tasks.review_file.write_review_file`: a private JSON list).
+
+    ``selection`` defaults to :class:`ReviewSelection`'s defaults. ``embed`` (e.g. the serving
+    classifier's ``.embed``) enables near-duplicate collapse by cosine similarity; without it
+    only prompts equal after normalisation are collapsed.
+    """
+    selection = selection or ReviewSelection()
+    now = now or datetime.now(UTC)
+    with get_sync_engine(database_url(url)).connect() as conn:
+        found = fetch_candidates(
+            conn,
+            days=selection.days,
+            confidence_threshold=selection.confidence_threshold,
+            margin_threshold=selection.margin_threshold,
+            now=now,
+        )
+    candidates = [c for c, _ in found]
+    selected = select_for_review(candidates, embed=embed, **selection.ranking())
+    write_review_file(output, [review_row(c) for c in selected])
+    export = ReviewExport(
+        path=output,
+        n_candidates=len(candidates),
+        selected=selected,
+        reasons=_count_reasons(selected, {str(c.id): reasons for c, reasons in found}),
+        selection=selection,
+    )
     logger.info(
         "review export: %d of %d candidates to %s (%s)",
-        len(selected),
-        len(candidates),
+        export.n_selected,
+        export.n_candidates,
         output,
-        ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none",
+        export.reasons_text(),
     )
-    return ReviewExport(
-        path=output, n_candidates=len(candidates), selected=selected, reasons=counts
-    )
+    return export
 
 
 def review_table(export: ReviewExport, *, max_rows: int = 50) -> list[dict[str, Any]]:
@@ -202,6 +237,26 @@ def review_table(export: ReviewExport, *, max_rows: int = 50) -> list[dict[str, 
     ]
 
 
+def publish_review_artifact(export: ReviewExport) -> None:
+    """The Prefect table artifact (key ``review-export``) of what :func:`export_review` selected
+    and why. Call it inside a flow or task run."""
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(
+        key=REVIEW_ARTIFACT_KEY,
+        table=review_table(export),
+        description=(
+            f"{export.n_selected} of {export.n_candidates} candidates selected for review "
+            f"({export.selection.strategy}, limit {export.selection.limit}); reasons: "
+            f"{export.reasons_text()}; file {export.path}"
+        ),
+    )
+
+
 export_review_task = task(
-    cache_policy=NO_CACHE, name="export-review", retries=2, retry_delay_seconds=2
+    cache_policy=NO_CACHE,
+    name="export-review",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_on_io,
 )(export_review)

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from capture.offline_statements import ParameterError, check_count
+
 logger = logging.getLogger(__name__)
 
 STRATEGIES: tuple[str, ...] = ("random", "threshold", "margin", "failed-first", "diverse")
@@ -92,6 +94,16 @@ class ReviewCandidate:
             was_successful=row.get("was_successful"),
             created_at=row.get("created_at"),
         )
+
+
+def check_strategy(strategy: str) -> str:
+    """``strategy`` if it is one of :data:`STRATEGIES`, else :class:`ParameterError` naming
+    them (a ``UserError``)."""
+    if strategy not in STRATEGIES:
+        raise ParameterError(
+            f"strategy: expected one of {', '.join(STRATEGIES)}, found {strategy!r}"
+        )
+    return strategy
 
 
 def parse_secondary_intents(value: Any, *, where: str = "value") -> tuple[tuple[str, float], ...]:
@@ -350,22 +362,20 @@ def select_for_review(
 
     ``embeddings`` (one row per candidate, in order) or ``embed`` (prompts -> array) enable the
     cosine near-duplicate collapse; ``diverse`` needs one of them. The same inputs and ``seed``
-    always give the same selection.
+    always give the same selection. A bad argument raises ``ParameterError`` (a ``UserError``
+    and ``ValueError``) naming it.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy: expected one of {', '.join(STRATEGIES)}, found {strategy!r}")
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise ValueError(f"limit: expected a whole number >= 0, found {limit!r}")
+    check_strategy(strategy)
+    check_count(limit, "limit", minimum=0)
     if not (0.0 < dedupe_threshold <= 1.0) or math.isnan(dedupe_threshold):
-        raise ValueError(
+        raise ParameterError(
             f"dedupe_threshold: expected a cosine similarity in (0, 1], found {dedupe_threshold!r}"
         )
-    if pool_factor < 1:
-        raise ValueError(f"pool_factor: expected a whole number >= 1, found {pool_factor!r}")
+    check_count(pool_factor, "pool_factor")
     items = list(candidates)
     vectors = _Vectors(items, embeddings, embed)
     if strategy == "diverse" and not vectors.available:
-        raise ValueError(
+        raise ParameterError(
             "strategy 'diverse' clusters prompt embeddings: pass `embeddings` (one row per "
             "candidate) or `embed` (e.g. the serving classifier's .embed)"
         )

@@ -5,15 +5,17 @@ Recipe (defaults in :class:`TrainConfig`):
 1. Pairs of same-intent examples (``tasks.pairs.build_pairs``, budget linear in the data) are
    packed into batches whose pairs all have different intents, so in-batch negatives are true
    negatives.
-2. One compact torch loop (AdamW, linear warm-up then linear decay, dynamic padding, short
-   ``max_seq_length``) optimises the encoder jointly with a cosine classifier head (cross-entropy,
-   head initialised from class centroids) plus MultipleNegativesRankingLoss on the pairs.
+2. One compact torch loop (``tasks.fine_tune``: AdamW, linear warm-up then linear decay,
+   dynamic padding, short ``max_seq_length``) optimises the encoder jointly with a cosine
+   classifier head (cross-entropy, head initialised from class centroids) plus
+   MultipleNegativesRankingLoss on the pairs.
 3. The final head is an L2-regularised logistic regression on the tuned embeddings.
 4. A temperature is fitted on validation (NLL) — jointly with an offset on the out-of-scope
    logit when validation has out-of-scope rows — and the out-of-scope threshold is chosen on
    validation when it has out-of-scope rows.
 
-The output follows docs/ARCHITECTURE.md (metadata.json, encoder/, head.npz).
+The output is a model directory (format: ``capture.model_dir``): the encoder, the head and the
+metadata.
 """
 
 from __future__ import annotations
@@ -21,9 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -35,8 +35,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from capture.model_dir import ENCODER_DIR, METADATA_FILE, Head, ModelMetadata
 from tasks.evaluate import (
-    EvalReport,
     bundled_base_model,
     choose_oos_threshold,
     compute_report,
@@ -45,9 +45,9 @@ from tasks.evaluate import (
     fit_temperature,
     fit_temperature_and_offset,
     load_encoder,
-    read_metadata,
     softmax,
 )
+from tasks.fine_tune import fine_tune, format_eta, plan_steps, seed_everything
 from tasks.pairs import Pair, build_pairs
 from tasks.records import Record
 
@@ -58,7 +58,7 @@ BUNDLED_BASE_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every training hyperparameter (recorded in metadata.json)."""
+    """Every training hyperparameter (recorded as ``hyperparameters`` in the model metadata)."""
 
     seed: int = 0
     # Budget: pairs per example (max_pairs overrides), passes over the pairs, step bounds.
@@ -101,6 +101,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainResult:
+    """What :func:`train_model` wrote (``model_dir``) and measured (seconds, loss history)."""
+
     model_dir: Path
     version: str
     labels: list[str]
@@ -114,85 +116,28 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------------
-# batching
-
-
-def distinct_label_batches(
-    pairs: Sequence[Pair], batch_size: int, rng: random.Random
-) -> list[list[Pair]]:
-    """Shuffle ``pairs`` into batches where no two pairs share a label (a batch is cut short
-    when fewer labels are left than ``batch_size``)."""
-    pending = list(pairs)
-    rng.shuffle(pending)
-    batches: list[list[Pair]] = []
-    while pending:
-        batch: list[Pair] = []
-        used: set[str] = set()
-        rest: list[Pair] = []
-        for pair in pending:
-            if len(batch) < batch_size and pair.label not in used:
-                batch.append(pair)
-                used.add(pair.label)
-            else:
-                rest.append(pair)
-        batches.append(batch)
-        pending = rest
-    return batches
-
-
-def _epoch_batches(
-    pairs: Sequence[Pair], config: TrainConfig, steps: int, seed: int
-) -> list[list[Pair]]:
-    """``steps`` batches, reshuffling the pairs each pass."""
-    rng = random.Random(seed)
-    out: list[list[Pair]] = []
-    while len(out) < steps:
-        # Cheap greedy packing; full batches first (the short tail batches go last).
-        epoch = distinct_label_batches(pairs, config.batch_size, rng)
-        epoch.sort(key=len, reverse=True)
-        full = [b for b in epoch if len(b) >= min(config.batch_size, 2)]
-        if not full:
-            raise ValueError("cannot form a batch of two pairs: need at least two intents")
-        rng.shuffle(full)
-        out.extend(full)
-    return out[:steps]
-
-
-# --------------------------------------------------------------------------------------------
 # helpers
 
 
-def _seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def _resolve_base(base_model: str | os.PathLike[str] | None) -> tuple[str, dict[str, Any] | None]:
+def _resolve_base(base_model: str | os.PathLike[str] | None) -> tuple[str, ModelMetadata | None]:
     """(encoder path, parent metadata or None) for a base model argument."""
     if base_model is None:
         return bundled_base_model(), None
     p = Path(base_model)
-    if (p / "metadata.json").exists():
-        if not (p / "encoder").is_dir():
+    if (p / METADATA_FILE).exists():
+        parent = ModelMetadata.read(p)
+        if not (p / ENCODER_DIR).is_dir():
             raise FileNotFoundError(
-                f"{p}: has metadata.json but no encoder/ directory; expected a model "
+                f"{p}: has {METADATA_FILE} but no {ENCODER_DIR}/ directory; expected a model "
                 "directory written by `prompt-capture train`"
             )
-        return str(p / "encoder"), read_metadata(p)
+        return str(p / ENCODER_DIR), parent
     if p.is_dir():
         return str(p), None
     raise FileNotFoundError(
-        f"{p}: not a directory; expected a model directory (metadata.json + encoder/) or a "
-        "sentence-transformers model directory"
+        f"{p}: not a directory; expected a model directory ({METADATA_FILE} + {ENCODER_DIR}/) or "
+        "a sentence-transformers model directory"
     )
-
-
-def _format_eta(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def fit_logreg_head(
@@ -214,106 +159,6 @@ def fit_logreg_head(
     return W, b
 
 
-# --------------------------------------------------------------------------------------------
-# training
-
-
-def _fine_tune(
-    encoder: Any,
-    *,
-    pairs: Sequence[Pair],
-    label_index: dict[str, int],
-    centroids: np.ndarray,
-    config: TrainConfig,
-    steps: int,
-    progress: bool,
-    oos_label: str,
-) -> tuple[np.ndarray, list[dict[str, float]]]:
-    """The training loop; returns the trained cosine head (rows L2-normalised) and history."""
-    import torch
-    import torch.nn.functional as F
-
-    encoder.train()
-    head = torch.nn.Parameter(torch.tensor(centroids, dtype=torch.float32))
-    no_decay = ("bias", "LayerNorm.weight", "LayerNorm.bias")
-    named = list(encoder.named_parameters())
-    groups = [
-        {
-            "params": [p for n, p in named if not any(k in n for k in no_decay)],
-            "weight_decay": config.weight_decay,
-            "lr": config.learning_rate,
-        },
-        {
-            "params": [p for n, p in named if any(k in n for k in no_decay)],
-            "weight_decay": 0.0,
-            "lr": config.learning_rate,
-        },
-        {"params": [head], "weight_decay": 0.0, "lr": config.head_learning_rate},
-    ]
-    optimizer = torch.optim.AdamW(groups)
-    warmup = max(1, int(steps * config.warmup_ratio))
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (steps - step) / max(1, steps - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    batches = _epoch_batches(pairs, config, steps, config.seed)
-    use_ce = config.loss in ("ce", "ce+mnrl")
-    use_mnrl = config.loss in ("mnrl", "ce+mnrl")
-    history: list[dict[str, float]] = []
-    start = time.perf_counter()
-    running = 0.0
-    for step, batch in enumerate(batches):
-        texts = [p.anchor for p in batch] + [p.positive for p in batch]
-        with_neg = use_mnrl and all(p.negative is not None for p in batch)
-        if with_neg:
-            texts += [str(p.negative) for p in batch]
-        features = encoder.preprocess(texts)
-        emb = F.normalize(encoder(features)["sentence_embedding"], dim=-1)
-        m = len(batch)
-        loss = torch.zeros(())
-        if use_ce:
-            targets = torch.tensor([label_index[p.label] for p in batch] * 2)
-            logits = config.scale * emb[: 2 * m] @ F.normalize(head, dim=-1).T
-            loss = loss + F.cross_entropy(logits, targets)
-        if use_mnrl:
-            keep = torch.tensor([p.label != oos_label for p in batch])
-            if int(keep.sum()) >= 2:
-                anchors = emb[:m][keep]
-                candidates = emb[m : 2 * m][keep]
-                if with_neg:
-                    candidates = torch.cat([candidates, emb[2 * m :][keep]])
-                sims = config.scale * anchors @ candidates.T
-                target = torch.arange(anchors.shape[0])
-                loss = loss + F.cross_entropy(sims, target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        running += float(loss.detach())
-        if (step + 1) % config.log_every == 0 or step + 1 == steps:
-            elapsed = time.perf_counter() - start
-            eta = elapsed / (step + 1) * (steps - step - 1)
-            avg = running / ((step % config.log_every) + 1)
-            history.append({"step": step + 1, "loss": avg, "elapsed_s": elapsed})
-            if progress:
-                logger.info(
-                    "step %d/%d loss %.4f elapsed %s eta %s",
-                    step + 1,
-                    steps,
-                    avg,
-                    _format_eta(elapsed),
-                    _format_eta(eta),
-                )
-            running = 0.0
-    encoder.eval()
-    trained = F.normalize(head.detach(), dim=-1).numpy().astype(np.float32)
-    return trained, history
-
-
 def _make_version(W: np.ndarray, config: TrainConfig, labels: Sequence[str]) -> str:
     digest = hashlib.sha256()
     digest.update(W.tobytes())
@@ -321,16 +166,6 @@ def _make_version(W: np.ndarray, config: TrainConfig, labels: Sequence[str]) -> 
     digest.update("\n".join(labels).encode())
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{digest.hexdigest()[:8]}"
-
-
-def plan_steps(n_pairs: int, config: TrainConfig) -> int:
-    """Optimiser steps: ``epochs`` passes over the pairs, at least ``min_steps``, at most
-    ``max_steps``."""
-    per_epoch = math.ceil(n_pairs / config.batch_size)
-    steps = max(config.min_steps, math.ceil(per_epoch * config.epochs))
-    if config.max_steps is not None:
-        steps = min(steps, config.max_steps)
-    return max(steps, 1)
 
 
 def train_model(
@@ -355,39 +190,129 @@ def train_model(
     weekly cycle passes the pairs flow's budgeted file, so a retrain costs ``max_pairs``, not
     the size of the training data); ``extra_pairs`` are still added.
     Without ``val``, the temperature is 1 and there is no OOS threshold.
+
+    Raises ``FileExistsError`` (output not empty), ``ValueError`` (fewer than two labels, pairs
+    that match no label) and ``capture.model_dir.ModelDirError`` (a malformed base model).
     """
     import torch
 
     config = config or TrainConfig()
     t_start = time.perf_counter()
     out = Path(output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(
-            f"{out}: already exists and is not empty; choose a new output directory"
-        )
+    _check_output(out)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
 
-    oos = config.oos_label
-    train_rows = [r for r in train if config.oos_as_class or r.label != oos]
-    labels = sorted({r.label for r in train_rows})
-    if len(labels) < 2:
-        raise ValueError(
-            f"training data: expected at least 2 labels, found {labels}; add examples of more "
-            "intents"
-        )
+    rows, labels = _training_rows(train, config)
     label_index = {lab: i for i, lab in enumerate(labels)}
     encoder_path, parent = _resolve_base(base_model)
     encoder = load_encoder(encoder_path, max_seq_length=config.max_seq_length)
     if on_encoder_ready is not None:
         on_encoder_ready(encoder)
-    dim = int(encoder.get_embedding_dimension() or 0)
+    texts = [r.text for r in rows]
+    y = np.array([label_index[r.label] for r in rows])
+    start = _starting_point(encoder, texts, y, labels, config)
+    training_pairs = _training_pairs(
+        rows, labels, start, config, pairs=pairs, extra_pairs=extra_pairs
+    )
+    steps = plan_steps(len(training_pairs), config)
+    logger.info(
+        "training %d labels on %d examples: %d pairs, %d steps of %d pairs (%s)",
+        len(labels),
+        len(rows),
+        len(training_pairs),
+        steps,
+        config.batch_size,
+        config.loss,
+    )
+    t_train = time.perf_counter()
+    cos_head, history = fine_tune(
+        encoder,
+        pairs=training_pairs,
+        label_index=label_index,
+        centroids=start.centroids,
+        config=config,
+        steps=steps,
+        progress=progress,
+        oos_label=config.oos_label,
+    )
+    train_seconds = time.perf_counter() - t_train
 
-    texts = [r.text for r in train_rows]
-    y = np.array([label_index[r.label] for r in train_rows])
-    # Cosine head initialised from class centroids of the starting encoder, estimated on at most
-    # `centroid_examples` examples per class (cheap on big data sets).
+    W, b = _final_head(encoder, texts, y, n_labels=len(labels), cos_head=cos_head, config=config)
+    calibration = _calibrate(encoder, val, W, b, cos_head=cos_head, labels=labels, config=config)
+    metrics = {"train_examples": len(rows), "steps": steps, **calibration.metrics}
+    metadata = ModelMetadata(
+        version=_make_version(W, config, labels),
+        labels=tuple(labels),
+        oos_label=config.oos_label,
+        oos_threshold=calibration.oos_threshold,
+        temperature=calibration.temperature,
+        base_model=_base_model_name(base_model, parent),
+        parent_version=parent.version if parent is not None else None,
+        created_at=datetime.now(UTC).isoformat(),
+        hyperparameters=asdict(config),
+        metrics=metrics,
+        max_seq_length=config.max_seq_length,
+        embedding_dim=W.shape[1],
+        extra={"train_seconds": round(train_seconds, 1)},
+    )
+    _write_model_dir(out, encoder, Head(W, calibration.bias), metadata)
+    total = time.perf_counter() - t_start
+    logger.info("wrote model %s to %s in %s", metadata.version, out, format_eta(total))
+    return TrainResult(
+        model_dir=out,
+        version=metadata.version,
+        labels=labels,
+        temperature=calibration.temperature,
+        oos_threshold=calibration.oos_threshold,
+        metrics=metrics,
+        steps=steps,
+        train_seconds=train_seconds,
+        total_seconds=total,
+        history=history,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the steps of train_model
+
+
+def _check_output(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(
+            f"{out}: already exists and is not empty; choose a new output directory"
+        )
+
+
+def _training_rows(train: Sequence[Record], config: TrainConfig) -> tuple[list[Record], list[str]]:
+    """The rows trained on (out-of-scope rows only when ``oos_as_class``) and their sorted
+    labels; raises ``ValueError`` with fewer than two labels."""
+    rows = [r for r in train if config.oos_as_class or r.label != config.oos_label]
+    labels = sorted({r.label for r in rows})
+    if len(labels) < 2:
+        raise ValueError(
+            f"training data: expected at least 2 labels, found {labels}; add examples of more "
+            "intents"
+        )
+    return rows, labels
+
+
+@dataclass(frozen=True)
+class _Start:
+    """The starting encoder's view of the data: embeddings of a per-class sample, and the class
+    centroids the cosine head starts from."""
+
+    embeddings: np.ndarray  # (n_sample, dim) L2-normalised
+    y: np.ndarray  # (n_sample,) label indices
+    centroids: np.ndarray  # (n_labels, dim) L2-normalised
+
+
+def _starting_point(
+    encoder: Any, texts: Sequence[str], y: np.ndarray, labels: Sequence[str], config: TrainConfig
+) -> _Start:
+    """Class centroids of the starting encoder, estimated on at most ``centroid_examples``
+    examples per class (cheap on big data sets)."""
     rng = np.random.default_rng(config.seed)
     sample = np.concatenate(
         [
@@ -395,15 +320,29 @@ def train_model(
             for i in range(len(labels))
         ]
     )
-    base_emb = encode_texts(encoder, [texts[i] for i in sample])
+    embeddings = encode_texts(encoder, [texts[i] for i in sample])
     y_sample = y[sample]
-    centroids = np.zeros((len(labels), dim), dtype=np.float32)
+    centroids = np.zeros((len(labels), embeddings.shape[1]), dtype=np.float32)
     for i in range(len(labels)):
-        c = base_emb[y_sample == i].mean(axis=0)
+        c = embeddings[y_sample == i].mean(axis=0)
         centroids[i] = c / (np.linalg.norm(c) + 1e-12)
+    return _Start(embeddings, y_sample, centroids)
 
+
+def _training_pairs(
+    rows: Sequence[Record],
+    labels: Sequence[str],
+    start: _Start,
+    config: TrainConfig,
+    *,
+    pairs: Sequence[Pair] | None,
+    extra_pairs: Sequence[Pair] | None,
+) -> list[Pair]:
+    """The given ``pairs`` (those of known labels), or pairs built from ``rows`` within the
+    budget; plus ``extra_pairs`` of known labels."""
+    known = set(labels)
     if pairs is not None:
-        training_pairs = [p for p in pairs if p.label in label_index]
+        training_pairs = [p for p in pairs if p.label in known]
         if not training_pairs:
             raise ValueError(
                 f"pairs: expected pairs whose labels occur in the training data, found none of "
@@ -412,134 +351,122 @@ def train_model(
     else:
         n_pairs = config.max_pairs
         if n_pairs is None:
-            n_pairs = max(round(config.pairs_per_example * len(train_rows)), len(labels))
+            n_pairs = max(round(config.pairs_per_example * len(rows)), len(labels))
         training_pairs = build_pairs(
-            train_rows,
+            rows,
             max_pairs=n_pairs,
             seed=config.seed,
             with_negatives=config.hard_negatives,
-            hard_negatives=_confusions(base_emb, y_sample, centroids, labels)
+            hard_negatives=_confusions(start.embeddings, start.y, start.centroids, labels)
             if config.hard_negatives
             else None,
         )
     if extra_pairs:
-        training_pairs += [p for p in extra_pairs if p.label in label_index]
-    steps = plan_steps(len(training_pairs), config)
-    logger.info(
-        "training %d labels on %d examples: %d pairs, %d steps of %d pairs (%s)",
-        len(labels),
-        len(train_rows),
-        len(training_pairs),
-        steps,
-        config.batch_size,
-        config.loss,
-    )
-    t_train = time.perf_counter()
-    cos_head, history = _fine_tune(
-        encoder,
-        pairs=training_pairs,
-        label_index=label_index,
-        centroids=centroids,
-        config=config,
-        steps=steps,
-        progress=progress,
-        oos_label=oos,
-    )
-    train_seconds = time.perf_counter() - t_train
+        training_pairs += [p for p in extra_pairs if p.label in known]
+    return training_pairs
 
-    emb = encode_texts(encoder, texts)
+
+def _final_head(
+    encoder: Any,
+    texts: Sequence[str],
+    y: np.ndarray,
+    *,
+    n_labels: int,
+    cos_head: np.ndarray,
+    config: TrainConfig,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(W, b) of the published head: logistic regression on the tuned embeddings, or the
+    trained cosine head scaled by ``config.scale``."""
     if config.head == "logreg":
-        W, b = fit_logreg_head(emb, y, len(labels), c=config.head_c, seed=config.seed)
-    else:
-        W, b = (config.scale * cos_head).astype(np.float32), np.zeros(len(labels), np.float32)
+        emb = encode_texts(encoder, texts)
+        return fit_logreg_head(emb, y, n_labels, c=config.head_c, seed=config.seed)
+    return (config.scale * cos_head).astype(np.float32), np.zeros(n_labels, np.float32)
 
+
+@dataclass(frozen=True)
+class _Calibration:
+    temperature: float
+    oos_threshold: float | None
+    bias: np.ndarray  # the head's bias, the out-of-scope offset folded in
+    metrics: dict[str, Any]
+
+
+def _calibrate(
+    encoder: Any,
+    val: Sequence[Record] | None,
+    W: np.ndarray,
+    b: np.ndarray,
+    *,
+    cos_head: np.ndarray,
+    labels: list[str],
+    config: TrainConfig,
+) -> _Calibration:
+    """Temperature (and out-of-scope logit offset), OOS threshold and validation metrics."""
+    if not val:
+        return _Calibration(1.0, None, b, {})
+    oos = config.oos_label
+    label_index = {lab: i for i, lab in enumerate(labels)}
     temperature = 1.0
-    threshold: float | None = None
-    metrics: dict[str, Any] = {"train_examples": len(train_rows), "steps": steps}
-    if val:
-        val_emb = encode_texts(encoder, [r.text for r in val])
+    metrics: dict[str, Any] = {}
+    val_emb = encode_texts(encoder, [r.text for r in val])
+    val_logits = val_emb @ W.T + b
+    known = np.array([r.label in label_index for r in val])
+    targets = np.array([label_index[r.label] for r in val if r.label in label_index])
+    raw = softmax(val_logits)
+    oos_column = label_index.get(oos)
+    if (
+        config.calibrate
+        and config.calibrate_oos_offset
+        and oos_column is not None
+        and (targets == oos_column).any()
+    ):
+        temperature, beta = fit_temperature_and_offset(val_logits[known], targets, oos_column)
+        b = b.copy()
+        b[oos_column] += np.float32(temperature * beta)  # folded into the head
         val_logits = val_emb @ W.T + b
-        known = np.array([r.label in label_index for r in val])
-        targets = np.array([label_index[r.label] for r in val if r.label in label_index])
-        raw = softmax(val_logits)
-        oos_column = label_index.get(oos)
-        if (
-            config.calibrate
-            and config.calibrate_oos_offset
-            and oos_column is not None
-            and (targets == oos_column).any()
-        ):
-            temperature, beta = fit_temperature_and_offset(val_logits[known], targets, oos_column)
-            b = b.copy()
-            b[oos_column] += np.float32(temperature * beta)  # folded into the head
-            val_logits = val_emb @ W.T + b
-            metrics["oos_logit_offset"] = float(temperature * beta)
-        elif config.calibrate and known.any():
-            temperature = fit_temperature(val_logits[known], targets)
-        probs = softmax(val_logits / temperature)
-        ece_before = expected_calibration_error(
-            raw[known].max(axis=1), raw[known].argmax(axis=1) == targets
-        )
-        y_val = [r.label for r in val]
-        threshold = choose_oos_threshold(probs, labels, y_val, oos)
-        report: EvalReport = compute_report(
-            labels, probs, y_val, oos_label=oos, oos_threshold=threshold
-        )
-        cos_pred = (val_emb @ cos_head.T).argmax(axis=1)
-        metrics["val_cosine_head_accuracy"] = float(
-            np.mean([labels[p] == r.label for p, r in zip(cos_pred, val, strict=True)])
-        )
-        metrics.update(
-            {
-                "val": report.to_dict(details=False),
-                "val_ece_before_calibration": ece_before,
-                "val_ece_after_calibration": report.ece,
-            }
-        )
-        logger.info(
-            "validation: accuracy %.4f, closed-set %.4s, macro-F1 %.4f, ECE %.4f -> %.4f "
-            "(T=%.3f), OOS threshold %s",
-            report.accuracy,
-            report.closed_set_accuracy,
-            report.macro_f1,
-            ece_before,
-            report.ece,
-            temperature,
-            threshold,
-        )
-
-    version = _make_version(W, config, labels)
-    metadata = {
-        "version": version,
-        "labels": labels,
-        "oos_label": oos,
-        "oos_threshold": threshold,
-        "temperature": temperature,
-        "base_model": (parent or {}).get("base_model")
-        or (BUNDLED_BASE_NAME if base_model is None else str(base_model)),
-        "parent_version": (parent or {}).get("version"),
-        "created_at": datetime.now(UTC).isoformat(),
-        "hyperparameters": asdict(config),
-        "metrics": metrics,
-        "max_seq_length": config.max_seq_length,
-        "embedding_dim": dim,
-        "train_seconds": round(train_seconds, 1),
-    }
-    _write_model_dir(out, encoder, W, b, metadata)
-    total = time.perf_counter() - t_start
-    logger.info("wrote model %s to %s in %s", version, out, _format_eta(total))
-    return TrainResult(
-        model_dir=out,
-        version=version,
-        labels=labels,
-        temperature=temperature,
-        oos_threshold=threshold,
-        metrics=metrics,
-        steps=steps,
-        train_seconds=train_seconds,
-        total_seconds=total,
-        history=history,
+        metrics["oos_logit_offset"] = float(temperature * beta)
+    elif config.calibrate and known.any():
+        temperature = fit_temperature(val_logits[known], targets)
+    probs = softmax(val_logits / temperature)
+    ece_before = expected_calibration_error(
+        raw[known].max(axis=1), raw[known].argmax(axis=1) == targets
     )
+    y_val = [r.label for r in val]
+    threshold = choose_oos_threshold(probs, labels, y_val, oos)
+    report = compute_report(labels, probs, y_val, oos_label=oos, oos_threshold=threshold)
+    cos_pred = (val_emb @ cos_head.T).argmax(axis=1)
+    metrics["val_cosine_head_accuracy"] = float(
+        np.mean([labels[p] == r.label for p, r in zip(cos_pred, val, strict=True)])
+    )
+    metrics.update(
+        {
+            "val": report.to_dict(details=False),
+            "val_ece_before_calibration": ece_before,
+            "val_ece_after_calibration": report.ece,
+        }
+    )
+    logger.info(
+        "validation: accuracy %.4f, closed-set %.4s, macro-F1 %.4f, ECE %.4f -> %.4f "
+        "(T=%.3f), OOS threshold %s",
+        report.accuracy,
+        report.closed_set_accuracy,
+        report.macro_f1,
+        ece_before,
+        report.ece,
+        temperature,
+        threshold,
+    )
+    return _Calibration(temperature, threshold, b, metrics)
+
+
+def _base_model_name(
+    base_model: str | os.PathLike[str] | None, parent: ModelMetadata | None
+) -> str:
+    """What the metadata records as ``base_model``: the parent's base model on a warm
+    start, the bundled model's name, or the directory trained from."""
+    if parent is not None:
+        return parent.base_model
+    return BUNDLED_BASE_NAME if base_model is None else str(base_model)
 
 
 def _confusions(
@@ -558,18 +485,14 @@ def _confusions(
     }
 
 
-def _write_model_dir(
-    out: Path, encoder: Any, W: np.ndarray, b: np.ndarray, metadata: dict[str, Any]
-) -> None:
+def _write_model_dir(out: Path, encoder: Any, head: Head, metadata: ModelMetadata) -> None:
     """Write to a temporary sibling, then rename: readers never see a partial directory."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        encoder.save(str(tmp / "encoder"))
-        np.savez(tmp / "head.npz", W=W.astype(np.float32), b=b.astype(np.float32))
-        (tmp / "metadata.json").write_text(
-            json.dumps(metadata, indent=2, sort_keys=True), encoding="utf-8"
-        )
+        encoder.save(str(tmp / ENCODER_DIR))
+        head.write(tmp)
+        metadata.write(tmp)
         if out.exists():
             out.rmdir()  # empty (checked by the caller)
         os.replace(tmp, out)

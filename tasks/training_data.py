@@ -1,5 +1,6 @@
 """Training data export: the spec's ``retraining`` JSONL (``text, label, confidence, source,
-corrected``) and a held-out slice of corrected prompts for evaluation.
+corrected``; the format is :mod:`tasks.training_file`'s) and a held-out slice of corrected
+prompts for evaluation, plus the export's ``.meta.json`` summary sidecar.
 
 What goes in:
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,46 +32,50 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 
-from capture import queries
+from capture import statements
 from capture.db import database_url, get_sync_engine
-from capture.models import TrainingExample
+from capture.errors import UserError
+from capture.offline_statements import (
+    ParameterError,
+    check_fraction,
+    select_training_store,
+    window_start,
+)
+from capture.rows import map_retraining_row
 from tasks.anonymise import scrub_pii
+from tasks.retry import retry_on_io
+from tasks.training_file import (
+    SOURCE_BASE,
+    SOURCE_PRODUCTION,
+    TrainingRow,
+    holdout_path_for,
+    write_training_file,
+)
 
 logger = logging.getLogger(__name__)
 
-_STORE = TrainingExample.__table__
+__all__ = [
+    "NoTrainingDataError",
+    "TrainingDataExport",
+    "TrainingRow",
+    "export_training_data",
+    "export_training_data_task",
+    "holdout_path_for",
+    "is_held_out",
+    "merge_rows",
+    "read_summary",
+    "summary_path",
+    "write_summary",
+]
 
 # Dedup priority: higher wins for the same normalised text.
-_PRIORITY = {"corrected": 3, "base": 2, "predicted": 1}
+_PRIORITY = {"corrected": 3, SOURCE_BASE: 2, "predicted": 1}
 
 
-@dataclass(frozen=True, slots=True)
-class TrainingRow:
-    """One line of the retraining JSONL (``log_id`` is internal and never written)."""
-
-    text: str
-    label: str
-    confidence: float | None
-    source: str
-    corrected: bool
-    log_id: str | None = None
-
-    @property
-    def kind(self) -> str:
-        if self.corrected:
-            return "corrected"
-        return "base" if self.source == "base" else "predicted"
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "text": self.text,
-            "label": self.label,
-            "confidence": None if self.confidence is None else round(float(self.confidence), 4),
-            "source": self.source,
-            "corrected": self.corrected,
-        }
+class NoTrainingDataError(UserError, ValueError):
+    """The window and the base set hold nothing to train on; the message says what to widen."""
 
 
 @dataclass(slots=True)
@@ -121,37 +125,27 @@ def is_held_out(text: str, fraction: float) -> bool:
 
 
 def production_rows(
-    conn: Connection, *, days: int | None, min_confidence: float, now: datetime
+    conn: Connection, *, since: datetime | None, min_confidence: float
 ) -> Iterator[TrainingRow]:
-    """Corrections and high-confidence predictions whose workflow did not fail, oldest first
-    (``capture.queries.select_for_retraining``)."""
-    stmt = queries.select_for_retraining(
-        min_confidence=min_confidence, since=queries.since_days(now, days)
-    )
+    """Corrections and high-confidence predictions whose workflow did not fail, created after
+    ``since``, oldest first (``capture.statements.select_for_retraining``)."""
+    stmt = statements.select_for_retraining(min_confidence=min_confidence, since=since)
     for raw in conn.execution_options(yield_per=5_000).execute(stmt):
-        row = queries.map_retraining_row(raw)
+        row = map_retraining_row(raw)
         yield TrainingRow(
             text=row.prompt,
             label=row.label,
             confidence=row.confidence,
-            source="production",
+            source=SOURCE_PRODUCTION,
             corrected=row.corrected,
             log_id=str(row.id),
         )
 
 
-def store_rows(conn: Connection, *, days: int | None, now: datetime) -> Iterator[TrainingRow]:
-    """Rows of the anonymised training store, oldest first."""
-    stmt = select(
-        _STORE.c.prompt,
-        _STORE.c.label,
-        _STORE.c.confidence,
-        _STORE.c.source,
-        _STORE.c.corrected,
-    ).order_by(_STORE.c.week, _STORE.c.created_at, _STORE.c.id)
-    since = queries.since_days(now, days)
-    if since is not None:
-        stmt = stmt.where(_STORE.c.week >= since.date())
+def store_rows(conn: Connection, *, since: datetime | None) -> Iterator[TrainingRow]:
+    """Rows of the anonymised training store from the week of ``since`` on, oldest first
+    (``capture.offline_statements.select_training_store``)."""
+    stmt = select_training_store(since=since)
     for row in conn.execute(stmt):
         yield TrainingRow(
             text=row.prompt,
@@ -167,7 +161,9 @@ def base_rows(path: Path) -> list[TrainingRow]:
     from tasks.records import load_records
 
     return [
-        TrainingRow(text=r.text, label=r.label, confidence=None, source="base", corrected=False)
+        TrainingRow(
+            text=r.text, label=r.label, confidence=None, source=SOURCE_BASE, corrected=False
+        )
         for r in load_records(path)
     ]
 
@@ -198,25 +194,6 @@ def merge_rows(
     return train, holdout, dropped
 
 
-def _write_jsonl(path: Path, rows: Iterable[TrainingRow]) -> str:
-    """Write rows atomically; return the sha256 of the file's bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    digest = hashlib.sha256()
-    with tmp.open("wb") as handle:
-        for row in rows:
-            line = (json.dumps(row.as_json(), ensure_ascii=False) + "\n").encode("utf-8")
-            digest.update(line)
-            handle.write(line)
-    os.replace(tmp, path)
-    return digest.hexdigest()
-
-
-def holdout_path_for(output: Path) -> Path:
-    """Where the held-out slice goes for a training file at ``output``."""
-    return output.with_name(f"{output.stem}.holdout{output.suffix or '.jsonl'}")
-
-
 def export_training_data(
     output: Path,
     *,
@@ -229,29 +206,35 @@ def export_training_data(
     holdout_output: Path | None = None,
     now: datetime | None = None,
 ) -> TrainingDataExport:
-    """Write the retraining JSONL to ``output`` and the held-out corrected prompts next to it."""
-    if not 0.0 <= holdout_fraction < 1.0:
-        raise ValueError(
-            f"holdout_fraction: expected a number in [0, 1), found {holdout_fraction!r}"
+    """Write the retraining JSONL to ``output`` and the held-out corrected prompts next to it
+    (:mod:`tasks.training_file`'s format; both 0600).
+
+    Raises ``ParameterError`` for ``days``, ``min_confidence`` or ``holdout_fraction`` out of
+    range and ``RecordsError`` for a bad ``base_data`` file, before the database is read;
+    :class:`NoTrainingDataError` when nothing is left to train on. All are ``UserError``s.
+    """
+    if check_fraction(holdout_fraction, "holdout_fraction") == 1.0:
+        raise ParameterError(
+            f"holdout_fraction: expected a number in [0, 1), found {holdout_fraction!r}; "
+            "something must be left to train on"
         )
-    if not 0.0 <= min_confidence <= 1.0:
-        raise ValueError(f"min_confidence: expected a number in [0, 1], found {min_confidence!r}")
-    now = now or datetime.now(UTC)
+    check_fraction(min_confidence, "min_confidence")
+    since = window_start(now or datetime.now(UTC), days)
     rows: list[TrainingRow] = base_rows(base_data) if base_data is not None else []
     with get_sync_engine(database_url(url)).connect() as conn:
         if include_store:
-            rows.extend(store_rows(conn, days=days, now=now))
-        rows.extend(production_rows(conn, days=days, min_confidence=min_confidence, now=now))
+            rows.extend(store_rows(conn, since=since))
+        rows.extend(production_rows(conn, since=since, min_confidence=min_confidence))
     train, holdout, dropped = merge_rows(rows, holdout_fraction=holdout_fraction)
     if not train:
-        raise ValueError(
+        raise NoTrainingDataError(
             "no training data: the logs hold no corrections or high-confidence predictions "
             f"(min_confidence {min_confidence}) in the window and no base set was given; "
             "pass base_data or widen --days"
         )
     holdout_output = holdout_output or holdout_path_for(output)
-    sha = _write_jsonl(output, train)
-    _write_jsonl(holdout_output, holdout)
+    sha = write_training_file(output, train)
+    write_training_file(holdout_output, holdout)
     counts: dict[str, int] = {}
     for row in train:
         counts[row.kind] = counts.get(row.kind, 0) + 1
@@ -280,5 +263,43 @@ def export_training_data(
 
 
 export_training_data_task = task(
-    cache_policy=NO_CACHE, name="export-training-data", retries=2, retry_delay_seconds=2
+    cache_policy=NO_CACHE,
+    name="export-training-data",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_on_io,
 )(export_training_data)
+
+
+# --------------------------------------------------------------------------- the .meta.json sidecar
+
+
+def summary_path(training_file: Path) -> Path:
+    """The sidecar with the export's summary (hash, counts, corrected ids): ``<file>.meta.json``."""
+    return training_file.with_name(training_file.name + ".meta.json")
+
+
+def read_summary(training_file: Path) -> dict[str, Any] | None:
+    """The summary :func:`write_summary` stored next to ``training_file`` (the keys of
+    :meth:`TrainingDataExport.summary`), or None when there is no sidecar."""
+    path = summary_path(training_file)
+    if not path.exists():
+        return None
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+@task(
+    cache_policy=NO_CACHE,
+    name="write-training-summary",
+    retries=2,
+    retry_delay_seconds=1,
+    retry_condition_fn=retry_on_io,
+)
+def write_summary(export: TrainingDataExport) -> Path:
+    """Write ``export.summary()`` to the sidecar of ``export.path``; returns the sidecar."""
+    from capture.files import write_json_atomic
+
+    path = summary_path(export.path)
+    write_json_atomic(path, export.summary())
+    return path

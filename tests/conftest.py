@@ -9,7 +9,6 @@ skipped locally, and FAIL when ``CI`` or ``PROMPT_CAPTURE_REQUIRE_POSTGRES`` is 
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -38,13 +37,9 @@ def _server_url() -> str:
     return os.environ.get("PROMPT_CAPTURE_TEST_POSTGRES_URL", DEFAULT_PG)
 
 
-def _libpq(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
 @pytest.fixture(scope="session")
 def postgres_server_url() -> str:
-    url = _libpq(_server_url())
+    url = db.libpq_url(_server_url())
     try:
         with psycopg.connect(url, connect_timeout=5, autocommit=True) as conn:
             conn.execute("SELECT 1")
@@ -56,28 +51,14 @@ def postgres_server_url() -> str:
     return url
 
 
-def _create_database(server_url: str, prefix: str) -> str:
-    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base, _, _ = server_url.rpartition("/")
-    return f"{base}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
-
-
-def _drop_database(server_url: str, url: str) -> None:
-    name = url.rpartition("/")[2]
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(scope="session")
 def postgres_url(postgres_server_url: str) -> Iterator[str]:
     """A fresh, migrated PostgreSQL database for this test session."""
-    url = _create_database(postgres_server_url, "pc_test")
+    url = db.create_database(postgres_server_url, "pc_test")
     db.upgrade(url)
     yield url
     db.clear_engine_cache()
-    _drop_database(postgres_server_url, url)
+    db.drop_database(postgres_server_url, url)
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,10 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from capture import db, queries
+from capture import db, statements
 from capture.ids import uuid7
 from capture.models import PromptLog
+from capture.rows import prompt_log_values
 
 T = PromptLog.__table__
 NOW = datetime.now(UTC)
@@ -37,7 +38,7 @@ def insert_logs(url: str, logs: list[Log]) -> list[uuid.UUID]:
         log_id = uuid7()
         ids.append(log_id)
         rows.append(
-            queries.prompt_log_values(
+            prompt_log_values(
                 log_id=log_id,
                 prompt=log.prompt,
                 predicted_intent=log.predicted,
@@ -51,7 +52,7 @@ def insert_logs(url: str, logs: list[Log]) -> list[uuid.UUID]:
             )
         )
     with db.get_sync_engine(url).begin() as conn:
-        conn.execute(queries.insert_prompt_logs(), rows)
+        conn.execute(statements.insert_prompt_logs(), rows)
         for log_id, log in zip(ids, logs, strict=True):
             values: dict[str, Any] = {}
             if log.was_successful is not None:

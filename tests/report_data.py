@@ -19,8 +19,9 @@ from sqlalchemy import insert
 
 from capture import db
 from capture.ids import uuid7
+from capture.model_dir import ModelMetadata
 from capture.models import PromptLog
-from capture.queries import as_real
+from capture.values import as_real
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 INTENTS = {
@@ -81,8 +82,20 @@ def write_registry(models_dir: Path, *, now: datetime = NOW) -> None:
         path = models_dir / version
         path.mkdir(parents=True, exist_ok=True)
         created = now - timedelta(days=7 * (len(versions) - k))
-        metadata = {"version": version, "created_at": created.isoformat(), "labels": list(INTENTS)}
-        (path / "metadata.json").write_text(json.dumps(metadata))
+        ModelMetadata(
+            version=version,
+            labels=tuple(INTENTS),
+            oos_label="oos",
+            oos_threshold=None,
+            temperature=1.0,
+            base_model="all-MiniLM-L6-v2",
+            parent_version=None if k == 0 else versions[k - 1][0],
+            created_at=created.isoformat(),
+            hyperparameters={},
+            metrics={},
+            max_seq_length=48,
+            embedding_dim=384,
+        ).write(path)
         metrics = {"evaluation": {"all": {"challenger": {"accuracy": accuracy, "macro_f1": f1}}}}
         (path / "metrics.json").write_text(json.dumps(metrics))
         if promote is not None:

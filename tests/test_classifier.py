@@ -203,6 +203,14 @@ def corrupt(model_dir: Path, how: str) -> None:
         raise AssertionError(how)
 
 
+def edit_metadata_json(model_dir: Path, **changes: object) -> Path:
+    """Change fields of metadata.json only (model.onnx keeps its own metadata)."""
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    meta.update(changes)
+    (model_dir / "metadata.json").write_text(json.dumps(meta))
+    return model_dir
+
+
 @pytest.mark.parametrize("how", ["garbage", "truncated", "empty"])
 def test_corrupt_model_file_is_refused_naming_it(
     exported_model_dir: Path,  # noqa: F811
@@ -242,16 +250,27 @@ def test_inconsistent_or_missing_files_are_refused(
     with pytest.raises(ModelLoadError, match="has width 4 but the metadata lists 5 labels"):
         OnnxClassifier(wrong_width)
 
-    mixed = clone_serving_dir(exported_model_dir, tmp_path / "mixed")
-    meta = json.loads((mixed / "metadata.json").read_text())
-    meta["version"] = "someone-else"
-    (mixed / "metadata.json").write_text(json.dumps(meta))
+    mixed = edit_metadata_json(
+        clone_serving_dir(exported_model_dir, tmp_path / "mixed"), version="someone-else"
+    )
     with pytest.raises(ModelLoadError, match=r"metadata\.json: version .* differs"):
         OnnxClassifier(mixed)
 
     bad_threshold = clone_serving_dir(exported_model_dir, tmp_path / "thr", oos_threshold=1.5)
     with pytest.raises(ModelLoadError, match="'oos_threshold' must be null or a number"):
         OnnxClassifier(bad_threshold)
+
+    # A malformed metadata.json next to a good model.onnx: refused, naming the file and field.
+    malformed = edit_metadata_json(
+        clone_serving_dir(exported_model_dir, tmp_path / "malformed"), created_at="yesterday"
+    )
+    with pytest.raises(
+        ModelLoadError, match=r"malformed/metadata\.json: field 'created_at' must be an ISO 8601"
+    ):
+        OnnxClassifier(malformed)
+    (malformed / "metadata.json").write_text("{")
+    with pytest.raises(ModelLoadError, match=r"metadata\.json: not valid UTF-8 JSON"):
+        OnnxClassifier(malformed)
 
 
 # Hot reload

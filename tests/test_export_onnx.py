@@ -16,6 +16,9 @@ from tasks.export_onnx import (
     ExportError,
     ExportReport,
     export_onnx,
+)
+from tasks.onnx_int8 import (
+    OutlierRule,
     quantize_int8,
     smooth_outlier_channels,
     split_outlier_channels,
@@ -271,7 +274,7 @@ def test_outlier_split_is_exact_in_fp32_and_sharpens_int8(tmp_path: Path) -> Non
     source = tmp_path / "dense.onnx"
     source.write_bytes(_matmul_graph(weight))
     ranges = {"x": np.abs(x).max(axis=0)}
-    split = split_outlier_channels(source, tmp_path / "split.onnx", ranges, threshold=6.0)
+    split = split_outlier_channels(source, tmp_path / "split.onnx", ranges, OutlierRule(6.0))
     assert split.channels == 2 and split.fp32_nodes == ("dense__outliers",)
 
     exact = x @ weight
@@ -283,7 +286,7 @@ def test_outlier_split_is_exact_in_fp32_and_sharpens_int8(tmp_path: Path) -> Non
     assert split_error < plain_error / 3
     # Nothing above the threshold: the graph is left as it was.
     calm = split_outlier_channels(
-        source, tmp_path / "calm.onnx", {"x": np.ones(64, np.float32)}, threshold=6.0
+        source, tmp_path / "calm.onnx", {"x": np.ones(64, np.float32)}, OutlierRule(6.0)
     )
     assert calm.channels == 0 and calm.fp32_nodes == ()
 
@@ -302,7 +305,7 @@ def test_outlier_smoothing_is_exact_in_fp32_and_sharpens_int8(tmp_path: Path) ->
     source.write_bytes(_matmul_graph(weight))
     peaks = np.abs(x).max(axis=0)
     smoothed = smooth_outlier_channels(
-        source, tmp_path / "smooth.onnx", {"x": peaks}, threshold=6.0, max_channels=2
+        source, tmp_path / "smooth.onnx", {"x": peaks}, OutlierRule(threshold=6.0, max_channels=2)
     )
     top_two = sorted(int(i) for i in np.argsort(peaks)[::-1][:2])
     assert smoothed.channels == 2 and smoothed.fp32_nodes == ()
@@ -325,7 +328,7 @@ def test_outlier_smoothing_is_exact_in_fp32_and_sharpens_int8(tmp_path: Path) ->
     # part of it); the activations' int8 step shrinks by as much.
     assert smooth_error < plain_error * 0.75
     calm = smooth_outlier_channels(
-        source, tmp_path / "calm.onnx", {"x": np.ones(64, np.float32)}, threshold=6.0
+        source, tmp_path / "calm.onnx", {"x": np.ones(64, np.float32)}, OutlierRule(6.0)
     )
     assert calm.channels == 0
     assert [n.op_type for n in onnx.load(str(calm.path)).graph.node] == ["MatMul"]

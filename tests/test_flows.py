@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from capture.files import write_json_atomic
 from tasks import registry
 from tests.cycle_helpers import Log, corrections_in_db, insert_logs
 from tests.model_fixtures import (  # noqa: F401  (fixtures)
@@ -116,20 +117,20 @@ def test_shuffled_labels_are_rejected_and_the_champion_keeps_serving(
         )
         assert state.is_completed(), state.message
         summary = state.result()
-        result = summary["retrain"]
-        assert result["verdict"] == "REJECT" and result["promote"] is False
-        assert result["version"] == "2" and result["champion_version"] == "1"
-        assert result["challenger_accuracy"] < result["champion_accuracy"]
-        assert "rejected by the gate" in summary["message"]
-        assert "version 1 keeps serving" in summary["message"]
-        assert summary["deployed"] is None
+        result = summary.retrain
+        assert result.verdict == "REJECT" and result.promote is False
+        assert result.version == "2" and result.champion_version == "1"
+        assert result.challenger_accuracy < result.champion_accuracy
+        assert "rejected by the gate" in summary.message
+        assert "version 1 keeps serving" in summary.message
+        assert summary.deployed is None
         # A completed cycle (even with a rejected challenger) publishes the monitoring figures
         # and records its success time for the monitor flow's staleness check.
         from tasks.monitor import last_cycle_success
 
-        assert Path(summary["success_marker"]).is_file()
+        assert summary.success_marker.is_file()
         assert last_cycle_success(home) is not None
-        assert isinstance(summary["monitoring"], dict)
+        assert isinstance(summary.monitoring, dict)
         # The champion keeps serving; the challenger is in the registry, rejected, not exported.
         assert registry.current_version(serving) == "1"
         assert classifier.reload_now() is False and classifier.version == "1"
@@ -151,7 +152,7 @@ def test_shuffled_labels_are_rejected_and_the_champion_keeps_serving(
         assert training["counts"]["base"] == len(FIXTURE_RECORDS)
         # The inbox was drained through the real import (one row, applied).
         assert (inbox / "processed" / "week.json").exists()
-        assert summary["corrections"][0]["applied"] == 1
+        assert summary.corrections is not None and summary.corrections[0].applied == 1
         assert corrections_in_db(db_url)[ids[0]][0] == ROTATE[ROTATE["banking"]]
     finally:
         classifier.close()
@@ -168,15 +169,15 @@ def test_rollback_restores_the_previous_model_and_the_service_reloads(
 
     second = clone_serving_dir(champion_dir, tmp_path / "second", version="second")
     registry.publish(second, serving, version="2")
-    registry.write_json_atomic(serving / "2" / "gate.json", {"promote": True})
+    write_json_atomic(serving / "2" / "gate.json", {"promote": True})
     classifier = HotReloadingClassifier(serving, interval_s=0.05)
     try:
         assert classifier.version == "1"
         deployed = deploy_flow()  # the newest promoted version; already exported
-        assert (deployed["version"], deployed["previous"], deployed["export"]) == ("2", "1", None)
+        assert (deployed.version, deployed.previous, deployed.export) == ("2", "1", None)
         wait_for(lambda: classifier.version == "2")
         rolled = rollback_flow()
-        assert rolled == {"previous": "2", "version": "1"}
+        assert (rolled.previous, rolled.version) == ("2", "1")
         assert registry.current_version(serving) == "1"
         wait_for(lambda: classifier.version == "1")
         assert classifier.predict("play the latest album by adele").intent == "music"
@@ -215,7 +216,7 @@ def test_the_corrections_flow_drains_the_inbox_all_or_nothing(
     (inbox / "a-good.json").write_text(json.dumps(good), encoding="utf-8")
     (inbox / "b-bad.json").write_text(json.dumps(bad), encoding="utf-8")
     results = corrections_flow(database_url=db_url)
-    assert [(Path(r["file"]).name, r["applied"], len(r["rejected"])) for r in results] == [
+    assert [(Path(r.file).name, r.applied, len(r.rejected)) for r in results] == [
         ("a-good.json", 1, 0),
         ("b-bad.json", 0, 3),  # the same prompt corrected two ways (2 rows) + unknown intent
     ]
@@ -228,14 +229,15 @@ def test_the_corrections_flow_drains_the_inbox_all_or_nothing(
     assert "corrected to different intents" in reason
     assert corrections_flow(database_url=db_url) == []  # inbox empty now
     again = corrections_flow(file=str(inbox / "processed" / "a-good.json"), database_url=db_url)
-    assert (again[0]["applied"], again[0]["unchanged"]) == (0, 1)
+    assert (again[0].applied, again[0].unchanged) == (0, 1)
 
 
 def test_review_training_data_and_pairs_flows(db_url: str, home: Path, serving: Path) -> None:
     from flows.pairs import pairs_flow
     from flows.review import review_export_flow
-    from flows.training_data import read_summary, training_data_flow
-    from tasks.review_export import REVIEW_FIELDS
+    from flows.training_data import training_data_flow
+    from tasks.review_file import REVIEW_FIELDS
+    from tasks.training_data import read_summary
 
     insert_logs(
         db_url,
@@ -250,25 +252,25 @@ def test_review_training_data_and_pairs_flows(db_url: str, home: Path, serving: 
         ],
     )
     review = review_export_flow(days=7, limit=10, database_url=db_url)
-    rows = json.loads(Path(review["path"]).read_text(encoding="utf-8"))
+    rows = json.loads(review.path.read_text(encoding="utf-8"))
     assert all(tuple(r) == REVIEW_FIELDS for r in rows)
     # Near-duplicates collapsed with the serving model's embeddings; the failed one is in.
     assert {r["prompt"].lower().rstrip("?") for r in rows} == {
         "how much is in my account",
         "rain tomorrow",
     }
-    assert review["reasons"]["failed"] == 1
+    assert review.reasons["failed"] == 1
 
     jsonl(home / "data" / "base_train.jsonl", list(FIXTURE_RECORDS))
     data = training_data_flow(days=7, holdout_fraction=0.0, database_url=db_url)
-    assert data["counts"] == {"base": 24, "corrected": 2, "predicted": 2, "holdout": 0}
-    sidecar = read_summary(Path(data["training_data"]))
+    assert data.counts == {"base": 24, "corrected": 2, "predicted": 2, "holdout": 0}
+    sidecar = read_summary(data.path)
     assert sidecar is not None
-    assert sidecar["training_data_sha256"] == data["training_data_sha256"]
+    assert sidecar["training_data_sha256"] == data.sha256
     pairs = pairs_flow(max_pairs=10)  # the newest export; production rows only
-    assert pairs["input"] == data["training_data"]
-    assert (pairs["rows"], pairs["pairs"]) == (4, 2)  # one pair per intent with two texts
-    lines = Path(pairs["output"]).read_text(encoding="utf-8").splitlines()
+    assert pairs.input == data.path
+    assert (pairs.rows, pairs.pairs) == (4, 2)  # one pair per intent with two texts
+    lines = pairs.output.read_text(encoding="utf-8").splitlines()
     assert {json.loads(line)["label"] for line in lines} == {"music", "calendar"}
 
 
@@ -292,9 +294,10 @@ def test_a_good_challenger_is_promoted_exported_deployed_and_hot_reloaded(
             max_intent_drop=0.34,
             database_url=sqlite_url,
         )
-        assert summary["retrain"]["verdict"] == "PROMOTE", summary["retrain"]["reasons"]
-        assert summary["deployed"]["version"] == "2"
-        assert summary["deployed"]["export"]["published"] in {"int8", "fp32"}
+        assert summary.retrain.verdict == "PROMOTE", summary.retrain.reasons
+        assert summary.deployed is not None and summary.deployed.version == "2"
+        assert summary.deployed.export is not None
+        assert summary.deployed.export.published in {"int8", "fp32"}
         wait_for(lambda: classifier.version == "2")
         assert registry.current_version(serving) == "2"
     finally:
@@ -352,7 +355,7 @@ def test_cli_export_and_import_corrections(
 
 
 def test_retrain_helpers_refuse_bad_input(tmp_path: Path) -> None:
-    from flows.retrain import read_eval_records, train_config, training_info
+    from tasks.retrain import read_eval_records, train_config, training_info
 
     with pytest.raises(ValueError, match="unknown name\\(s\\) max_stepz"):
         train_config({"max_stepz": 3})

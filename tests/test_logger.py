@@ -16,7 +16,7 @@ from capture import db
 from capture.ids import uuid7
 from capture.logger import CaptureLogger
 from capture.service import NLUService, create_nlu_service
-from capture.spool import ROW_COLUMNS
+from capture.spool import C_ID, C_SECONDARY, ROW_COLUMNS, new_row
 from capture.types import Prediction
 from tests.capture_helpers import (
     FixedClassifier,
@@ -26,6 +26,12 @@ from tests.capture_helpers import (
     count_rows,
     fetch_rows,
 )
+
+
+def counters(source: NLUService | CaptureLogger, *names: str) -> tuple[int, ...]:
+    """The named counters of ``source.stats()``."""
+    stats = source.stats()
+    return tuple(getattr(stats, name) for name in names)
 
 
 @pytest.fixture
@@ -85,8 +91,7 @@ async def test_every_field_is_written(db_url: str, service: NLUService) -> None:
         None,
     )
     assert aware(other["created_at"]) == datetime(2026, 11, 20, 9, 30, 0, 2000, tzinfo=UTC)
-    stats = service.stats()
-    assert (stats.queued, stats.written, stats.rejected, stats.pending) == (2, 2, 0, 0)
+    assert counters(service, "queued", "written", "rejected", "pending") == (2, 2, 0, 0)
 
 
 async def test_outcome_for_a_queued_row_is_merged_into_its_insert(
@@ -109,8 +114,7 @@ async def test_outcome_for_a_queued_row_is_merged_into_its_insert(
     assert row["correction_notes"] == "user wanted an event"
     # StepClock: created at +1 ms, outcome +2 ms, correction +3 ms.
     assert aware(row["corrected_at"]) == datetime(2026, 11, 20, 9, 30, 0, 3000, tzinfo=UTC)
-    stats = service.stats()
-    assert (stats.queued, stats.written, stats.merged, stats.rejected) == (3, 1, 2, 0)
+    assert counters(service, "queued", "written", "merged", "rejected") == (3, 1, 2, 0)
 
 
 async def test_outcome_and_correction_after_the_row_is_written(
@@ -130,8 +134,7 @@ async def test_outcome_and_correction_after_the_row_is_written(
     )
     assert (row["corrected_intent"], row["correction_notes"]) == ("reminders", None)
     assert row["corrected_at"] is not None
-    stats = service.stats()
-    assert (stats.queued, stats.written, stats.merged, stats.rejected) == (3, 3, 0, 0)
+    assert counters(service, "queued", "written", "merged", "rejected") == (3, 3, 0, 0)
 
 
 async def test_operations_keep_their_order(db_url: str, service: NLUService) -> None:
@@ -166,11 +169,19 @@ async def test_a_row_the_database_refuses_is_rejected_and_the_writer_goes_on(
     capture = CaptureLogger(db_url, settings=settings)
     now = datetime.now(UTC)
 
-    def row(confidence: float) -> list[object]:
-        values: list[object] = [None] * len(ROW_COLUMNS)
-        values[0], values[2], values[3], values[4] = uuid7(), "p", "intent", confidence
-        values[5], values[15], values[16] = (), now, now
-        return values
+    def row(confidence: float) -> tuple[object, ...]:
+        return new_row(
+            log_id=uuid7(),
+            user_id=None,
+            prompt="p",
+            predicted_intent="intent",
+            confidence=confidence,
+            secondary_intents=(),
+            conversation_id=None,
+            message_index=None,
+            model_version=None,
+            created_at=now,
+        )
 
     good = [row(0.5) for _ in range(20)]
     bad = row(2.0)
@@ -180,12 +191,11 @@ async def test_a_row_the_database_refuses_is_rejected_and_the_writer_goes_on(
     capture.submit_outcome(unknown, True, "x", None, now)
     await capture.flush()
 
-    assert set(fetch_rows(db_url)) == {v[0] for v in good}
-    stats = capture.stats()
-    assert (stats.written, stats.rejected, stats.pending) == (20, 2, 0)
+    assert set(fetch_rows(db_url)) == {v[C_ID] for v in good}
+    assert counters(capture, "written", "rejected", "pending") == (20, 2, 0)
     records = [json.loads(line) for line in capture.rejected_path.read_text().splitlines()]
     assert [r["op"]["op"] for r in records] == ["insert", "outcome"]
-    assert records[0]["op"]["row"][0] == str(bad[0])
+    assert records[0]["op"]["row"][C_ID] == str(bad[C_ID])
     assert "confidence" in records[0]["reason"].lower() or "check" in records[0]["reason"].lower()
     assert records[1]["op"]["id"] == str(unknown)
     assert "unknown log id" in records[1]["reason"]
@@ -194,7 +204,7 @@ async def test_a_row_the_database_refuses_is_rejected_and_the_writer_goes_on(
     later = row(0.25)
     capture.submit_insert(later)
     await capture.flush()
-    assert later[0] in fetch_rows(db_url)
+    assert later[C_ID] in fetch_rows(db_url)
     await capture.aclose()
 
 
@@ -218,7 +228,9 @@ async def test_a_resent_batch_is_inserted_idempotently(postgres_url: str, tmp_pa
     for log_id in [r.log_id for r in results[:5]]:
         row = rows[log_id]
         values = [row[c] for c in ROW_COLUMNS]
-        values[5] = tuple((s["intent"], s["confidence"]) for s in row["secondary_intents"])
+        values[C_SECONDARY] = tuple(
+            (s["intent"], s["confidence"]) for s in row["secondary_intents"]
+        )
         capture.submit_insert(values)
     await service.flush()
     assert count_rows(postgres_url) == (11, 11)

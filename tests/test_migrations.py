@@ -52,9 +52,7 @@ def test_postgres_schema_has_indexes_and_trigger(postgres_url: str) -> None:
 
 
 def test_postgres_downgrade_and_upgrade_again(postgres_server_url: str) -> None:
-    from tests.conftest import _create_database, _drop_database
-
-    url = _create_database(postgres_server_url, "pc_mig")
+    url = db.create_database(postgres_server_url, "pc_mig")
     try:
         db.upgrade(url)
         assert "nlu_prompt_logs" in _tables(url)
@@ -64,4 +62,4 @@ def test_postgres_downgrade_and_upgrade_again(postgres_server_url: str) -> None:
         assert db.current_revision(url) == db.head_revision()
     finally:
         db.clear_engine_cache()
-        _drop_database(postgres_server_url, url)
+        db.drop_database(postgres_server_url, url)

@@ -16,8 +16,9 @@ import httpx
 import pytest
 
 from capture.ids import uuid7
-from capture.queries import as_real
+from capture.values import as_real
 from flows.monitor import monitor_flow
+from tasks.alert_delivery import send_webhook, slack_payload
 from tasks.monitor import (
     AlertThresholds,
     ScopeStats,
@@ -26,8 +27,6 @@ from tasks.monitor import (
     find_breaches,
     last_cycle_success,
     record_cycle_success,
-    send_webhook,
-    slack_payload,
     window_id,
 )
 from tests.report_data import insert_logs, write_registry

@@ -79,6 +79,16 @@ def test_schedules_are_cron_with_a_time_zone_and_follow_the_weekly_rhythm() -> N
     assert specs["monitor"].schedules[0]["cron"].split()[1:] == ["*", "*", "*", "*"]  # hourly
 
 
+def test_review_export_follows_the_code_default_strategy() -> None:
+    from tasks.review_select import DEFAULT_STRATEGY
+
+    review = next(s for s in read_specs() if s.name == "review-export")
+    flow = load_flow(review.entrypoint)
+    validated = flow.validate_parameters(dict(review.parameters))
+    assert validated.get("strategy", DEFAULT_STRATEGY) == DEFAULT_STRATEGY
+    assert flow.parameters.properties["strategy"]["default"] == DEFAULT_STRATEGY
+
+
 def test_serve_builds_one_runner_deployment_per_entry() -> None:
     deployments = build_deployments(read_specs())
     assert {d.name for d in deployments} == REQUIRED

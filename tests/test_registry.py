@@ -8,16 +8,28 @@ from pathlib import Path
 
 import pytest
 
+from capture.files import write_json_atomic
+from capture.model_dir import ModelMetadata
 from tasks import registry
 
 
 def fake_model(path: Path, *, labels: tuple[str, ...] = ("a", "b"), onnx: bool = True) -> Path:
-    """A model directory with the serving files (contents are not a real model)."""
+    """A model directory with the serving files (valid metadata; the rest is not a real model)."""
     path.mkdir(parents=True)
-    (path / "metadata.json").write_text(
-        json.dumps({"version": "trained-hash", "labels": list(labels), "created_at": "2026"}),
-        encoding="utf-8",
-    )
+    ModelMetadata(
+        version="trained-hash",
+        labels=labels,
+        oos_label="oos",
+        oos_threshold=None,
+        temperature=1.0,
+        base_model="base",
+        parent_version=None,
+        created_at="2026-01-05T00:00:00+00:00",
+        hyperparameters={},
+        metrics={},
+        max_seq_length=16,
+        embedding_dim=4,
+    ).write(path)
     if onnx:
         tiny_onnx(path / "model.onnx", version="trained-hash")
         (path / "tokenizer.json").write_text("{}", encoding="utf-8")
@@ -97,7 +109,7 @@ def test_rollback_goes_to_the_previous_good_version(tmp_path: Path) -> None:
     models = tmp_path / "models"
     for i in (1, 2, 3, 4):
         registry.publish(fake_model(tmp_path / f"m{i}"), models)
-    registry.write_json_atomic(models / "3" / "gate.json", {"promote": False})
+    write_json_atomic(models / "3" / "gate.json", {"promote": False})
     registry.deploy(models, "4")
     previous, now = registry.rollback(models)
     assert (previous, now) == ("4", "2")  # 3 was rejected by the gate: skipped
@@ -120,9 +132,9 @@ def test_list_models_reports_serving_gate_and_metrics(tmp_path: Path) -> None:
     models = tmp_path / "models"
     registry.publish(fake_model(tmp_path / "m1"), models, metrics={"accuracy": 0.8})
     registry.publish(fake_model(tmp_path / "m2", onnx=False), models)
-    registry.write_json_atomic(models / "2" / "gate.json", {"promote": False})
+    write_json_atomic(models / "2" / "gate.json", {"promote": False})
     registry.publish(fake_model(tmp_path / "m3"), models)
-    registry.write_json_atomic(models / "3" / "gate.json", {"promote": True})
+    write_json_atomic(models / "3" / "gate.json", {"promote": True})
     registry.deploy(models, "3")
     entries = {e.version: e for e in registry.list_models(models)}
     assert [e.serving for e in entries.values()] == [False, False, True]

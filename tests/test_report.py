@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from capture.queries import as_real
 from capture.settings import get_settings
+from capture.values import as_real
 from tasks.report import (
     ARTIFACT_KEY,
     ARTIFACT_TABLE_KEY,

@@ -16,10 +16,12 @@ import pytest
 from sqlalchemy import column, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from capture import db, queries
+from capture import db, dialect_sql, statements
 from capture import repository as repo
 from capture.models import PromptLog
 from capture.repository import UnknownLogIdError
+from capture.rows import ConfidenceBucket, IntentStats, IntentSuccessRate, prompt_log_values
+from capture.values import as_real
 
 NOW = datetime(2026, 11, 20, 12, 0, 0, tzinfo=UTC)
 
@@ -298,12 +300,11 @@ async def test_confidence_distribution_rounds_like_postgres(session: AsyncSessio
         expected[bucket] = expected.get(bucket, 0) + 1
     rows = await repo.get_confidence_distribution(session=session, clock=clock)
     assert rows == [
-        queries.ConfidenceBucket(bucket=b, count=n)
-        for b, n in sorted(expected.items(), reverse=True)
+        ConfidenceBucket(bucket=b, count=n) for b, n in sorted(expected.items(), reverse=True)
     ]
-    assert rows[0] == queries.ConfidenceBucket(1.0, 2)
+    assert rows[0] == ConfidenceBucket(1.0, 2)
     everything = await repo.get_confidence_distribution(None, session=session, clock=clock)
-    assert everything[0] == queries.ConfidenceBucket(1.0, 3)
+    assert everything[0] == ConfidenceBucket(1.0, 3)
 
 
 def _float4_neighbours(value: float, steps: int) -> list[float]:
@@ -326,10 +327,10 @@ async def test_confidence_tenths_equals_round_numeric(session: AsyncSession) -> 
         six_digit_flip = half - (5e-8 if half < 0.1 else 5e-7)
         values += _float4_neighbours(six_digit_flip, 60)
     rng = random.Random(7)
-    values += [queries.as_real(rng.random()) for _ in range(3000)]
+    values += [as_real(rng.random()) for _ in range(3000)]
     dialect = session.get_bind().dialect
     if dialect.name == "postgresql":
-        expr = queries.confidence_tenths(column("v")).compile(dialect=dialect)
+        expr = dialect_sql.confidence_tenths(column("v")).compile(dialect=dialect)
         result = await session.execute(
             text(
                 f"SELECT v, {expr} AS tenths, round(v::numeric, 1) * 10 AS rounded "
@@ -341,16 +342,16 @@ async def test_confidence_tenths_equals_round_numeric(session: AsyncSession) -> 
         wrong = [
             r
             for r in rows
-            if not int(r.tenths) == int(r.rounded) == _postgres_round_tenths(queries.as_real(r.v))
+            if not int(r.tenths) == int(r.rounded) == _postgres_round_tenths(as_real(r.v))
         ]
     else:
-        expr = queries.confidence_tenths(column("value")).compile(dialect=dialect)
+        expr = dialect_sql.confidence_tenths(column("value")).compile(dialect=dialect)
         result = await session.execute(
             text(f"SELECT value AS v, {expr} AS tenths FROM json_each(:vals)"),
             {"vals": json.dumps(values)},
         )
         rows = result.all()
-        wrong = [r for r in rows if int(r.tenths) != _postgres_round_tenths(queries.as_real(r.v))]
+        wrong = [r for r in rows if int(r.tenths) != _postgres_round_tenths(as_real(r.v))]
     assert wrong == []
     assert len(rows) == len(values)
     assert {int(r.tenths) for r in rows} == set(range(11))
@@ -362,7 +363,7 @@ async def test_confidence_statistics_object_matches_the_query(postgres_url: str)
     engine = db.get_sync_engine(postgres_url)
     rng = random.Random(3)
     rows = [
-        queries.prompt_log_values(
+        prompt_log_values(
             log_id=uuid.uuid4(),
             prompt="p",
             predicted_intent="greet",
@@ -373,11 +374,11 @@ async def test_confidence_statistics_object_matches_the_query(postgres_url: str)
     ]
     with engine.begin() as conn:
         conn.execute(text("DELETE FROM nlu_prompt_logs"))
-        conn.execute(queries.insert_prompt_logs(), rows)
+        conn.execute(statements.insert_prompt_logs(), rows)
     try:
         with engine.connect() as conn:
             conn.execute(text("ANALYZE nlu_prompt_logs"))
-            statement = queries.select_confidence_distribution()
+            statement = statements.select_confidence_distribution()
             compiled = statement.compile(dialect=engine.dialect)
             plan = conn.exec_driver_sql(
                 "EXPLAIN (FORMAT JSON) " + str(compiled), compiled.params
@@ -407,12 +408,12 @@ async def test_intent_distribution(session: AsyncSession) -> None:
     await add(session, 0.9, "alarm", age=timedelta(days=10))
 
     rows = await repo.get_intent_distribution(session=session, clock=clock)
-    weather = sum(queries.as_real(c) for c in (0.9, 0.8, 0.7, 0.5)) / 4
-    greet = sum(queries.as_real(c) for c in (0.6, 0.4, 0.3)) / 3
+    weather = sum(as_real(c) for c in (0.9, 0.8, 0.7, 0.5)) / 4
+    greet = sum(as_real(c) for c in (0.6, 0.4, 0.3)) / 3
     assert rows == [
-        queries.IntentStats("weather", 4, round(weather, 6), 1),
-        queries.IntentStats("greet", 3, round(greet, 6), 1),
-        queries.IntentStats("alarm", 1, round(queries.as_real(0.3), 6), 0),
+        IntentStats("weather", 4, round(weather, 6), 1),
+        IntentStats("greet", 3, round(greet, 6), 1),
+        IntentStats("alarm", 1, round(as_real(0.3), 6), 0),
     ]
     assert rows[0].avg_confidence == 0.725
     everything = await repo.get_intent_distribution(None, session=session, clock=clock)
@@ -440,15 +441,15 @@ async def test_success_rate_by_intent(session: AsyncSession) -> None:
 
     rows = await repo.get_success_rate_by_intent(session=session, clock=clock)
     assert rows == [
-        queries.IntentSuccessRate("none", 2, 0, 0.0),
-        queries.IntentSuccessRate("sixteenth", 16, 1, 6.3),
-        queries.IntentSuccessRate("eighth", 8, 1, 12.5),
-        queries.IntentSuccessRate("one_third", 3, 1, 33.3),
-        queries.IntentSuccessRate("two_thirds", 3, 2, 66.7),
-        queries.IntentSuccessRate("all", 4, 3, 75.0),
+        IntentSuccessRate("none", 2, 0, 0.0),
+        IntentSuccessRate("sixteenth", 16, 1, 6.3),
+        IntentSuccessRate("eighth", 8, 1, 12.5),
+        IntentSuccessRate("one_third", 3, 1, 33.3),
+        IntentSuccessRate("two_thirds", 3, 2, 66.7),
+        IntentSuccessRate("all", 4, 3, 75.0),
     ]
     recent = await repo.get_success_rate_by_intent(7, session=session, clock=clock)
-    assert recent[-1] == queries.IntentSuccessRate("all", 3, 3, 100.0)
+    assert recent[-1] == IntentSuccessRate("all", 3, 3, 100.0)
 
 
 async def test_bad_query_parameters_name_the_field(session: AsyncSession) -> None:
@@ -514,16 +515,16 @@ async def test_repository_class_commits_each_call(db_url: str) -> None:
         ("weather", False),
     ]
     assert await repository.get_confidence_distribution() == [
-        queries.ConfidenceBucket(1.0, 1),
-        queries.ConfidenceBucket(0.3, 1),
+        ConfidenceBucket(1.0, 1),
+        ConfidenceBucket(0.3, 1),
     ]
     assert [s.predicted_intent for s in await repository.get_intent_distribution()] == [
         "greet",
         "weather",
     ]
     assert await repository.get_success_rate_by_intent() == [
-        queries.IntentSuccessRate("greet", 1, 0, 0.0),
-        queries.IntentSuccessRate("weather", 1, 1, 100.0),
+        IntentSuccessRate("greet", 1, 0, 0.0),
+        IntentSuccessRate("weather", 1, 1, 100.0),
     ]
     assert [r.id for r in await repository.get_user_prompts(user)] == [low]
     fetched = await repository.get_prompt_log(high)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.review_export import REVIEW_FIELDS, export_review_task
+from tasks.review_export import REVIEW_FIELDS, ReviewSelection, export_review_task
 from tests.cycle_helpers import Log, insert_logs
 
 
@@ -22,7 +22,7 @@ def test_the_review_file_holds_exactly_the_spec_fields(db_url: str, tmp_path: Pa
         ],
     )
     out = tmp_path / "review.json"
-    export = export_review_task.fn(out, url=db_url, days=7, limit=10)
+    export = export_review_task.fn(out, ReviewSelection(days=7, limit=10), url=db_url)
     rows = json.loads(out.read_text(encoding="utf-8"))
     assert isinstance(rows, list) and len(rows) == 1 == export.n_selected
     (first,) = rows
@@ -48,7 +48,7 @@ def test_selection_goes_beyond_the_threshold(db_url: str, tmp_path: Path) -> Non
     ]
     insert_logs(db_url, logs)
     export = export_review_task.fn(
-        tmp_path / "r.json", url=db_url, days=7, confidence_threshold=0.7, limit=10
+        tmp_path / "r.json", ReviewSelection(days=7, confidence_threshold=0.7, limit=10), url=db_url
     )
     prompts = {c.prompt for c in export.selected}
     assert prompts == {
@@ -61,18 +61,20 @@ def test_selection_goes_beyond_the_threshold(db_url: str, tmp_path: Path) -> Non
     # The budget takes the most uncertain first: margin = smallest top-1/top-2 gap first,
     # threshold = lowest confidence first.
     top = export_review_task.fn(
-        tmp_path / "top.json", url=db_url, days=7, limit=2, strategy="margin"
+        tmp_path / "top.json", ReviewSelection(days=7, limit=2, strategy="margin"), url=db_url
     )
     assert [c.prompt for c in top.selected] == ["a near tie", "small margin above the threshold"]
     lowest = export_review_task.fn(
-        tmp_path / "low.json", url=db_url, days=7, limit=2, strategy="threshold"
+        tmp_path / "low.json", ReviewSelection(days=7, limit=2, strategy="threshold"), url=db_url
     )
     assert [c.prompt for c in lowest.selected] == ["low confidence one", "a near tie"]
     failed_first = export_review_task.fn(
-        tmp_path / "ff.json", url=db_url, days=7, limit=1, strategy="failed-first"
+        tmp_path / "ff.json", ReviewSelection(days=7, limit=1, strategy="failed-first"), url=db_url
     )
     assert [c.prompt for c in failed_first.selected] == ["confident but the workflow failed"]
-    everything = export_review_task.fn(tmp_path / "all.json", url=db_url, days=None, limit=10)
+    everything = export_review_task.fn(
+        tmp_path / "all.json", ReviewSelection(days=None, limit=10), url=db_url
+    )
     assert "too old" in {c.prompt for c in everything.selected}
 
 
@@ -86,7 +88,9 @@ def test_near_duplicates_are_collapsed(db_url: str, tmp_path: Path) -> None:
             Log("what's the weather", "weather", 0.45),
         ],
     )
-    plain = export_review_task.fn(tmp_path / "a.json", url=db_url, days=7, limit=10)
+    plain = export_review_task.fn(
+        tmp_path / "a.json", ReviewSelection(days=7, limit=10), url=db_url
+    )
     assert len(plain.selected) == 3  # the exact (normalised) duplicate is collapsed
 
     def embed(texts: Sequence[str]) -> np.ndarray:
@@ -94,7 +98,7 @@ def test_near_duplicates_are_collapsed(db_url: str, tmp_path: Path) -> None:
         return np.array([[1.0, 0.0] if "remind" in t.lower() else [0.0, 1.0] for t in texts])
 
     collapsed = export_review_task.fn(
-        tmp_path / "b.json", url=db_url, days=7, limit=10, embed=embed
+        tmp_path / "b.json", ReviewSelection(days=7, limit=10), url=db_url, embed=embed
     )
     assert len(collapsed.selected) == 2
     assert {c.predicted_intent for c in collapsed.selected} == {"reminders", "weather"}

@@ -28,10 +28,6 @@ ALICE = uuid.UUID("00000000-0000-4000-8000-00000000a11c")
 BOB = uuid.UUID("00000000-0000-4000-8000-000000000b0b")
 
 
-def _libpq(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
 def _as_role(url: str, role: str) -> str:
     return make_url(url).set(username=role, password=None).render_as_string(hide_password=False)
 
@@ -48,7 +44,7 @@ def logins(postgres_url: str) -> Iterator[Logins]:
     """Random NOLOGIN-group members created for this module and dropped afterwards."""
     tag = uuid.uuid4().hex[:8]
     made = Logins(f"pc_rls_{tag}_app", f"pc_rls_{tag}_pipe", f"pc_rls_{tag}_copy")
-    server = _libpq(postgres_url)
+    server = db.libpq_url(postgres_url)
     with psycopg.connect(server, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {made.app} LOGIN IN ROLE {APP_ROLE}")
         conn.execute(f"CREATE ROLE {made.pipeline} LOGIN IN ROLE {PIPELINE_ROLE}")
@@ -87,7 +83,7 @@ async def engines(postgres_url: str, logins: Logins) -> AsyncIterator[dict[str, 
 
 
 def _is_superuser(url: str, role: str) -> bool:
-    with psycopg.connect(_libpq(url)) as conn:
+    with psycopg.connect(db.libpq_url(url)) as conn:
         row = conn.execute("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = %s",
                            (role,)).fetchone()  # fmt: skip
     assert row is not None
@@ -191,7 +187,7 @@ def test_copy_needs_a_role_that_bypasses_rls(postgres_url: str, logins: Logins) 
     """PostgreSQL refuses COPY FROM into an RLS table for roles RLS applies to; the bulk writer
     needs a BYPASSRLS login (or falls back to INSERT)."""
     columns = "(id, user_id, prompt, predicted_intent, confidence)"
-    with psycopg.connect(_libpq(_as_role(postgres_url, logins.pipeline))) as conn:
+    with psycopg.connect(db.libpq_url(_as_role(postgres_url, logins.pipeline))) as conn:
         with (
             pytest.raises(psycopg.errors.FeatureNotSupported, match="row-level security"),
             conn.cursor().copy(f"COPY nlu_prompt_logs {columns} FROM STDIN") as copy,
@@ -199,7 +195,7 @@ def test_copy_needs_a_role_that_bypasses_rls(postgres_url: str, logins: Logins) 
             copy.write_row((uuid.uuid4(), BOB, "copied", "greet", 0.5))
         conn.rollback()
     written = uuid.uuid4()
-    with psycopg.connect(_libpq(_as_role(postgres_url, logins.copy_writer))) as conn:
+    with psycopg.connect(db.libpq_url(_as_role(postgres_url, logins.copy_writer))) as conn:
         with conn.cursor().copy(f"COPY nlu_prompt_logs {columns} FROM STDIN") as copy:
             copy.write_row((written, BOB, "copied", "greet", 0.5))
         conn.commit()
@@ -212,18 +208,16 @@ def test_copy_needs_a_role_that_bypasses_rls(postgres_url: str, logins: Logins) 
 
 def test_forced_rls_keeps_a_non_superuser_owner_working(postgres_server_url: str) -> None:
     """FORCE applies RLS to the table owner; its policy gives every row unless it scopes itself."""
-    from tests.conftest import _create_database, _drop_database
-
     owner = f"pc_rls_{uuid.uuid4().hex[:8]}_owner"
     with psycopg.connect(postgres_server_url, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {owner} LOGIN CREATEROLE")
-    url = _create_database(postgres_server_url, "pc_rls_owner")
+    url = db.create_database(postgres_server_url, "pc_rls_owner")
     try:
-        with psycopg.connect(_libpq(url), autocommit=True) as conn:
+        with psycopg.connect(db.libpq_url(url), autocommit=True) as conn:
             conn.execute(f"GRANT CREATE ON SCHEMA public TO {owner}")
         owner_url = _as_role(url, owner)
         db.upgrade(owner_url)
-        with psycopg.connect(_libpq(owner_url)) as conn:
+        with psycopg.connect(db.libpq_url(owner_url)) as conn:
             relowner = conn.execute(
                 "SELECT pg_get_userbyid(relowner), relforcerowsecurity FROM pg_class "
                 "WHERE oid = 'nlu_prompt_logs'::regclass"
@@ -246,7 +240,7 @@ def test_forced_rls_keeps_a_non_superuser_owner_working(postgres_server_url: str
                 copy.write_row(("x",))
             conn.rollback()
         db.downgrade(owner_url, "0002")
-        with psycopg.connect(_libpq(owner_url)) as conn:
+        with psycopg.connect(db.libpq_url(owner_url)) as conn:
             assert conn.execute(
                 "SELECT relrowsecurity, relforcerowsecurity FROM pg_class "
                 "WHERE oid = 'nlu_prompt_logs'::regclass"
@@ -254,6 +248,6 @@ def test_forced_rls_keeps_a_non_superuser_owner_working(postgres_server_url: str
             assert conn.execute("SELECT count(*) FROM pg_policy").fetchone() == (0,)
     finally:
         db.clear_engine_cache()
-        _drop_database(postgres_server_url, url)
+        db.drop_database(postgres_server_url, url)
         with psycopg.connect(postgres_server_url, autocommit=True) as conn:
             conn.execute(f"DROP ROLE IF EXISTS {owner}")

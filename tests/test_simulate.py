@@ -13,28 +13,30 @@ from pathlib import Path
 
 import pytest
 
+from capture.traffic import workflow_outcomes
 from tasks.records import Record
-from tasks.simulate import (
-    ALL_LABELS,
-    CSV_FIELDS,
-    LoopSettings,
+from tasks.review_file import ReviewFileError
+from tasks.reviewer import fill_review_file
+from tasks.simulate.data import (
     SimulationData,
     SimulationError,
-    WeekResult,
-    best_strategy,
     check_strategies,
-    environment,
-    fill_review_file,
-    format_table,
     load_simulation_data,
     plan_traffic,
+)
+from tasks.simulate.results import (
+    ALL_LABELS,
+    CSV_FIELDS,
+    WeekResult,
+    best_strategy,
+    format_table,
     plot_accuracy,
     read_csv,
-    simulation_start,
     summarise,
-    workflow_outcomes,
     write_csv,
 )
+from tasks.simulate.space import LoopSettings, RunSpace
+from tasks.simulate.week import simulation_start
 
 TEMPLATES = {
     "weather": ["will it rain in {c} {d}", "what is the weather in {c} {d}", "forecast {c} {d}"],
@@ -152,7 +154,7 @@ def test_stand_in_reviewer_fills_true_labels(tmp_path: Path) -> None:
     filled = json.loads(out.read_text())
     assert [r["corrected_intent"] for r in filled] == ["a", "c"]
     assert filled[1]["predicted_intent"] == "b"
-    with pytest.raises(SimulationError, match="row 2: id 2 is not a prompt"):
+    with pytest.raises(ReviewFileError, match="row 2: id 2 is not a prompt"):
         fill_review_file(review, {"1": "a"}, out)
 
 
@@ -212,18 +214,30 @@ def test_strategy_names_are_checked() -> None:
         check_strategies(["smartest"])
 
 
-def test_environment_is_restored(monkeypatch: pytest.MonkeyPatch) -> None:
-    from capture.settings import get_settings
+def test_a_run_reaches_the_flows_through_parameters_not_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from capture.settings import Settings
 
     monkeypatch.setenv("PROMPT_CAPTURE_HOME", "/tmp/outer-home")
     monkeypatch.delenv("PROMPT_CAPTURE_DATABASE_URL", raising=False)
-    get_settings.cache_clear()
-    with environment({"PROMPT_CAPTURE_HOME": "/tmp/inner", "PROMPT_CAPTURE_DATABASE_URL": "x"}):
-        assert str(get_settings().home) == "/tmp/inner"
-        assert os.environ["PROMPT_CAPTURE_DATABASE_URL"] == "x"
-    assert str(get_settings().home) == "/tmp/outer-home"
-    assert "PROMPT_CAPTURE_DATABASE_URL" not in os.environ
-    get_settings.cache_clear()
+    before = dict(os.environ)
+    url = f"sqlite:///{tmp_path / 'run.db'}"
+    space = RunSpace(
+        name="margin-seed-0",
+        home=tmp_path,
+        database_url=url,
+        own_database=False,
+        settings=Settings().for_run(tmp_path, url),
+    )
+    assert space.flow_params() == {"home": str(tmp_path), "database_url": url}
+    assert (space.settings.home, space.settings.resolved_database_url) == (tmp_path, url)
+    assert space.settings.spool_dir == tmp_path / "spool"  # the service spools in the run
+    with_secret = RunSpace(
+        "x", tmp_path, "postgresql+psycopg://u:pw@h/db", True, space.settings, "u", "blk"
+    )
+    assert with_secret.flow_params() == {"home": str(tmp_path), "database_secret": "blk"}
+    assert dict(os.environ) == before
 
 
 def test_loop_settings_refuse_bad_values() -> None:
@@ -231,7 +245,7 @@ def test_loop_settings_refuse_bad_values() -> None:
         LoopSettings(fail_if_wrong=1.5)
     with pytest.raises(SimulationError, match="weeks"):
         LoopSettings(weeks=0)
-    params = LoopSettings(hyperparameters={"max_steps": 3}).weekly_cycle_parameters("sqlite://")
+    params = LoopSettings(hyperparameters={"max_steps": 3}).weekly_cycle_parameters()
     assert params["hyperparameters"] == {"max_steps": 3}
     assert params["days"] is None and params["import_inbox"] is True
 

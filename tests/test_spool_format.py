@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 import pytest
 
+from capture.models import PromptLog
+from capture.rows import Outcome
 from capture.spool import (
-    C_CREATED,
     C_ID,
     C_SECONDARY,
     C_USER,
+    COPY_TYPES,
     EMPTY_SECONDARY,
     INSERT,
     OUTCOME,
@@ -21,6 +25,7 @@ from capture.spool import (
     decode_op,
     encode_op,
     make_op,
+    new_row,
     python_row,
     wire_row,
 )
@@ -31,12 +36,33 @@ USER = uuid.UUID("6f1c2d0e-8a4b-4c3d-9e2f-0a1b2c3d4e5f")
 
 
 def python_values() -> list[object]:
-    values: list[object] = [None] * len(ROW_COLUMNS)
-    values[C_ID], values[C_USER] = LOG_ID, str(USER)
-    values[2], values[3], values[4] = "remind me to call mom", "reminders", 0.75
-    values[C_SECONDARY] = (("calendar_event", 0.125), ("weather", 0.0625))
-    values[13], values[14], values[C_CREATED], values[16] = 4, "v1", AT, AT
-    return values
+    return list(
+        new_row(
+            log_id=LOG_ID,
+            user_id=str(USER),
+            prompt="remind me to call mom",
+            predicted_intent="reminders",
+            confidence=0.75,
+            secondary_intents=(("calendar_event", 0.125), ("weather", 0.0625)),
+            conversation_id=None,
+            message_index=4,
+            model_version="v1",
+            created_at=AT,
+        )
+    )
+
+
+def test_the_column_table_is_the_table_s_columns_and_new_row_follows_it() -> None:
+    assert sorted(ROW_COLUMNS) == sorted(PromptLog.__table__.columns.keys())
+    assert len(COPY_TYPES) == len(ROW_COLUMNS)
+    # Each argument of new_row lands in the column of its name (log_id: id; created_at also in
+    # updated_at); every other column is empty.
+    names = list(inspect.signature(new_row).parameters)
+    arguments: dict[str, Any] = {name: name for name in names}
+    row = dict(zip(ROW_COLUMNS, new_row(**arguments), strict=True))
+    expected = {column: column if column in names else None for column in ROW_COLUMNS}
+    expected |= {"id": "log_id", "updated_at": "created_at"}
+    assert row == expected
 
 
 def test_wire_row_holds_what_binary_copy_sends() -> None:
@@ -97,7 +123,7 @@ def test_a_version_1_line_with_pairs_is_still_read() -> None:
 
 
 def test_outcome_line_round_trip_and_unknown_versions() -> None:
-    op = make_op(OUTCOME, 9, [LOG_ID, False, "calls", "timeout", AT])
+    op = make_op(OUTCOME, 9, Outcome(LOG_ID, False, "calls", "timeout", AT))
     _, seq, data, _ = decode_op(encode_op(op))
     assert seq == 9 and list(data) == [LOG_ID, False, "calls", "timeout", AT]
     with pytest.raises(ValueError, match="spool record of version"):

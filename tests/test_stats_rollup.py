@@ -21,8 +21,17 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from capture import db, queries
+from capture import db, statements, stats_rollup
 from capture import repository as repo
+from capture.rows import (
+    ConfidenceBucket,
+    IntentSuccessRate,
+    map_confidence_bucket,
+    map_intent_stats,
+    map_success_rate,
+    prompt_log_values,
+)
+from capture.values import floor_day, floor_hour, since_days
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)  # the statistics' clock (rows are days old)
 HOUR = timedelta(hours=1)
@@ -35,7 +44,7 @@ def clock() -> datetime:
 
 def _reset_rollup(url: str) -> None:
     with Session(db.get_sync_engine(url)) as session:
-        queries.reset_prompt_stats(session)
+        stats_rollup.reset_prompt_stats(session)
         session.commit()
 
 
@@ -59,7 +68,7 @@ async def add(
     corrected: str | None = None,
 ) -> uuid.UUID:
     """One row created at ``at``; ``confidence=None`` stores a NULL confidence."""
-    values = queries.prompt_log_values(
+    values = prompt_log_values(
         log_id=uuid.uuid4(),
         prompt=f"{intent} at {at.isoformat()}",
         predicted_intent=intent,
@@ -68,7 +77,7 @@ async def add(
     )
     if confidence is None:
         values["confidence"] = None
-    await session.execute(queries.insert_prompt_logs(), values)
+    await session.execute(statements.insert_prompt_logs(), values)
     log_id: uuid.UUID = values["id"]
     if success is not None:
         await repo.update_prompt_log_outcome(log_id, success, "wf", session=session)
@@ -94,26 +103,22 @@ async def seed(session: AsyncSession) -> list[uuid.UUID]:
     return ids
 
 
-def floor_day(value: datetime) -> datetime:
-    return queries.floor_day(value)
-
-
 WINDOWS: list[float | None] = [None, 7, 1, 2.5, 0.25, 30, 3 + 5 / 24]
 
 
 async def raw_statistics(session: AsyncSession, days: float | None) -> tuple[Any, Any, Any]:
-    since = queries.since_days(NOW, days)
+    since = since_days(NOW, days)
     conf = [
-        queries.map_confidence_bucket(r)
-        for r in await session.execute(queries.select_confidence_distribution(since=since))
+        map_confidence_bucket(r)
+        for r in await session.execute(statements.select_confidence_distribution(since=since))
     ]
     intents = [
-        queries.map_intent_stats(r)
-        for r in await session.execute(queries.select_intent_distribution(since=since))
+        map_intent_stats(r)
+        for r in await session.execute(statements.select_intent_distribution(since=since))
     ]
     rates = [
-        queries.map_success_rate(r)
-        for r in await session.execute(queries.select_success_rate_by_intent(since=since))
+        map_success_rate(r)
+        for r in await session.execute(statements.select_success_rate_by_intent(since=since))
     ]
     return conf, intents, rates
 
@@ -132,9 +137,9 @@ async def assert_equal_to_raw(session: AsyncSession) -> None:
         assert await repo_statistics(session, days) == raw, f"window days={days}"
 
 
-async def cover(session: AsyncSession, days: float | None) -> queries.StatsCover | None:
-    rows = (await session.execute(queries.select_stats_cover_state())).all()
-    return queries.stats_cover_from_rows(rows, queries.since_days(NOW, days))
+async def cover(session: AsyncSession, days: float | None) -> stats_rollup.StatsCover | None:
+    rows = (await session.execute(stats_rollup.select_stats_cover_state())).all()
+    return stats_rollup.stats_cover_from_rows(rows, since_days(NOW, days))
 
 
 # --------------------------------------------------------------------------- equality
@@ -150,11 +155,11 @@ async def test_statistics_from_the_rollup_equal_the_raw_queries(
     mark = NOW - DAY - 5 * HOUR
     first = await repo.refresh_prompt_stats(session=session, until=mark)
     assert first.full and first.previous_watermark is None
-    assert first.watermark == queries.floor_hour(mark) and first.hourly_rows > 0
+    assert first.watermark == floor_hour(mark) and first.hourly_rows > 0
     assert first.daily_rows > 0
     plan = await cover(session, None)
     assert plan is not None and plan.watermark == first.watermark
-    assert plan.daily and plan.hourly and plan.raw[-1] == queries.Span(first.watermark, None)
+    assert plan.daily and plan.hourly and plan.raw[-1] == stats_rollup.Span(first.watermark, None)
     await assert_equal_to_raw(session)
 
     # The numbers themselves (7 days), not only their equality with the raw queries.
@@ -167,16 +172,16 @@ async def test_statistics_from_the_rollup_equal_the_raw_queries(
         for s in await repo.get_intent_distribution(7, session=session, clock=clock)
     }
     buckets = await repo.get_confidence_distribution(7, session=session, clock=clock)
-    since = queries.since_days(NOW, 7)
+    since = since_days(NOW, 7)
     assert since is not None
-    c = queries.C
+    c = statements.C
     in_week = c.created_at > since
     total = (await session.execute(select(func.count()).where(in_week))).scalar_one()
     assert sum(b.count for b in buckets) == total == sum(s.count for s in intents.values())
     nulls = (
         await session.execute(select(func.count()).where(in_week, c.confidence.is_(None)))
     ).scalar_one()
-    assert nulls > 0 and buckets[-1] == queries.ConfidenceBucket(None, nulls)
+    assert nulls > 0 and buckets[-1] == ConfidenceBucket(None, nulls)
     weather_ok = (
         await session.execute(
             select(func.count()).where(
@@ -201,8 +206,8 @@ async def test_a_late_outcome_and_correction_change_the_statistics_before_any_re
     await repo.add_prompt_correction(old, "alarm", session=session, clock=clock)
     plan = await cover(session, None)
     assert plan is not None
-    hour = queries.floor_hour(row.created_at)
-    assert queries.Span(hour, hour + HOUR) in plan.raw  # the dirty hour is read raw
+    hour = floor_hour(row.created_at)
+    assert stats_rollup.Span(hour, hour + HOUR) in plan.raw  # the dirty hour is read raw
     after = await repo_statistics(session, None)
     assert after != before
     await assert_equal_to_raw(session)
@@ -214,7 +219,7 @@ async def test_a_late_outcome_and_correction_change_the_statistics_before_any_re
     refreshed = await repo.refresh_prompt_stats(session=session, until=NOW)
     assert refreshed.dirty_hours >= 1 and refreshed.watermark == NOW
     plan = await cover(session, None)
-    assert plan is not None and queries.Span(hour, hour + HOUR) not in plan.raw
+    assert plan is not None and stats_rollup.Span(hour, hour + HOUR) not in plan.raw
     assert await repo_statistics(session, None) == after
     await assert_equal_to_raw(session)
 
@@ -225,12 +230,12 @@ async def test_deleted_and_replayed_rows_are_tracked(
     ids = await seed(session)
     await repo.refresh_prompt_stats(session=session, until=NOW)
     # Retention deletes old rows; a spool replay inserts rows of long-closed hours.
-    await session.execute(delete(queries.TABLE).where(queries.C.id.in_(ids[150:170])))
+    await session.execute(delete(statements.TABLE).where(statements.C.id.in_(ids[150:170])))
     await add(session, NOW - 4 * DAY - 10 * HOUR, "replayed", 0.31, success=False)
     await add(session, NOW - timedelta(minutes=30), "replayed", 0.97)
     await assert_equal_to_raw(session)
     rates = await repo.get_success_rate_by_intent(None, session=session, clock=clock)
-    assert queries.IntentSuccessRate("replayed", 1, 0, 0.0) in rates
+    assert IntentSuccessRate("replayed", 1, 0, 0.0) in rates
     await repo.refresh_prompt_stats(session=session, until=NOW)
     await assert_equal_to_raw(session)
 
@@ -248,8 +253,8 @@ async def test_window_edges(rollup_url: str, session: AsyncSession) -> None:
     intents = await repo.get_intent_distribution(2, session=session, clock=clock)
     assert sorted(s.predicted_intent for s in intents) == ["after_edge", "at_mark", "before_mark"]
     assert await repo.get_success_rate_by_intent(2, session=session, clock=clock) == [
-        queries.IntentSuccessRate("before_mark", 1, 0, 0.0),
-        queries.IntentSuccessRate("at_mark", 1, 1, 100.0),
+        IntentSuccessRate("before_mark", 1, 0, 0.0),
+        IntentSuccessRate("at_mark", 1, 1, 100.0),
     ]
     for days in (2, 2 + 1e-9, 2 - 1e-9, 5 / 24, 5.5 / 24, 4 / 24, 1, None):
         raw = await raw_statistics(session, days)
@@ -258,7 +263,7 @@ async def test_window_edges(rollup_url: str, session: AsyncSession) -> None:
     assert await cover(session, 4 / 24) is None
     assert await cover(session, 5.5 / 24) is None  # first whole hour is the watermark itself
     plan = await cover(session, 2)
-    assert plan is not None and plan.raw[0] == queries.Span(edge, edge + HOUR, open_start=True)
+    assert plan is not None and plan.raw[0] == stats_rollup.Span(edge, edge + HOUR, open_start=True)
 
 
 async def test_an_empty_table(rollup_url: str, session: AsyncSession) -> None:
@@ -282,29 +287,31 @@ async def test_refresh_is_incremental_and_idempotent(
 
     # The incrementally built rollup equals one built from scratch.
     hourly = (
-        await session.execute(select(queries.HOURLY).order_by("hour", "predicted_intent"))
+        await session.execute(select(statements.HOURLY).order_by("hour", "predicted_intent"))
     ).all()
-    daily = (await session.execute(select(queries.DAILY).order_by("day", "predicted_intent"))).all()
-    await session.run_sync(queries.reset_prompt_stats)
+    daily = (
+        await session.execute(select(statements.DAILY).order_by("day", "predicted_intent"))
+    ).all()
+    await session.run_sync(stats_rollup.reset_prompt_stats)
     await repo.refresh_prompt_stats(session=session, until=NOW)
     assert (
-        await session.execute(select(queries.HOURLY).order_by("hour", "predicted_intent"))
+        await session.execute(select(statements.HOURLY).order_by("hour", "predicted_intent"))
     ).all() == hourly
     assert (
-        await session.execute(select(queries.DAILY).order_by("day", "predicted_intent"))
+        await session.execute(select(statements.DAILY).order_by("day", "predicted_intent"))
     ).all() == daily
     # A daily row is the sum of its hours; a whole day's hours are not stored twice in reads.
     day = floor_day(NOW - 4 * DAY)
     prompts = (
         await session.execute(
-            select(func.sum(queries.HOURLY.c.prompts)).where(
-                queries.HOURLY.c.hour >= day, queries.HOURLY.c.hour < day + DAY
+            select(func.sum(statements.HOURLY.c.prompts)).where(
+                statements.HOURLY.c.hour >= day, statements.HOURLY.c.hour < day + DAY
             )
         )
     ).scalar_one()
     daily_prompts = (
         await session.execute(
-            select(func.sum(queries.DAILY.c.prompts)).where(queries.DAILY.c.day == day)
+            select(func.sum(statements.DAILY.c.prompts)).where(statements.DAILY.c.day == day)
         )
     ).scalar_one()
     assert prompts == daily_prompts > 0
@@ -314,15 +321,15 @@ def test_cover_plan_is_disjoint_and_complete() -> None:
     watermark = datetime(2026, 11, 20, 9, tzinfo=UTC)
     dirty = [datetime(2026, 11, 18, 3, tzinfo=UTC), datetime(2026, 11, 15, 22, tzinfo=UTC)]
     since = datetime(2026, 11, 15, 20, 17, tzinfo=UTC)
-    plan = queries.plan_stats_cover(watermark, [*dirty, watermark + HOUR], since)
+    plan = stats_rollup.plan_stats_cover(watermark, [*dirty, watermark + HOUR], since)
     assert plan is not None
     assert plan.daily == (
-        queries.Span(datetime(2026, 11, 16, tzinfo=UTC), datetime(2026, 11, 20, tzinfo=UTC)),
+        stats_rollup.Span(datetime(2026, 11, 16, tzinfo=UTC), datetime(2026, 11, 20, tzinfo=UTC)),
     )
     assert plan.dirty_days == (datetime(2026, 11, 18, tzinfo=UTC),)
     assert plan.dirty_hours == tuple(sorted(dirty))
 
-    def inside(spans: tuple[queries.Span, ...], key: datetime) -> bool:
+    def inside(spans: tuple[stats_rollup.Span, ...], key: datetime) -> bool:
         return any(
             (s.start is None or (key > s.start if s.open_start else key >= s.start))
             and (s.end is None or key < s.end)
@@ -332,7 +339,7 @@ def test_cover_plan_is_disjoint_and_complete() -> None:
     # Walk the window: every instant is in exactly one part.
     t = since + timedelta(minutes=1)
     while t < watermark + 2 * HOUR:
-        hour, day = queries.floor_hour(t), floor_day(t)
+        hour, day = floor_hour(t), floor_day(t)
         hits = [
             name
             for name, hit in (
@@ -347,10 +354,10 @@ def test_cover_plan_is_disjoint_and_complete() -> None:
             assert hits == ["raw"], t
         t += timedelta(minutes=13)
     assert not inside(plan.raw, since) and inside(plan.raw, since + timedelta(microseconds=1))
-    assert queries.plan_stats_cover(None, [], since) is None
-    assert queries.plan_stats_cover(watermark, [], watermark - timedelta(minutes=30)) is None
-    many = [watermark - (2 * i + 2) * HOUR for i in range(queries.MAX_COVER_SPANS)]
-    assert queries.plan_stats_cover(watermark, many, None) is None  # too many: raw table
+    assert stats_rollup.plan_stats_cover(None, [], since) is None
+    assert stats_rollup.plan_stats_cover(watermark, [], watermark - timedelta(minutes=30)) is None
+    many = [watermark - (2 * i + 2) * HOUR for i in range(stats_rollup.MAX_COVER_SPANS)]
+    assert stats_rollup.plan_stats_cover(watermark, many, None) is None  # too many: raw table
 
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -358,12 +365,8 @@ def test_cover_plan_is_disjoint_and_complete() -> None:
 
 def _dirty_hours(url: str) -> list[datetime]:
     with db.get_sync_engine(url).connect() as conn:
-        rows = conn.execute(select(queries.DIRTY.c.hour).distinct().order_by("hour")).scalars()
-        return [queries.floor_hour(h) for h in rows]
-
-
-def _libpq(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+        rows = conn.execute(select(statements.DIRTY.c.hour).distinct().order_by("hour")).scalars()
+        return [floor_hour(h) for h in rows]
 
 
 def test_postgres_marks_only_late_changes(postgres_url: str) -> None:
@@ -372,7 +375,7 @@ def test_postgres_marks_only_late_changes(postgres_url: str) -> None:
     _reset_rollup(postgres_url)
     recent = datetime.now(UTC) - timedelta(seconds=5)
     old = datetime(2026, 11, 1, 10, 30, tzinfo=UTC)
-    with psycopg.connect(_libpq(postgres_url)) as conn:
+    with psycopg.connect(db.libpq_url(postgres_url)) as conn:
         conn.execute("DELETE FROM nlu_prompt_logs")
         conn.execute("DELETE FROM nlu_prompt_stats_dirty")
         new_id, old_id = uuid.uuid4(), uuid.uuid4()
@@ -404,7 +407,7 @@ def test_postgres_marks_only_late_changes(postgres_url: str) -> None:
 
 def test_postgres_truncate_empties_the_rollup(postgres_url: str) -> None:
     _reset_rollup(postgres_url)
-    with psycopg.connect(_libpq(postgres_url)) as conn:
+    with psycopg.connect(db.libpq_url(postgres_url)) as conn:
         conn.execute(
             "INSERT INTO nlu_prompt_logs (id, prompt, predicted_intent, confidence, created_at) "
             "VALUES (%s, 'p', 'greet', 0.5, %s)",
@@ -412,10 +415,10 @@ def test_postgres_truncate_empties_the_rollup(postgres_url: str) -> None:
         )
         conn.commit()
     with Session(db.get_sync_engine(postgres_url)) as session:
-        refreshed = queries.refresh_prompt_stats(session=session, wait_timeout=5)
+        refreshed = stats_rollup.refresh_prompt_stats(session=session, wait_timeout=5)
         session.commit()
     assert refreshed.hourly_rows == 1 and refreshed.watermark is not None
-    with psycopg.connect(_libpq(postgres_url)) as conn:
+    with psycopg.connect(db.libpq_url(postgres_url)) as conn:
         conn.execute("TRUNCATE nlu_prompt_logs")
         conn.commit()
         assert conn.execute(
@@ -430,7 +433,7 @@ def test_postgres_refresh_waits_for_transactions_writing_the_logs(postgres_url: 
     with db.get_sync_engine(postgres_url).begin() as conn:
         conn.execute(text("DELETE FROM nlu_prompt_logs"))
     first = NOW - 2 * DAY
-    writer = psycopg.connect(_libpq(postgres_url))
+    writer = psycopg.connect(db.libpq_url(postgres_url))
     try:
         writer.execute(
             "INSERT INTO nlu_prompt_logs (id, prompt, predicted_intent, confidence, created_at) "
@@ -439,7 +442,7 @@ def test_postgres_refresh_waits_for_transactions_writing_the_logs(postgres_url: 
         )
         # An open writer: the refresh does not advance the watermark past it.
         with Session(db.get_sync_engine(postgres_url)) as session:
-            blocked = queries.refresh_prompt_stats(session=session, wait_timeout=0.3)
+            blocked = stats_rollup.refresh_prompt_stats(session=session, wait_timeout=0.3)
             session.commit()
         assert (blocked.writers_waited_for, blocked.writers_left) == (1, 1)
         assert blocked.watermark is None and blocked.hourly_rows == 0
@@ -449,7 +452,7 @@ def test_postgres_refresh_waits_for_transactions_writing_the_logs(postgres_url: 
         timer.start()
         started = time.monotonic()
         with Session(db.get_sync_engine(postgres_url)) as session:
-            waited = queries.refresh_prompt_stats(session=session, wait_timeout=30)
+            waited = stats_rollup.refresh_prompt_stats(session=session, wait_timeout=30)
             session.commit()
         timer.join()
         assert time.monotonic() - started >= 0.4
@@ -458,14 +461,14 @@ def test_postgres_refresh_waits_for_transactions_writing_the_logs(postgres_url: 
     finally:
         writer.close()
     with db.get_sync_engine(postgres_url).connect() as conn:
-        stored = conn.execute(select(queries.HOURLY.c.hour, queries.HOURLY.c.prompts)).all()
-    assert [(queries.floor_hour(h), n) for h, n in stored] == [(first, 1)]
+        stored = conn.execute(select(statements.HOURLY.c.hour, statements.HOURLY.c.prompts)).all()
+    assert [(floor_hour(h), n) for h, n in stored] == [(first, 1)]
 
 
 def test_postgres_refresh_refuses_repeatable_read(postgres_url: str) -> None:
     engine = db.get_sync_engine(postgres_url).execution_options(isolation_level="REPEATABLE READ")
     with Session(engine) as session, pytest.raises(ValueError, match="READ COMMITTED"):
-        queries.refresh_prompt_stats(session=session)
+        stats_rollup.refresh_prompt_stats(session=session)
 
 
 def test_postgres_roles_pipeline_uses_the_rollup_app_stays_on_scoped_rows(
@@ -475,7 +478,7 @@ def test_postgres_roles_pipeline_uses_the_rollup_app_stays_on_scoped_rows(
     tag = uuid.uuid4().hex[:8]
     app, pipeline = f"pc_roll_{tag}_app", f"pc_roll_{tag}_pipe"
     alice = uuid.uuid4()
-    server = _libpq(postgres_url)
+    server = db.libpq_url(postgres_url)
     with psycopg.connect(server, autocommit=True) as conn:
         conn.execute("DELETE FROM nlu_prompt_logs")
         conn.execute(f"CREATE ROLE {app} LOGIN IN ROLE prompt_capture_app")
@@ -498,17 +501,17 @@ def test_postgres_roles_pipeline_uses_the_rollup_app_stays_on_scoped_rows(
             refreshed = await flows.refresh_prompt_stats(wait_timeout=5)
             assert refreshed.hourly_rows == 3
             assert await flows.get_success_rate_by_intent() == [
-                queries.IntentSuccessRate("greet", 3, 3, 100.0)
+                IntentSuccessRate("greet", 3, 3, 100.0)
             ]
             async with pipe_engine.connect() as conn:
-                rows = (await conn.execute(queries.select_stats_cover_state())).all()
-                assert queries.stats_cover_from_rows(rows, None) is not None
+                rows = (await conn.execute(stats_rollup.select_stats_cover_state())).all()
+                assert stats_rollup.stats_cover_from_rows(rows, None) is not None
             async with AsyncSession(app_engine) as session:
-                rows = (await session.execute(queries.select_stats_cover_state())).all()
-                assert queries.stats_cover_from_rows(rows, None) is None  # no rollup grant
+                rows = (await session.execute(stats_rollup.select_stats_cover_state())).all()
+                assert stats_rollup.stats_cover_from_rows(rows, None) is None  # no rollup grant
                 await repo.user_scope(session, alice)
                 assert await repo.get_success_rate_by_intent(session=session, clock=clock) == [
-                    queries.IntentSuccessRate("greet", 1, 1, 100.0)
+                    IntentSuccessRate("greet", 1, 1, 100.0)
                 ]
         finally:
             await pipe_engine.dispose()
@@ -562,15 +565,13 @@ def test_migration_0004_up_and_down_on_sqlite(tmp_path: Path) -> None:
     assert "nlu_prompt_logs" in tables
     db.upgrade(url)
     with db.get_sync_engine(url).connect() as conn:
-        state = conn.execute(select(queries.STATS_STATE)).one()
+        state = conn.execute(select(statements.STATS_STATE)).one()
     assert (state.id, state.watermark, state.late_after_seconds) == (1, None, 300)
     db.clear_engine_cache()
 
 
 def test_migration_0004_up_and_down_on_postgres(postgres_server_url: str) -> None:
-    from tests.conftest import _create_database, _drop_database
-
-    url = _create_database(postgres_server_url, "pc_mig4")
+    url = db.create_database(postgres_server_url, "pc_mig4")
     try:
         db.upgrade(url)
         tables, triggers = _tables_and_triggers(url)
@@ -590,7 +591,7 @@ def test_migration_0004_up_and_down_on_postgres(postgres_server_url: str) -> Non
         assert db.current_revision(url) == db.head_revision()
     finally:
         db.clear_engine_cache()
-        _drop_database(postgres_server_url, url)
+        db.drop_database(postgres_server_url, url)
 
 
 def flat(output: str) -> str:
@@ -614,8 +615,8 @@ def test_cli_refresh_stats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         db.upgrade(url)
         with db.get_sync_engine(url).begin() as conn:
             conn.execute(
-                queries.insert_prompt_logs(),
-                queries.prompt_log_values(
+                statements.insert_prompt_logs(),
+                prompt_log_values(
                     log_id=uuid.uuid4(),
                     prompt="p",
                     predicted_intent="greet",
@@ -643,8 +644,8 @@ def test_monitor_flow_refreshes_the_rollup(
     with db.get_sync_engine(rollup_url).begin() as conn:
         for i in range(30):
             conn.execute(
-                queries.insert_prompt_logs(),
-                queries.prompt_log_values(
+                statements.insert_prompt_logs(),
+                prompt_log_values(
                     log_id=uuid.uuid4(),
                     prompt=f"p{i}",
                     predicted_intent="greet" if i % 3 else "alarm",

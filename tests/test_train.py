@@ -12,17 +12,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tasks.evaluate import TorchModel, compute_report, expected_calibration_error, softmax
+from tasks.evaluate import (
+    EvalReport,
+    TorchModel,
+    compute_report,
+    expected_calibration_error,
+    softmax,
+)
+from tasks.fine_tune import distinct_label_batches, plan_steps
 from tasks.pairs import Pair, build_pairs
 from tasks.records import Record
-from tasks.train import (
-    BUNDLED_BASE_NAME,
-    TrainConfig,
-    TrainResult,
-    distinct_label_batches,
-    plan_steps,
-    train_model,
-)
+from tasks.train import BUNDLED_BASE_NAME, TrainConfig, TrainResult, train_model
 from tests.tiny_data import INTENTS, split
 
 TINY = TrainConfig(seed=0, min_steps=6, max_steps=6, batch_size=6, max_seq_length=16, log_every=3)
@@ -206,17 +206,21 @@ def _clinc() -> tuple[list[Record], list[Record], list[Record]]:
     return tuple(load_records(CLINC / f"{name}.jsonl") for name in ("train", "val", "test"))  # type: ignore[return-value]
 
 
-@pytest.mark.slow
-def test_clinc150_full_data_meets_the_accuracy_targets(tmp_path: Path) -> None:
-    train, val, test = _clinc()
-    result = train_model(train, val, tmp_path / "clinc", config=TrainConfig())
-    model = TorchModel.load(result.model_dir)
-    report = compute_report(
+def _test_report(model_dir: Path, test: list[Record]) -> EvalReport:
+    model = TorchModel.load(model_dir)
+    return compute_report(
         model.labels,
         model.predict_proba([r.text for r in test]),
         [r.label for r in test],
         oos_threshold=model.oos_threshold,
     )
+
+
+@pytest.mark.slow
+def test_clinc150_full_data_meets_the_accuracy_targets(tmp_path: Path) -> None:
+    train, val, test = _clinc()
+    result = train_model(train, val, tmp_path / "clinc", config=TrainConfig())
+    report = _test_report(result.model_dir, test)
     assert report.closed_set_accuracy is not None and report.closed_set_accuracy >= 0.965
     assert report.joint_accuracy >= 0.90
     assert report.ece <= 0.03
@@ -233,13 +237,7 @@ def test_clinc150_eight_shot_beats_frozen_embeddings_with_logistic_regression(
     emb = frozen_embeddings(sorted({r.text for r in (*shots, *val, *test)}), None)
     frozen = baseline(shots, val, test, emb)
     result = train_model(shots, val, tmp_path / "few", config=TrainConfig())
-    model = TorchModel.load(result.model_dir)
-    report = compute_report(
-        model.labels,
-        model.predict_proba([r.text for r in test]),
-        [r.label for r in test],
-        oos_threshold=model.oos_threshold,
-    )
+    report = _test_report(result.model_dir, test)
     assert report.closed_set_accuracy is not None
     assert report.closed_set_accuracy > frozen["closed_set_accuracy"]
     assert report.joint_accuracy > frozen["accuracy"]

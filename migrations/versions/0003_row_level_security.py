@@ -40,7 +40,7 @@ APP_POLICY = "nlu_prompt_logs_app_own_rows"
 PIPELINE_POLICY = "nlu_prompt_logs_pipeline_all_rows"
 OWNER_POLICY = "nlu_prompt_logs_owner_rows"
 
-# Planner statistics on the confidence-bucket expression of capture.queries.confidence_tenths
+# Planner statistics on the confidence-bucket expression of capture.dialect_sql.confidence_tenths
 # (PostgreSQL text, verbatim), so GROUP BY it is estimated at ~11 groups and hashed instead of
 # sorting the whole window. Statistics cost nothing at insert time (computed by ANALYZE).
 TENTHS_STATISTICS = "nlu_prompt_logs_confidence_tenths"

@@ -2,12 +2,12 @@
 
 The three monitoring statistics (confidence buckets, intent distribution, success rate by intent)
 read these aggregates for closed hours and ``nlu_prompt_logs`` itself only for the rest (see
-``capture.queries.plan_stats_cover`` and docs/DATABASE.md "Monitoring rollup"):
+``capture.stats_rollup.plan_stats_cover`` and docs/DATABASE.md "Monitoring rollup"):
 
 - ``nlu_prompt_stats_hourly`` / ``nlu_prompt_stats_daily``: per UTC hour (day) and predicted
   intent: rows, rows with a confidence, the sum of confidence (double), corrections, rows with an
   outcome, successes, and the row count of every confidence bucket (``tenths_0`` .. ``tenths_10``
-  = ``capture.queries.confidence_tenths``, ``tenths_null`` = NULL confidence). Enough to
+  = ``capture.dialect_sql.confidence_tenths``, ``tenths_null`` = NULL confidence). Enough to
   reproduce the three statistics exactly.
 - ``nlu_prompt_stats_state``: one row. ``watermark``: hours before it are rolled up (NULL: never
   refreshed, the statistics read the raw table); ``late_after_seconds``: the "late change" age
@@ -23,7 +23,7 @@ Change tracking (triggers; the capture writer's hot path fires none of them):
   trigger (transition table) marks the hours of deleted rows the same way; ``TRUNCATE`` empties
   the rollup. Marks are keyed by (hour, transaction id), so a refresh consumes exactly the marks
   whose changes it can see. The refresh never rolls up an hour younger than that age and first
-  waits for the transactions that were writing the table (``capture.queries.refresh_begin``).
+  waits for the transactions that were writing the table (``capture.stats_rollup.refresh_begin``).
 - SQLite (one writer at a time): row triggers mark the hour of any insert, update of a
   statistics column, or delete whose ``created_at`` is before the watermark.
 
@@ -63,7 +63,7 @@ STAT_COLUMNS = (
 TENTHS = tuple(range(11))
 
 # SQLite stores timestamps as 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC); the hour in the same format
-# (capture.queries.utc_hour compiles to the same text).
+# (capture.dialect_sql.utc_hour compiles to the same text).
 SQLITE_HOUR = "strftime('%Y-%m-%d %H:00:00.000000', {})"
 
 

@@ -1,0 +1,440 @@
+"""The model directory format, owned here and nowhere else (torch-free: json and numpy only).
+
+A model directory (docs/ARCHITECTURE.md, "The model directory")::
+
+    <model dir>/
+      metadata.json   ModelMetadata: version, labels, out-of-scope settings, provenance, metrics
+      encoder/        the fine-tuned sentence-transformers encoder (training side only)
+      head.npz        Head: W (n_labels x dim, float32), b (n_labels,); logits = emb @ W.T + b
+      model.onnx      after export: the serving graph; its metadata_props are OnnxMetadata
+      tokenizer.json  after export: the serving tokenizer
+
+and the registry's serving pointer ``models_dir/current`` (one line naming the serving version),
+read and written by :func:`read_pointer` / :func:`write_pointer`.
+
+Training, export, evaluation, the registry and the serving classifier read and write these files
+through this module only, so there is one validation: a malformed file raises
+:class:`ModelDirError` (a ``UserError``) whose message names the file, the field, what was
+expected, what was found and the fix. Writes are atomic (``capture.files``) and shared (the umask's
+mode): other processes and users serve these files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+from capture.errors import UserError
+from capture.files import write_bytes_atomic, write_json_atomic, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "metadata.json"
+HEAD_FILE = "head.npz"
+ENCODER_DIR = "encoder"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+POINTER_FILE = "current"
+# What training writes, and what a directory needs to be exported or loaded with torch.
+TRAINED_FILES = (METADATA_FILE, HEAD_FILE, ENCODER_DIR)
+# What a registry version needs to serve (deploy refuses a version without them).
+SERVING_FILES = (METADATA_FILE, MODEL_FILE, TOKENIZER_FILE)
+
+# The serving graph's interface: int64 [batch, sequence] inputs; probabilities [batch, n_labels]
+# (temperature and softmax applied) and L2-normalised embeddings [batch, dim].
+INPUT_NAMES = ("input_ids", "attention_mask")
+PROBABILITIES = "probabilities"
+EMBEDDINGS = "embeddings"
+OUTPUT_NAMES = (PROBABILITIES, EMBEDDINGS)
+# The ``quantization`` metadata_prop of model.onnx.
+QUANTIZATION_INT8 = "int8-dynamic-per-channel"
+QUANTIZATION_NONE = "none"
+
+_FORMAT = "docs/ARCHITECTURE.md, 'The model directory'"
+_FIX_METADATA = f"fix the file or train the model again (format: {_FORMAT})"
+_FIX_ONNX = "export the model again (tasks.export_onnx.export_onnx)"
+_FIX_HEAD = "train the model again"
+# metadata_props of model.onnx that hold JSON (the others are plain strings).
+_JSON_PROPS = ("labels", "oos_threshold", "temperature")
+_SERVING_PROPS = ("labels", "version", "oos_label", "oos_threshold", "temperature")
+
+
+class ModelDirError(UserError, ValueError):
+    """A model directory file or the serving pointer is missing or malformed; the message names
+    the file, the field, what was expected and found, and the fix."""
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _Fields:
+    """Reads and checks the fields of one source (metadata.json or model.onnx's metadata_props);
+    every check of the format is a method here, shared by both sources."""
+
+    def __init__(self, data: Mapping[str, Any], source: Path, *, kind: str, fix: str) -> None:
+        self.data, self.source, self.kind, self.fix = data, source, kind, fix
+
+    def fail(self, name: str, expected: str, found: object) -> NoReturn:
+        raise ModelDirError(
+            f"{self.source}: {self.kind} {name!r} must be {expected}, found {_short(found)}; "
+            f"{self.fix}"
+        )
+
+    def get(self, name: str, expected: str) -> Any:
+        if name not in self.data:
+            raise ModelDirError(
+                f"{self.source}: {self.kind} {name!r} is missing (expected {expected}); {self.fix}"
+            )
+        return self.data[name]
+
+    def text(self, name: str) -> str:
+        expected = "a non-empty string"
+        value = self.get(name, expected)
+        if not isinstance(value, str) or not value:
+            self.fail(name, expected, value)
+        return value
+
+    def optional_text(self, name: str) -> str | None:
+        expected = "null or a non-empty string"
+        value = self.get(name, expected)
+        if value is not None and (not isinstance(value, str) or not value):
+            self.fail(name, expected, value)
+        return value
+
+    def labels(self) -> tuple[str, ...]:
+        expected = "a non-empty list of distinct non-empty strings"
+        value = self.get("labels", expected)
+        if (
+            not isinstance(value, list | tuple)
+            or not value
+            or not all(isinstance(x, str) and x for x in value)
+            or len(set(value)) != len(value)
+        ):
+            self.fail("labels", expected, value)
+        return tuple(value)
+
+    def oos_threshold(self) -> float | None:
+        expected = "null or a number in [0, 1]"
+        value = self.get("oos_threshold", expected)
+        if value is None:
+            return None
+        if not _is_number(value) or not 0.0 <= value <= 1.0:
+            self.fail("oos_threshold", expected, value)
+        return float(value)
+
+    def temperature(self) -> float:
+        expected = "> 0 (a finite number)"
+        value = self.get("temperature", expected)
+        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+            self.fail("temperature", expected, value)
+        return float(value)
+
+    def decision(self) -> dict[str, Any]:
+        """The fields both sources carry, which decide a prediction: version, labels,
+        oos_label, oos_threshold, temperature."""
+        return {
+            "version": self.text("version"),
+            "labels": self.labels(),
+            "oos_label": self.text("oos_label"),
+            "oos_threshold": self.oos_threshold(),
+            "temperature": self.temperature(),
+        }
+
+    def positive_int(self, name: str) -> int:
+        expected = "a positive integer"
+        value = self.get(name, expected)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            self.fail(name, expected, value)
+        return value
+
+    def mapping(self, name: str) -> dict[str, Any]:
+        expected = "a JSON object"
+        value = self.get(name, expected)
+        if not isinstance(value, dict):
+            self.fail(name, expected, value)
+        return value
+
+    def timestamp(self, name: str) -> str:
+        expected = "an ISO 8601 time"
+        value = self.get(name, expected)
+        try:
+            datetime.fromisoformat(value)
+        except (TypeError, ValueError):
+            self.fail(name, expected, value)
+        return str(value)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _read_json_object(path: Path, fix: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelDirError(
+            f"{path}: missing; expected a model directory written by `prompt-capture train` "
+            f"({', '.join(TRAINED_FILES)})"
+        ) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelDirError(f"{path}: not valid UTF-8 JSON ({exc}); {fix}") from exc
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path}: expected a JSON object, found {type(data).__name__}; {fix}")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    """``metadata.json``: what a model is, how it decides, and where it came from.
+
+    ``labels`` are the head's rows and the probability columns, in order; below
+    ``oos_threshold`` (None: never) the prediction is ``oos_label``. ``temperature`` divides the
+    logits before the softmax. ``created_at`` is ISO 8601 text. ``extra`` keeps keys this format
+    does not define (e.g. ``train_seconds``), so a rewrite (the registry's version) drops nothing.
+    """
+
+    version: str
+    labels: tuple[str, ...]
+    oos_label: str
+    oos_threshold: float | None
+    temperature: float
+    base_model: str
+    parent_version: str | None
+    created_at: str
+    hyperparameters: Mapping[str, Any]
+    metrics: Mapping[str, Any]
+    max_seq_length: int
+    embedding_dim: int
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: Path) -> ModelMetadata:
+        """The metadata in ``data`` (parsed JSON), checked field by field.
+
+        Raises ``ModelDirError`` naming ``source`` and the first bad field.
+        """
+        fields = _Fields(data, source, kind="field", fix=_FIX_METADATA)
+        known = {name for name in cls.__dataclass_fields__ if name != "extra"}
+        return cls(
+            **fields.decision(),
+            base_model=fields.text("base_model"),
+            parent_version=fields.optional_text("parent_version"),
+            created_at=fields.timestamp("created_at"),
+            hyperparameters=fields.mapping("hyperparameters"),
+            metrics=fields.mapping("metrics"),
+            max_seq_length=fields.positive_int("max_seq_length"),
+            embedding_dim=fields.positive_int("embedding_dim"),
+            extra={key: value for key, value in data.items() if key not in known},
+        )
+
+    @classmethod
+    def read(cls, model_dir: Path) -> ModelMetadata:
+        """``model_dir/metadata.json``; raises ``ModelDirError`` when missing or malformed."""
+        path = Path(model_dir) / METADATA_FILE
+        return cls.from_dict(_read_json_object(path, _FIX_METADATA), path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of ``metadata.json`` (``extra`` keys included)."""
+        out: dict[str, Any] = dict(self.extra)
+        for name in self.__dataclass_fields__:
+            if name != "extra":
+                out[name] = getattr(self, name)
+        out["labels"] = list(self.labels)
+        out["hyperparameters"] = dict(self.hyperparameters)
+        out["metrics"] = dict(self.metrics)
+        return out
+
+    def write(self, model_dir: Path) -> Path:
+        """Check (the same validation as :meth:`read`) and write ``model_dir/metadata.json``
+        atomically; returns its path. Raises ``ModelDirError`` before writing anything."""
+        path = Path(model_dir) / METADATA_FILE
+        data = self.to_dict()
+        ModelMetadata.from_dict(data, path)
+        return write_json_atomic(path, data)
+
+    def onnx_props(
+        self, *, quantization: str, extra: Mapping[str, str] | None = None
+    ) -> dict[str, str]:
+        """The ``metadata_props`` of ``model.onnx`` (strings; see :class:`OnnxMetadata`)."""
+        props = {
+            "labels": json.dumps(list(self.labels)),
+            "version": self.version,
+            "oos_label": self.oos_label,
+            "oos_threshold": json.dumps(self.oos_threshold),
+            "temperature": json.dumps(self.temperature),
+            "quantization": quantization,
+            "max_seq_length": str(self.max_seq_length),
+            "embedding_dim": str(self.embedding_dim),
+        }
+        props.update(extra or {})
+        return props
+
+
+@dataclass(frozen=True, slots=True)
+class OnnxMetadata:
+    """The ``metadata_props`` of ``model.onnx`` that serving reads (written by
+    :meth:`ModelMetadata.onnx_props`); ``props`` holds all of them as found, the export's
+    ``export_*`` parity figures included."""
+
+    version: str
+    labels: tuple[str, ...]
+    oos_label: str
+    oos_threshold: float | None
+    temperature: float
+    quantization: str
+    props: Mapping[str, str]
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str], source: Path) -> OnnxMetadata:
+        """Parse and check ``props`` of the file ``source``; raises ``ModelDirError``."""
+        missing = [key for key in _SERVING_PROPS if key not in props]
+        if missing:
+            raise ModelDirError(
+                f"{source}: metadata_props {missing} are missing; the file was not written by "
+                f"tasks.export_onnx: {_FIX_ONNX}"
+            )
+        decoded: dict[str, Any] = dict(props)
+        for key in _JSON_PROPS:
+            try:
+                decoded[key] = json.loads(props[key])
+            except json.JSONDecodeError as exc:
+                raise ModelDirError(
+                    f"{source}: metadata_props {key!r} must be JSON, found {props[key][:80]!r} "
+                    f"({exc}); {_FIX_ONNX}"
+                ) from exc
+        fields = _Fields(decoded, source, kind="metadata_props", fix=_FIX_ONNX)
+        return cls(
+            **fields.decision(),
+            quantization=props.get("quantization", "unknown"),
+            props=dict(props),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """``head.npz``: the linear head, ``logits = embeddings @ weight.T + bias``."""
+
+    weight: np.ndarray  # (n_labels, embedding_dim) float32
+    bias: np.ndarray  # (n_labels,) float32
+
+    @classmethod
+    def read(cls, model_dir: Path, metadata: ModelMetadata) -> Head:
+        """``model_dir/head.npz``, checked against ``metadata`` (one row per label, rows of
+        ``embedding_dim``); raises ``ModelDirError``."""
+        path = Path(model_dir) / HEAD_FILE
+        if not path.is_file():
+            raise ModelDirError(f"{path}: missing; {_FIX_HEAD}")
+        try:
+            with np.load(path) as head:
+                weight = np.asarray(head["W"], dtype=np.float32)
+                bias = np.asarray(head["b"], dtype=np.float32)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise ModelDirError(
+                f"{path}: expected an .npz with arrays W and b ({exc}); {_FIX_HEAD}"
+            ) from exc
+        n_labels = len(metadata.labels)
+        if weight.shape != (n_labels, metadata.embedding_dim) or bias.shape != (n_labels,):
+            raise ModelDirError(
+                f"{path}: expected W {(n_labels, metadata.embedding_dim)} and b {(n_labels,)} "
+                f"(from {METADATA_FILE} labels and embedding_dim), found W {weight.shape} and "
+                f"b {bias.shape}; the directory mixes two models: {_FIX_HEAD}"
+            )
+        return cls(weight, bias)
+
+    def write(self, model_dir: Path) -> Path:
+        """Write ``model_dir/head.npz`` (float32) atomically; returns its path."""
+        buffer = io.BytesIO()
+        np.savez(buffer, W=self.weight.astype(np.float32), b=self.bias.astype(np.float32))
+        return write_bytes_atomic(Path(model_dir) / HEAD_FILE, buffer.getvalue())
+
+
+def require_files(model_dir: Path, names: tuple[str, ...] = TRAINED_FILES) -> None:
+    """Raise ``ModelDirError`` naming the first of ``names`` missing from ``model_dir``."""
+    for name in names:
+        path = Path(model_dir) / name
+        if not path.exists():
+            raise ModelDirError(
+                f"{path}: missing; a model directory needs {', '.join(names)} ({_FORMAT}); "
+                "train or copy a complete model directory first"
+            )
+
+
+def read_trained(model_dir: Path) -> tuple[ModelMetadata, Head]:
+    """``metadata.json`` and ``head.npz`` of a trained model directory, checked against each
+    other (``encoder/`` must be there too); raises ``ModelDirError`` naming the first problem."""
+    require_files(model_dir, TRAINED_FILES)
+    metadata = ModelMetadata.read(model_dir)
+    return metadata, Head.read(model_dir, metadata)
+
+
+def missing_files(model_dir: Path, names: tuple[str, ...] = SERVING_FILES) -> list[str]:
+    """The file names of ``names`` that ``model_dir`` lacks, in order."""
+    return [name for name in names if not (Path(model_dir) / name).is_file()]
+
+
+# The serving pointer.
+
+
+@dataclass(frozen=True, slots=True)
+class ServingPointer:
+    """What ``models_dir/current`` said when read: the version, and the file's identity (a
+    rewrite by ``os.replace`` makes a new inode even within one timestamp tick)."""
+
+    version: str
+    mtime_ns: int
+    size: int
+    inode: int
+
+
+def _check_pointer_version(version: str, path: Path, found: object) -> None:
+    if not version or any(c in version for c in "\n\r/\\") or version in {".", ".."}:
+        raise ModelDirError(
+            f"{path}: expected one line naming a version directory under {path.parent}, "
+            f"found {found!r}; deploy or roll back to rewrite it (`prompt-capture rollback`)"
+        )
+
+
+def read_pointer(models_dir: Path) -> ServingPointer | None:
+    """The serving pointer ``models_dir/current``; None when there is none (nothing deployed).
+
+    Raises ``ModelDirError`` when it does not name one version directory, ``OSError`` when it
+    cannot be read.
+    """
+    path = Path(models_dir) / POINTER_FILE
+    try:
+        with path.open("rb") as handle:  # stat and content of the same file
+            stat = os.fstat(handle.fileno())
+            raw = handle.read(4096)
+    except FileNotFoundError:
+        return None
+    try:
+        version = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise ModelDirError(
+            f"{path}: not UTF-8 text ({exc}); deploy or roll back to rewrite it"
+        ) from exc
+    _check_pointer_version(version, path, raw[:80])
+    return ServingPointer(
+        version=version, mtime_ns=stat.st_mtime_ns, size=stat.st_size, inode=stat.st_ino
+    )
+
+
+def write_pointer(models_dir: Path, version: str) -> Path:
+    """Point ``models_dir/current`` at ``version``, atomically (readers see the old or the new
+    version, never a partial line); returns the pointer's path."""
+    path = Path(models_dir) / POINTER_FILE
+    _check_pointer_version(version, path, version)
+    return write_text_atomic(path, version + "\n")

@@ -1,0 +1,184 @@
+"""``prompt-capture`` commands that run the weekly-cycle flows once, now: export,
+import-corrections, cycle, demo, and serve (every deployment of ``prefect.yaml``).
+
+The flows read the home and the database from the environment (PROMPT_CAPTURE_HOME,
+PROMPT_CAPTURE_DATABASE_URL) at their entry; the commands pass only what the user typed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from deployments.cli_support import (
+    OptionError,
+    console,
+    parse_hyperparameters,
+    prefect_env,
+    print_json,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def export_cmd(
+    *,
+    mode: Annotated[
+        str, typer.Option("--mode", help="retraining (JSONL for training) or review (JSON list).")
+    ],
+    days: Annotated[
+        int | None, typer.Option("--days", help="Only the last N days (default: all).")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="File to write.")] = None,
+    confidence_threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--confidence-threshold",
+            help="review: export prompts below it (default 0.7); retraining: the minimum "
+            "confidence of uncorrected predictions (default 0.9).",
+        ),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", help="review: the review budget.")] = 200,
+    strategy: Annotated[
+        str | None, typer.Option("--strategy", help="review: selection strategy.")
+    ] = None,
+) -> None:
+    """Export production prompts for retraining or for human review (the spec's formats)."""
+    prefect_env()
+    if mode not in ("retraining", "review"):
+        raise OptionError(f"--mode: expected 'retraining' or 'review', found {mode!r}")
+    if mode == "review":
+        from flows.review import review_export_flow
+        from tasks.review_select import DEFAULT_STRATEGY
+
+        review = review_export_flow(
+            days=days,
+            confidence_threshold=0.7 if confidence_threshold is None else confidence_threshold,
+            limit=limit,
+            strategy=strategy or DEFAULT_STRATEGY,
+            output=str(output) if output else None,
+        )
+        console.print(
+            f"wrote {review.n_selected} prompts for review (of {review.n_candidates} "
+            f"candidates) to [bold]{review.path}[/bold]; fill in corrected_intent, then "
+            "`prompt-capture import-corrections FILE`"
+        )
+        return
+    from flows.training_data import training_data_flow
+
+    export = training_data_flow(
+        days=days,
+        min_confidence=0.9 if confidence_threshold is None else confidence_threshold,
+        output=str(output) if output else None,
+    )
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(export.counts.items()))
+    console.print(
+        f"wrote {export.n_train} training rows ({counts}) to [bold]{export.path}[/bold]; "
+        f"{export.n_holdout} held out in {export.holdout_path}"
+    )
+
+
+def import_corrections_cmd(
+    file: Annotated[
+        Path | None,
+        typer.Argument(help="A reviewed file; without it, the inbox folder is drained."),
+    ] = None,
+    *,
+    allow_new_intent: Annotated[
+        bool,
+        typer.Option("--allow-new-intent", help="Accept intents the serving model lacks."),
+    ] = False,
+) -> None:
+    """Apply a reviewed file (all or nothing); re-importing the same file changes nothing."""
+    prefect_env()
+    from capture.settings import get_settings
+    from flows.corrections import corrections_flow
+
+    if file is not None and not file.is_file():
+        raise OptionError(f"{file}: no such file")
+    results = corrections_flow(file=str(file) if file else None, allow_new_intent=allow_new_intent)
+    if not results:
+        console.print(f"no files in {get_settings().inbox_dir}")
+    for result in results:
+        status = "[green]applied[/green]" if result.ok else "[red]REJECTED[/red]"
+        console.print(
+            f"{result.file}: {status}: applied {result.applied}, unchanged "
+            f"{result.unchanged}, not reviewed {result.not_reviewed}, rejected rows "
+            f"{len(result.rejected)}"
+        )
+        for reason in result.rejected:
+            console.print(f"  - {reason}", highlight=False, markup=False)
+    if any(not r.ok for r in results):
+        console.print("nothing was applied from the rejected file(s); fix them and import again")
+        raise typer.Exit(code=1)
+
+
+def cycle_cmd(
+    *,
+    days: Annotated[int | None, typer.Option("--days", help="Production data window.")] = 30,
+    hyperparameters: Annotated[
+        str | None,
+        typer.Option(
+            "--hyperparameters", help='TrainConfig fields as JSON, e.g. {"max_steps": 50}.'
+        ),
+    ] = None,
+    deploy: Annotated[bool, typer.Option("--deploy/--no-deploy")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Run the weekly cycle now: inbox, training data, pairs, retrain, gate, export, deploy."""
+    prefect_env()
+    params = parse_hyperparameters(hyperparameters)
+    from flows.weekly import weekly_cycle
+
+    result = weekly_cycle(days=days, hyperparameters=params, deploy=deploy)
+    if as_json:
+        print_json(result.as_dict())
+    else:
+        console.print(result.message, highlight=False)
+
+
+def serve_cmd(
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="Serve only these deployments.")
+    ] = None,
+) -> None:
+    """Serve every prefect.yaml deployment with its schedule from this process (no work pool)."""
+    prefect_env()
+    from deployments.serve import serve_all
+
+    serve_all(only=only)
+
+
+def demo_cmd(
+    *,
+    first_steps: Annotated[
+        int, typer.Option("--first-steps", help="Training steps of the first model.")
+    ] = 30,
+    retrain_steps: Annotated[
+        int, typer.Option("--retrain-steps", help="Training steps of the weekly retrain.")
+    ] = 20,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """The whole loop on the bundled demo dataset, from an empty PROMPT_CAPTURE_HOME, as one
+    Prefect flow run (``demo``) with the weekly-cycle flows as its subflows."""
+    prefect_env()
+    from flows.demo import demo_flow
+    from tasks.demo import demo_story
+
+    result = demo_flow(first_steps=first_steps, retrain_steps=retrain_steps, seed=seed)
+    api_url = os.environ.get("PREFECT_API_URL") or None
+    for line in demo_story(result, retrain_steps=retrain_steps, api_url=api_url):
+        console.print(line, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the flow-running commands to ``app``."""
+    app.command("export")(export_cmd)
+    app.command("import-corrections")(import_corrections_cmd)
+    app.command("cycle")(cycle_cmd)
+    app.command("serve")(serve_cmd)
+    app.command("demo")(demo_cmd)

@@ -1,0 +1,288 @@
+"""The review workbench: reviewers, login attempts, rounds, the leased queue, audited decisions,
+new-intent proposals.
+
+- ``review_users``: name (unique), role ``reviewer`` | ``admin``, argon2 hash, active flag.
+- ``review_login_attempts``: user name, client address, success, time; the failed-login limit
+  (10 per 15 minutes per user and per address) is counted here, so a restart does not reset it.
+- ``review_rounds``: the selection that filled a round (strategy, budget, parameters), the share
+  of items shown to two reviewers, open/closed.
+- ``review_round_items``: one row per selected prompt (``pending`` → ``done``, or ``disputed`` /
+  ``proposal`` waiting for an admin) and per collapsed near-duplicate (``member``, decided with
+  its group: ``group_id``, ``group_size``). A reviewer holds an item through a lease
+  (``lease_owner``, ``lease_expires_at``); ``double_review`` items need two reviewers
+  (``reviews_needed`` 2). ``prev_log_id`` / ``next_log_id``: the conversation neighbours, found
+  when the round was opened.
+- ``review_decisions``: the audit. One row per decision, skip, note, undo and settlement:
+  reviewer, time, ``before_intent`` → ``after_intent``, source ``ui`` | ``file`` |
+  ``label_studio``, group id; ``applied`` when the row wrote ``corrected_intent`` (with the
+  values it replaced, for undo). Rows are never updated: an undo is a new row (``undoes``).
+- ``review_intent_proposals``: an intent typed by a reviewer that the catalogue lacks;
+  ``proposed`` until an admin accepts or rejects it.
+
+Log references hold the ``nlu_prompt_logs`` id without a foreign key (retention deletes raw logs;
+the review history stays). Same tables on SQLite and PostgreSQL; on PostgreSQL the pipeline role
+of migration 0003 (the workbench connects as a member of it) gets ``SELECT, INSERT, UPDATE,
+DELETE`` on them, the application role nothing.
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-11-27
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0005"
+down_revision = "0004"
+branch_labels = None
+depends_on = None
+
+PIPELINE_ROLE = "prompt_capture_pipeline"
+USERS = "review_users"
+ATTEMPTS = "review_login_attempts"
+ROUNDS = "review_rounds"
+ITEMS = "review_round_items"
+DECISIONS = "review_decisions"
+PROPOSALS = "review_intent_proposals"
+TABLES = (USERS, ATTEMPTS, ROUNDS, ITEMS, DECISIONS, PROPOSALS)
+
+ITEM_STATES = ("pending", "member", "disputed", "proposal", "done")
+ACTIONS = (
+    "confirm",
+    "correct",
+    "out_of_scope",
+    "propose",
+    "skip",
+    "note",
+    "undo",
+    "settle",
+    "accept_proposal",
+    "reject_proposal",
+)
+
+
+def _is_postgres() -> bool:
+    return op.get_bind().dialect.name == "postgresql"
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+def _ts(name: str, *, nullable: bool = True) -> sa.Column[object]:
+    return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable)
+
+
+def _json() -> sa.types.TypeEngine[object]:
+    from sqlalchemy.dialects.postgresql import JSONB
+
+    return sa.JSON().with_variant(JSONB(), "postgresql")
+
+
+def upgrade() -> None:
+    op.create_table(
+        USERS,
+        sa.Column("id", sa.Uuid(), nullable=False),
+        sa.Column("name", sa.Text(), nullable=False),
+        sa.Column("role", sa.Text(), nullable=False),
+        sa.Column("password_hash", sa.Text(), nullable=False),
+        sa.Column("active", sa.Boolean(), server_default=sa.true(), nullable=False),
+        _ts("created_at", nullable=False),
+        _ts("updated_at", nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_review_users")),
+        sa.UniqueConstraint("name", name=op.f("uq_review_users_name")),
+        sa.CheckConstraint(_in("role", ("reviewer", "admin")), name=op.f("ck_review_users_role")),
+    )
+    op.create_table(
+        ATTEMPTS,
+        sa.Column("id", sa.Uuid(), nullable=False),
+        sa.Column("user_name", sa.Text(), nullable=False),
+        sa.Column("client", sa.Text(), nullable=False),
+        sa.Column("succeeded", sa.Boolean(), nullable=False),
+        _ts("at", nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_review_login_attempts")),
+    )
+    op.create_index("ix_review_login_attempts_user_name_at", ATTEMPTS, ["user_name", "at"])
+    op.create_index("ix_review_login_attempts_client_at", ATTEMPTS, ["client", "at"])
+
+    op.create_table(
+        ROUNDS,
+        sa.Column("id", sa.Uuid(), nullable=False),
+        sa.Column("name", sa.Text(), nullable=False),
+        sa.Column("status", sa.Text(), nullable=False),
+        sa.Column("strategy", sa.Text(), nullable=False),
+        sa.Column("budget", sa.Integer(), nullable=False),
+        sa.Column("double_review_share", sa.Float(), nullable=False),
+        sa.Column("params", _json(), nullable=False),
+        sa.Column("created_by", sa.Uuid(), nullable=True),
+        _ts("created_at", nullable=False),
+        _ts("closed_at"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_review_rounds")),
+        sa.ForeignKeyConstraint(
+            ["created_by"], [f"{USERS}.id"], name=op.f("fk_review_rounds_created_by_review_users")
+        ),
+        sa.CheckConstraint(_in("status", ("open", "closed")), name=op.f("ck_review_rounds_status")),
+        sa.CheckConstraint(
+            "double_review_share >= 0 AND double_review_share <= 1",
+            name=op.f("ck_review_rounds_double_review_share"),
+        ),
+    )
+
+    op.create_table(
+        ITEMS,
+        sa.Column("id", sa.Uuid(), nullable=False),
+        sa.Column("round_id", sa.Uuid(), nullable=False),
+        sa.Column("log_id", sa.Uuid(), nullable=False),
+        sa.Column("position", sa.Integer(), nullable=False),
+        sa.Column("state", sa.Text(), nullable=False),
+        sa.Column("group_id", sa.Uuid(), nullable=True),
+        sa.Column("group_size", sa.Integer(), server_default="1", nullable=False),
+        sa.Column("double_review", sa.Boolean(), server_default=sa.false(), nullable=False),
+        sa.Column("reviews_needed", sa.SmallInteger(), server_default="1", nullable=False),
+        sa.Column("reviews_done", sa.SmallInteger(), server_default="0", nullable=False),
+        sa.Column("first_reviewer", sa.Uuid(), nullable=True),
+        sa.Column("lease_owner", sa.Uuid(), nullable=True),
+        _ts("lease_expires_at"),
+        sa.Column("prev_log_id", sa.Uuid(), nullable=True),
+        sa.Column("next_log_id", sa.Uuid(), nullable=True),
+        sa.Column("final_intent", sa.Text(), nullable=True),
+        sa.Column("final_decision_id", sa.Uuid(), nullable=True),
+        _ts("decided_at"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_review_round_items")),
+        sa.ForeignKeyConstraint(
+            ["round_id"],
+            [f"{ROUNDS}.id"],
+            name=op.f("fk_review_round_items_round_id_review_rounds"),
+            ondelete="CASCADE",
+        ),
+        sa.ForeignKeyConstraint(
+            ["lease_owner"],
+            [f"{USERS}.id"],
+            name=op.f("fk_review_round_items_lease_owner_review_users"),
+        ),
+        sa.UniqueConstraint("round_id", "log_id", name="uq_review_round_items_round_id_log_id"),
+        sa.CheckConstraint(_in("state", ITEM_STATES), name=op.f("ck_review_round_items_state")),
+        sa.CheckConstraint(
+            "reviews_needed IN (1, 2)", name=op.f("ck_review_round_items_reviews_needed")
+        ),
+    )
+    # The claim reads the first pending items of a round by position.
+    op.create_index(
+        "ix_review_round_items_round_id_state_position", ITEMS, ["round_id", "state", "position"]
+    )
+    op.create_index("ix_review_round_items_group_id", ITEMS, ["group_id"])
+    op.create_index("ix_review_round_items_lease_owner", ITEMS, ["lease_owner"])
+
+    op.create_table(
+        DECISIONS,
+        sa.Column("id", sa.Uuid(), nullable=False),
+        sa.Column("round_id", sa.Uuid(), nullable=True),
+        sa.Column("item_id", sa.Uuid(), nullable=True),
+        sa.Column("log_id", sa.Uuid(), nullable=False),
+        sa.Column("reviewer_id", sa.Uuid(), nullable=True),
+        sa.Column("reviewer", sa.Text(), nullable=False),
+        sa.Column("action", sa.Text(), nullable=False),
+        sa.Column("before_intent", sa.Text(), nullable=True),
+        sa.Column("after_intent", sa.Text(), nullable=True),
+        sa.Column("notes", sa.Text(), nullable=True),
+        sa.Column("source", sa.Text(), nullable=False),
+        sa.Column("group_id", sa.Uuid(), nullable=True),
+        sa.Column("batch_id", sa.Uuid(), nullable=True),
+        sa.Column("undoes", sa.Uuid(), nullable=True),
+        sa.Column("applied", sa.Boolean(), server_default=sa.false(), nullable=False),
+        sa.Column("prior_corrected_intent", sa.Text(), nullable=True),
+        sa.Column("prior_correction_notes", sa.Text(), nullable=True),
+        _ts("prior_corrected_at"),
+        _ts("created_at", nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_review_decisions")),
+        sa.ForeignKeyConstraint(
+            ["round_id"], [f"{ROUNDS}.id"], name=op.f("fk_review_decisions_round_id_review_rounds")
+        ),
+        sa.ForeignKeyConstraint(
+            ["item_id"],
+            [f"{ITEMS}.id"],
+            name=op.f("fk_review_decisions_item_id_review_round_items"),
+        ),
+        sa.ForeignKeyConstraint(
+            ["reviewer_id"],
+            [f"{USERS}.id"],
+            name=op.f("fk_review_decisions_reviewer_id_review_users"),
+        ),
+        sa.ForeignKeyConstraint(
+            ["undoes"],
+            [f"{DECISIONS}.id"],
+            name=op.f("fk_review_decisions_undoes_review_decisions"),
+        ),
+        sa.CheckConstraint(_in("action", ACTIONS), name=op.f("ck_review_decisions_action")),
+        sa.CheckConstraint(
+            _in("source", ("ui", "file", "label_studio")), name=op.f("ck_review_decisions_source")
+        ),
+    )
+    op.create_index("ix_review_decisions_item_id", DECISIONS, ["item_id"])
+    op.create_index(
+        "ix_review_decisions_reviewer_id_round_id_created_at",
+        DECISIONS,
+        ["reviewer_id", "round_id", "created_at"],
+    )
+    op.create_index("ix_review_decisions_undoes", DECISIONS, ["undoes"])
+    op.create_index("ix_review_decisions_log_id", DECISIONS, ["log_id"])
+    op.create_index("ix_review_decisions_batch_id", DECISIONS, ["batch_id"])
+
+    op.create_table(
+        PROPOSALS,
+        sa.Column("id", sa.Uuid(), nullable=False),
+        sa.Column("intent", sa.Text(), nullable=False),
+        sa.Column("status", sa.Text(), nullable=False),
+        sa.Column("round_id", sa.Uuid(), nullable=True),
+        sa.Column("proposed_by", sa.Uuid(), nullable=True),
+        _ts("proposed_at", nullable=False),
+        sa.Column("decided_by", sa.Uuid(), nullable=True),
+        _ts("decided_at"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_review_intent_proposals")),
+        sa.UniqueConstraint("intent", name=op.f("uq_review_intent_proposals_intent")),
+        sa.ForeignKeyConstraint(
+            ["round_id"],
+            [f"{ROUNDS}.id"],
+            name=op.f("fk_review_intent_proposals_round_id_review_rounds"),
+        ),
+        sa.ForeignKeyConstraint(
+            ["proposed_by"],
+            [f"{USERS}.id"],
+            name=op.f("fk_review_intent_proposals_proposed_by_review_users"),
+        ),
+        sa.ForeignKeyConstraint(
+            ["decided_by"],
+            [f"{USERS}.id"],
+            name=op.f("fk_review_intent_proposals_decided_by_review_users"),
+        ),
+        sa.CheckConstraint(
+            _in("status", ("proposed", "accepted", "rejected")),
+            name=op.f("ck_review_intent_proposals_status"),
+        ),
+    )
+
+    if _is_postgres():
+        # The workbench connects as a member of the pipeline role (docs/DATABASE.md); the
+        # online application role gets nothing here.
+        op.execute(
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(TABLES)} TO {PIPELINE_ROLE}"
+        )
+
+
+def downgrade() -> None:
+    if _is_postgres():
+        op.execute(
+            f"""
+            DO $$
+            BEGIN
+                IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{PIPELINE_ROLE}') THEN
+                    REVOKE ALL ON {", ".join(TABLES)} FROM {PIPELINE_ROLE};
+                END IF;
+            END
+            $$
+            """
+        )
+    for table in reversed(TABLES):
+        op.drop_table(table)

@@ -1,0 +1,390 @@
+"""The review queue: leases, the item a reviewer sees, skips and notes, the intent catalogue.
+
+Leases. :func:`claim_next` gives a reviewer the first pending item of a round (by position) that
+nobody holds, and holds it for ``lease`` (default 10 minutes); an abandoned item goes back to the
+queue when its lease expires. Two reviewers never get the same item: on PostgreSQL the claim is
+one ``UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED)`` (concurrent claims skip each
+other's row locks and re-check the lease on the latest row version); on SQLite the same single
+conditional ``UPDATE`` runs under the database's one write lock (SQLAlchemy renders no
+``FOR UPDATE`` there). A double-review item is never given to the reviewer who decided it first.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, and_, exists, func, insert, or_, select, update
+
+from capture.ids import uuid7
+from capture.model_dir import METADATA_FILE, ModelMetadata
+from capture.models import PromptLog
+from capture.values import from_db_datetime, from_real, parse_secondary_intents
+from tasks.anonymise import scrub_pii
+from tasks.corrections import MAX_NOTES_CHARS, intent_catalog
+from tasks.registry import current_model_dir, current_version
+from tasks.review_tables import LeaseLost, ReviewError, decisions, items, proposals, rounds
+from tasks.review_users import ReviewUser
+
+logger = logging.getLogger(__name__)
+
+_LOGS = PromptLog.__table__
+DEFAULT_LEASE = timedelta(minutes=10)
+DEFAULT_OOS_LABEL = "oos"
+N_ALTERNATIVES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    """The intents a workbench decision may name: the serving model's labels (else every intent
+    the database knows, as the file import), the out-of-scope label, and accepted proposals."""
+
+    intents: frozenset[str]
+    oos_label: str = DEFAULT_OOS_LABEL
+    model_version: str | None = None
+
+    def sorted(self) -> list[str]:
+        return sorted(self.intents)
+
+
+def load_catalog(conn: Connection, models_dir: Path | None) -> Catalog:
+    """The catalogue now (reads the registry's ``current`` model metadata and the database)."""
+    oos = DEFAULT_OOS_LABEL
+    version = None
+    if models_dir is not None:
+        version = current_version(models_dir)
+        model_dir = current_model_dir(models_dir)
+        if model_dir is not None and (model_dir / METADATA_FILE).is_file():
+            oos = ModelMetadata.read(model_dir).oos_label
+    base = intent_catalog(conn, models_dir)
+    accepted = conn.execute(
+        select(proposals.c.intent).where(proposals.c.status == "accepted")
+    ).scalars()
+    return Catalog(frozenset(base | set(accepted) | {oos}), oos, version)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemView:
+    """What a reviewer sees of one item.
+
+    ``text`` is PII-scrubbed (``tasks.anonymise.scrub_pii``) unless ``raw`` (admins only), as are
+    the neighbours and the workflow error. ``alternatives``: up to three runners-up
+    ``(intent, probability)`` from ``secondary_intents``, best first (older rows: what they have).
+    """
+
+    item_id: uuid.UUID
+    round_id: uuid.UUID
+    log_id: uuid.UUID
+    text: str
+    raw: bool
+    predicted_intent: str
+    confidence: float | None
+    alternatives: tuple[tuple[str, float], ...]
+    was_successful: bool | None
+    workflow_type: str | None
+    execution_error: str | None
+    previous: str | None
+    next: str | None
+    group_size: int
+    double_review: bool
+    lease_expires_at: datetime | None
+    created_at: datetime | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able form (ids and times as strings) for the web page."""
+        return {
+            "item_id": str(self.item_id),
+            "round_id": str(self.round_id),
+            "log_id": str(self.log_id),
+            "text": self.text,
+            "raw": self.raw,
+            "predicted_intent": self.predicted_intent,
+            "confidence": self.confidence,
+            "alternatives": [{"intent": i, "confidence": c} for i, c in self.alternatives],
+            "was_successful": self.was_successful,
+            "workflow_type": self.workflow_type,
+            "execution_error": self.execution_error,
+            "previous": self.previous,
+            "next": self.next,
+            "group_size": self.group_size,
+            "lease_expires_at": _iso(self.lease_expires_at),
+            "created_at": _iso(self.created_at),
+        }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _lease_free(now: datetime) -> Any:
+    return or_(items.c.lease_expires_at.is_(None), items.c.lease_expires_at < now)
+
+
+def claim_next(
+    conn: Connection,
+    round_id: uuid.UUID,
+    reviewer: ReviewUser,
+    *,
+    now: datetime,
+    lease: timedelta = DEFAULT_LEASE,
+) -> uuid.UUID | None:
+    """Lease the next free pending item of an open round to ``reviewer``; its id, or None when
+    nothing is left for this reviewer. The caller commits (at once: the lease is then visible)."""
+    free = _lease_free(now)
+    pick = (
+        select(items.c.id)
+        .where(
+            items.c.round_id == round_id,
+            items.c.state == "pending",
+            free,
+            or_(items.c.first_reviewer.is_(None), items.c.first_reviewer != reviewer.id),
+            exists().where(rounds.c.id == round_id, rounds.c.status == "open"),
+        )
+        .order_by(items.c.position, items.c.id)
+        .limit(1)
+        .with_for_update(skip_locked=True, of=items)
+        .scalar_subquery()
+    )
+    stmt = (
+        update(items)
+        .where(items.c.id == pick, items.c.state == "pending", free)
+        .values(lease_owner=reviewer.id, lease_expires_at=now + lease)
+        .returning(items.c.id)
+    )
+    return conn.execute(stmt).scalar_one_or_none()
+
+
+def current_lease(
+    conn: Connection, round_id: uuid.UUID, reviewer: ReviewUser, *, now: datetime
+) -> uuid.UUID | None:
+    """The pending item of ``round_id`` that ``reviewer`` holds an unexpired lease on, if any."""
+    stmt = (
+        select(items.c.id)
+        .where(
+            items.c.lease_owner == reviewer.id,
+            items.c.round_id == round_id,
+            items.c.state == "pending",
+            items.c.lease_expires_at >= now,
+        )
+        .order_by(items.c.position, items.c.id)
+        .limit(1)
+    )
+    return conn.execute(stmt).scalar_one_or_none()
+
+
+def next_item(
+    conn: Connection,
+    round_id: uuid.UUID,
+    reviewer: ReviewUser,
+    *,
+    now: datetime,
+    lease: timedelta = DEFAULT_LEASE,
+) -> uuid.UUID | None:
+    """The item the reviewer holds, else a newly claimed one (None: the round is done for them).
+    Commits the claim."""
+    held = current_lease(conn, round_id, reviewer, now=now)
+    if held is not None:
+        return held
+    claimed = claim_next(conn, round_id, reviewer, now=now, lease=lease)
+    conn.commit()
+    return claimed
+
+
+def _alternatives(
+    secondary: Any, predicted: str, limit: int = N_ALTERNATIVES
+) -> tuple[tuple[str, float], ...]:
+    pairs = sorted(parse_secondary_intents(secondary), key=lambda p: -p[1])
+    return tuple((name, conf) for name, conf in pairs if name != predicted)[:limit]
+
+
+def load_item(conn: Connection, item_id: uuid.UUID, *, raw: bool = False) -> ItemView:
+    """The view of one item (see :class:`ItemView`); :class:`ReviewError` when unknown or its log
+    was deleted (retention)."""
+    row = conn.execute(
+        select(
+            items.c.id,
+            items.c.round_id,
+            items.c.log_id,
+            items.c.group_size,
+            items.c.double_review,
+            items.c.lease_expires_at,
+            items.c.prev_log_id,
+            items.c.next_log_id,
+            _LOGS.c.prompt,
+            _LOGS.c.predicted_intent,
+            _LOGS.c.confidence,
+            _LOGS.c.secondary_intents,
+            _LOGS.c.was_successful,
+            _LOGS.c.workflow_type,
+            _LOGS.c.execution_error,
+            _LOGS.c.created_at,
+        )
+        .select_from(items.join(_LOGS, _LOGS.c.id == items.c.log_id))
+        .where(items.c.id == item_id)
+    ).first()
+    if row is None:
+        raise ReviewError(f"review item {item_id} is unknown or its logged prompt was deleted")
+    show = (lambda s: s) if raw else scrub_pii
+    neighbours: dict[uuid.UUID, str] = {}
+    wanted = [x for x in (row.prev_log_id, row.next_log_id) if x is not None]
+    if wanted:
+        for log_id, prompt in conn.execute(
+            select(_LOGS.c.id, _LOGS.c.prompt).where(_LOGS.c.id.in_(wanted))
+        ):
+            neighbours[log_id] = show(prompt)
+    error = row.execution_error
+    return ItemView(
+        item_id=row.id,
+        round_id=row.round_id,
+        log_id=row.log_id,
+        text=show(row.prompt),
+        raw=raw,
+        predicted_intent=row.predicted_intent,
+        confidence=None if row.confidence is None else from_real(row.confidence),
+        alternatives=_alternatives(row.secondary_intents, row.predicted_intent),
+        was_successful=row.was_successful,
+        workflow_type=row.workflow_type,
+        execution_error=None if error is None else show(error),
+        previous=neighbours.get(row.prev_log_id) if row.prev_log_id else None,
+        next=neighbours.get(row.next_log_id) if row.next_log_id else None,
+        group_size=int(row.group_size),
+        double_review=bool(row.double_review),
+        lease_expires_at=from_db_datetime(row.lease_expires_at),
+        created_at=from_db_datetime(row.created_at),
+    )
+
+
+def clean_notes(notes: str | None) -> str | None:
+    """Notes as the file import keeps them: stripped, at most ``MAX_NOTES_CHARS``, None if empty."""
+    if notes is None:
+        return None
+    if not isinstance(notes, str):
+        raise ReviewError(f"notes: expected text, found {type(notes).__name__}")
+    return notes.strip()[:MAX_NOTES_CHARS] or None
+
+
+def audit_row(
+    *,
+    log_id: uuid.UUID,
+    reviewer: ReviewUser,
+    action: str,
+    now: datetime,
+    round_id: uuid.UUID | None = None,
+    item_id: uuid.UUID | None = None,
+    before: str | None = None,
+    after: str | None = None,
+    notes: str | None = None,
+    source: str = "ui",
+    group_id: uuid.UUID | None = None,
+    batch_id: uuid.UUID | None = None,
+    undoes: uuid.UUID | None = None,
+    applied: bool = False,
+    prior: tuple[str | None, str | None, datetime | None] = (None, None, None),
+    decision_id: uuid.UUID | None = None,
+) -> dict[str, Any]:
+    """One ``review_decisions`` row (the audit): who, when, before → after, source, group."""
+    return {
+        "id": decision_id or uuid7(),
+        "round_id": round_id,
+        "item_id": item_id,
+        "log_id": log_id,
+        "reviewer_id": reviewer.id,
+        "reviewer": reviewer.name,
+        "action": action,
+        "before_intent": before,
+        "after_intent": after,
+        "notes": notes,
+        "source": source,
+        "group_id": group_id,
+        "batch_id": batch_id,
+        "undoes": undoes,
+        "applied": applied,
+        "prior_corrected_intent": prior[0],
+        "prior_correction_notes": prior[1],
+        "prior_corrected_at": prior[2],
+        "created_at": now,
+    }
+
+
+def _held_item(conn: Connection, item_id: uuid.UUID, reviewer: ReviewUser) -> Any:
+    row = conn.execute(
+        select(
+            items.c.id, items.c.round_id, items.c.log_id, items.c.state, items.c.lease_owner
+        ).where(items.c.id == item_id)
+    ).first()
+    if row is None:
+        raise ReviewError(f"review item {item_id} is unknown")
+    if row.state != "pending" or row.lease_owner != reviewer.id:
+        raise LeaseLost(
+            f"review item {item_id} is no longer yours (its lease expired and another reviewer "
+            "took it, or it was decided); the next item is shown"
+        )
+    return row
+
+
+def skip(conn: Connection, item_id: uuid.UUID, reviewer: ReviewUser, *, now: datetime) -> uuid.UUID:
+    """Give a held item back and move it to the end of its round's queue (audited as ``skip``);
+    returns the round id. :class:`LeaseLost` when the reviewer does not hold it. The caller
+    commits."""
+    row = _held_item(conn, item_id, reviewer)
+    last = (
+        select(func.coalesce(func.max(items.c.position), 0) + 1)
+        .where(items.c.round_id == row.round_id)
+        .scalar_subquery()
+    )
+    done = conn.execute(
+        update(items)
+        .where(
+            and_(
+                items.c.id == item_id,
+                items.c.state == "pending",
+                items.c.lease_owner == reviewer.id,
+            )
+        )
+        .values(lease_owner=None, lease_expires_at=None, position=last)
+    )
+    if done.rowcount == 0:
+        raise LeaseLost(f"review item {item_id} is no longer yours")
+    conn.execute(
+        insert(decisions).values(
+            audit_row(
+                log_id=row.log_id,
+                reviewer=reviewer,
+                action="skip",
+                now=now,
+                round_id=row.round_id,
+                item_id=item_id,
+            )
+        )
+    )
+    return uuid.UUID(str(row.round_id))
+
+
+def add_note(
+    conn: Connection, item_id: uuid.UUID, reviewer: ReviewUser, text: str, *, now: datetime
+) -> uuid.UUID:
+    """Record a note on an item (audited as ``note``); returns the audit row id. The note also
+    travels with the reviewer's decision into ``correction_notes``. The caller commits."""
+    notes = clean_notes(text)
+    if notes is None:
+        raise ReviewError("note: expected some text, found nothing")
+    row = conn.execute(
+        select(items.c.round_id, items.c.log_id).where(items.c.id == item_id)
+    ).first()
+    if row is None:
+        raise ReviewError(f"review item {item_id} is unknown")
+    values = audit_row(
+        log_id=row.log_id,
+        reviewer=reviewer,
+        action="note",
+        now=now,
+        round_id=row.round_id,
+        item_id=item_id,
+        notes=notes,
+    )
+    conn.execute(insert(decisions).values(values))
+    return uuid.UUID(str(values["id"]))

@@ -1,0 +1,176 @@
+"""Shared helpers of the review workbench tests (no tests here): seeded logs, users, a catalogue.
+
+``workbench_db``: the ``db_url`` database (SQLite and PostgreSQL) with the workbench tables
+emptied too. ``seed_logs`` writes prompts the review selection picks (low confidence, runners-up,
+a conversation, exact duplicates); ``make_home`` writes a registry whose serving model's labels
+are the catalogue.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import delete, insert, select
+
+from capture import db
+from capture.models import PromptLog
+from capture.values import as_real
+from review_ui.settings import WorkbenchSettings
+from tasks.review_tables import TABLES, decisions
+from tasks.review_users import ReviewUser, add_user
+
+LOGS = PromptLog.__table__
+LABELS = ("banking", "calendar", "music", "weather", "oos")
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+PASSWORD = "correct horse battery"
+CONVERSATION = uuid.UUID("00000000-0000-4000-8000-00000000c0c0")
+
+
+def clean_workbench_tables(url: str) -> None:
+    with db.get_sync_engine(url).begin() as conn:
+        for table in reversed(TABLES):
+            conn.execute(delete(table))
+
+
+@pytest.fixture
+def workbench_db(db_url: str) -> str:
+    """``db_url`` (both databases) with the logs and the workbench tables empty."""
+    clean_workbench_tables(db_url)
+    return db_url
+
+
+def make_home(root: Path, labels: tuple[str, ...] = LABELS) -> Path:
+    """A PROMPT_CAPTURE_HOME whose serving model (version 1) has ``labels``."""
+    model = root / "models" / "1"
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "metadata.json").write_text(
+        json.dumps({"version": "1", "labels": list(labels), "oos_label": "oos"}),
+        encoding="utf-8",
+    )
+    (root / "models" / "current").write_text("1\n", encoding="utf-8")
+    return root
+
+
+@dataclass(frozen=True)
+class Seeded:
+    """Ids of the seeded logs by role."""
+
+    ids: list[uuid.UUID]
+    duplicates: list[uuid.UUID]  # same normalised text: one group
+    conversation: list[uuid.UUID]  # message_index 0, 1, 2 of one conversation
+
+
+def log_row(
+    prompt: str,
+    predicted: str,
+    confidence: float,
+    *,
+    secondary: tuple[tuple[str, float], ...] = (),
+    created_at: datetime,
+    conversation_id: uuid.UUID | None = None,
+    message_index: int | None = None,
+    was_successful: bool | None = None,
+    execution_error: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": uuid.uuid4(),
+        "user_id": None,
+        "prompt": prompt,
+        "predicted_intent": predicted,
+        "confidence": as_real(confidence),
+        "secondary_intents": [{"intent": i, "confidence": c} for i, c in secondary],
+        "conversation_id": conversation_id,
+        "message_index": message_index,
+        "model_version": "1",
+        "was_successful": was_successful,
+        "workflow_type": None if was_successful is None else "demo",
+        "execution_error": execution_error,
+        "created_at": created_at,
+        "updated_at": created_at,
+    }
+
+
+def seed_logs(url: str, n: int = 20, *, now: datetime = NOW) -> Seeded:
+    """``n`` uncertain prompts (confidence 0.30 .. 0.59, each with three runners-up), three
+    exact duplicates and a three-message conversation; all within the last day."""
+    rows = []
+    for i in range(n):
+        predicted = LABELS[i % 4]
+        alternatives = tuple(
+            (name, round(0.3 - 0.08 * k, 2))
+            for k, name in enumerate(x for x in LABELS if x != predicted)
+        )[:3]
+        rows.append(
+            log_row(
+                f"prompt number {i} about {predicted} call me at +44 20 7946 0958",
+                predicted,
+                0.30 + i * 0.29 / max(1, n - 1),
+                secondary=alternatives,
+                created_at=now - timedelta(hours=1, minutes=i),
+                was_successful=False if i % 5 == 0 else None,
+                execution_error="timeout for bob@example.com" if i % 5 == 0 else None,
+            )
+        )
+    dupes = [
+        log_row(text, "music", 0.31, created_at=now - timedelta(hours=2, minutes=k))
+        for k, text in enumerate(("Play some jazz!", "play some jazz", "PLAY   some jazz."))
+    ]
+    conversation = [
+        log_row(
+            text,
+            "calendar",
+            conf,
+            secondary=(("weather", 0.2),),
+            created_at=now - timedelta(hours=3, minutes=10 - k),
+            conversation_id=CONVERSATION,
+            message_index=k,
+        )
+        for k, (text, conf) in enumerate(
+            (("hi there", 0.95), ("book the dentist friday", 0.33), ("thanks", 0.96))
+        )
+    ]
+    with db.get_sync_engine(url).begin() as conn:
+        conn.execute(insert(LOGS), rows + dupes + conversation)
+    return Seeded(
+        ids=[r["id"] for r in rows],
+        duplicates=[r["id"] for r in dupes],
+        conversation=[r["id"] for r in conversation],
+    )
+
+
+def make_user(url: str, name: str, role: str = "reviewer") -> ReviewUser:
+    with db.get_sync_engine(url).begin() as conn:
+        return add_user(conn, name, role=role, password=PASSWORD, now=lambda: NOW)
+
+
+def corrections(url: str) -> dict[uuid.UUID, tuple[str | None, str | None]]:
+    """``{log id: (corrected_intent, correction_notes)}`` of every corrected log."""
+    with db.get_sync_engine(url).connect() as conn:
+        rows = conn.execute(
+            select(LOGS.c.id, LOGS.c.corrected_intent, LOGS.c.correction_notes).where(
+                LOGS.c.corrected_intent.is_not(None)
+            )
+        )
+        return {r.id: (r.corrected_intent, r.correction_notes) for r in rows}
+
+
+def audit(url: str) -> list[Any]:
+    """Every audit row, oldest first."""
+    with db.get_sync_engine(url).connect() as conn:
+        return list(conn.execute(select(decisions).order_by(decisions.c.id)))
+
+
+def settings_for(url: str, home: Path, **kw: Any) -> WorkbenchSettings:
+    return WorkbenchSettings(home=home, database_url=url, secret_key="s" * 40, **kw)
+
+
+@pytest.fixture
+def wb_home(tmp_path: Path) -> Iterator[Path]:
+    yield make_home(tmp_path / "home")
