@@ -37,7 +37,7 @@ from capture.model_dir import (
     ServingPointer,
     read_pointer,
 )
-from capture.types import Prediction
+from capture.types import RUNNERS_UP, Prediction
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -115,7 +115,7 @@ class OnnxClassifier:
         model_dir: Path | str,
         *,
         threads: int = 1,
-        top_k: int = 3,
+        top_k: int = 1 + RUNNERS_UP,  # the intent and the runners-up the service logs
         sub_batch: int = SUB_BATCH,
     ) -> None:
         if threads < 1:
@@ -376,7 +376,7 @@ class HotReloadingClassifier:
         models_dir: Path | str,
         *,
         threads: int = 1,
-        top_k: int = 3,
+        top_k: int = 1 + RUNNERS_UP,
         interval_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], object] | None = None,

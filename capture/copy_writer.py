@@ -1,12 +1,12 @@
 """The COPY writer: applies one batch of capture-logger operations in one transaction.
 
 The capture logger (:mod:`capture.logger`) hands a writer a batch of operations (see
-:data:`capture.spool.Op`) in sequence order; ``apply`` writes them in one transaction and
+:data:`capture.spool_format.Op`) in sequence order; ``apply`` writes them in one transaction and
 returns the update operations whose log id has no row (the logger rejects those):
 
 - :class:`PostgresWriter`: a dedicated psycopg 3 connection. New rows go by binary ``COPY`` of
   the queued wire rows, with the column types of the spool's column table
-  (:data:`capture.spool.COPY_TYPES`); replays (idempotent) and roles under row-level security
+  (:data:`capture.spool_format.COPY_TYPES`); replays (idempotent) and roles under row-level security
   copy into a temp staging table and ``INSERT ... ON CONFLICT (id) DO NOTHING`` from it.
   Outcomes and corrections are the shared update statement in its batch form
   (:func:`capture.statements.update_logs` with ``batch=True``: ``UPDATE ... FROM unnest(...)``).
@@ -37,7 +37,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from capture import db, statements
 from capture.rows import Change
-from capture.spool import (
+from capture.spool_format import (
     CHANGE_TYPES,
     COPY_TYPES,
     INSERT,
@@ -91,7 +91,7 @@ class _RawJsonbDumper(_RawBinaryDumper):
 
 
 def register_wire_dumpers(adapters: AdaptersMap) -> None:
-    """Let a binary ``COPY`` with :data:`capture.spool.COPY_TYPES` take wire rows as they are
+    """Let a binary ``COPY`` with :data:`capture.spool_format.COPY_TYPES` take wire rows as they are
     (register on a cursor's or connection's ``adapters``)."""
     adapters.register_dumper(None, _RawUuidDumper)
     adapters.register_dumper(None, _RawJsonbDumper)

@@ -189,15 +189,69 @@ def current_revision(url: str | None = None) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
-def ensure_migrated(url: str | None = None) -> None:
-    """Raise :class:`DatabaseNotMigratedError` naming the fix unless the schema is at head."""
-    current, head = current_revision(url), head_revision()
-    if current != head:
-        shown = sync_url(database_url(url)).split("@")[-1]
+def display_url(url: str) -> str:
+    """``url`` without its password (for messages, logs and the spool's database identity)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+        return parsed._replace(password=None).render_as_string(hide_password=False)
+    except ArgumentError:
+        return url.rsplit("@", maxsplit=1)[-1]
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of an SQLite ``url``, resolved (``None`` for ``:memory:`` or a URL
+    that is not SQLite)."""
+    if not is_sqlite(url):
+        return None
+    path = url.split(":///", 1)[1].split("?", 1)[0] if ":///" in url else ""
+    if not path or path == ":memory:":
+        return None
+    return Path(path).expanduser().resolve()
+
+
+def require_migrated(url: str | None = None) -> str:
+    """Check that the database of ``url`` (default: the settings' database) has the schema
+    this code needs, before a command or flow reads it; returns the resolved URL.
+
+    Raises :class:`DatabaseNotMigratedError` (a ``UserError``; the CLI prints its one line and
+    exits 2) when the schema is missing or older than the head revision — the message names the
+    database and ``prompt-capture db upgrade`` — or newer than this code knows. An SQLite file
+    that does not exist is reported as such (and not created). Connection failures propagate
+    unchanged (they are I/O, see ``capture.errors.is_transient``).
+    """
+    resolved = database_url(url)
+    shown = display_url(sync_url(resolved))
+    fix = f"run `{UPGRADE_COMMAND}` (with the same PROMPT_CAPTURE_DATABASE_URL) first"
+    path = sqlite_path(resolved)
+    if path is not None and not path.exists():
         raise DatabaseNotMigratedError(
-            f"database {shown} is at schema revision {current or 'none'}, this code needs {head}; "
-            f"run `{UPGRADE_COMMAND}` (with the same PROMPT_CAPTURE_DATABASE_URL) first"
+            f"database {shown}: the file {path} does not exist (no schema); {fix}"
         )
+    current, head = current_revision(resolved), head_revision()
+    if current == head:
+        return resolved
+    if current is None:
+        raise DatabaseNotMigratedError(
+            f"database {shown} has no schema (revision none), this code needs {head}; {fix}"
+        )
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    if current not in {rev.revision for rev in script.walk_revisions()}:
+        raise DatabaseNotMigratedError(
+            f"database {shown} is at schema revision {current}, which this code does not know "
+            f"(its newest is {head}): a newer prompt-capture migrated it; run that version "
+            f"(`{UPGRADE_COMMAND}` cannot go back; `prompt-capture db current` shows both)"
+        )
+    raise DatabaseNotMigratedError(
+        f"database {shown} is at schema revision {current}, this code needs {head}; {fix}"
+    )
+
+
+def ensure_migrated(url: str | None = None) -> None:
+    """:func:`require_migrated` (the older name, kept for its callers)."""
+    require_migrated(url)
 
 
 # --------------------------------------------------------------------------- throw-away databases

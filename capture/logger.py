@@ -17,6 +17,12 @@ idempotently (ids are client-made: ``INSERT ... ON CONFLICT (id) DO NOTHING``), 
 reconnect with exponential backoff. A data error bisects the batch; the rows the database refuses
 are counted as rejected, logged, and appended to ``HOME/rejected.jsonl``. The writer never dies.
 
+The spool knows its database (:mod:`capture.spool`): segments name the database they were
+written for (first by URL; by the server's identity once the writer has reached it), and at
+start the writer replays, of the segments left by stopped processes, only those written for its
+database. The others stay where they are and ONE warning says what they hold and how to replay
+or discard them (``prompt-capture spool``).
+
 Durability modes (``settings.durability``): see ``docs/CAPTURE.md``.
 """
 
@@ -36,6 +42,7 @@ from typing import Any
 
 from capture import db
 from capture.copy_writer import SqliteWriter, Writer, make_writer
+from capture.db_identity import DatabaseIdentity, fetch_identity, identity_from_url
 from capture.rows import Change, Correction, Outcome
 from capture.settings import Settings, get_settings
 from capture.spool import (
@@ -52,11 +59,12 @@ from capture.spool import (
     Op,
     Segment,
     Spool,
-    append_rejected,
-    read_batches,
+    SpoolGroup,
+    foreign_spool_warning,
+    group_segments,
     wire_row,
-    wire_uuid,
 )
+from capture.spool_replay import ConnectionLostError, OpApplier, replay_orphans
 from capture.statements import change_set
 
 logger = logging.getLogger(__name__)
@@ -90,10 +98,6 @@ class CaptureStats:
     truncated: int
     pending: int
     connection_errors: int
-
-
-class ConnectionLostError(RuntimeError):
-    """The database could not be reached (or dropped the connection) during a write."""
 
 
 def _merged(op: Op, take: Callable[[bytes, None], tuple[Any, ...] | None]) -> Op:
@@ -131,8 +135,16 @@ class CaptureLogger:
         self._backoff = backoff
         self.application_name = application_name or f"prompt-capture-writer-{os.getpid()}"
         self._backend: Writer = make_writer(self.url, self.application_name)
-        self.spool = Spool(self.settings.spool_dir, fsync=self.durability == "fsync")
+        # The database this logger writes to; made complete (server facts) by the writer's
+        # first connection, before any spool segment of a stopped process is replayed.
+        self.identity: DatabaseIdentity = identity_from_url(self.url)
+        self.spool = Spool(
+            self.settings.spool_dir, identity=self.identity, fsync=self.durability == "fsync"
+        )
         self.rejected_path: Path = self.settings.home / REJECTED_FILE
+        self._applier = OpApplier(self._backend, self.rejected_path, self._batch_size)
+        #: Segments of other (or unknown) databases found at start and left in place.
+        self.foreign_spool: list[SpoolGroup] = []
 
         self._buffer: deque[Op] = deque()
         # Buffered mode: id bytes -> the row as it is to be written (a merged outcome or
@@ -155,9 +167,13 @@ class CaptureLogger:
         self.spooled = 0
         self.journaled = 0
         self.replayed = 0
-        self.rejected = 0
         self.truncated = 0
         self.connection_errors = 0
+
+    @property
+    def rejected(self) -> int:
+        """Operations the database refused and unreadable spool lines (see rejected.jsonl)."""
+        return self._applier.rejected
 
     # --- request side (synchronous, never waits) -------------------------------------------
 
@@ -397,6 +413,8 @@ class CaptureLogger:
                 self._orphans_done = True
             except ConnectionLostError as exc:
                 delay = await self._after_failure(exc, delay)
+        with contextlib.suppress(ConnectionLostError):  # one try: segments name the server
+            await self._current_identity()
         self._notify()
         delay = self._backoff[0]
         while True:
@@ -476,7 +494,7 @@ class CaptureLogger:
         self._inflight = batch  # if the writer is cancelled mid-write, aclose() spools it
         rejected_before = self.rejected
         try:
-            await self._write(batch, idempotent=False)
+            await self._applier.write(batch, idempotent=False)  # bisects bad rows
         except ConnectionLostError:
             self._inflight = None
             self._divert(batch)
@@ -518,57 +536,18 @@ class CaptureLogger:
             return
         self.spooled += len(ops)
 
-    async def _write(self, ops: list[Op], *, idempotent: bool) -> None:
-        """Apply ``ops``; bisect on data errors (rejecting single bad ops); raise
-        :class:`ConnectionLostError` on anything else."""
-        try:
-            unknown = await self._backend.apply(ops, idempotent=idempotent)
-        except Exception as exc:
-            kind = self._backend.classify(exc)
-            if kind == "duplicate" and not idempotent:
-                # A batch whose commit was acknowledged-lost, re-sent: insert what is missing.
-                await self._write(ops, idempotent=True)
-                return
-            if kind == "connection":
+    async def _current_identity(self) -> DatabaseIdentity:
+        """This logger's database with the server's facts (PostgreSQL: system identifier and
+        database name, fetched once); new segments record it from then on."""
+        if not self.identity.server_known:
+            try:
+                self.identity = self.spool.identity = await fetch_identity(self.url)
+            except Exception as exc:  # not reachable (or not yet): the start-up loop retries
                 raise ConnectionLostError(f"{type(exc).__name__}: {exc}") from exc
-            if len(ops) == 1:
-                self._reject(ops[0], f"{type(exc).__name__}: {exc}".strip())
-                return
-            middle = len(ops) // 2
-            await self._write(ops[:middle], idempotent=idempotent)
-            await self._write(ops[middle:], idempotent=idempotent)
-            return
-        for op in unknown:
-            log_id = op[DATA].log_id
-            self._reject(op, f"unknown log id {log_id}: no prompt log row has this id")
-
-    def _reject(self, op: Op, reason: str) -> None:
-        self.rejected += 1
-        kind, seq, data, _ = op
-        log_id = wire_uuid(data[C_ID]) if kind == INSERT else data.log_id
-        logger.error("capture writer: rejected %s %s (seq %d): %s", kind, log_id, seq, reason)
-        append_rejected(self.rejected_path, reason, op=op)
-
-    def _reject_line(self, path: Path, number: int, raw: bytes) -> None:
-        self.rejected += 1
-        append_rejected(self.rejected_path, f"unreadable spool line {path.name}:{number}", raw=raw)
-
-    async def _replay(self, segment: Segment) -> int:
-        """Apply a segment's operations idempotently, in order; returns how many were applied
-        (rejected ones not counted)."""
-        rejected_before = self.rejected
-        total = 0
-        for item in read_batches(segment.path, self._batch_size):
-            if isinstance(item, tuple):  # (line number, raw): an unreadable line
-                self._reject_line(segment.path, *item)
-                rejected_before += 1
-                continue
-            await self._write(item, idempotent=True)
-            total += len(item)
-        return total - (self.rejected - rejected_before)
+        return self.identity
 
     async def _replay_own(self, segment: Segment) -> None:
-        count = await self._replay(segment)
+        count = await self._applier.replay(segment.path)
         self.spool.pending.remove(segment)
         segment.delete()
         self.replayed += count
@@ -576,16 +555,15 @@ class CaptureLogger:
         logger.info("capture writer: replayed %d operations from %s", count, segment.path.name)
 
     async def _replay_orphans(self) -> None:
-        for segment in self.spool.orphans():
-            try:
-                count = await self._replay(segment)
-            except BaseException:
-                segment.release()
-                raise
-            segment.delete()
-            self.replayed += count
-            logger.info(
-                "capture writer: replayed %d operations left by a stopped process (%s)",
-                count,
-                segment.path.name,
-            )
+        """Replay the segments stopped processes left for this database; leave (and report
+        once, :func:`capture.spool.foreign_spool_warning`) those of other databases."""
+        foreign = await replay_orphans(
+            self.spool, self._applier, self._current_identity, self._count_replayed
+        )
+        if foreign and not self.foreign_spool:
+            self.foreign_spool = group_segments(foreign)
+            warning = foreign_spool_warning(self.spool.directory, self.foreign_spool, self.identity)
+            logger.warning("%s", warning)
+
+    def _count_replayed(self, count: int) -> None:
+        self.replayed += count

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple, TypedDict, Unpack
 
+from capture.text import check_intent_name
 from capture.types import check_confidence
 from capture.values import (
     SecondaryIntents,
@@ -200,13 +201,15 @@ def prompt_log_values(
     **context: Unpack[PromptContext],
 ) -> dict[str, Any]:
     """A validated row for :func:`capture.statements.insert_prompt_logs` (``ValueError`` names
-    the bad field)."""
+    the bad field). Text as stored (:mod:`capture.text`): ``prompt`` cleaned
+    (``clean_prompt``; empty after cleaning is refused), intent names checked
+    (``check_intent_name``), ``model_version`` cleaned (blank -> ``None``)."""
     unknown = context.keys() - PromptContext.__optional_keys__
     if unknown:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
     message_index = context.get("message_index")
-    non_empty_text(prompt, "prompt")
-    non_empty_text(predicted_intent, "predicted_intent")
+    stored_prompt = non_empty_text(prompt, "prompt")
+    intent = check_intent_name(predicted_intent, field="predicted_intent")
     check_confidence(confidence, "confidence")
     if message_index is not None and (
         isinstance(message_index, bool) or not isinstance(message_index, int) or message_index < 0
@@ -218,8 +221,8 @@ def prompt_log_values(
     return {
         "id": as_uuid(log_id, "log_id"),
         "user_id": optional_uuid(context.get("user_id"), "user_id"),
-        "prompt": prompt,
-        "predicted_intent": predicted_intent,
+        "prompt": stored_prompt,
+        "predicted_intent": intent,
         "confidence": as_real(float(confidence)),
         "secondary_intents": secondary_intents_json(secondary_intents),
         "conversation_id": optional_uuid(context.get("conversation_id"), "conversation_id"),
@@ -255,7 +258,8 @@ class Outcome(NamedTuple):
         execution_error: str | None = None,
         at: datetime,
     ) -> Outcome:
-        """A validated outcome (``ValueError`` names the bad field)."""
+        """A validated outcome (``ValueError`` names the bad field); ``workflow_type`` and
+        ``execution_error`` as stored (``capture.text.clean_notes``: blank -> ``None``)."""
         uid = as_uuid(log_id, "log_id")
         if not isinstance(was_successful, bool):
             raise ValueError(f"was_successful: expected True or False, found {was_successful!r}")
@@ -286,10 +290,12 @@ class Correction(NamedTuple):
         correction_notes: str | None = None,
         at: datetime,
     ) -> Correction:
-        """A validated correction (``ValueError`` names the bad field)."""
+        """A validated correction (``ValueError`` names the bad field): ``corrected_intent``
+        in the allowed form (``capture.text.check_intent_name``, an ``IntentNameError``
+        otherwise), ``correction_notes`` as stored (``capture.text.clean_notes``)."""
         return cls(
             as_uuid(log_id, "log_id"),
-            non_empty_text(corrected_intent, "corrected_intent"),
+            check_intent_name(corrected_intent, field="corrected_intent"),
             optional_text(correction_notes, "correction_notes"),
             to_utc(at, "corrected_at"),
         )

@@ -13,6 +13,14 @@ Usage (the spec's contract)::
 CaptureLogger`; it never awaits I/O, so logging adds microseconds, and a database outage does not
 fail requests (rows are spooled and replayed). See ``docs/CAPTURE.md``.
 
+Text hygiene is :mod:`capture.text`'s (the one owner): the prompt is stored as
+``clean_prompt`` makes it (NUL and other controls removed, lone surrogates -> U+FFFD, NFC,
+surrounding whitespace and zero-width spaces trimmed) and cut safely to ``max_prompt_chars``
+(:func:`capture.values.truncate_text`); intent names (the classifier's and a correction's) must
+be in the allowed form (``check_intent_name``); notes and other optional text as
+``clean_notes``. The prediction is logged with at most :data:`capture.types.RUNNERS_UP` (3)
+runners-up in ``secondary_intents``.
+
 The row is built once, here, in the form binary ``COPY`` sends (a tuple of atomic values, see
 :func:`capture.spool.wire_row`): the writer passes it on untouched, and the queue holds no
 objects the garbage collector has to traverse.
@@ -21,7 +29,6 @@ objects the garbage collector has to traverse.
 from __future__ import annotations
 
 import logging
-import re
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -37,31 +44,17 @@ from capture.models import PromptLog
 from capture.repository import UnknownLogIdError
 from capture.settings import Settings, get_settings
 from capture.spool import EMPTY_SECONDARY, new_row, secondary_document, uuid_bytes
-from capture.types import Classifier, NLUResult, Prediction
-from capture.values import as_uuid, optional_text, utc_now
+from capture.text import check_intent_name, clean_prompt, visible
+from capture.types import RUNNERS_UP, Classifier, NLUResult, Prediction
+from capture.values import as_uuid, optional_text, truncate_text, utc_now
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NLUService", "UnknownLogIdError", "clean_text", "create_nlu_service"]
+__all__ = ["NLUService", "UnknownLogIdError", "create_nlu_service"]
 
 Clock = Callable[[], datetime]
-_SURROGATES = re.compile("[\ud800-\udfff]")
 _INT32_MAX = 2**31 - 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def clean_text(value: str) -> str:
-    """Drop what PostgreSQL ``text`` cannot store: NUL characters and lone surrogates."""
-    if "\x00" in value:
-        value = value.replace("\x00", "")
-    if not value.isascii() and _SURROGATES.search(value):
-        value = _SURROGATES.sub("", value)
-    return value
-
-
-def _opt_text(value: object, field: str) -> str | None:
-    text = optional_text(value, field)
-    return None if text is None else clean_text(text)
 
 
 class NLUService:
@@ -119,16 +112,19 @@ class NLUService:
     ) -> NLUResult:
         """Classify ``message`` and log it; returns the prediction with its ``log_id``.
 
-        Raises ``ValueError`` (naming the field) for an empty prompt, a malformed id or index,
-        or a classifier output that cannot be logged (confidence outside [0, 1] or NaN).
-        Prompts longer than ``max_prompt_chars`` are classified whole and stored truncated.
+        Raises ``ValueError`` (naming the field) for a prompt with nothing left after
+        ``capture.text.clean_prompt``, a malformed id or index, or a classifier output that
+        cannot be logged (an intent name not in the allowed form, a confidence outside [0, 1]
+        or NaN). The classifier sees ``message`` as given; the stored prompt is the cleaned one,
+        cut to ``max_prompt_chars`` without splitting a character. ``secondary_intents`` keeps
+        the best :data:`capture.types.RUNNERS_UP` runners-up.
         """
         if not isinstance(message, str):
             raise ValueError(f"message: expected a string, found {type(message).__name__}")
-        prompt = clean_text(message)
-        if not prompt.strip():
+        prompt = clean_prompt(message)
+        if not prompt:
             raise ValueError(
-                f"message: expected a non-empty prompt, found {message[:40]!r}; "
+                f"message: expected a non-empty prompt, found {visible(message, 40)}; "
                 "send the user's text"
             )
         # (uuid.UUID arguments inlined: this is the request path)
@@ -150,8 +146,10 @@ class NLUService:
         intent = prediction.intent
         confidence = prediction.confidence
         secondary = prediction.secondary_intents
-        # Fast path: intent names seen before (already validated and clean) and float
-        # confidences in [0, 1] (NaN fails the comparison). Anything else: full validation.
+        if len(secondary) > RUNNERS_UP:
+            secondary = secondary[:RUNNERS_UP]
+        # Fast path: intent names seen before (already validated) and float confidences in
+        # [0, 1] (NaN fails the comparison). Anything else: full validation.
         names = self._clean_names
         valid = intent in names and type(confidence) is float and 0.0 <= confidence <= 1.0
         if valid:
@@ -160,10 +158,11 @@ class NLUService:
                     valid = False
                     break
         if not valid:
-            prediction.validate()
-            intent, confidence, secondary = self._normalised(prediction)
+            intent, confidence, secondary = self._normalised(
+                Prediction(intent, confidence, secondary)
+            )
         if len(prompt) > self._max_chars:
-            prompt = prompt[: self._max_chars]
+            prompt = truncate_text(prompt, self._max_chars)
             self.capture.truncated += 1
         ns = time_ns()
         id_int = uuid7.next_int(ns)
@@ -203,16 +202,15 @@ class NLUService:
     def _normalised(
         self, prediction: Prediction
     ) -> tuple[str, float, tuple[tuple[str, float], ...]]:
-        """A validated prediction with clean names and float confidences; clean names are
-        remembered so the next prediction naming them takes the fast path."""
-        intent = clean_text(prediction.intent)
-        secondary = tuple((clean_text(n), float(c)) for n, c in prediction.secondary_intents)
+        """The prediction validated (:meth:`capture.types.Prediction.normalised`: names in the
+        allowed form, float confidences); its names are remembered so the next prediction
+        naming them takes the fast path."""
+        normal = prediction.normalised()
         names = self._clean_names
         if len(names) < 10_000:  # intent names are a small, fixed set
-            for name in (intent, *(n for n, _ in secondary)):
-                if name.strip():
-                    names.add(name)
-        return intent, float(prediction.confidence), secondary
+            names.add(normal.intent)
+            names.update(name for name, _ in normal.secondary_intents)
+        return normal.intent, normal.confidence, normal.secondary_intents
 
     async def _check_known(self, log_id: uuid.UUID) -> None:
         key = log_id.bytes
@@ -258,23 +256,27 @@ class NLUService:
         lid = as_uuid(log_id, "log_id")
         if not isinstance(was_successful, bool):
             raise ValueError(f"was_successful: expected True or False, found {was_successful!r}")
-        workflow = _opt_text(workflow_type, "workflow_type")
-        error = _opt_text(execution_error, "execution_error")
+        workflow = optional_text(workflow_type, "workflow_type")
+        error = optional_text(execution_error, "execution_error")
         await self._check_known(lid)
         self.capture.submit_outcome(lid, was_successful, workflow, error, self._now())
 
     async def add_correction(
         self, log_id: uuid.UUID | str, corrected_intent: str, correction_notes: str | None = None
     ) -> None:
-        """Record a human correction of the predicted intent."""
+        """Record a human correction of the predicted intent.
+
+        ``corrected_intent`` must be in the allowed form (``capture.text.check_intent_name``;
+        surrounding whitespace is removed, anything else raises ``IntentNameError``, a
+        ``ValueError`` naming the field and the fix); ``correction_notes`` are stored as
+        ``capture.text.clean_notes`` makes them (``None`` when nothing is left). Raises
+        :class:`UnknownLogIdError` when no row has ``log_id``.
+        """
         lid = as_uuid(log_id, "log_id")
-        if not isinstance(corrected_intent, str) or not clean_text(corrected_intent).strip():
-            raise ValueError(
-                f"corrected_intent: expected a non-empty intent name, found {corrected_intent!r}"
-            )
-        notes = _opt_text(correction_notes, "correction_notes")
+        intent = check_intent_name(corrected_intent, field="corrected_intent")
+        notes = optional_text(correction_notes, "correction_notes")
         await self._check_known(lid)
-        self.capture.submit_correction(lid, clean_text(corrected_intent), notes, self._now())
+        self.capture.submit_correction(lid, intent, notes, self._now())
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until everything logged so far is committed to the database."""

@@ -7,6 +7,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from capture.text import check_intent_name
+
+#: How many runners-up the NLU service logs with each prediction (``secondary_intents``): the
+#: review workbench shows these as the top-3 alternatives. A classifier may return more (the
+#: service keeps the best ``RUNNERS_UP``) or fewer (all are kept).
+RUNNERS_UP = 3
+
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
@@ -20,20 +27,27 @@ class Prediction:
     secondary_intents: tuple[tuple[str, float], ...] = ()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field when the prediction cannot be logged."""
-        if not isinstance(self.intent, str) or not self.intent.strip():
-            raise ValueError(
-                f"Prediction.intent: expected a non-empty string, found {self.intent!r}; "
-                "fix the classifier's output"
-            )
+        """Raise ``ValueError`` naming the field when the prediction cannot be logged: an intent
+        name not in the allowed form of :func:`capture.text.check_intent_name` (surrounding
+        whitespace aside; the error is a ``capture.text.IntentNameError``), or a confidence
+        that is not a number in [0, 1]."""
+        self.normalised()
+
+    def normalised(self) -> Prediction:
+        """This prediction validated (see :meth:`validate`), with intent names stripped of
+        surrounding whitespace and confidences as ``float``; ``self`` when nothing changes."""
+        intent = check_intent_name(self.intent, field="Prediction.intent")
         check_confidence(self.confidence, "Prediction.confidence")
-        for rank, (name, conf) in enumerate(self.secondary_intents):
-            if not isinstance(name, str) or not name:
-                raise ValueError(
-                    f"Prediction.secondary_intents[{rank}]: expected (intent, confidence) with a "
-                    f"non-empty intent, found {name!r}"
-                )
-            check_confidence(conf, f"Prediction.secondary_intents[{rank}]")
+        secondary: list[tuple[str, float]] = []
+        for rank, pair in enumerate(self.secondary_intents):
+            where = f"Prediction.secondary_intents[{rank}]"
+            if not isinstance(pair, tuple | list) or len(pair) != 2:
+                raise ValueError(f"{where}: expected an (intent, confidence) pair, found {pair!r}")
+            name, conf = pair
+            check_confidence(conf, where)
+            secondary.append((check_intent_name(name, field=where), float(conf)))
+        normal = Prediction(intent, float(self.confidence), tuple(secondary))
+        return self if normal == self else normal
 
 
 def check_confidence(value: float, where: str) -> None:

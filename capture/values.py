@@ -14,6 +14,10 @@ Conventions:
   :func:`from_real` (the shortest decimal of the float4: 0.92, as PostgreSQL prints it).
 - ``secondary_intents`` is a JSON list of ``{"intent": str, "confidence": float}`` objects, best
   first (:func:`secondary_intents_json` builds it; :func:`parse_secondary_intents` reads it back).
+- Text: every text value goes through :mod:`capture.text` (the one owner of text hygiene):
+  free text by :func:`non_empty_text` / :func:`optional_text` (``clean_text``/``clean_notes``),
+  intent names by ``check_intent_name``; :func:`truncate_text` cuts a stored prompt without
+  splitting a character (grapheme cluster).
 - Every check raises ``ValueError`` naming the field, what was expected and what was found.
 """
 
@@ -22,11 +26,13 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import unicodedata
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from capture.text import check_intent_name, clean_notes, clean_text
 from capture.types import check_confidence
 
 logger = logging.getLogger(__name__)
@@ -137,19 +143,75 @@ def optional_uuid(value: uuid.UUID | str | None, field: str) -> uuid.UUID | None
 
 
 def non_empty_text(value: object, field: str) -> str:
-    """``value`` if it is a string with a non-blank character, else ``ValueError``."""
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{field}: expected a non-empty string, found {value!r}")
-    return value
+    """``value`` as stored (:func:`capture.text.clean_text`: controls and NUL removed, lone
+    surrogates -> U+FFFD, NFC, surrounding whitespace stripped); ``ValueError`` naming ``field``
+    unless it is a string with something left after cleaning."""
+    if isinstance(value, str):
+        cleaned = clean_text(value)
+        if cleaned:
+            return cleaned
+    raise ValueError(f"{field}: expected a non-empty string, found {value!r}")
 
 
 def optional_text(value: object, field: str) -> str | None:
-    """``value`` if it is a string or ``None``, else ``ValueError``."""
+    """``value`` as stored (:func:`capture.text.clean_notes`): ``None`` when it is ``None`` or
+    nothing is left after cleaning; ``ValueError`` naming ``field`` for a non-string."""
     if value is None:
         return None
     if not isinstance(value, str):
         raise ValueError(f"{field}: expected a string or None, found {value!r}")
-    return value
+    return clean_notes(value)
+
+
+# Code points that belong to the character before them (grapheme-cluster extenders): combining
+# marks (categories Mn, Mc, Me), ZWNJ/ZWJ, variation selectors, emoji modifiers and tag characters.
+_EXTEND_RANGES: tuple[tuple[int, int], ...] = (
+    (0x200C, 0x200D),
+    (0xFE00, 0xFE0F),
+    (0xFF9E, 0xFF9F),
+    (0x1F3FB, 0x1F3FF),
+    (0xE0020, 0xE007F),
+    (0xE0100, 0xE01EF),
+)
+_ZWJ = "\u200d"
+
+
+def _extends(ch: str) -> bool:
+    if unicodedata.category(ch) in ("Mn", "Mc", "Me"):
+        return True
+    cp = ord(ch)
+    return any(lo <= cp <= hi for lo, hi in _EXTEND_RANGES)
+
+
+def _regional_indicator(ch: str) -> bool:
+    return 0x1F1E6 <= ord(ch) <= 0x1F1FF
+
+
+def truncate_text(value: str, max_chars: int) -> str:
+    """``value`` (already cleaned) cut to at most ``max_chars`` code points without splitting a
+    character: the cut moves back to the start of the grapheme cluster it would split (a letter
+    and its combining accents, an emoji with its ZWJ sequence, skin tone or variation selector, a
+    flag's pair of regional indicators, CR LF), then surrounding whitespace is trimmed again
+    (:func:`capture.text.clean_text`). A Python ``str`` holds no surrogate pairs (``clean_text``
+    joined them), so no pair is split either. A single cluster longer than ``max_chars`` is cut
+    at ``max_chars``. ``value`` shorter than the limit is returned as is."""
+    if len(value) <= max_chars:
+        return value
+    cut = max_chars
+    while cut > 0 and (
+        _extends(value[cut])
+        or value[cut - 1] == _ZWJ
+        or (value[cut - 1] == "\r" and value[cut] == "\n")
+    ):
+        cut -= 1
+    if cut > 0 and _regional_indicator(value[cut]):
+        run = 0
+        while run < cut and _regional_indicator(value[cut - 1 - run]):
+            run += 1
+        cut -= run % 2  # an odd run before the cut: its last indicator pairs with value[cut]
+    if cut == 0:
+        cut = max_chars
+    return clean_text(value[:cut])
 
 
 SecondaryIntents = Iterable[tuple[str, float] | Mapping[str, Any]]
@@ -159,8 +221,9 @@ def secondary_intents_json(secondary: SecondaryIntents) -> list[dict[str, Any]]:
     """The stored JSON shape of the runners-up: ``[{"intent": str, "confidence": float}, ...]``.
 
     Accepts ``(intent, confidence)`` pairs (as in ``Prediction.secondary_intents``) or mappings
-    with those two keys; confidences are validated and stored as the shortest decimal of their
-    float4 (:func:`from_real`).
+    with those two keys; intent names must be in the allowed form
+    (:func:`capture.text.check_intent_name`, surrounding whitespace removed), confidences are
+    validated and stored as the shortest decimal of their float4 (:func:`from_real`).
     """
     out: list[dict[str, Any]] = []
     if isinstance(secondary, str | bytes):
@@ -177,9 +240,9 @@ def secondary_intents_json(secondary: SecondaryIntents) -> list[dict[str, Any]]:
             name, conf = item
         else:
             raise ValueError(f"{where}: expected an (intent, confidence) pair, found {item!r}")
-        non_empty_text(name, f"{where}.intent")
+        intent = check_intent_name(name, field=f"{where}.intent")
         check_confidence(conf, f"{where}.confidence")
-        out.append({"intent": name, "confidence": from_real(float(conf))})
+        out.append({"intent": intent, "confidence": from_real(float(conf))})
     return out
 
 

@@ -21,7 +21,9 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
 from capture.errors import UserError
@@ -285,6 +287,13 @@ def _install_handlers(app: FastAPI) -> None:
             return JSONResponse({"error": "login required", "login": "/login"}, status_code=401)
         target = quote(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
         return RedirectResponse(f"/login?next={target}", status_code=303)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # An unauthenticated request learns nothing, not even which paths exist.
+        if session_user(request) is None:
+            return _login_required(request, LoginRequired())
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(AdminRequired)
     def _admin_required(request: Request, exc: AdminRequired) -> Response:

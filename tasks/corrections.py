@@ -27,6 +27,7 @@ from sqlalchemy import Connection
 
 from capture import statements
 from capture.db import database_url, get_sync_engine
+from capture.files import make_private_dir, write_text_atomic
 from capture.model_dir import METADATA_FILE
 from capture.offline_statements import ID_CHUNK, select_known_intents, select_logs_by_id
 from tasks.registry import current_model_dir, model_labels
@@ -225,7 +226,7 @@ def inbox_files(inbox: Path) -> list[Path]:
 
 
 def _unique_target(folder: Path, name: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+    make_private_dir(folder)  # reviewed files hold raw prompts
     target = folder / name
     if not target.exists():
         return target
@@ -235,13 +236,14 @@ def _unique_target(folder: Path, name: str) -> Path:
 
 def file_away(path: Path, result: ImportResult, inbox: Path) -> Path:
     """Move an imported inbox file to ``processed/``, or a rejected one to ``rejected/`` with a
-    ``<name>.reason.txt`` next to it. Returns the new path."""
+    ``<name>.reason.txt`` next to it (both folders and the reason are private: 0700/0600).
+    Returns the new path."""
     folder = inbox / ("processed" if result.ok else "rejected")
     target = _unique_target(folder, path.name)
     shutil.move(str(path), target)
     if not result.ok:
         reason = target.with_name(target.name + ".reason.txt")
-        reason.write_text(result.summary() + "\n" + result.reasons() + "\n", encoding="utf-8")
+        write_text_atomic(reason, result.summary() + "\n" + result.reasons() + "\n", private=True)
     return target
 
 

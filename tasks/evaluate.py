@@ -441,7 +441,8 @@ def evaluate_model(
     ``predictor`` (anything with ``labels`` and ``predict_proba``) overrides the backend choice.
     ``backend="auto"`` uses ``model.onnx`` (``capture.classifier.OnnxClassifier``) when the
     directory has one and the torch model otherwise; with ONNX, ``latency_ms_p50`` is the median
-    single-prompt ``predict`` latency over about 200 prompts.
+    single-prompt ``predict`` latency over about 200 prompts. Raises
+    ``capture.model_dir.ModelDirError`` when the directory's metadata is missing or malformed.
     """
     d = Path(model_dir)
     meta = ModelMetadata.read(d)

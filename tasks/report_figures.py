@@ -13,7 +13,6 @@ Over the last ``days`` days (``created_at > now - days``):
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -150,18 +149,12 @@ _MACRO_F1_PATHS = (
 )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return data if isinstance(data, dict) else {}
-
-
 def model_history(models_dir: Path) -> list[ModelPoint]:
     """Every registry version with its creation time and evaluation accuracy, oldest first.
 
     Accuracy is read from metrics.json (the weekly cycle's evaluation) and falls back to the
-    ``metrics`` of metadata.json (the training run's own evaluation).
+    ``metrics`` of metadata.json (the training run's own evaluation), both as
+    ``tasks.registry.list_models`` reads them.
     """
     from tasks.registry import list_models
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import jinja2
@@ -189,14 +189,53 @@ def _success_section(data: ReportData, top_intents: int) -> Section:
     return Section("success", "Workflow success rate by intent", note, blocks)
 
 
-def _per_day(data: ReportData, counted: str, plot: Image, table: Table) -> list[Block]:
-    """``plot``, then ``table`` filled with one row per UTC day: the day, its prompts, the
-    count ``counted`` (a :class:`~capture.offline_statements.DailyCounts` field) and its share."""
+@dataclass(frozen=True, slots=True)
+class _DailyRate:
+    """A per-day rate of :class:`~capture.offline_statements.DailyCounts`: ``counted`` (a
+    count field) over the day's prompts, plotted from ``rate`` (its rate property)."""
+
+    counted: str
+    rate: str
+    color: str
+    axis: str  # the plot's y label
+    alt: str
+    table_id: str
+    headers: tuple[str, str, str, str]
+
+
+_CORRECTION_RATE = _DailyRate(
+    "corrections",
+    "correction_rate",
+    ORANGE,
+    "corrected (%)",
+    "correction rate per day",
+    "correction-daily-table",
+    ("day", "prompts", "corrected", "correction rate"),
+)
+_LOW_CONFIDENCE_RATE = _DailyRate(
+    "low_confidence",
+    "low_confidence_rate",
+    RED,
+    "low confidence (%)",
+    "low-confidence rate per day",
+    "low-confidence-table",
+    ("day", "prompts", "low confidence", "rate"),
+)
+
+
+def _per_day(data: ReportData, what: _DailyRate) -> list[Block]:
+    """The plot of a daily rate, then its table: day, prompts, count, share."""
     rows = [
-        (d.day.isoformat(), d.total, getattr(d, counted), share_text(getattr(d, counted), d.total))
+        (
+            d.day.isoformat(),
+            d.total,
+            getattr(d, what.counted),
+            share_text(getattr(d, what.counted), d.total),
+        )
         for d in data.daily
     ]
-    return [plot, replace(table, rows=rows)]
+    plot = plot_daily_rate(data.daily, what.rate, what.color, what.axis)
+    return [Image(plot, what.alt), Table(what.table_id, what.headers, rows)]
 
 
 def _corrections_section(data: ReportData) -> Section:
@@ -224,15 +263,7 @@ def _corrections_section(data: ReportData) -> Section:
             f"Overall: {o.corrections:,} of {o.total:,} prompts corrected "
             f"({share_text(o.corrections, o.total)})."
         ),
-        *_per_day(
-            data,
-            "corrections",
-            Image(
-                plot_daily_rate(data.daily, "correction_rate", ORANGE, "corrected (%)"),
-                "correction rate per day",
-            ),
-            Table("correction-daily-table", ["day", "prompts", "corrected", "correction rate"], []),
-        ),
+        *_per_day(data, _CORRECTION_RATE),
         per_intent,
     ]
     return Section("corrections", "Correction rate", blocks=blocks)
@@ -242,15 +273,7 @@ def _low_confidence_section(data: ReportData) -> Section:
     note = f"Share of prompts with confidence below {data.low_confidence_threshold:g} (UTC days)."
     if not data.total:
         return Section("low-confidence", "Low-confidence rate per day", note, _no_traffic(data))
-    blocks = _per_day(
-        data,
-        "low_confidence",
-        Image(
-            plot_daily_rate(data.daily, "low_confidence_rate", RED, "low confidence (%)"),
-            "low-confidence rate per day",
-        ),
-        Table("low-confidence-table", ["day", "prompts", "low confidence", "rate"], []),
-    )
+    blocks = _per_day(data, _LOW_CONFIDENCE_RATE)
     return Section("low-confidence", "Low-confidence rate per day", note, blocks)
 
 

@@ -134,7 +134,8 @@ def claim_next(
 ) -> uuid.UUID | None:
     """Lease the next free pending item of an open round to ``reviewer``; its id, or None when
     nothing is left for this reviewer. The caller commits (at once: the lease is then visible)."""
-    free = _lease_free(now)
+    # Free, or already this reviewer's (an undo re-leases an item while the next one is held).
+    free = or_(_lease_free(now), items.c.lease_owner == reviewer.id)
     pick = (
         select(items.c.id)
         .where(

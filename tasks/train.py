@@ -242,20 +242,15 @@ def train_model(
     W, b = _final_head(encoder, texts, y, n_labels=len(labels), cos_head=cos_head, config=config)
     calibration = _calibrate(encoder, val, W, b, cos_head=cos_head, labels=labels, config=config)
     metrics = {"train_examples": len(rows), "steps": steps, **calibration.metrics}
-    metadata = ModelMetadata(
-        version=_make_version(W, config, labels),
-        labels=tuple(labels),
-        oos_label=config.oos_label,
-        oos_threshold=calibration.oos_threshold,
-        temperature=calibration.temperature,
-        base_model=_base_model_name(base_model, parent),
-        parent_version=parent.version if parent is not None else None,
-        created_at=datetime.now(UTC).isoformat(),
-        hyperparameters=asdict(config),
-        metrics=metrics,
-        max_seq_length=config.max_seq_length,
-        embedding_dim=W.shape[1],
-        extra={"train_seconds": round(train_seconds, 1)},
+    metadata = _model_metadata(
+        W,
+        labels,
+        calibration,
+        metrics,
+        config,
+        base_model=base_model,
+        parent=parent,
+        train_seconds=train_seconds,
     )
     _write_model_dir(out, encoder, Head(W, calibration.bias), metadata)
     total = time.perf_counter() - t_start
@@ -457,6 +452,36 @@ def _calibrate(
         threshold,
     )
     return _Calibration(temperature, threshold, b, metrics)
+
+
+def _model_metadata(
+    W: np.ndarray,
+    labels: list[str],
+    calibration: _Calibration,
+    metrics: dict[str, Any],
+    config: TrainConfig,
+    *,
+    base_model: str | os.PathLike[str] | None,
+    parent: ModelMetadata | None,
+    train_seconds: float,
+) -> ModelMetadata:
+    """The metadata of the trained model; its version hashes the head, config and labels.
+    ``train_seconds`` (the fine-tuning time) is kept as an extra key, as it always was."""
+    return ModelMetadata(
+        version=_make_version(W, config, labels),
+        labels=tuple(labels),
+        oos_label=config.oos_label,
+        oos_threshold=calibration.oos_threshold,
+        temperature=calibration.temperature,
+        base_model=_base_model_name(base_model, parent),
+        parent_version=parent.version if parent is not None else None,
+        created_at=datetime.now(UTC).isoformat(),
+        hyperparameters=asdict(config),
+        metrics=metrics,
+        max_seq_length=config.max_seq_length,
+        embedding_dim=W.shape[1],
+        extra={"train_seconds": round(train_seconds, 1)},
+    )
 
 
 def _base_model_name(

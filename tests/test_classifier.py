@@ -23,7 +23,7 @@ from capture.classifier import (
     load_serving_classifier,
 )
 from capture.settings import get_settings
-from capture.types import Classifier, Prediction
+from capture.types import RUNNERS_UP, Classifier, Prediction
 from tests.model_fixtures import (  # noqa: F401  (fixtures)
     FIXTURE_LABELS,
     base_model_path,
@@ -80,14 +80,14 @@ def test_loads_metadata_and_predicts_the_right_intents(classifier: OnnxClassifie
         assert prediction.intent == expected, prompt
         probs = classifier.predict_proba([prompt])[0]
         assert prediction.confidence == pytest.approx(float(probs.max()))
-        # top_k=3: two runners-up, ranked, never the intent itself.
-        assert len(prediction.secondary_intents) == 2
+        # The default top_k (1 + RUNNERS_UP): three runners-up, ranked, never the intent.
+        assert len(prediction.secondary_intents) == RUNNERS_UP == 3
         names = [name for name, _ in prediction.secondary_intents]
         confs = [conf for _, conf in prediction.secondary_intents]
         assert expected not in names and confs == sorted(confs, reverse=True)
         assert confs[0] <= prediction.confidence
         order = np.argsort(-probs)
-        assert names == [FIXTURE_LABELS[i] for i in order[1:3]]
+        assert names == [FIXTURE_LABELS[i] for i in order[1 : 1 + RUNNERS_UP]]
 
 
 def test_batch_matches_single_predictions(classifier: OnnxClassifier) -> None:

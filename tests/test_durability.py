@@ -335,8 +335,9 @@ async def test_a_damaged_segment_left_by_a_crash_is_replayed_as_far_as_it_can_be
     short by the crash is skipped; the segment is removed afterwards."""
     from datetime import UTC, datetime
 
+    from capture.db_identity import identity_from_url
     from capture.ids import uuid7
-    from capture.spool import INSERT, encode_op, make_op
+    from capture.spool import INSERT, encode_header, encode_op, make_op
 
     home = tmp_path / "home"
     spool = home / "spool"
@@ -347,7 +348,10 @@ async def test_a_damaged_segment_left_by_a_crash_is_replayed_as_far_as_it_can_be
     torn = encode_op(make_op(INSERT, 3, [uuid7(), *good[1:]]))[:-10]
     bad_line = b'{"v": 1, "op": "insert", "seq": 2, "row": [1,\n'
     (spool / f"{uuid7().hex}-999999-{1:012d}.jsonl").write_bytes(
-        encode_op(make_op(INSERT, 1, good)) + bad_line + torn
+        encode_header(identity_from_url(db_url))  # written for this database
+        + encode_op(make_op(INSERT, 1, good))
+        + bad_line
+        + torn
     )
     service = create_nlu_service(
         FixedClassifier(), url=db_url, settings=capture_settings(db_url, home)

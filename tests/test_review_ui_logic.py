@@ -9,9 +9,11 @@ import uuid
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import create_engine, select, update
+from sqlalchemy.pool import NullPool
 
 from capture import db
 from tasks.review_decide import decide, settle, undo_last
@@ -31,35 +33,51 @@ from tests.test_review_ui_support import (
     NOW,
     PASSWORD,
     audit,
+    clean_workbench_tables,
     corrections,
+    make_home,
     make_user,
+    make_users,
     seed_logs,
-    wb_home,  # noqa: F401
-    workbench_db,  # noqa: F401
 )
+
+
+@pytest.fixture
+def workbench_db(db_url: str) -> str:
+    """``db_url`` (both databases) with the logs and the workbench tables empty."""
+    clean_workbench_tables(db_url)
+    return db_url
+
+
+@pytest.fixture
+def wb_home(tmp_path: Path) -> Path:
+    return make_home(tmp_path / "home")
+
 
 CATALOG = Catalog(frozenset(LABELS), "oos", "1")
 
 
-def _open(url: str, **kw: object) -> uuid.UUID:
+def _open(url: str, **kw: Any) -> uuid.UUID:
     with db.get_sync_engine(url).begin() as conn:
-        return open_round(conn, now=NOW, **kw).id  # type: ignore[arg-type]
+        return open_round(conn, now=NOW, **kw).id
 
 
-def _claim(url: str, round_id: uuid.UUID, user: ReviewUser, now=NOW) -> uuid.UUID | None:  # type: ignore[no-untyped-def]
+def _claim(url: str, round_id: uuid.UUID, user: ReviewUser, now=NOW) -> uuid.UUID | None:
     with db.get_sync_engine(url).begin() as conn:
         return claim_next(conn, round_id, user, now=now)
 
 
-def _decide(url: str, item_id: uuid.UUID, user: ReviewUser, action: str, **kw: object):  # type: ignore[no-untyped-def]
+def _decide(url: str, item_id: uuid.UUID, user: ReviewUser, action: str, **kw: Any):
     with db.get_sync_engine(url).begin() as conn:
-        return decide(conn, item_id, user, action=action, catalog=CATALOG, now=NOW, **kw)  # type: ignore[arg-type]
+        return decide(conn, item_id, user, action=action, catalog=CATALOG, now=NOW, **kw)
 
 
-def _items(url: str, round_id: uuid.UUID) -> list:  # type: ignore[type-arg]
+def _items(url: str, round_id: uuid.UUID) -> list:
     with db.get_sync_engine(url).connect() as conn:
         return list(
-            conn.execute(select(items).where(items.c.round_id == round_id).order_by(items.c.position))
+            conn.execute(
+                select(items).where(items.c.round_id == round_id).order_by(items.c.position)
+            )
         )
 
 
@@ -111,15 +129,25 @@ def test_item_view_scrubs_pii_unless_raw_and_shows_context(workbench_db: str) ->
 def test_fifty_concurrent_claims_never_get_the_same_item(workbench_db: str) -> None:
     seed_logs(workbench_db, 40)
     round_id = _open(workbench_db, limit=100, double_review_share=0.0)
-    users = [make_user(workbench_db, f"r{i:02d}") for i in range(50)]
+    users = make_users(workbench_db, [f"r{i:02d}" for i in range(50)])
     got: dict[str, uuid.UUID | None] = {}
     errors: list[BaseException] = []
     barrier = threading.Barrier(50)
 
+    # Fifty connections at once (no pool limit), each claiming in its own transaction.
+    url = db.sync_url(workbench_db)
+    engine = create_engine(
+        url,
+        poolclass=NullPool,
+        connect_args={"timeout": 60} if db.is_sqlite(url) else {},
+    )
+
     def claim(user: ReviewUser) -> None:
         try:
-            barrier.wait()
-            got[user.name] = _claim(workbench_db, round_id, user)
+            with engine.connect() as conn:
+                barrier.wait()
+                got[user.name] = claim_next(conn, round_id, user, now=NOW)
+                conn.commit()
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -172,9 +200,11 @@ def test_final_decision_rule_nothing_pending_reaches_corrected_intent(workbench_
     second = _decide(workbench_db, item, bob, "correct", intent="banking")
     assert (second.state, second.final) == ("disputed", False)
     assert corrections(workbench_db) == {}
-    with pytest.raises(ReviewError, match="only an admin"):
-        with db.get_sync_engine(workbench_db).begin() as conn:
-            settle(conn, item, bob, "banking", catalog=CATALOG, now=NOW)
+    with (
+        pytest.raises(ReviewError, match="only an admin"),
+        db.get_sync_engine(workbench_db).begin() as conn,
+    ):
+        settle(conn, item, bob, "banking", catalog=CATALOG, now=NOW)
     with db.get_sync_engine(workbench_db).begin() as conn:
         settled = settle(conn, item, admin, "weather", catalog=CATALOG, now=NOW)
     assert settled.final
@@ -206,9 +236,11 @@ def test_single_review_is_final_and_undo_writes_a_new_audit_row(workbench_db: st
     assert again.final
     with db.get_sync_engine(workbench_db).begin() as conn:
         undo_last(conn, round_id, alice, now=NOW)
-    with pytest.raises(ReviewError, match="nothing to undo"):
-        with db.get_sync_engine(workbench_db).begin() as conn:
-            undo_last(conn, round_id, alice, now=NOW)
+    with (
+        pytest.raises(ReviewError, match="nothing to undo"),
+        db.get_sync_engine(workbench_db).begin() as conn,
+    ):
+        undo_last(conn, round_id, alice, now=NOW)
 
 
 def test_group_decision_corrects_every_member_with_the_group_id(workbench_db: str) -> None:
@@ -246,9 +278,7 @@ def test_workbench_corrections_meet_the_import_validation(workbench_db: str) -> 
     # The log was deleted meanwhile (retention): the import's "no logged prompt" rule refuses.
     log_id = next(r.log_id for r in _items(workbench_db, round_id) if r.id == item)
     with db.get_sync_engine(workbench_db).begin() as conn:
-        conn.execute(
-            update(items).where(items.c.id == item).values(log_id=uuid.uuid4())
-        )
+        conn.execute(update(items).where(items.c.id == item).values(log_id=uuid.uuid4()))
     with pytest.raises(ReviewError, match="deleted"):
         _decide(workbench_db, item, alice, "confirm")
     assert corrections(workbench_db) == {} and log_id

@@ -1,23 +1,21 @@
 """Shared helpers of the review workbench tests (no tests here): seeded logs, users, a catalogue.
 
-``workbench_db``: the ``db_url`` database (SQLite and PostgreSQL) with the workbench tables
-emptied too. ``seed_logs`` writes prompts the review selection picks (low confidence, runners-up,
-a conversation, exact duplicates); ``make_home`` writes a registry whose serving model's labels
-are the catalogue.
+Each test module defines its fixtures from these (``workbench_db``: the ``db_url`` database,
+SQLite and PostgreSQL, with the workbench tables emptied too; ``wb_home``). ``seed_logs`` writes
+prompts the review selection picks (low confidence, runners-up, a conversation, exact
+duplicates); ``make_home`` writes a registry whose serving model's labels are the catalogue.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import pytest
-from sqlalchemy import delete, insert, select
+from sqlalchemy import Table, delete, insert, select
 
 from capture import db
 from capture.models import PromptLog
@@ -26,7 +24,7 @@ from review_ui.settings import WorkbenchSettings
 from tasks.review_tables import TABLES, decisions
 from tasks.review_users import ReviewUser, add_user
 
-LOGS = PromptLog.__table__
+LOGS = cast(Table, PromptLog.__table__)
 LABELS = ("banking", "calendar", "music", "weather", "oos")
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 PASSWORD = "correct horse battery"
@@ -39,19 +37,27 @@ def clean_workbench_tables(url: str) -> None:
             conn.execute(delete(table))
 
 
-@pytest.fixture
-def workbench_db(db_url: str) -> str:
-    """``db_url`` (both databases) with the logs and the workbench tables empty."""
-    clean_workbench_tables(db_url)
-    return db_url
-
-
 def make_home(root: Path, labels: tuple[str, ...] = LABELS) -> Path:
     """A PROMPT_CAPTURE_HOME whose serving model (version 1) has ``labels``."""
     model = root / "models" / "1"
     model.mkdir(parents=True, exist_ok=True)
     (model / "metadata.json").write_text(
-        json.dumps({"version": "1", "labels": list(labels), "oos_label": "oos"}),
+        json.dumps(
+            {
+                "version": "1",
+                "labels": list(labels),
+                "oos_label": "oos",
+                "oos_threshold": None,
+                "temperature": 1.0,
+                "base_model": "fixture",
+                "parent_version": None,
+                "created_at": "2026-11-20T00:00:00+00:00",
+                "hyperparameters": {},
+                "metrics": {},
+                "max_seq_length": 64,
+                "embedding_dim": 8,
+            }
+        ),
         encoding="utf-8",
     )
     (root / "models" / "current").write_text("1\n", encoding="utf-8")
@@ -150,6 +156,34 @@ def make_user(url: str, name: str, role: str = "reviewer") -> ReviewUser:
         return add_user(conn, name, role=role, password=PASSWORD, now=lambda: NOW)
 
 
+def make_users(url: str, names: list[str], role: str = "reviewer") -> list[ReviewUser]:
+    """Many users at once, sharing one argon2 hash of ``PASSWORD`` (hashing is slow on purpose)."""
+    from argon2 import PasswordHasher
+
+    from capture.ids import uuid7
+    from tasks.review_tables import users
+
+    hashed = PasswordHasher().hash(PASSWORD)
+    made = [ReviewUser(uuid7(), name, role) for name in names]
+    with db.get_sync_engine(url).begin() as conn:
+        conn.execute(
+            insert(users),
+            [
+                {
+                    "id": u.id,
+                    "name": u.name,
+                    "role": role,
+                    "password_hash": hashed,
+                    "active": True,
+                    "created_at": NOW,
+                    "updated_at": NOW,
+                }
+                for u in made
+            ],
+        )
+    return made
+
+
 def corrections(url: str) -> dict[uuid.UUID, tuple[str | None, str | None]]:
     """``{log id: (corrected_intent, correction_notes)}`` of every corrected log."""
     with db.get_sync_engine(url).connect() as conn:
@@ -169,8 +203,3 @@ def audit(url: str) -> list[Any]:
 
 def settings_for(url: str, home: Path, **kw: Any) -> WorkbenchSettings:
     return WorkbenchSettings(home=home, database_url=url, secret_key="s" * 40, **kw)
-
-
-@pytest.fixture
-def wb_home(tmp_path: Path) -> Iterator[Path]:
-    yield make_home(tmp_path / "home")

@@ -42,6 +42,10 @@ async def test_empty_prompt_is_refused(service: NLUService, message: str) -> Non
         (Prediction("weather", math.nan), "Prediction.confidence"),
         (Prediction("weather", 0.5, (("news", math.inf),)), r"Prediction.secondary_intents\[0\]"),
         (Prediction("", 0.5), "Prediction.intent"),
+        # Intent names must be in the allowed form (capture.text); never silently rewritten.
+        (Prediction("weather\x00", 0.5), r"Prediction.intent: .*'weather\\x00'.*write 'weather'"),
+        (Prediction("Weather", 0.5), "Prediction.intent: .*uppercase"),
+        (Prediction("weather", 0.5, (("news\u200b", 0.1),)), r"secondary_intents\[0\]: .*200B"),
     ],
 )
 async def test_bad_classifier_output_is_refused(
@@ -121,7 +125,8 @@ async def test_huge_nul_and_surrogate_prompts_are_stored_cleaned(
     assert rows[big.log_id]["prompt"] == megabyte[:1000]
     assert rows[nul.log_id]["prompt"] == "call mom"
     assert rows[nul.log_id]["execution_error"] == "bad number"
-    assert rows[lone.log_id]["prompt"] == "caf at noon "
+    # capture.text: a lone surrogate becomes U+FFFD (a visible trace; it used to be dropped).
+    assert rows[lone.log_id]["prompt"] == "caf\ufffd at noon \ufffd"
     stats = service.stats()
     assert (stats.truncated, stats.rejected, stats.written) == (1, 0, 3)
     # The writer keeps going after all of that.
@@ -139,8 +144,8 @@ async def test_unmigrated_database_is_refused(tmp_path: Path) -> None:
 async def test_unusual_but_valid_classifier_output_is_normalised(
     db_url: str, tmp_path: Path
 ) -> None:
-    """Integer confidences and names with NUL characters take the validating slow path."""
-    classifier = FixedClassifier(prediction=Prediction("weather\x00", 1, (("news", 0),)))
+    """Integer confidences and names with surrounding blanks take the validating slow path."""
+    classifier = FixedClassifier(prediction=Prediction(" weather\n", 1, (("news ", 0),)))
     service = create_nlu_service(
         classifier, url=db_url, settings=capture_settings(db_url, tmp_path / "home")
     )

@@ -1,4 +1,4 @@
-"""Wire rows (the logger's in-memory rows) and the spool line format, versions 1 and 2."""
+"""Wire rows (the logger's in-memory rows) and the spool line format, versions 1 to 3."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from capture.spool import (
     C_USER,
     COPY_TYPES,
     EMPTY_SECONDARY,
+    FORMAT_VERSION,
     INSERT,
     OUTCOME,
     ROW_COLUMNS,
@@ -100,7 +101,7 @@ def test_insert_line_round_trip() -> None:
     row = wire_row(python_values())
     line = encode_op(make_op(INSERT, 7, row))
     record = orjson.loads(line)
-    assert record["v"] == 2 and record["seq"] == 7
+    assert record["v"] == FORMAT_VERSION == 3 and record["seq"] == 7
     assert record["row"][C_ID] == str(LOG_ID)  # readable: UUIDs as text
     assert record["row"][C_SECONDARY][0] == {"intent": "calendar_event", "confidence": 0.125}
     kind, seq, data, segment = decode_op(line)
@@ -127,4 +128,4 @@ def test_outcome_line_round_trip_and_unknown_versions() -> None:
     _, seq, data, _ = decode_op(encode_op(op))
     assert seq == 9 and list(data) == [LOG_ID, False, "calls", "timeout", AT]
     with pytest.raises(ValueError, match="spool record of version"):
-        decode_op(b'{"v": 3, "op": "insert", "seq": 1, "row": []}\n')
+        decode_op(b'{"v": 99, "op": "insert", "seq": 1, "row": []}\n')
