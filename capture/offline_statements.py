@@ -213,8 +213,12 @@ def _utc_date_postgresql(element: utc_date, compiler: SQLCompiler, **kw: Any) ->
     return f"CAST(timezone('UTC', {compiler.process(element.clauses, **kw)}) AS DATE)"
 
 
-def _after(since: datetime | None) -> tuple[ColumnElement[bool], ...]:
-    return () if since is None else (C.created_at > to_utc(since, "since"),)
+def _after(
+    since: datetime | None, until: datetime | None = None
+) -> tuple[ColumnElement[bool], ...]:
+    """``created_at`` in ``(since, until]`` (either end open when None)."""
+    after = () if since is None else (C.created_at > to_utc(since, "since"),)
+    return after + (() if until is None else (C.created_at <= to_utc(until, "until"),))
 
 
 def _between(start: datetime, end: datetime) -> tuple[ColumnElement[bool], ...]:
@@ -222,12 +226,15 @@ def _between(start: datetime, end: datetime) -> tuple[ColumnElement[bool], ...]:
     return (C.created_at > to_utc(start, "start"), C.created_at <= to_utc(end, "end"))
 
 
-def select_daily_counts(*, since: datetime | None, low_confidence_threshold: float) -> AnySelect:
-    """:class:`DailyCounts` per UTC day of the rows after ``since``, oldest day first."""
+def select_daily_counts(
+    *, since: datetime | None, low_confidence_threshold: float, until: datetime | None = None
+) -> AnySelect:
+    """:class:`DailyCounts` per UTC day of the rows created in ``(since, until]``, oldest day
+    first."""
     day = utc_date(C.created_at).label("day")
     return (
         select(day, *count_columns(low_confidence_threshold))
-        .where(*_after(since))
+        .where(*_after(since, until))
         .group_by(day)
         .order_by(day)
     )
@@ -256,10 +263,13 @@ def select_intent_traffic(*, start: datetime, end: datetime) -> AnySelect:
 # --------------------------------------------------------------------------- review export
 
 
-def select_review_candidates(*, confidence_below: float, since: datetime | None) -> AnySelect:
-    """Uncorrected prompts after ``since`` with ``confidence < confidence_below`` or a failed
-    workflow, oldest first: ``id, prompt, predicted_intent, confidence, secondary_intents,
-    was_successful, created_at`` (``tasks.review_select.ReviewCandidate.from_row``)."""
+def select_review_candidates(
+    *, confidence_below: float, since: datetime | None, until: datetime | None = None
+) -> AnySelect:
+    """Uncorrected prompts created in ``(since, until]`` with ``confidence < confidence_below``
+    or a failed workflow, oldest first: ``id, prompt, predicted_intent, confidence,
+    secondary_intents, was_successful, created_at``
+    (``tasks.review_select.ReviewCandidate.from_row``)."""
     return (
         select(
             C.id,
@@ -272,7 +282,7 @@ def select_review_candidates(*, confidence_below: float, since: datetime | None)
         )
         .where(C.corrected_intent.is_(None))
         .where(or_(C.confidence < confidence_below, C.was_successful.is_(False)))
-        .where(*_after(since))
+        .where(*_after(since, until))
         .order_by(C.created_at, C.id)
     )
 
@@ -347,9 +357,10 @@ def insert_training_examples(*, postgres: bool) -> Insert:
 # --------------------------------------------------------------------------- training export
 
 
-def select_training_store(*, since: datetime | None) -> AnySelect:
+def select_training_store(*, since: datetime | None, until: datetime | None = None) -> AnySelect:
     """``prompt, label, confidence, source, corrected`` of the anonymised training store, oldest
-    week first; with ``since``, the weeks starting on or after its (UTC) date."""
+    week first; with ``since``, the weeks starting on or after its (UTC) date; with ``until``,
+    the weeks starting on or before its (UTC) date."""
     stmt = select(
         EXAMPLES.c.prompt,
         EXAMPLES.c.label,
@@ -359,4 +370,6 @@ def select_training_store(*, since: datetime | None) -> AnySelect:
     ).order_by(EXAMPLES.c.week, EXAMPLES.c.created_at, EXAMPLES.c.id)
     if since is not None:
         stmt = stmt.where(EXAMPLES.c.week >= to_utc(since, "since").date())
+    if until is not None:
+        stmt = stmt.where(EXAMPLES.c.week <= to_utc(until, "until").date())
     return stmt

@@ -16,6 +16,12 @@ Stored shapes:
 - ``id`` is a client-made UUIDv7 (:data:`capture.ids.uuid7`) unless the caller passes one.
 - ``secondary_intents`` is a JSON list of ``{"intent": str, "confidence": float}`` objects, best
   first (the capture logger writes the same shape); read back as ``(intent, confidence)`` pairs.
+- Text goes through :mod:`capture.text` (via :mod:`capture.rows`), as the NLU service's does:
+  ``prompt`` as ``clean_prompt`` makes it (refused when nothing is left), ``correction_notes``,
+  ``workflow_type``, ``execution_error`` as ``clean_notes`` (blank -> ``None``), and
+  ``predicted_intent``, the runners-up and ``corrected_intent`` must be in the allowed form of
+  ``check_intent_name`` (``IntentNameError``, a ``ValueError``, otherwise). SQLite and
+  PostgreSQL therefore store the same strings.
 - ``confidence`` is stored rounded to float4 (``as_real``) on both databases.
 - Timestamps are written from the injected clock as UTC and read back timezone-aware UTC.
 
@@ -451,5 +457,5 @@ def create_nlu_repository(url: str | None = None, *, clock: Clock = utc_now) -> 
     Raises :class:`capture.db.DatabaseNotMigratedError` (naming ``prompt-capture db upgrade``)
     unless the schema is at the head revision.
     """
-    db.ensure_migrated(url)
+    db.require_migrated(url)
     return NLURepository(db.get_engine(url), clock=clock)

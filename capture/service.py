@@ -316,7 +316,7 @@ def create_nlu_service(
     """
     settings = settings or get_settings()
     resolved = db.database_url(url) if url else settings.resolved_database_url
-    db.ensure_migrated(resolved)
+    db.require_migrated(resolved)
     capture = CaptureLogger(
         resolved, settings=settings, application_name=application_name, sleep=sleep
     )

@@ -318,10 +318,10 @@ def find_group(groups: list[SpoolGroup], key: str) -> SpoolGroup:
     if len(found) == 1:
         return found[0]
     known = ", ".join(g.key for g in groups) or "none: the spool is empty"
-    problem = "matches several groups" if found else "is not a spool group"
+    problem = "matches several spool groups" if found else "is not a spool group id"
     raise SpoolError(
-        f"spool group {key!r} {problem} (groups: {known}); `prompt-capture spool list` shows "
-        "each group's database"
+        f"{key!r} {problem} (groups: {known}); `prompt-capture spool list` shows each group's "
+        "database"
     )
 
 

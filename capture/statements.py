@@ -113,10 +113,13 @@ AnySelect = Select[*tuple[Any, ...]]
 _SelectT = TypeVar("_SelectT", bound=AnySelect)
 
 
-def _window(stmt: _SelectT, since: datetime | None) -> _SelectT:
-    if since is None:
-        return stmt
-    return stmt.where(C.created_at > to_utc(since, "since"))
+def _window(stmt: _SelectT, since: datetime | None, until: datetime | None = None) -> _SelectT:
+    """``created_at`` in ``(since, until]`` (either end open when None)."""
+    if since is not None:
+        stmt = stmt.where(C.created_at > to_utc(since, "since"))
+    if until is not None:
+        stmt = stmt.where(C.created_at <= to_utc(until, "until"))
+    return stmt
 
 
 def _check_limit(limit: int) -> int:
@@ -182,10 +185,11 @@ def select_failed_workflows(*, limit: int = 100, since: datetime | None = None) 
 
 
 def select_for_retraining(
-    *, min_confidence: float = 0.9, since: datetime | None = None
+    *, min_confidence: float = 0.9, since: datetime | None = None, until: datetime | None = None
 ) -> AnySelect:
     """Corrected prompts, plus uncorrected ones with ``confidence >= min_confidence`` whose
-    workflow did not fail; oldest first. Map rows with :func:`map_retraining_row`.
+    workflow did not fail, created in ``(since, until]``; oldest first. Map rows with
+    :func:`map_retraining_row`.
 
     Large: sync callers should stream it (``execution_options(yield_per=5000)``).
     """
@@ -209,26 +213,33 @@ def select_for_retraining(
         )
         .order_by(C.created_at.asc(), C.id.asc())
     )
-    return _window(stmt, since)
+    return _window(stmt, since, until)
 
 
 def select_confidence_distribution(
-    *, since: datetime | None = None, cover: StatsCover | None = None
+    *,
+    since: datetime | None = None,
+    cover: StatsCover | None = None,
+    until: datetime | None = None,
 ) -> AnySelect:
     """Row counts per confidence rounded to one decimal, highest bucket first.
 
     With a ``cover`` (:func:`capture.stats_rollup.load_stats_cover`) the same rows come from the
     rollup plus the raw rows the rollup does not hold; without one, from the raw table.
+    ``until`` (raw table only) ends the window: ``created_at <= until``.
     """
     if cover is not None:
         return _rollup_confidence_distribution(_checked_cover(cover, since))
     tenths = confidence_tenths(C.confidence).label("conf_tenths")
     stmt = select(tenths, func.count().label("count")).group_by(tenths)
-    return _window(stmt, since).order_by(tenths.desc().nulls_last())
+    return _window(stmt, since, until).order_by(tenths.desc().nulls_last())
 
 
 def select_intent_distribution(
-    *, since: datetime | None = None, cover: StatsCover | None = None
+    *,
+    since: datetime | None = None,
+    cover: StatsCover | None = None,
+    until: datetime | None = None,
 ) -> AnySelect:
     """Per predicted intent: rows, average confidence, corrections; most frequent first.
     ``cover``: read the rollup where it can (as :func:`select_confidence_distribution`).
@@ -247,12 +258,14 @@ def select_intent_distribution(
             func.avg(C.confidence).label("avg_conf"),
         ).group_by(C.predicted_intent),
         since,
+        until,
     ).subquery("totals")
     corrections = _window(
         select(C.predicted_intent, func.count().label("corrections"))
         .where(C.corrected_intent.is_not(None))
         .group_by(C.predicted_intent),
         since,
+        until,
     ).subquery("corrections")
     return (
         select(
@@ -271,7 +284,10 @@ def select_intent_distribution(
 
 
 def select_success_rate_by_intent(
-    *, since: datetime | None = None, cover: StatsCover | None = None
+    *,
+    since: datetime | None = None,
+    cover: StatsCover | None = None,
+    until: datetime | None = None,
 ) -> AnySelect:
     """Per predicted intent with a known outcome: total, successes, success rate (tenths of a
     percent, half up); lowest rate first. ``cover``: as :func:`select_confidence_distribution`."""
@@ -290,7 +306,7 @@ def select_success_rate_by_intent(
         .where(C.was_successful.is_not(None))
         .group_by(C.predicted_intent)
     )
-    return _window(stmt, since).order_by(rate_tenths.asc(), C.predicted_intent.asc())
+    return _window(stmt, since, until).order_by(rate_tenths.asc(), C.predicted_intent.asc())
 
 
 # --------------------------------------------------------------------------- updates

@@ -183,6 +183,11 @@ def _extends(ch: str) -> bool:
     return any(lo <= cp <= hi for lo, hi in _EXTEND_RANGES)
 
 
+def _conjunct(before: str, after: str) -> bool:
+    """An Indic conjunct: a virama (combining class 9), then a letter."""
+    return unicodedata.combining(before) == 9 and unicodedata.category(after) == "Lo"
+
+
 def _regional_indicator(ch: str) -> bool:
     return 0x1F1E6 <= ord(ch) <= 0x1F1FF
 
@@ -191,10 +196,11 @@ def truncate_text(value: str, max_chars: int) -> str:
     """``value`` (already cleaned) cut to at most ``max_chars`` code points without splitting a
     character: the cut moves back to the start of the grapheme cluster it would split (a letter
     and its combining accents, an emoji with its ZWJ sequence, skin tone or variation selector, a
-    flag's pair of regional indicators, CR LF), then surrounding whitespace is trimmed again
-    (:func:`capture.text.clean_text`). A Python ``str`` holds no surrogate pairs (``clean_text``
-    joined them), so no pair is split either. A single cluster longer than ``max_chars`` is cut
-    at ``max_chars``. ``value`` shorter than the limit is returned as is."""
+    flag's pair of regional indicators, an Indic conjunct joined by a virama, CR LF), then
+    surrounding whitespace is trimmed again (:func:`capture.text.clean_text`). A Python ``str``
+    holds no surrogate pairs (``clean_text`` joined them), so no pair is split either. A single
+    cluster longer than ``max_chars`` is cut at ``max_chars``. A ``value`` within the limit is
+    returned as is."""
     if len(value) <= max_chars:
         return value
     cut = max_chars
@@ -202,6 +208,7 @@ def truncate_text(value: str, max_chars: int) -> str:
         _extends(value[cut])
         or value[cut - 1] == _ZWJ
         or (value[cut - 1] == "\r" and value[cut] == "\n")
+        or _conjunct(value[cut - 1], value[cut])
     ):
         cut -= 1
     if cut > 0 and _regional_indicator(value[cut]):

@@ -17,7 +17,14 @@ import typer
 from typer.core import TyperGroup
 
 from capture.errors import UserError
-from deployments import commands_db, commands_flows, commands_model, commands_ops
+from deployments import (
+    commands_db,
+    commands_flows,
+    commands_model,
+    commands_ops,
+    review_commands,
+    spool_commands,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +70,8 @@ commands_db.register(app)  # db upgrade / downgrade / current / refresh-stats
 commands_model.register(app)  # train, evaluate, convert-to-pairs, models, rollback
 commands_flows.register(app)  # export, import-corrections, cycle, serve, demo
 commands_ops.register(app)  # report, retention, monitor, demo-traffic, simulate
-# The reviewers' workbench commands (deployments/review_commands.py, issue 14) register here
-# the same way: `review_commands.register(app)`.
+review_commands.register(app)  # review-ui, review-user, review-round (the reviewers' workbench)
+spool_commands.register(app)  # spool list / replay / discard
 
 
 def main() -> None:

@@ -32,6 +32,8 @@ class DeploymentSpec:
     schedules: list[dict[str, Any]] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
     description: str | None = None
+    # ``concurrency_limit``: {limit, collision_strategy} (or an int), as `prefect deploy` reads it
+    concurrency_limit: dict[str, Any] | int | None = None
 
 
 def read_specs(path: Path = PREFECT_YAML) -> list[DeploymentSpec]:
@@ -55,6 +57,7 @@ def read_specs(path: Path = PREFECT_YAML) -> list[DeploymentSpec]:
                 schedules=list(entry.get("schedules") or []),
                 tags=list(entry.get("tags") or []),
                 description=entry.get("description"),
+                concurrency_limit=entry.get("concurrency_limit"),
             )
         )
     return specs
@@ -106,6 +109,17 @@ def to_schedules(spec: DeploymentSpec) -> list[Any]:
     return out
 
 
+def to_concurrency_limit(spec: DeploymentSpec) -> Any:
+    """The spec's ``concurrency_limit`` as ``to_deployment`` takes it (an int, a
+    ``ConcurrencyLimitConfig``, or None)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+
+    raw = spec.concurrency_limit
+    if raw is None or isinstance(raw, int):
+        return raw
+    return ConcurrencyLimitConfig.model_validate(raw)
+
+
 def build_deployments(specs: list[DeploymentSpec]) -> list[Any]:
     """``RunnerDeployment`` objects for ``serve``, parameters validated against each flow."""
     deployments = []
@@ -119,6 +133,7 @@ def build_deployments(specs: list[DeploymentSpec]) -> list[Any]:
                 schedules=to_schedules(spec),
                 tags=spec.tags,
                 description=spec.description,
+                concurrency_limit=to_concurrency_limit(spec),
             )
         )
     return deployments

@@ -12,7 +12,13 @@ from prefect import flow, get_run_logger
 
 from capture.settings import get_settings
 from tasks.deploy import DeployResult, choose_version, export_for_serving
-from tasks.registry import deploy_task, is_deployable, rollback_task, version_dir
+from tasks.registry import (
+    deploy_task,
+    is_deployable,
+    registry_lock,
+    rollback_task,
+    version_dir,
+)
 from tasks.run_settings import resolve_run_settings
 
 logger = logging.getLogger(__name__)
@@ -29,21 +35,24 @@ def deploy_flow(
 ) -> DeployResult:
     """Export ``version`` (default: the newest one the gate did not reject) to ONNX when needed
     and make it the serving version. ``validation_data`` (default ``home/data/base_val.jsonl``)
-    holds the texts of the int8 parity check; ``home`` defaults to PROMPT_CAPTURE_HOME."""
+    holds the texts of the int8 parity check; ``home`` defaults to PROMPT_CAPTURE_HOME. Holds the
+    registry lock from choosing the version to the switch."""
     run_logger = get_run_logger()
     layout = resolve_run_settings(get_settings(), home=home).layout
-    target = choose_version(layout.models_dir, version, allow_rejected=allow_rejected)
-    export = None
-    if not is_deployable(target):
-        validation = layout.optional_file(validation_data, "val")
-        export = export_for_serving(target, quantize=quantize, validation_data=validation)
-        run_logger.info(
-            "exported version %s to ONNX (%s, agreement %.4f)",
-            target.name,
-            export.published,
-            export.agreement,
-        )
-    previous = deploy_task(layout.models_dir, target.name)
+    # Held from choosing the version to the switch (re-entered inside the weekly cycle).
+    with registry_lock(layout.models_dir):
+        target = choose_version(layout.models_dir, version, allow_rejected=allow_rejected)
+        export = None
+        if not is_deployable(target):
+            validation = layout.optional_file(validation_data, "val")
+            export = export_for_serving(target, quantize=quantize, validation_data=validation)
+            run_logger.info(
+                "exported version %s to ONNX (%s, agreement %.4f)",
+                target.name,
+                export.published,
+                export.agreement,
+            )
+        previous = deploy_task(layout.models_dir, target.name)
     run_logger.info("now serving version %s (was %s)", target.name, previous)
     return DeployResult(version=target.name, previous=previous, model_dir=target, export=export)
 
@@ -51,7 +60,8 @@ def deploy_flow(
 @flow(name="rollback")
 def rollback_flow(to: str | None = None, home: str | None = None) -> DeployResult:
     """Serve ``to`` (default: the newest deployable, not rejected version older than the
-    current one); ``home`` defaults to PROMPT_CAPTURE_HOME."""
+    current one); ``home`` defaults to PROMPT_CAPTURE_HOME. ``tasks.registry.rollback`` holds
+    the registry lock."""
     layout = resolve_run_settings(get_settings(), home=home).layout
     previous, now = rollback_task(layout.models_dir, to)
     get_run_logger().info("rolled back from version %s to %s", previous, now)

@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from capture.settings import get_settings
 from tasks.gate import GateRules
-from tasks.registry import current_model_dir, next_version
+from tasks.registry import current_model_dir, next_version, registry_lock
 from tasks.retrain import (
     RetrainResult,
     gate_challenger,
@@ -51,7 +51,8 @@ def retrain_flow(
 
     ``training_data`` defaults to the newest retraining export; ``test_data`` and ``val_data``
     to ``home/data/base_test.jsonl`` and ``base_val.jsonl`` when present; ``holdout_data`` to
-    the export's ``.holdout.jsonl``. ``home`` defaults to PROMPT_CAPTURE_HOME.
+    the export's ``.holdout.jsonl``. ``home`` defaults to PROMPT_CAPTURE_HOME. Holds the
+    registry lock from choosing the version to publishing it.
     """
     layout = resolve_run_settings(get_settings(), home=home).layout
     rules = GateRules(
@@ -66,35 +67,39 @@ def retrain_flow(
         val_data=val_data,
         pairs_data=pairs_data,
     )
-    champion = current_model_dir(layout.models_dir)
-    base_model = champion if warm_start else None
-    version = next_version(layout.models_dir)
-    get_run_logger().info(
-        "training challenger %s (warm start from %s)",
-        version,
-        base_model.name if base_model is not None else "the bundled base model",
-    )
-    trained = train_challenger(
-        inputs.training_data,
-        inputs.val_data,
-        layout.work_dir / f"candidate-{version}",
-        base_model=base_model,
-        pairs_data=inputs.pairs_data,
-        hyperparameters=hyperparameters,
-    )
-    scores = score_models(champion, trained, inputs.eval_sets())
-    decision = gate_challenger(scores, rules)
-    result = publish_challenger(
-        trained,
-        layout.models_dir,
-        version=version,
-        champion=champion,
-        warm_start=warm_start,
-        decision=decision,
-        scores=scores,
-        inputs=inputs,
-        hyperparameters=hyperparameters,
-    )
+    # Held from choosing the version and champion to publishing: no other run takes the same
+    # version or changes the champion while this one trains and scores (re-entered when the
+    # weekly cycle holds it already).
+    with registry_lock(layout.models_dir):
+        champion = current_model_dir(layout.models_dir)
+        base_model = champion if warm_start else None
+        version = next_version(layout.models_dir)
+        get_run_logger().info(
+            "training challenger %s (warm start from %s)",
+            version,
+            base_model.name if base_model is not None else "the bundled base model",
+        )
+        trained = train_challenger(
+            inputs.training_data,
+            inputs.val_data,
+            layout.work_dir / f"candidate-{version}",
+            base_model=base_model,
+            pairs_data=inputs.pairs_data,
+            hyperparameters=hyperparameters,
+        )
+        scores = score_models(champion, trained, inputs.eval_sets())
+        decision = gate_challenger(scores, rules)
+        result = publish_challenger(
+            trained,
+            layout.models_dir,
+            version=version,
+            champion=champion,
+            warm_start=warm_start,
+            decision=decision,
+            scores=scores,
+            inputs=inputs,
+            hyperparameters=hyperparameters,
+        )
     create_markdown_artifact(
         key=MODEL_CARD_KEY,
         markdown=result.card_markdown,

@@ -22,6 +22,7 @@ from flows.pairs import pairs_flow
 from flows.retrain import retrain_flow
 from flows.training_data import training_data_flow
 from tasks.monitor import record_cycle_success
+from tasks.registry import registry_lock
 from tasks.report import publish_monitoring_artifact
 from tasks.run_settings import resolve_run_settings
 from tasks.weekly import WEEKLY_SUMMARY_KEY, WeeklyResult, cycle_message, summary_markdown
@@ -54,47 +55,54 @@ def weekly_cycle(
     It ends by publishing the monitoring figures of the last ``monitoring_days`` as artifacts
     and recording the success time that the monitor flow's staleness check reads. ``home``
     defaults to PROMPT_CAPTURE_HOME; the database to ``database_url`` (no password), the Secret
-    block ``database_secret``, PROMPT_CAPTURE_DATABASE_URL, or the home's SQLite file.
+    block ``database_secret``, PROMPT_CAPTURE_DATABASE_URL, or the home's SQLite file. From the
+    inbox to the deploy it holds the registry lock (``tasks.registry_lock``): a second cycle,
+    retrain, deploy or rollback waits for it (and says for whom).
     """
     run = resolve_run_settings(
         get_settings(), home=home, database_url=database_url, database_secret=database_secret
     )
     where = str(run.home)  # subflows get this home and the database parameters given here
-    corrections = (
-        corrections_flow(home=where, database_url=database_url, database_secret=database_secret)
-        if import_inbox
-        else None
-    )
-    data = training_data_flow(
-        days=days,
-        min_confidence=min_confidence,
-        holdout_fraction=holdout_fraction,
-        home=where,
-        database_url=database_url,
-        database_secret=database_secret,
-    )
-    pairs = pairs_flow(input=str(data.path), max_pairs=max_pairs, home=where)
-    retrain = retrain_flow(
-        str(data.path),
-        holdout_data=str(data.holdout_path),
-        pairs_data=str(pairs.output) if pairs.pairs else None,
-        warm_start=warm_start,
-        hyperparameters=hyperparameters,
-        max_overall_drop=max_overall_drop,
-        max_intent_drop=max_intent_drop,
-        min_support=min_support,
-        home=where,
-    )
-    deployed = (
-        deploy_flow(retrain.version, quantize=quantize, home=where)
-        if retrain.promote and deploy
-        else None
-    )
+    # One run at a time changes the registry: the challenger's version is reserved, trained,
+    # gated against the champion serving now, published and deployed with nobody in between.
+    # The retrain and deploy subflows re-enter this lock (same thread). Nothing in here waits
+    # for a person.
+    with registry_lock(run.layout.models_dir):
+        corrections = (
+            corrections_flow(home=where, database_url=database_url, database_secret=database_secret)
+            if import_inbox
+            else None
+        )
+        data = training_data_flow(
+            days=days,
+            min_confidence=min_confidence,
+            holdout_fraction=holdout_fraction,
+            home=where,
+            database_url=database_url,
+            database_secret=database_secret,
+        )
+        pairs = pairs_flow(input=str(data.path), max_pairs=max_pairs, home=where)
+        retrain = retrain_flow(
+            str(data.path),
+            holdout_data=str(data.holdout_path),
+            pairs_data=str(pairs.output) if pairs.pairs else None,
+            warm_start=warm_start,
+            hyperparameters=hyperparameters,
+            max_overall_drop=max_overall_drop,
+            max_intent_drop=max_intent_drop,
+            min_support=min_support,
+            home=where,
+        )
+        deployed = (
+            deploy_flow(retrain.version, quantize=quantize, home=where)
+            if retrain.promote and deploy
+            else None
+        )
     message = cycle_message(retrain, deployed)
     get_run_logger().info(message)
     create_markdown_artifact(
         key=WEEKLY_SUMMARY_KEY,
-        markdown=summary_markdown(message, data, pairs),
+        markdown=summary_markdown(message, data, pairs, corrections),
         description=message[:200],
     )
     monitoring = publish_monitoring_artifact(

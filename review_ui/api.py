@@ -123,7 +123,7 @@ def api_decide(request: Request, body: DecideBody, user: CurrentUser) -> JSONRes
             round_id = _round_of(conn, body.item_id)
             nxt = _next_view(wb, conn, round_id, user, body.raw) if round_id else None
             return JSONResponse({"error": str(exc), "item": nxt}, status_code=409)
-        conn.commit()
+        # The decision and the next lease commit together (one WAL flush on PostgreSQL).
         nxt = _next_view(wb, conn, result.round_id, user, body.raw, resume=False)
     return JSONResponse(
         {
@@ -151,7 +151,6 @@ def api_skip(request: Request, body: ItemBody, user: CurrentUser) -> JSONRespons
             found = _round_of(conn, body.item_id)
             nxt = _next_view(wb, conn, found, user, body.raw) if found else None
             return JSONResponse({"error": str(exc), "item": nxt}, status_code=409)
-        conn.commit()
         nxt = _next_view(wb, conn, round_id, user, body.raw, resume=False)
     return JSONResponse({"item": nxt})
 

@@ -2,7 +2,8 @@
 
 - Sessions: Starlette's ``SessionMiddleware`` (an itsdangerous-signed cookie, ``HttpOnly``,
   ``SameSite=Lax``, ``Secure`` with ``https_only``) holding the user id and the CSRF token.
-  The user is looked up on every request, so disabling a user ends their sessions at once.
+  The user is looked up on every request (cached 5 s), so disabling a user ends their sessions
+  within seconds.
 - CSRF: every state-changing request (anything but GET/HEAD/OPTIONS) must carry the session's
   token in the ``X-CSRF-Token`` header or a ``csrf_token`` form field, else 403.
 - Unauthenticated requests get nothing but the login page: pages redirect to ``/login``, API
@@ -22,7 +23,7 @@ from fastapi import Depends, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from review_ui.state import Workbench
-from tasks.review_users import ReviewUser, get_user
+from tasks.review_users import ReviewUser
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,7 @@ def session_user(request: Request) -> ReviewUser | None:
         user_id = uuid.UUID(raw)
     except ValueError:
         return None
-    with workbench(request).engine.connect() as conn:
-        return get_user(conn, user_id)
+    return workbench(request).user(user_id)
 
 
 def require_user(request: Request) -> ReviewUser:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -17,10 +18,12 @@ from sqlalchemy import Connection, Engine
 from capture.db import get_sync_engine
 from review_ui.settings import WorkbenchSettings
 from tasks.review_queue import Catalog, load_catalog
+from tasks.review_users import ReviewUser, get_user
 
 logger = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+USER_TTL_SECONDS = 5.0
 
 
 def utc_now() -> datetime:
@@ -41,6 +44,7 @@ class Workbench:
             trim_blocks=True,
             lstrip_blocks=True,
         )
+        self._users: dict[uuid.UUID, tuple[ReviewUser | None, float]] = {}
         self._catalog: Catalog | None = None
         self._catalog_at = 0.0
         self._lock = threading.Lock()
@@ -54,6 +58,22 @@ class Workbench:
             except BaseException:
                 conn.rollback()
                 raise
+
+    def user(self, user_id: uuid.UUID) -> ReviewUser | None:
+        """The active user ``user_id`` (None: unknown or disabled), cached for
+        ``USER_TTL_SECONDS``: disabling a user ends their sessions within that time."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._users.get(user_id)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        with self.engine.connect() as conn:
+            found = get_user(conn, user_id)
+        with self._lock:
+            if len(self._users) > 10_000:
+                self._users.clear()
+            self._users[user_id] = (found, now + USER_TTL_SECONDS)
+        return found
 
     def catalog(self, conn: Connection | None = None, *, fresh: bool = False) -> Catalog:
         """The intent catalogue (cached for ``catalog_ttl_seconds``)."""

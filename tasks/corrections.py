@@ -1,13 +1,27 @@
 """Corrections import: reviewed files (the spec's ``review`` format) back into the database.
 
-The file format and its row rules are :mod:`tasks.review_file`'s (:func:`read_corrections`);
-here the rows are checked against the database — the logged prompt exists, the intent is in the
-catalog (the serving model's labels, else the intents the logs know) unless
-``allow_new_intent``, one prompt is not corrected to two intents — and applied all or nothing, in
-one transaction: one bad row and nothing changes. Rows whose ``corrected_intent`` is empty were
-not reviewed and are skipped (not rejected). Importing the same file twice changes nothing the
-second time (``unchanged``). The statements are ``capture.offline_statements``'
-``select_logs_by_id`` and ``select_known_intents`` and ``capture.statements.update_correction``.
+The file format and its row rules are :mod:`tasks.review_file`'s (:func:`read_corrections`: read
+by ``tasks.input_files``, notes cleaned by ``capture.text.clean_notes``); here the rows are
+checked against the database and applied all or nothing, in one transaction: one bad row and
+nothing changes. Checked per row:
+
+- the logged prompt exists;
+- the intent, through ``capture.text.IntentCatalogue`` over the catalog (the serving model's
+  labels, else the intents the logs know): a known intent is taken as the catalog names it; a
+  new one needs ``allow_new_intent`` AND the documented form (snake_case: ``a-z``, ``0-9``,
+  single ``_``), and is refused, naming the existing intent, when it differs from one only by
+  case, spacing or invisible characters (``Music_Play`` beside ``music_play``);
+- one id is given one answer: the same id twice with a different intent or different notes is
+  reported on each of its rows (nothing is chosen silently); the same answer twice is applied
+  once and counted ``unchanged``;
+- one prompt is not corrected to two intents.
+
+Rows whose ``corrected_intent`` is empty were not reviewed and are skipped (not rejected).
+Importing the same file twice changes nothing the second time (``unchanged``). A file the
+reader cannot use at all is one problem on row 0; in the inbox it goes to ``rejected/`` with its
+reason and the other files are still imported. The statements are
+``capture.offline_statements``' ``select_logs_by_id`` and ``select_known_intents`` and
+``capture.statements.update_correction``.
 """
 
 from __future__ import annotations
@@ -16,22 +30,22 @@ import logging
 import shutil
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from sqlalchemy import Connection
+from sqlalchemy.exc import DataError
 
 from capture import statements
 from capture.db import database_url, get_sync_engine
 from capture.files import make_private_dir, write_text_atomic
 from capture.model_dir import METADATA_FILE
 from capture.offline_statements import ID_CHUNK, select_known_intents, select_logs_by_id
+from capture.text import IntentCatalogue, IntentNameError, visible
 from tasks.registry import current_model_dir, model_labels
-from tasks.retry import retry_on_io
+from tasks.retry import io_task
 from tasks.review_file import (
     MAX_NOTES_CHARS,
     Correction,
@@ -52,6 +66,7 @@ __all__ = [
     "file_away_task",
     "import_corrections",
     "import_corrections_task",
+    "import_summary_markdown",
     "import_table",
     "inbox_files",
     "intent_catalog",
@@ -116,17 +131,54 @@ def intent_catalog(conn: Connection, models_dir: Path | None) -> set[str]:
     return known_intents(conn)
 
 
+def _id_conflicts(corrections: Sequence[Correction]) -> list[RowProblem]:
+    """Rows that give one id two different answers (intent or notes): each is reported, none
+    is chosen. The same answer twice is not a conflict (the second is ``unchanged``)."""
+    by_id: dict[uuid.UUID, list[Correction]] = {}
+    for c in corrections:
+        by_id.setdefault(c.log_id, []).append(c)
+    problems: list[RowProblem] = []
+    for log_id, group in by_id.items():
+        answers = {(c.corrected_intent, c.notes) for c in group}
+        if len(answers) < 2:
+            continue
+        rows = ", ".join(str(c.row) for c in group)
+        intents = {c.corrected_intent for c in group}
+        differs = [
+            name
+            for name, values in (("corrected_intent", intents), ("notes", {c.notes for c in group}))
+            if len(values) > 1
+        ]
+        shown = ", ".join(visible(i) for i in sorted(intents))
+        for c in group:
+            problems.append(
+                RowProblem(
+                    c.row,
+                    differs[0],
+                    f"this id is in rows {rows} with different {' and '.join(differs)} "
+                    f"(intents {shown}); keep one row per id (merge the notes into it)",
+                    str(log_id),
+                )
+            )
+    return problems
+
+
 def _validate(
     corrections: list[Correction],
     logs: dict[uuid.UUID, Any],
     catalog: set[str],
     allow_new_intent: bool,
-) -> list[RowProblem]:
+) -> tuple[list[Correction], list[RowProblem]]:
+    """The corrections with their intent as the catalogue names it, and the problems: an id no
+    log has, an intent the catalogue refuses (``capture.text.IntentCatalogue.check``: unknown
+    without ``allow_new_intent``, a new name differing from an existing one only by case,
+    spacing or invisible characters, a name outside the documented form), one id given two
+    answers, one prompt corrected to two intents."""
+    checker = IntentCatalogue(catalog)
     problems: list[RowProblem] = []
-    by_prompt: dict[str, list[Correction]] = {}
+    checked: list[Correction] = []
     for c in corrections:
-        log = logs.get(c.log_id)
-        if log is None:
+        if c.log_id not in logs:
             problems.append(
                 RowProblem(
                     c.row,
@@ -136,23 +188,25 @@ def _validate(
                 )
             )
             continue
-        if not allow_new_intent and c.corrected_intent not in catalog:
-            problems.append(
-                RowProblem(
-                    c.row,
-                    "corrected_intent",
-                    f"{c.corrected_intent!r} is not a known intent (catalog: "
-                    f"{', '.join(sorted(catalog)) or 'empty'}); fix the spelling, or pass "
-                    "--allow-new-intent to add a new intent",
-                    str(c.log_id),
-                )
-            )
-        by_prompt.setdefault(" ".join(log.prompt.lower().split()), []).append(c)
+        try:
+            intent = checker.check(c.corrected_intent, allow_new=allow_new_intent)
+        except IntentNameError as exc:
+            problems.append(RowProblem(c.row, "corrected_intent", exc.detail, str(c.log_id)))
+            continue
+        checked.append(replace(c, corrected_intent=intent))
+    conflicts = _id_conflicts(checked)
+    problems.extend(conflicts)
+    flagged = {p.row for p in conflicts}
+    by_prompt: dict[str, dict[uuid.UUID, Correction]] = {}
+    for c in checked:
+        if c.row not in flagged:
+            prompt = " ".join(logs[c.log_id].prompt.lower().split())
+            by_prompt.setdefault(prompt, {}).setdefault(c.log_id, c)
     for group in by_prompt.values():
-        intents = {c.corrected_intent for c in group}
+        intents = {c.corrected_intent for c in group.values()}
         if len(intents) > 1:
-            rows = ", ".join(str(c.row) for c in group)
-            for c in group:
+            rows = ", ".join(str(c.row) for c in group.values())
+            for c in group.values():
                 problems.append(
                     RowProblem(
                         c.row,
@@ -162,7 +216,7 @@ def _validate(
                         str(c.log_id),
                     )
                 )
-    return sorted(problems, key=lambda p: p.row)
+    return checked, sorted(problems, key=lambda p: p.row)
 
 
 def import_corrections(
@@ -177,45 +231,68 @@ def import_corrections(
     """Validate ``path`` and apply its corrections in one transaction, all or nothing.
 
     ``catalog`` defaults to :func:`intent_catalog` (the serving model's labels under
-    ``models_dir``, else the intents in the database).
+    ``models_dir``, else the intents in the database). Whatever the file holds, the answer is an
+    :class:`ImportResult`: a file that cannot be read is one problem on row 0, bad rows are
+    problems by row, and a value the database still refuses (``DataError``) rejects the file
+    with that message; only a path that is not a file raises (``InputFileError``, a
+    ``UserError``), and I/O or connection failures propagate (the task retries those).
     """
     result = ImportResult(file=str(path))
     corrections, result.not_reviewed, problems = read_corrections(path)
     result.rejected.extend(problems)
-    with get_sync_engine(database_url(url)).begin() as conn:
-        logs = _fetch_logs(conn, (c.log_id for c in corrections))
-        allowed = catalog if catalog is not None else intent_catalog(conn, models_dir)
-        result.rejected.extend(_validate(corrections, logs, allowed, allow_new_intent))
-        if result.rejected:
-            result.rejected.sort(key=lambda p: p.row)
-            logger.warning("%s", result.summary())
-            return result
-        seen: set[uuid.UUID] = set()
-        changes: list[dict[str, Any]] = []
-        for c in corrections:
-            if c.log_id in seen:
-                result.unchanged += 1
-                continue
-            seen.add(c.log_id)
-            log = logs[c.log_id]
-            if log.corrected_intent == c.corrected_intent and log.correction_notes == c.notes:
-                result.unchanged += 1
-                continue
-            changes.append({"id": c.log_id, "intent": c.corrected_intent, "notes": c.notes})
-        stamp = now()
-        for change in changes:
-            conn.execute(
-                statements.update_correction(
-                    change["id"],
-                    corrected_intent=change["intent"],
-                    correction_notes=change["notes"],
-                    corrected_at=stamp,
-                )
-            )
-        result.applied = len(changes)
-        result.applied_ids = [str(c["id"]) for c in changes]
+    try:
+        with get_sync_engine(database_url(url)).begin() as conn:
+            logs = _fetch_logs(conn, (c.log_id for c in corrections))
+            allowed = catalog if catalog is not None else intent_catalog(conn, models_dir)
+            checked, problems = _validate(corrections, logs, allowed, allow_new_intent)
+            result.rejected.extend(problems)
+            if result.rejected:
+                result.rejected.sort(key=lambda p: p.row)
+                logger.warning("%s", result.summary())
+                return result
+            _apply(conn, checked, logs, result, now())
+    except DataError as exc:  # a value of this file the database refuses: reject the file
+        result.applied, result.applied_ids = 0, []
+        detail = visible(str(exc.orig or exc).splitlines()[0], 200)
+        result.rejected.append(
+            RowProblem(0, "-", f"the database refused a value of this file ({detail}); fix it")
+        )
+        logger.warning("%s", result.summary())
+        return result
     logger.info("%s", result.summary())
     return result
+
+
+def _apply(
+    conn: Connection,
+    corrections: Sequence[Correction],
+    logs: dict[uuid.UUID, Any],
+    result: ImportResult,
+    stamp: datetime,
+) -> None:
+    """Write the corrections that change something; count the rest as ``unchanged``."""
+    seen: set[uuid.UUID] = set()
+    changes: list[Correction] = []
+    for c in corrections:
+        log = logs[c.log_id]
+        if c.log_id in seen or (
+            log.corrected_intent == c.corrected_intent and log.correction_notes == c.notes
+        ):
+            result.unchanged += 1
+            continue
+        seen.add(c.log_id)
+        changes.append(c)
+    for c in changes:
+        conn.execute(
+            statements.update_correction(
+                c.log_id,
+                corrected_intent=c.corrected_intent,
+                correction_notes=c.notes,
+                corrected_at=stamp,
+            )
+        )
+    result.applied = len(changes)
+    result.applied_ids = [str(c.log_id) for c in changes]
 
 
 def inbox_files(inbox: Path) -> list[Path]:
@@ -263,21 +340,28 @@ def import_table(results: Sequence[ImportResult]) -> list[dict[str, Any]]:
     ]
 
 
-import_corrections_task = task(
-    cache_policy=NO_CACHE,
-    name="import-corrections",
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_on_io,
-)(import_corrections)
-list_inbox_task = task(cache_policy=NO_CACHE, name="list-inbox")(inbox_files)
-file_away_task = task(
-    cache_policy=NO_CACHE,
-    name="file-away",
-    retries=2,
-    retry_delay_seconds=1,
-    retry_condition_fn=retry_on_io,
-)(file_away)
+import_corrections_task = io_task(import_corrections, name="import-corrections")
+list_inbox_task = io_task(inbox_files, name="list-inbox", retry_delay_seconds=1)
+file_away_task = io_task(file_away, name="file-away", retry_delay_seconds=1)
+
+
+def import_summary_markdown(results: Sequence[ImportResult] | None) -> str:
+    """Markdown lines of an inbox import for a run's summary artifact: the counts, then one
+    line per rejected file (moved to ``inbox/rejected/``) with its first reasons; ``""`` when
+    the inbox was not drained (``results`` None)."""
+    if not results:
+        return "- corrections: no files in the inbox\n" if results is not None else ""
+    rejected = [r for r in results if not r.ok]
+    applied = sum(r.applied for r in results)
+    lines = [
+        f"- corrections: {len(results)} file(s), {applied} correction(s) applied, "
+        f"{len(rejected)} file(s) rejected\n"
+    ]
+    for r in rejected:
+        first = "; ".join(str(p) for p in r.rejected[:3])
+        more = f" (and {len(r.rejected) - 3} more)" if len(r.rejected) > 3 else ""
+        lines.append(f"  - REJECTED `{Path(r.file).name}` (moved to `rejected/`): {first}{more}\n")
+    return "".join(lines)
 
 
 def validate_correction_rows(
@@ -297,5 +381,5 @@ def validate_correction_rows(
     """
     corrections, _not_reviewed, problems = corrections_from_rows(enumerate(rows, start=1))
     logs = _fetch_logs(conn, (c.log_id for c in corrections))
-    problems.extend(_validate(corrections, logs, catalog, allow_new_intent))
-    return corrections, sorted(problems, key=lambda p: p.row)
+    checked, more = _validate(corrections, logs, catalog, allow_new_intent)
+    return checked, sorted(problems + more, key=lambda p: p.row)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
+from capture.errors import UserError
 from capture.model_dir import ENCODER_DIR, MODEL_FILE, ModelMetadata, read_trained
 from capture.types import Prediction
 from tasks.records import Record
@@ -410,6 +411,24 @@ class TorchModel:
 # evaluation entry points
 
 
+class EvaluationError(UserError, ValueError):
+    """The evaluation cannot run as asked; the message names the input and the fix."""
+
+
+def _warn_unknown_labels(model_dir: Path, meta: ModelMetadata, records: Sequence[Record]) -> None:
+    known = {*meta.labels, meta.oos_label}
+    unknown = Counter(r.label for r in records if r.label not in known)
+    if unknown:
+        logger.warning(
+            "%s does not know %d label(s) of the evaluation data: %s (%d rows); they count as "
+            "errors. Is this the model that data is for?",
+            model_dir,
+            len(unknown),
+            ", ".join(f"{label} ({n})" for label, n in sorted(unknown.items())[:10]),
+            sum(unknown.values()),
+        )
+
+
 def _onnx_predictor(model_dir: Path) -> Any:
     from capture.classifier import OnnxClassifier
 
@@ -442,10 +461,19 @@ def evaluate_model(
     ``backend="auto"`` uses ``model.onnx`` (``capture.classifier.OnnxClassifier``) when the
     directory has one and the torch model otherwise; with ONNX, ``latency_ms_p50`` is the median
     single-prompt ``predict`` latency over about 200 prompts. Raises
-    ``capture.model_dir.ModelDirError`` when the directory's metadata is missing or malformed.
+    ``capture.model_dir.ModelDirError`` when the directory's metadata is missing or malformed,
+    :class:`EvaluationError` for no records or an unknown ``backend``. Labels the model does not
+    know are scored (every such row is an error) and named in a warning.
     """
     d = Path(model_dir)
+    if backend not in ("auto", "torch", "onnx"):
+        raise EvaluationError(f"backend: expected 'auto', 'torch' or 'onnx', found {backend!r}")
+    if not records:
+        raise EvaluationError(
+            "no records to evaluate; pass a labelled file with at least one {text, label} row"
+        )
     meta = ModelMetadata.read(d)
+    _warn_unknown_labels(d, meta, records)
     texts = [r.text for r in records]
     latency: float | None = None
     used = "custom"

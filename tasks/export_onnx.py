@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from capture.classifier import input_feeds, onnx_session
+from capture.files import shared_file_mode
 from capture.model_dir import (
     ENCODER_DIR,
     MODEL_FILE,
@@ -348,6 +349,8 @@ def _publish(
     set_onnx_metadata(chosen, metadata.onnx_props(quantization=quantization, extra=extra))
     fp32_size = graph.path.stat().st_size
     published_size = chosen.stat().st_size
+    for path in (chosen, work / TOKENIZER_FILE):  # written in a 0700 mkdtemp: mode for sharing
+        os.chmod(path, shared_file_mode())
     os.replace(chosen, model_dir / MODEL_FILE)
     os.replace(work / TOKENIZER_FILE, model_dir / TOKENIZER_FILE)
     return ExportReport(

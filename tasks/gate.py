@@ -22,14 +22,20 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from capture.errors import UserError
 from tasks.evaluate import EvalReport
 
 logger = logging.getLogger(__name__)
 
 
+class GateRulesError(UserError, ValueError):
+    """A gate rule out of range; the message names the rule, the range and the value."""
+
+
 @dataclass(frozen=True, slots=True)
 class GateRules:
-    """When a challenger may replace the champion."""
+    """When a challenger may replace the champion; out-of-range values raise
+    :class:`GateRulesError` (a ``UserError``: they are flow parameters and CLI options)."""
 
     max_overall_drop: float = 0.0
     max_intent_drop: float = 0.05
@@ -39,9 +45,9 @@ class GateRules:
         for name in ("max_overall_drop", "max_intent_drop"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name}: expected a fraction in [0, 1], found {value!r}")
+                raise GateRulesError(f"{name}: expected a fraction in [0, 1], found {value!r}")
         if self.min_support < 1:
-            raise ValueError(f"min_support: expected >= 1, found {self.min_support!r}")
+            raise GateRulesError(f"min_support: expected >= 1, found {self.min_support!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,14 +1,18 @@
 """Contrastive pairs (the spec's ``convert_to_pairs``): plain records, linear cost, balanced.
 
-Each intent gets about ``max_pairs / n_intents`` (anchor, positive) pairs drawn from its own
-examples, capped by the number of distinct pairs it can form; every example is used as an anchor
-about equally often. A hard negative comes from a class the model confuses with the pair's class
-when a confusion mapping is given, else from a random other class.
+Each intent that can form a pair (at least :data:`MIN_EXAMPLES_PER_INTENT` distinct texts) gets
+about ``max_pairs / n`` (anchor, positive) pairs drawn from its own examples, capped by the
+number of distinct pairs it can form; every example is used as an anchor about equally often. A
+hard negative comes from a class the model confuses with the pair's class when a confusion
+mapping is given, else from a random other class.
+
+Pair files are JSON Lines (:func:`write_pairs`); :func:`read_pairs` reads them through
+``tasks.input_files.read_json_rows`` (BOM, CRLF, a JSON list too; one file-level message for
+what is not such a file) and names the row of a bad pair.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -16,10 +20,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from capture.errors import UserError
 from capture.files import write_jsonl_atomic
+from capture.text import clean_prompt, visible
+from tasks.input_files import read_json_rows
 from tasks.records import Record
 
 logger = logging.getLogger(__name__)
+
+#: Distinct texts an intent needs to form one (anchor, positive) pair.
+MIN_EXAMPLES_PER_INTENT = 2
+PAIRS_FILE_EXPECTED = (
+    'JSON Lines of pair objects {"anchor", "positive", "label"} (optionally "negative", '
+    '"negative_label"), as `prompt-capture convert-to-pairs` writes them'
+)
+
+
+class PairsFileError(UserError, ValueError):
+    """A pairs file row that is not a pair; the message names the file, the row and the fix."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +59,12 @@ def group_by_label(records: Sequence[Record]) -> dict[str, list[str]]:
         if r.text not in groups[r.label]:
             groups[r.label].append(r.text)
     return {label: groups[label] for label in sorted(groups)}
+
+
+def pairable_labels(groups: Mapping[str, Sequence[str]]) -> list[str]:
+    """The labels of ``groups`` (:func:`group_by_label`) with at least
+    :data:`MIN_EXAMPLES_PER_INTENT` distinct texts, i.e. that can form a pair, in order."""
+    return [label for label, texts in groups.items() if len(texts) >= MIN_EXAMPLES_PER_INTENT]
 
 
 def _label_pairs(texts: list[str], quota: int, rng: random.Random) -> list[tuple[str, str]]:
@@ -83,8 +107,10 @@ def build_pairs(
 ) -> list[Pair]:
     """Build at most ``max_pairs`` same-intent pairs, balanced across intents.
 
-    Intent ``i`` (labels sorted) gets ``max_pairs // n`` pairs, plus one for the first
-    ``max_pairs % n`` intents, capped by ``k(k-1)/2`` for an intent with ``k`` distinct texts.
+    Of the ``n`` intents that can form a pair (:func:`pairable_labels`, sorted), intent ``i``
+    gets ``max_pairs // n`` pairs, plus one for the first ``max_pairs % n`` intents, capped by
+    ``k(k-1)/2`` for an intent with ``k`` distinct texts; an intent with one distinct text gets
+    none (it can still be a negative).
     Negatives are added when ``hard_negatives`` (``{label: [confusable labels, most confused
     first]}``) is given or ``with_negatives`` is true: from the confusable labels (cycling through
     them in rank order) when the mapping has any for the label, else from a random other label.
@@ -95,12 +121,13 @@ def build_pairs(
     rng = random.Random(seed)
     groups = group_by_label(records)
     labels = list(groups)
-    if not labels:
+    pairable = pairable_labels(groups)
+    if not pairable:
         return []
-    base, extra = divmod(max_pairs, len(labels))
+    base, extra = divmod(max_pairs, len(pairable))
     want_negatives = with_negatives or hard_negatives is not None
     pairs: list[Pair] = []
-    for index, label in enumerate(labels):
+    for index, label in enumerate(pairable):
         quota = base + (1 if index < extra else 0)
         texts = groups[label]
         quota = min(quota, len(texts) * (len(texts) - 1) // 2)
@@ -118,7 +145,7 @@ def build_pairs(
                 negative = rng.choice(groups[negative_label])
             pairs.append(Pair(anchor, positive, label, negative, negative_label))
     rng.shuffle(pairs)
-    logger.info("built %d pairs over %d intents (budget %d)", len(pairs), len(labels), max_pairs)
+    logger.info("built %d pairs over %d intents (budget %d)", len(pairs), len(pairable), max_pairs)
     return pairs
 
 
@@ -130,27 +157,54 @@ def write_pairs(path: str | os.PathLike[str], pairs: Sequence[Pair]) -> int:
     return len(pairs)
 
 
+def _pair_error(where: str, found: object, problem: str) -> PairsFileError:
+    return PairsFileError(
+        f"{where}: expected a pair object with 'anchor', 'positive' and 'label' (non-empty "
+        f"strings; 'negative' and 'negative_label' optional strings), found "
+        f"{visible(repr(found))} ({problem}); fix or remove it (pairs files come from "
+        "`prompt-capture convert-to-pairs`)"
+    )
+
+
+def _text(obj: dict[str, object], key: str, where: str, *, required: bool) -> str | None:
+    value = obj.get(key)
+    if value is None and not required:
+        return None
+    if key not in obj:
+        raise _pair_error(where, obj, f"{key!r} is missing")
+    if not isinstance(value, str):
+        raise _pair_error(where, obj, f"{key!r} is {type(value).__name__}, not a string")
+    cleaned = value.strip() if key.endswith("label") else clean_prompt(value)
+    if not cleaned:
+        raise _pair_error(where, obj, f"{key!r} is empty")
+    return cleaned
+
+
 def read_pairs(path: str | os.PathLike[str]) -> list[Pair]:
-    """Read pairs written by :func:`write_pairs`; errors name the line."""
+    """Read pairs written by :func:`write_pairs` (any file ``read_json_rows`` reads: UTF-8 with
+    or without a BOM, CRLF, JSON Lines or a JSON list). Texts go through
+    ``capture.text.clean_prompt``, labels are stripped, as training records' are.
+
+    Raises ``tasks.input_files.InputFileError`` once for a file that is not such a file
+    (missing, empty, UTF-16, CSV, HTML, ...) or has lines that are not JSON, and
+    :class:`PairsFileError` naming ``file:row`` for the first row that is not a pair.
+    """
     p = Path(path)
+    rows = read_json_rows(p, what="pairs file", expected=PAIRS_FILE_EXPECTED)
+    rows.raise_for_bad_rows()
     out: list[Pair] = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            out.append(
-                Pair(
-                    anchor=str(obj["anchor"]),
-                    positive=str(obj["positive"]),
-                    label=str(obj["label"]),
-                    negative=obj.get("negative"),
-                    negative_label=obj.get("negative_label"),
-                )
+    for row, obj in rows.rows:
+        where = f"{p}:{row}" if rows.layout == "jsonl" else rows.where(row)
+        if not isinstance(obj, dict):
+            raise _pair_error(where, obj, f"a JSON {type(obj).__name__}, not an object")
+        out.append(
+            Pair(
+                anchor=_text(obj, "anchor", where, required=True) or "",
+                positive=_text(obj, "positive", where, required=True) or "",
+                label=_text(obj, "label", where, required=True) or "",
+                negative=_text(obj, "negative", where, required=False),
+                negative_label=_text(obj, "negative_label", where, required=False),
             )
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(
-                f"{p}:{lineno}: expected a pair object with 'anchor', 'positive' and 'label', "
-                f"found {line[:80]!r} ({exc})"
-            ) from None
+        )
+    logger.debug("read %d pairs from %s", len(out), p)
     return out

@@ -10,6 +10,14 @@ Layout (see docs/ARCHITECTURE.md)::
 
 Versions are positive integers written in decimal ("1", "2", ...), so they sort by number.
 Nothing here imports torch: the CLI's ``models`` and ``rollback`` stay light.
+
+Every change (``publish``, ``deploy``, ``rollback``) holds the registry lock
+(:func:`tasks.registry_lock.registry_lock`, re-entrant), whoever calls it; the flows that read the
+registry and then change it hold the same lock around the whole read-decide-write.
+
+Every file and folder here is shared: the NLU service may run as another Unix user, so files
+get the umask's mode (0644 under the usual 022) and folders 0755, including model directories
+copied or moved in from a private temporary folder (:func:`share_tree`).
 """
 
 from __future__ import annotations
@@ -30,7 +38,12 @@ from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 
 from capture.errors import UserError
-from capture.files import write_json_atomic
+from capture.files import (
+    shared_dir_mode,
+    shared_file_mode,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 from capture.model_dir import (
     METADATA_FILE,
     MODEL_FILE,
@@ -41,11 +54,44 @@ from capture.model_dir import (
     read_pointer,
     write_pointer,
 )
+from tasks.registry_lock import (
+    DEFAULT_LOCK_TIMEOUT_S,
+    RegistryBusyError,
+    holds_registry_lock,
+    registry_lock,
+)
 from tasks.retry import retry_on_io
 
 logger = logging.getLogger(__name__)
 
 HISTORY_FILE = "history.jsonl"
+__all__ = [
+    "DEFAULT_LOCK_TIMEOUT_S",
+    "HISTORY_FILE",
+    "ModelEntry",
+    "RegistryBusyError",
+    "RegistryError",
+    "current_model_dir",
+    "current_version",
+    "deploy",
+    "deploy_task",
+    "gate_status",
+    "history",
+    "holds_registry_lock",
+    "is_deployable",
+    "list_models",
+    "model_labels",
+    "next_version",
+    "previous_deployable",
+    "publish",
+    "publish_task",
+    "registry_lock",
+    "rollback",
+    "rollback_task",
+    "share_tree",
+    "version_dir",
+    "versions",
+]
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -171,10 +217,14 @@ def list_models(models_dir: Path) -> list[ModelEntry]:
 
 
 def _append_history(models_dir: Path, record: dict[str, Any]) -> None:
-    with (models_dir / HISTORY_FILE).open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    """Add one line to ``history.jsonl``: the whole file is rewritten atomically (the caller
+    holds the registry lock), so a crash never leaves half a line."""
+    rows = [*history(models_dir), record]
+    write_jsonl_atomic(models_dir / HISTORY_FILE, [_sorted(row) for row in rows])
+
+
+def _sorted(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: row[key] for key in sorted(row)}
 
 
 def history(models_dir: Path) -> list[dict[str, Any]]:
@@ -187,6 +237,7 @@ def history(models_dir: Path) -> list[dict[str, Any]]:
 
 
 def _switch(models_dir: Path, version: str, action: str) -> str | None:
+    """Point ``current`` at ``version`` and record it in the history (lock held by caller)."""
     path = version_dir(models_dir, version)
     if not path.is_dir():
         raise RegistryError(
@@ -200,12 +251,49 @@ def _switch(models_dir: Path, version: str, action: str) -> str | None:
             "export it to ONNX first"
         )
     previous = current_version(models_dir)
+    _warn_if_gated_against_another(path, previous, action)
     write_pointer(models_dir, version)
     _append_history(
         models_dir, {"at": _now(), "action": action, "version": version, "previous": previous}
     )
     logger.info("%s: serving version %s (was %s)", action, version, previous)
     return previous
+
+
+def gated_against(path: Path) -> str | None:
+    """The champion version a published challenger was compared with (``metrics.json``'s
+    ``champion_version``), or None (never gated, or the first model)."""
+    value = _read_json(path / "metrics.json").get("champion_version")
+    return str(value) if value is not None else None
+
+
+def _warn_if_gated_against_another(path: Path, serving: str | None, action: str) -> None:
+    if action != "deploy" or gate_status(path) is None:
+        return
+    champion = gated_against(path)
+    if champion is not None and serving is not None and champion != serving:
+        logger.warning(
+            "deploying version %s, which the gate compared with version %s, but version %s "
+            "serves now: it was never compared with the model it replaces",
+            path.name,
+            champion,
+            serving,
+        )
+
+
+def share_tree(root: Path) -> None:
+    """Give ``root`` and everything under it the shared modes: folders ``0o777 & ~umask``,
+    files ``0o666 & ~umask`` (a ``mkdtemp`` folder is 0700 and ``copy2`` keeps a private
+    source's 0600: the service, maybe another Unix user, must read the model)."""
+    dir_mode, file_mode = shared_dir_mode(), shared_file_mode()
+    os.chmod(root, dir_mode)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), dir_mode)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, file_mode)
 
 
 def _set_onnx_version(path: Path, version: str) -> None:
@@ -221,6 +309,7 @@ def _copy_in(model_dir: Path, models_dir: Path, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".publish-{target.name}-", dir=models_dir))
     try:
         shutil.copytree(model_dir, staging, dirs_exist_ok=True)
+        share_tree(staging)
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -235,15 +324,33 @@ def publish(
     metrics: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     move: bool = False,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
 ) -> Path:
     """Put ``model_dir`` into the registry as ``version`` (default: the next one) and return the
     version directory. A model already inside ``models_dir`` under its version is kept in place;
-    anything else is moved (``move``) or copied. Writes metrics.json and training.json when
-    given, and records the version in the model metadata (and model.onnx). Does not deploy.
+    anything else is moved (``move``) or copied, and gets the shared modes (:func:`share_tree`).
+    Writes metrics.json and training.json when given, and records the version in the model
+    metadata (and model.onnx). Does not deploy. Holds the registry lock.
 
     Raises ``RegistryError`` when ``model_dir`` has no valid metadata or ``version`` is
-    taken or not a registry version.
+    taken or not a registry version; ``RegistryBusyError`` when another run holds the lock
+    for ``lock_timeout`` seconds.
     """
+    with registry_lock(models_dir, timeout=lock_timeout):
+        return _publish(
+            model_dir, models_dir, version=version, metrics=metrics, training=training, move=move
+        )
+
+
+def _publish(
+    model_dir: Path,
+    models_dir: Path,
+    *,
+    version: str | None,
+    metrics: dict[str, Any] | None,
+    training: dict[str, Any] | None,
+    move: bool,
+) -> Path:
     version = version or next_version(models_dir)
     target = version_dir(models_dir, version)
     try:
@@ -258,6 +365,7 @@ def publish(
         models_dir.mkdir(parents=True, exist_ok=True)
         if move and model_dir.stat().st_dev == models_dir.stat().st_dev:
             os.replace(model_dir, target)
+            share_tree(target)
         else:
             _copy_in(model_dir, models_dir, target)
     if metadata.version != version:
@@ -272,9 +380,15 @@ def publish(
     return target
 
 
-def deploy(models_dir: Path, version: str) -> str | None:
-    """Make ``version`` the serving one (atomic pointer switch); returns the previous version."""
-    return _switch(models_dir, version, "deploy")
+def deploy(
+    models_dir: Path, version: str, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S
+) -> str | None:
+    """Make ``version`` the serving one (atomic pointer switch, under the registry lock);
+    returns the previous version. Logs a warning when the gate compared ``version`` with
+    another model than the one serving now. Raises ``RegistryError`` (not in the registry,
+    not exported) or ``RegistryBusyError``."""
+    with registry_lock(models_dir, timeout=lock_timeout):
+        return _switch(models_dir, version, "deploy")
 
 
 def previous_deployable(models_dir: Path, before: str | None = None) -> str | None:
@@ -290,8 +404,17 @@ def previous_deployable(models_dir: Path, before: str | None = None) -> str | No
     return candidates[-1] if candidates else None
 
 
-def rollback(models_dir: Path, to: str | None = None) -> tuple[str | None, str]:
-    """Serve ``to`` (default: the previous deployable version); returns (previous, now serving)."""
+def rollback(
+    models_dir: Path, to: str | None = None, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S
+) -> tuple[str | None, str]:
+    """Serve ``to`` (default: the previous deployable version, chosen under the registry lock);
+    returns (previous, now serving). Raises ``RegistryError`` (nothing to roll back to, not
+    deployable) or ``RegistryBusyError``."""
+    with registry_lock(models_dir, timeout=lock_timeout):
+        return _rollback(models_dir, to)
+
+
+def _rollback(models_dir: Path, to: str | None) -> tuple[str | None, str]:
     current = current_version(models_dir)
     target = to or previous_deployable(models_dir)
     if target is None:

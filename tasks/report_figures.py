@@ -1,7 +1,8 @@
 """The monitoring report's figures: what the HTML page, the markdown artifact and the headline
 numbers show, collected once (:func:`collect_report_data`), and how a number is written.
 
-Over the last ``days`` days (``created_at > now - days``):
+Over the last ``days`` days, ending now (``now - days < created_at <= now``: a row dated in the
+future, e.g. by a client with a wrong clock, is not counted):
 
 - confidence histogram (``capture.statements.select_confidence_distribution``),
 - intent distribution with corrections per intent (``select_intent_distribution``),
@@ -187,7 +188,8 @@ def collect_report_data(
     now: datetime | None = None,
     clock: Callable[[], datetime] = utc_now,
 ) -> ReportData:
-    """Run the monitoring queries over the last ``days`` days and read the registry.
+    """Run the monitoring queries over the last ``days`` days, ending at ``now``, and read the
+    registry.
 
     ``low_confidence_threshold`` and ``models_dir`` default to the settings'. Raises
     ``capture.offline_statements.ParameterError`` (a ``UserError``) for ``days`` outside
@@ -205,23 +207,30 @@ def collect_report_data(
     generated_at = to_utc(now if now is not None else clock(), "now")
     since = window_start(generated_at, days)
     assert since is not None
+    until = generated_at  # the window ends now: rows dated in the future are not counted
     with Session(get_sync_engine(database_url(url))) as session:
         confidence = [
             map_confidence_bucket(r)
-            for r in session.execute(statements.select_confidence_distribution(since=since))
+            for r in session.execute(
+                statements.select_confidence_distribution(since=since, until=until)
+            )
         ]
         intents = [
             map_intent_stats(r)
-            for r in session.execute(statements.select_intent_distribution(since=since))
+            for r in session.execute(
+                statements.select_intent_distribution(since=since, until=until)
+            )
         ]
         success = [
             map_success_rate(r)
-            for r in session.execute(statements.select_success_rate_by_intent(since=since))
+            for r in session.execute(
+                statements.select_success_rate_by_intent(since=since, until=until)
+            )
         ]
         daily = [
             DailyCounts.from_row(r)
             for r in session.execute(
-                select_daily_counts(since=since, low_confidence_threshold=threshold)
+                select_daily_counts(since=since, until=until, low_confidence_threshold=threshold)
             )
         ]
     return ReportData(

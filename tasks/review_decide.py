@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, exists, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from capture.ids import uuid7
@@ -78,6 +78,20 @@ def live(column: Any = None) -> Any:
     """Decisions not reversed by an undo row."""
     target = decisions.c.id if column is None else column
     return ~exists().where(_UNDO.c.undoes == target)
+
+
+# One round trip for the item and its log (a prebuilt statement: no per-call compile work).
+_ITEM_WITH_LOG = (
+    select(
+        items,
+        _LOGS.c.predicted_intent,
+        _LOGS.c.corrected_intent,
+        _LOGS.c.correction_notes,
+        _LOGS.c.corrected_at,
+    )
+    .select_from(items.outerjoin(_LOGS, _LOGS.c.id == items.c.log_id))
+    .where(items.c.id == bindparam("item_id"))
+)
 
 
 def _target(action: str, intent: str | None, predicted: str, catalog: Catalog) -> tuple[str, str]:
@@ -220,7 +234,7 @@ def decide(
     longer holds the item, :class:`NotInCatalog` for ``correct`` with an unknown intent,
     :class:`ReviewError` when the file import's validation refuses it. The caller commits.
     """
-    item = conn.execute(select(items).where(items.c.id == item_id)).first()
+    item = conn.execute(_ITEM_WITH_LOG, {"item_id": item_id}).first()
     if item is None:
         raise ReviewError(f"review item {item_id} is unknown")
     if item.state != "pending" or item.lease_owner != reviewer.id:
@@ -228,9 +242,8 @@ def decide(
             f"review item {item_id} is no longer yours (the lease expired and another reviewer "
             "took it, or it was decided meanwhile); the next item is shown"
         )
-    logs = fetch_logs(conn, [item.log_id])
-    log = logs.get(item.log_id)
-    if log is None:
+    log = item  # the log's columns came with the item (outer join)
+    if log.predicted_intent is None:
         raise ReviewError(f"the logged prompt {item.log_id} was deleted (retention); skip it")
     action, after = _target(action, intent, log.predicted_intent, catalog)
     notes = clean_notes(notes)

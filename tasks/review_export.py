@@ -20,12 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypedDict
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from sqlalchemy import Connection
 
 from capture.db import database_url, get_sync_engine
 from capture.offline_statements import (
+    ParameterError,
     check_count,
     check_days,
     check_fraction,
@@ -33,7 +32,7 @@ from capture.offline_statements import (
     window_start,
 )
 from capture.values import from_db_datetime
-from tasks.retry import retry_on_io
+from tasks.retry import io_task
 from tasks.review_file import REVIEW_FIELDS, ReviewRow, write_review_file
 from tasks.review_select import (
     DEFAULT_STRATEGY,
@@ -79,7 +78,13 @@ class ReviewSelection:
     def __post_init__(self) -> None:
         check_days(self.days)
         check_fraction(self.confidence_threshold, "confidence_threshold")
-        check_fraction(self.margin_threshold, "margin_threshold")
+        # A top-1/top-2 gap lies in [0, 1]; a threshold above 1 selects every prompt that has a
+        # runner-up (the simulator's reviewers see everything that way), so only >= 0 is required.
+        if not self.margin_threshold >= 0:
+            raise ParameterError(
+                f"margin_threshold: expected a number >= 0, found {self.margin_threshold!r}; "
+                "pass a gap between the top two probabilities, e.g. 0.15"
+            )
         check_count(self.limit, "limit", minimum=0)
         check_strategy(self.strategy)
 
@@ -135,12 +140,14 @@ def fetch_candidates(
     margin_threshold: float,
     now: datetime,
 ) -> list[tuple[ReviewCandidate, list[str]]]:
-    """Uncorrected prompts of the window that fail, are unsure, or nearly tie, oldest first,
-    each with its :func:`candidate_reasons`."""
+    """Uncorrected prompts of the window (the last ``days`` days ending at ``now``; rows dated
+    after ``now`` are left out) that fail, are unsure, or nearly tie, oldest first, each with
+    its :func:`candidate_reasons`."""
     # margin >= 2 * confidence - 1, so a margin below m needs confidence below (1 + m) / 2.
     stmt = select_review_candidates(
         confidence_below=max(confidence_threshold, (1.0 + margin_threshold) / 2.0),
         since=window_start(now, days),
+        until=now,
     )
     out = []
     for row in conn.execute(stmt).mappings():
@@ -253,10 +260,4 @@ def publish_review_artifact(export: ReviewExport) -> None:
     )
 
 
-export_review_task = task(
-    cache_policy=NO_CACHE,
-    name="export-review",
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_on_io,
-)(export_review)
+export_review_task = io_task(export_review, name="export-review")

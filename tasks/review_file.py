@@ -18,8 +18,13 @@ type) — for tools that fill it in, like the stand-in reviewer.
 (:func:`read_corrections`, :func:`parse_corrections`, :func:`corrections_from_rows`):
 
 - every row must have ``corrected_intent``; ``""`` or ``null`` means "not reviewed" (skipped);
-- a reviewed row needs ``id``, the UUID of a logged prompt, and a string ``corrected_intent``;
-- ``notes`` is optional text (stripped, cut at :data:`MAX_NOTES_CHARS`; empty means none).
+- a reviewed row needs ``id``, the UUID of a logged prompt, and a string ``corrected_intent``
+  (surrounding whitespace removed here; its form and whether it is known are checked against
+  the catalogue by ``tasks.corrections`` through ``capture.text.IntentCatalogue``);
+- ``notes`` is optional text, cleaned by ``capture.text.clean_notes`` (NUL and other control
+  characters removed, a lone surrogate replaced by U+FFFD, NFC, surrounding whitespace
+  stripped: the same stored value on SQLite and PostgreSQL), cut at :data:`MAX_NOTES_CHARS`;
+  empty means none.
 
 Rows that break a rule become :class:`RowProblem`\\ s (row number, field, what is wrong and the
 fix); a file that cannot be read at all is one problem on row 0. What the database must confirm
@@ -40,6 +45,7 @@ from typing import Any
 
 from capture.errors import UserError
 from capture.files import write_text_atomic
+from capture.text import clean_notes, visible
 from tasks.input_files import InputFileError, read_json_rows
 
 logger = logging.getLogger(__name__)
@@ -163,13 +169,26 @@ class Correction:
     notes: str | None
 
 
+def _shown_id(raw_id: object) -> str | None:
+    """``raw_id`` as messages and reason files show it: a UUID as is, anything else quoted
+    with invisible characters and lone surrogates escapes (``capture.text.visible``)."""
+    if raw_id is None:
+        return None
+    if isinstance(raw_id, str):
+        try:
+            return str(uuid.UUID(raw_id))
+        except ValueError:
+            return visible(raw_id, 60)
+    return visible(repr(raw_id), 60)
+
+
 def parse_correction(row: int, item: object) -> Correction | RowProblem | None:
     """One decoded row of a corrections file: a :class:`Correction`, a :class:`RowProblem`, or
     None when the row was not reviewed (``corrected_intent`` empty or null)."""
     if not isinstance(item, dict):
         return RowProblem(row, "-", f"expected an object, found {type(item).__name__}")
     raw_id = item.get("id")
-    shown_id = str(raw_id) if raw_id is not None else None
+    shown_id = _shown_id(raw_id)
     if "corrected_intent" not in item:
         return RowProblem(
             row,
@@ -191,15 +210,17 @@ def parse_correction(row: int, item: object) -> Correction | RowProblem | None:
         log_id = uuid.UUID(str(raw_id))
     except ValueError:
         return RowProblem(
-            row, "id", f"expected the UUID of a logged prompt, found {raw_id!r}", shown_id
+            row, "id", f"expected the UUID of a logged prompt, found {shown_id}", shown_id
         )
     notes = item.get("notes", "")
     if notes is not None and not isinstance(notes, str):
         return RowProblem(
             row, "notes", f"expected a string, found {type(notes).__name__}", shown_id
         )
-    notes = (notes or "").strip()[:MAX_NOTES_CHARS] or None
-    return Correction(row, log_id, intent.strip(), notes)
+    cleaned = clean_notes(notes)
+    if cleaned is not None and len(cleaned) > MAX_NOTES_CHARS:
+        cleaned = clean_notes(cleaned[:MAX_NOTES_CHARS])
+    return Correction(row, log_id, intent.strip(), cleaned)
 
 
 def corrections_from_rows(
@@ -222,8 +243,9 @@ def corrections_from_rows(
 
 def parse_corrections(text: str) -> tuple[list[Correction], int, list[RowProblem]]:
     """Parse the text of a corrections file: a JSON list of objects (or JSON Lines, one object
-    per line). Returns the corrections to apply, the number of rows not reviewed, and the
-    problems found (a list that does not parse is one problem on row 0)."""
+    per line, split only at ``\\n`` so a value holding U+2028 stays on its line). Returns the
+    corrections to apply, the number of rows not reviewed, and the problems found (a list that
+    does not parse is one problem on row 0). Files are read by :func:`read_corrections`."""
     stripped = text.lstrip()
     if not stripped:
         return [], 0, [RowProblem(0, "-", "the file is empty; expected a JSON list of rows")]
@@ -239,11 +261,11 @@ def parse_corrections(text: str) -> tuple[list[Correction], int, list[RowProblem
         return corrections_from_rows(enumerate(data, start=1))
     rows: list[tuple[int, object]] = []
     bad: list[RowProblem] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            rows.append((lineno, json.loads(line)))
+            rows.append((lineno, json.loads(line.lstrip("\ufeff"))))
         except json.JSONDecodeError as exc:
             bad.append(RowProblem(lineno, "-", f"malformed JSON ({exc.msg} at column {exc.colno})"))
     corrections, not_reviewed, problems = corrections_from_rows(rows)

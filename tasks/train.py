@@ -15,7 +15,13 @@ Recipe (defaults in :class:`TrainConfig`):
    validation when it has out-of-scope rows.
 
 The output is a model directory (format: ``capture.model_dir``): the encoder, the head and the
-metadata.
+metadata, written to a private temporary folder and renamed into place with the shared modes
+(folders ``0o777 & ~umask``), so a service running as another Unix user can read it.
+
+Inputs are checked before any model is loaded, and every refusal is a ``UserError`` naming the
+real cause: fewer than two labels, intents with too few distinct examples to form a pair (and
+which ones), a pair budget or pairs file that covers fewer than two intents, a bad
+hyperparameter, an output directory that is not empty, a base model that is not a model.
 """
 
 from __future__ import annotations
@@ -35,9 +41,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from capture.model_dir import ENCODER_DIR, METADATA_FILE, Head, ModelMetadata
+from capture.files import shared_dir_mode
+from capture.model_dir import ENCODER_DIR, Head, ModelMetadata
 from tasks.evaluate import (
-    bundled_base_model,
     choose_oos_threshold,
     compute_report,
     encode_texts,
@@ -50,10 +56,32 @@ from tasks.evaluate import (
 from tasks.fine_tune import fine_tune, format_eta, plan_steps, seed_everything
 from tasks.pairs import Pair, build_pairs
 from tasks.records import Record
+from tasks.train_inputs import (
+    BaseModelError,
+    TrainConfigError,
+    TrainingDataError,
+    TrainOutputError,
+    check_output,
+    check_pairs_possible,
+    pair_budget,
+    resolve_base,
+    training_rows,
+)
 
 logger = logging.getLogger(__name__)
 
 BUNDLED_BASE_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+__all__ = [
+    "BUNDLED_BASE_NAME",
+    "BaseModelError",
+    "TrainConfig",
+    "TrainConfigError",
+    "TrainOutputError",
+    "TrainResult",
+    "TrainingDataError",
+    "fit_logreg_head",
+    "train_model",
+]
 
 
 @dataclass(frozen=True)
@@ -89,14 +117,20 @@ class TrainConfig:
     torch_threads: int | None = None
 
     def __post_init__(self) -> None:
+        """Raises :class:`TrainConfigError` naming the first value out of range."""
         if self.batch_size < 2:
-            raise ValueError(f"batch_size: expected >= 2, found {self.batch_size}")
+            raise TrainConfigError(f"batch_size: expected >= 2, found {self.batch_size}")
         if self.learning_rate <= 0 or self.head_learning_rate <= 0:
-            raise ValueError("learning rates must be positive")
+            raise TrainConfigError(
+                f"learning_rate and head_learning_rate: expected > 0, found "
+                f"{self.learning_rate} and {self.head_learning_rate}"
+            )
+        if self.max_pairs is not None and self.max_pairs < 0:
+            raise TrainConfigError(f"max_pairs: expected >= 0 or unset, found {self.max_pairs}")
         if self.loss not in ("ce", "mnrl", "ce+mnrl"):
-            raise ValueError(f"loss: expected 'ce', 'mnrl' or 'ce+mnrl', found {self.loss!r}")
+            raise TrainConfigError(f"loss: expected 'ce', 'mnrl' or 'ce+mnrl', found {self.loss!r}")
         if self.head not in ("logreg", "cosine"):
-            raise ValueError(f"head: expected 'logreg' or 'cosine', found {self.head!r}")
+            raise TrainConfigError(f"head: expected 'logreg' or 'cosine', found {self.head!r}")
 
 
 @dataclass(frozen=True)
@@ -117,27 +151,6 @@ class TrainResult:
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def _resolve_base(base_model: str | os.PathLike[str] | None) -> tuple[str, ModelMetadata | None]:
-    """(encoder path, parent metadata or None) for a base model argument."""
-    if base_model is None:
-        return bundled_base_model(), None
-    p = Path(base_model)
-    if (p / METADATA_FILE).exists():
-        parent = ModelMetadata.read(p)
-        if not (p / ENCODER_DIR).is_dir():
-            raise FileNotFoundError(
-                f"{p}: has {METADATA_FILE} but no {ENCODER_DIR}/ directory; expected a model "
-                "directory written by `prompt-capture train`"
-            )
-        return str(p / ENCODER_DIR), parent
-    if p.is_dir():
-        return str(p), None
-    raise FileNotFoundError(
-        f"{p}: not a directory; expected a model directory ({METADATA_FILE} + {ENCODER_DIR}/) or "
-        "a sentence-transformers model directory"
-    )
 
 
 def fit_logreg_head(
@@ -191,22 +204,27 @@ def train_model(
     the size of the training data); ``extra_pairs`` are still added.
     Without ``val``, the temperature is 1 and there is no OOS threshold.
 
-    Raises ``FileExistsError`` (output not empty), ``ValueError`` (fewer than two labels, pairs
-    that match no label) and ``capture.model_dir.ModelDirError`` (a malformed base model).
+    Every input is checked before the encoder is loaded. Raises (all ``UserError``s)
+    :class:`TrainOutputError` (output not empty; a ``FileExistsError``),
+    :class:`TrainingDataError` (a ``ValueError``: fewer than two labels; fewer than two intents
+    with :data:`tasks.pairs.MIN_EXAMPLES_PER_INTENT` distinct examples, naming those short of
+    it; a pair budget or ``pairs`` covering fewer than two intents), :class:`BaseModelError`
+    and ``capture.model_dir.ModelDirError`` (a base model that is not a model directory).
     """
     import torch
 
     config = config or TrainConfig()
     t_start = time.perf_counter()
     out = Path(output_dir)
-    _check_output(out)
+    check_output(out)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     seed_everything(config.seed)
 
-    rows, labels = _training_rows(train, config)
+    rows, labels = training_rows(train, config)
+    check_pairs_possible(rows, labels, config, pairs=pairs, extra_pairs=extra_pairs)
     label_index = {lab: i for i, lab in enumerate(labels)}
-    encoder_path, parent = _resolve_base(base_model)
+    encoder_path, parent = resolve_base(base_model)
     encoder = load_encoder(encoder_path, max_seq_length=config.max_seq_length)
     if on_encoder_ready is not None:
         on_encoder_ready(encoder)
@@ -273,26 +291,6 @@ def train_model(
 # the steps of train_model
 
 
-def _check_output(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(
-            f"{out}: already exists and is not empty; choose a new output directory"
-        )
-
-
-def _training_rows(train: Sequence[Record], config: TrainConfig) -> tuple[list[Record], list[str]]:
-    """The rows trained on (out-of-scope rows only when ``oos_as_class``) and their sorted
-    labels; raises ``ValueError`` with fewer than two labels."""
-    rows = [r for r in train if config.oos_as_class or r.label != config.oos_label]
-    labels = sorted({r.label for r in rows})
-    if len(labels) < 2:
-        raise ValueError(
-            f"training data: expected at least 2 labels, found {labels}; add examples of more "
-            "intents"
-        )
-    return rows, labels
-
-
 @dataclass(frozen=True)
 class _Start:
     """The starting encoder's view of the data: embeddings of a per-class sample, and the class
@@ -337,19 +335,11 @@ def _training_pairs(
     budget; plus ``extra_pairs`` of known labels."""
     known = set(labels)
     if pairs is not None:
-        training_pairs = [p for p in pairs if p.label in known]
-        if not training_pairs:
-            raise ValueError(
-                f"pairs: expected pairs whose labels occur in the training data, found none of "
-                f"{len(pairs)}; rebuild the pairs from this training file"
-            )
+        training_pairs = [p for p in pairs if p.label in known]  # checked non-empty before
     else:
-        n_pairs = config.max_pairs
-        if n_pairs is None:
-            n_pairs = max(round(config.pairs_per_example * len(rows)), len(labels))
         training_pairs = build_pairs(
             rows,
-            max_pairs=n_pairs,
+            max_pairs=pair_budget(rows, labels, config),
             seed=config.seed,
             with_negatives=config.hard_negatives,
             hard_negatives=_confusions(start.embeddings, start.y, start.centroids, labels)
@@ -441,10 +431,10 @@ def _calibrate(
         }
     )
     logger.info(
-        "validation: accuracy %.4f, closed-set %.4s, macro-F1 %.4f, ECE %.4f -> %.4f "
+        "validation: accuracy %.4f, closed-set %s, macro-F1 %.4f, ECE %.4f -> %.4f "
         "(T=%.3f), OOS threshold %s",
         report.accuracy,
-        report.closed_set_accuracy,
+        "n/a" if report.closed_set_accuracy is None else f"{report.closed_set_accuracy:.4f}",
         report.macro_f1,
         ece_before,
         report.ece,
@@ -511,10 +501,13 @@ def _confusions(
 
 
 def _write_model_dir(out: Path, encoder: Any, head: Head, metadata: ModelMetadata) -> None:
-    """Write to a temporary sibling, then rename: readers never see a partial directory."""
+    """Write to a temporary sibling, then rename: readers never see a partial directory. The
+    sibling is made by ``mkdtemp`` (0700), so it gets the shared folder mode before the rename
+    (files inside are created with the umask's mode already)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        os.chmod(tmp, shared_dir_mode())
         encoder.save(str(tmp / ENCODER_DIR))
         head.write(tmp)
         metadata.write(tmp)

@@ -30,8 +30,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from sqlalchemy import Connection
 
 from capture import statements
@@ -44,8 +42,10 @@ from capture.offline_statements import (
     window_start,
 )
 from capture.rows import map_retraining_row
+from capture.text import clean_prompt, intent_key, intent_name_problem
+from capture.values import to_utc
 from tasks.anonymise import scrub_pii
-from tasks.retry import retry_on_io
+from tasks.retry import io_task
 from tasks.training_file import (
     SOURCE_BASE,
     SOURCE_PRODUCTION,
@@ -61,6 +61,7 @@ __all__ = [
     "TrainingDataExport",
     "TrainingRow",
     "export_training_data",
+    "export_label",
     "export_training_data_task",
     "holdout_path_for",
     "is_held_out",
@@ -125,11 +126,15 @@ def is_held_out(text: str, fraction: float) -> bool:
 
 
 def production_rows(
-    conn: Connection, *, since: datetime | None, min_confidence: float
+    conn: Connection,
+    *,
+    since: datetime | None,
+    min_confidence: float,
+    until: datetime | None = None,
 ) -> Iterator[TrainingRow]:
-    """Corrections and high-confidence predictions whose workflow did not fail, created after
-    ``since``, oldest first (``capture.statements.select_for_retraining``)."""
-    stmt = statements.select_for_retraining(min_confidence=min_confidence, since=since)
+    """Corrections and high-confidence predictions whose workflow did not fail, created in
+    ``(since, until]``, oldest first (``capture.statements.select_for_retraining``)."""
+    stmt = statements.select_for_retraining(min_confidence=min_confidence, since=since, until=until)
     for raw in conn.execution_options(yield_per=5_000).execute(stmt):
         row = map_retraining_row(raw)
         yield TrainingRow(
@@ -142,10 +147,12 @@ def production_rows(
         )
 
 
-def store_rows(conn: Connection, *, since: datetime | None) -> Iterator[TrainingRow]:
-    """Rows of the anonymised training store from the week of ``since`` on, oldest first
-    (``capture.offline_statements.select_training_store``)."""
-    stmt = select_training_store(since=since)
+def store_rows(
+    conn: Connection, *, since: datetime | None, until: datetime | None = None
+) -> Iterator[TrainingRow]:
+    """Rows of the anonymised training store from the week of ``since`` to the week of
+    ``until``, oldest first (``capture.offline_statements.select_training_store``)."""
+    stmt = select_training_store(since=since, until=until)
     for row in conn.execute(stmt):
         yield TrainingRow(
             text=row.prompt,
@@ -168,18 +175,39 @@ def base_rows(path: Path) -> list[TrainingRow]:
     ]
 
 
+def export_label(label: str) -> str | None:
+    """The label a training row is exported with: ``label`` (surrounding whitespace removed)
+    when it is an intent name in the documented form (``capture.text``); else its
+    ``capture.text.intent_key`` when that is in the form (``Music_Play`` and ``weather`` + a
+    zero-width space, written before names were checked, join ``music_play`` and ``weather``
+    instead of becoming separate labels); else None (the row cannot be exported)."""
+    if intent_name_problem(label) is None:
+        return label.strip()
+    key = intent_key(label)
+    return key if intent_name_problem(key) is None else None
+
+
 def merge_rows(
     rows: Iterable[TrainingRow], *, holdout_fraction: float
 ) -> tuple[list[TrainingRow], list[TrainingRow], int]:
-    """Scrub, deduplicate and split ``rows`` into (train, holdout, duplicates dropped)."""
+    """Clean (``capture.text.clean_prompt``), scrub, relabel (:func:`export_label`),
+    deduplicate and split ``rows`` into (train, holdout, rows dropped: duplicates, empty texts
+    and labels that cannot be exported)."""
     best: dict[str, TrainingRow] = {}
     seen = 0
+    relabelled: dict[str, str] = {}
+    unusable: set[str] = set()
     for row in rows:
         seen += 1
-        text = scrub_pii(row.text).strip()
+        text = clean_prompt(scrub_pii(clean_prompt(row.text)))
         if not text:
             continue
-        label = row.label.strip()
+        label = export_label(row.label)
+        if label is None:
+            unusable.add(row.label)
+            continue
+        if label != row.label.strip():
+            relabelled[row.label] = label
         scrubbed = TrainingRow(text, label, row.confidence, row.source, row.corrected, row.log_id)
         key = normalise_text(text)
         kept = best.get(key)
@@ -191,6 +219,13 @@ def merge_rows(
     train = [row for key, row in best.items() if key not in held_keys]
     holdout = [row for key, row in best.items() if key in held_keys]
     dropped = seen - len(best)
+    for old, new in sorted(relabelled.items()):
+        logger.warning("training data: label %r exported as %r (its canonical form)", old, new)
+    if unusable:
+        logger.warning(
+            "training data: rows labelled %s left out: not an intent name (snake_case)",
+            ", ".join(sorted(map(repr, unusable))),
+        )
     return train, holdout, dropped
 
 
@@ -209,6 +244,9 @@ def export_training_data(
     """Write the retraining JSONL to ``output`` and the held-out corrected prompts next to it
     (:mod:`tasks.training_file`'s format; both 0600).
 
+    The window is the last ``days`` days ending at ``now`` (default: the current time); rows
+    dated after ``now`` are left out. None: all time up to ``now``.
+
     Raises ``ParameterError`` for ``days``, ``min_confidence`` or ``holdout_fraction`` out of
     range and ``RecordsError`` for a bad ``base_data`` file, before the database is read;
     :class:`NoTrainingDataError` when nothing is left to train on. All are ``UserError``s.
@@ -219,12 +257,13 @@ def export_training_data(
             "something must be left to train on"
         )
     check_fraction(min_confidence, "min_confidence")
-    since = window_start(now or datetime.now(UTC), days)
+    until = to_utc(now or datetime.now(UTC), "now")
+    since = window_start(until, days)
     rows: list[TrainingRow] = base_rows(base_data) if base_data is not None else []
     with get_sync_engine(database_url(url)).connect() as conn:
         if include_store:
-            rows.extend(store_rows(conn, since=since))
-        rows.extend(production_rows(conn, since=since, min_confidence=min_confidence))
+            rows.extend(store_rows(conn, since=since, until=until))
+        rows.extend(production_rows(conn, since=since, min_confidence=min_confidence, until=until))
     train, holdout, dropped = merge_rows(rows, holdout_fraction=holdout_fraction)
     if not train:
         raise NoTrainingDataError(
@@ -262,13 +301,7 @@ def export_training_data(
     return result
 
 
-export_training_data_task = task(
-    cache_policy=NO_CACHE,
-    name="export-training-data",
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_on_io,
-)(export_training_data)
+export_training_data_task = io_task(export_training_data, name="export-training-data")
 
 
 # --------------------------------------------------------------------------- the .meta.json sidecar
@@ -289,13 +322,7 @@ def read_summary(training_file: Path) -> dict[str, Any] | None:
     return data
 
 
-@task(
-    cache_policy=NO_CACHE,
-    name="write-training-summary",
-    retries=2,
-    retry_delay_seconds=1,
-    retry_condition_fn=retry_on_io,
-)
+@io_task(name="write-training-summary", retry_delay_seconds=1)
 def write_summary(export: TrainingDataExport) -> Path:
     """Write ``export.summary()`` to the sidecar of ``export.path``; returns the sidecar."""
     from capture.files import write_json_atomic

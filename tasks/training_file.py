@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from capture.files import write_bytes_atomic
-from tasks.records import RecordsError, json_lines, parse_record
+from tasks.records import RecordsError, Unit, json_lines, parse_record
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,10 @@ SOURCE_PRODUCTION = "production"
 SOURCE_BASE = "base"
 #: ``source`` of a line read without one.
 UNKNOWN_SOURCE = "unknown"
+_EXPECTED = (
+    "UTF-8 JSON Lines written by `prompt-capture export --mode retraining`, one "
+    '{"text", "label", ...} object per line'
+)
 
 
 class TrainingFileError(RecordsError):
@@ -80,18 +84,21 @@ class TrainingRow:
         }
 
 
-def _field_error(path: Path, line: int, field: str, expected: str, value: object) -> RecordsError:
+def _field_error(
+    path: Path, line: int, field: str, expected: str, value: object, unit: Unit
+) -> RecordsError:
+    where = f"{path}:{line}" if unit == "line" else f"{path}, row {line}"
     return TrainingFileError(
-        f"{path}:{line}: field {field!r}: expected {expected}, found "
+        f"{where}: field {field!r}: expected {expected}, found "
         f"{type(value).__name__} {value!r}; fix the line or export the training data again"
     )
 
 
-def parse_training_row(obj: object, path: Path, line: int) -> TrainingRow:
+def parse_training_row(obj: object, path: Path, line: int, unit: Unit = "line") -> TrainingRow:
     """Validate one decoded line: ``text`` and ``label`` as :func:`tasks.records.parse_record`
-    checks them, then the optional ``confidence`` (a number in [0, 1] or null), ``source`` (a
-    non-empty string) and ``corrected`` (true or false)."""
-    record = parse_record(obj, path, line)
+    checks and cleans them (``capture.text``), then the optional ``confidence`` (a number in
+    [0, 1] or null), ``source`` (a non-empty string) and ``corrected`` (true or false)."""
+    record = parse_record(obj, path, line, unit)
     assert isinstance(obj, dict)  # parse_record refused anything else
     confidence = obj.get("confidence")
     if confidence is not None and (
@@ -100,13 +107,17 @@ def parse_training_row(obj: object, path: Path, line: int) -> TrainingRow:
         or not math.isfinite(confidence)
         or not 0.0 <= confidence <= 1.0
     ):
-        raise _field_error(path, line, "confidence", "a number in [0, 1] or null", confidence)
+        raise _field_error(
+            path, line, "confidence", "a number in [0, 1] or null", confidence, unit
+        )
     source = obj.get("source", UNKNOWN_SOURCE)
     if not isinstance(source, str) or not source.strip():
-        raise _field_error(path, line, "source", 'a name such as "production" or "base"', source)
+        raise _field_error(
+            path, line, "source", 'a name such as "production" or "base"', source, unit
+        )
     corrected = obj.get("corrected", False)
     if not isinstance(corrected, bool):
-        raise _field_error(path, line, "corrected", "true or false", corrected)
+        raise _field_error(path, line, "corrected", "true or false", corrected, unit)
     return TrainingRow(
         text=record.text,
         label=record.label,
@@ -119,11 +130,19 @@ def parse_training_row(obj: object, path: Path, line: int) -> TrainingRow:
 def read_training_file(path: str | os.PathLike[str]) -> list[TrainingRow]:
     """Every line of a training export (or its held-out slice), validated, in file order.
 
-    Raises :class:`TrainingFileError` / ``RecordsError`` naming the file and line for a missing
-    file, bytes that are not UTF-8, malformed JSON or a bad field. An empty file is no rows.
+    Read by ``tasks.records.json_lines`` (``tasks.input_files``: lines split only at ``\\n``, so
+    a text holding U+2028 reads back as written). Raises :class:`TrainingFileError` /
+    ``RecordsError`` naming the file and line for malformed JSON or a bad field, and the file
+    for a missing or unreadable one. An empty (0-byte) file is no rows: an export may hold
+    nothing, e.g. an empty held-out slice.
     """
     p = Path(path)
-    rows = [parse_training_row(obj, p, line) for line, obj in json_lines(p)]
+    if p.is_file() and p.stat().st_size == 0:
+        return []
+    rows = [
+        parse_training_row(obj, p, line, unit)
+        for line, obj, unit in json_lines(p, what="training file", expected=_EXPECTED)
+    ]
     logger.debug("read %d training rows from %s", len(rows), p)
     return rows
 

@@ -8,11 +8,12 @@ keeps serving); any error fails the run before this is built.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.corrections import ImportResult
+from tasks.corrections import ImportResult, import_summary_markdown
 from tasks.deploy import DeployResult
 from tasks.retrain import RetrainResult
 from tasks.training_data import TrainingDataExport
@@ -45,11 +46,18 @@ def cycle_message(retrain: RetrainResult, deployed: DeployResult | None) -> str:
     )
 
 
-def summary_markdown(message: str, data: TrainingDataExport, pairs: PairsResult) -> str:
-    """The weekly cycle's markdown artifact."""
+def summary_markdown(
+    message: str,
+    data: TrainingDataExport,
+    pairs: PairsResult,
+    corrections: Sequence[ImportResult] | None = None,
+) -> str:
+    """The weekly cycle's markdown artifact (with the inbox import's counts and each rejected
+    file and its reason, when the inbox was drained)."""
     return (
         f"# Weekly cycle\n\n{message}\n\n"
-        f"- training rows: {data.n_train} ({data.counts})\n"
+        + import_summary_markdown(corrections)
+        + f"- training rows: {data.n_train} ({data.counts})\n"
         f"- held out: {data.n_holdout}\n- pairs: {pairs.pairs}\n"
     )
 

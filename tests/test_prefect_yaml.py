@@ -104,3 +104,33 @@ def test_bad_specs_name_the_problem(tmp_path: Path) -> None:
         read_specs(path)
     with pytest.raises(ValueError, match=r"expected 'path/to/file\.py:flow_function'"):
         load_flow("flows/weekly.py")
+
+
+REGISTRY_CHANGING = {"retrain", "deploy", "rollback", "weekly-cycle"}
+
+
+def test_runs_that_change_the_registry_queue_one_at_a_time(raw: dict[str, object]) -> None:
+    """A second run of a deployment that changes what serves waits for a slot (ENQUEUE), in
+    what `prefect deploy` builds and in what `serve` builds; no other deployment is limited."""
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    model = PrefectYamlModel.model_validate(raw)
+    limited = {d.name for d in model.deployments if d.concurrency_limit is not None}
+    assert limited == REGISTRY_CHANGING
+    for deployment in model.deployments:
+        if deployment.name in REGISTRY_CHANGING:
+            limit = deployment.concurrency_limit
+            assert not isinstance(limit, int) and limit is not None
+            assert (limit.limit, limit.collision_strategy) == (1, "ENQUEUE")
+            assert ConcurrencyLimitConfig.model_validate(limit.model_dump()).collision_strategy == (
+                ConcurrencyLimitStrategy.ENQUEUE
+            )
+    served = {d.name: d for d in build_deployments(read_specs())}
+    for name, deployment in served.items():
+        if name in REGISTRY_CHANGING:
+            assert deployment.concurrency_limit == 1
+            assert deployment.concurrency_options is not None
+            assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
+        else:
+            assert deployment.concurrency_limit is None

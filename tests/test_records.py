@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from capture.text import clean_prompt
 from tasks.records import Record, RecordsError, load_records, write_records
 
 
@@ -72,19 +73,107 @@ def test_undecodable_bytes_name_the_line_and_encoding_fix(tmp_path: Path) -> Non
     path.write_bytes(content.encode("latin-1"))
     with pytest.raises(RecordsError) as err:
         load_records(path)
-    assert f"{path}:4:" in str(err.value)
+    # One file-level message (tasks.input_files) that names the file, the line and the fix.
+    assert str(err.value).startswith(f"{path}: cannot read this records file")
+    assert "(line 4," in str(err.value)
     assert "UTF-8" in str(err.value)
     assert "iconv" in str(err.value)
 
 
 def test_empty_and_missing_files(tmp_path: Path) -> None:
-    with pytest.raises(RecordsError, match="no records found"):
+    with pytest.raises(RecordsError, match="found only whitespace"):
         load_records(_write(tmp_path, [""]))
-    with pytest.raises(RecordsError, match="file not found"):
+    (tmp_path / "zero.jsonl").write_bytes(b"")
+    with pytest.raises(RecordsError, match=r"found an empty file \(0 bytes\)"):
+        load_records(tmp_path / "zero.jsonl")
+    with pytest.raises(RecordsError, match="no such file"):
         load_records(tmp_path / "absent.jsonl")
+    with pytest.raises(RecordsError, match="no records found"):
+        load_records(_write(tmp_path, ["[]"], name="empty-list.json"))
 
 
 def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + ("\n".join(GOOD)).encode("utf-8"))
     assert [r.label for r in load_records(path)] == ["music", "weather"]
+
+
+@pytest.mark.parametrize(
+    ("data", "found"),
+    [
+        ("\n".join(GOOD).encode("utf-16"), "UTF-16 LE text"),
+        (b"text,label\nplay some jazz,music\nwill it rain,weather\n", "CSV (comma-separated"),
+        (b"<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head></html>", "HTML page"),
+    ],
+)
+def test_a_file_that_is_not_records_gets_one_file_level_message(
+    tmp_path: Path, data: bytes, found: str
+) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(data)
+    with pytest.raises(RecordsError) as err:
+        load_records(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: cannot read this records file: found ")
+    assert found in message and message.count(str(path)) >= 1
+
+
+def test_crlf_and_a_json_list_read_like_json_lines(tmp_path: Path) -> None:
+    crlf = tmp_path / "crlf.jsonl"
+    crlf.write_bytes(("\r\n".join(GOOD) + "\r\n").encode("utf-8"))
+    as_list = tmp_path / "list.json"
+    as_list.write_text(json.dumps([json.loads(x) for x in GOOD if x]), encoding="utf-8")
+    assert load_records(crlf) == load_records(as_list) == load_records(_write(tmp_path, GOOD))
+
+
+def test_bad_element_of_a_json_list_names_its_row(tmp_path: Path) -> None:
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps([{"text": "a", "label": "x"}, {"text": "b"}]), encoding="utf-8")
+    with pytest.raises(RecordsError, match=r"list\.json, row 2: missing field 'label'"):
+        load_records(path)
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085"])
+def test_a_text_holding_a_unicode_line_break_stays_one_record(
+    tmp_path: Path, separator: str
+) -> None:
+    rows = [Record(f"first{separator}second", "music"), Record("will it rain", "weather")]
+    path = tmp_path / "out.jsonl"
+    write_records(path, rows)
+    assert separator in path.read_text(encoding="utf-8")  # written raw (ensure_ascii=False)
+    # One record each; U+0085 (a C1 control) is removed by capture.text like every control.
+    assert load_records(path) == [Record(clean_prompt(r.text), r.label) for r in rows]
+
+
+@pytest.mark.parametrize(
+    ("text", "stored"),
+    [
+        ("a\x00b", "ab"),  # NUL: PostgreSQL cannot store it
+        ("half \ud83d emoji", "half \ufffd emoji"),  # lone surrogate
+        ("  cafe\u0301 \u200b", "caf\u00e9"),  # NFC, surrounding whitespace and ZWSP
+        ("\u05e9\u05dc\u05d5\u05dd \u200f", "\u05e9\u05dc\u05d5\u05dd \u200f"),  # RTL mark kept
+    ],
+)
+def test_texts_are_cleaned_by_capture_text(tmp_path: Path, text: str, stored: str) -> None:
+    path = tmp_path / "t.jsonl"
+    line = json.dumps({"text": text, "label": "music"})  # ASCII escapes, as tools write them
+    path.write_text(line + "\n" + json.dumps({"text": "x", "label": "y"}) + "\n")
+    assert load_records(path)[0].text == stored
+
+
+@pytest.mark.parametrize(
+    ("label", "needle"),
+    [
+        ("Music_Play", "write 'music_play'"),
+        ("weather\u200b", "invisible character"),
+        ("<img src=x onerror=alert(1)>", "outside a-z, 0-9 and _"),
+        ("\x00", "found '\\x00'"),
+    ],
+)
+def test_a_label_outside_the_intent_name_form_is_refused(
+    tmp_path: Path, label: str, needle: str
+) -> None:
+    path = _write(tmp_path, [*GOOD, json.dumps({"text": "hello", "label": label})])
+    with pytest.raises(RecordsError) as err:
+        load_records(path)
+    assert f"{path}:4: field 'label'" in str(err.value) and needle in str(err.value)

@@ -101,8 +101,15 @@ def test_deploy_switches_current_and_refuses_unexported_versions(tmp_path: Path)
         registry.deploy(models, "7")
     assert registry.current_version(models) == "1"
     assert [h["version"] for h in registry.history(models)] == ["1"]
-    # Only the pointer file and version directories: no temporary files left behind.
-    assert sorted(p.name for p in models.iterdir()) == ["1", "2", "current", "history.jsonl"]
+    # Only the pointer, the history, the registry lock and version directories: no temporary
+    # files left behind.
+    assert sorted(p.name for p in models.iterdir()) == [
+        ".registry.lock",
+        "1",
+        "2",
+        "current",
+        "history.jsonl",
+    ]
 
 
 def test_rollback_goes_to_the_previous_good_version(tmp_path: Path) -> None:

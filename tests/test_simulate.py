@@ -240,6 +240,27 @@ def test_a_run_reaches_the_flows_through_parameters_not_the_environment(
     assert dict(os.environ) == before
 
 
+def test_a_run_database_with_a_password_travels_as_a_secret_block(
+    tmp_path: Path, prefect_harness: None
+) -> None:
+    from capture.settings import Settings
+    from tasks.run_settings import DatabaseSettingError, resolve_run_settings
+    from tasks.simulate.space import _save_secret, release_space
+
+    url = "postgresql+psycopg://sim:s3cr3t@db.example/pc_sim_x"
+    block = _save_secret("margin-seed-0", url)
+    assert block.startswith("prompt-capture-sim-margin-seed-0-")
+    run = resolve_run_settings(Settings(), home=str(tmp_path), database_secret=block)
+    assert run.database_url == url
+    sqlite = f"sqlite:///{tmp_path / 'run.db'}"
+    settings = Settings().for_run(tmp_path, sqlite)
+    space = RunSpace("x", tmp_path, sqlite, False, settings, None, block)
+    assert "s3cr3t" not in str(space.flow_params())
+    release_space(space)  # the block goes with the run
+    with pytest.raises(DatabaseSettingError, match="no Prefect Secret block"):
+        resolve_run_settings(Settings(), home=str(tmp_path), database_secret=block)
+
+
 def test_loop_settings_refuse_bad_values() -> None:
     with pytest.raises(SimulationError, match="fail_if_wrong"):
         LoopSettings(fail_if_wrong=1.5)

@@ -26,7 +26,9 @@ FIELDS = ["text", "label", "confidence", "source", "corrected"]
 
 
 def read(path: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    # JSON Lines split only at "\n": str.splitlines() would also split at U+2028/U+2029/U+0085.
+    text = path.read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.split("\n") if line]
 
 
 def test_sources_scrubbing_dedup_and_no_user_ids(db_url: str, tmp_path: Path) -> None:
@@ -141,3 +143,51 @@ def test_merge_prefers_corrections_then_base_then_predictions() -> None:
     train, holdout, dropped = merge_rows(rows, holdout_fraction=0.0)
     assert [(r.text, r.label, r.corrected) for r in train] == [("HI", "smalltalk", True)]
     assert holdout == [] and dropped == 3
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029"])
+def test_a_prompt_with_a_unicode_line_break_exports_and_reads_back(
+    db_url: str, tmp_path: Path, separator: str
+) -> None:
+    """Issue 13: str.splitlines() split a JSON Lines file inside a JSON string, so a prompt
+    holding U+2028 made its own training export unloadable."""
+    from tasks.records import load_records
+    from tasks.training_file import read_training_file
+    from tasks.training_pairs import read_training_rows
+
+    prompts = [f"first line{separator}second line", f"play{separator}jazz", "plain one"]
+    insert_logs(db_url, [Log(p, "music_play", 0.95) for p in prompts])
+    insert_logs(db_url, [Log("will it rain", "weather", 0.4, corrected="weather")])
+    out = tmp_path / "retraining.jsonl"
+    export = export_training_data_task.fn(out, url=db_url, days=30, holdout_fraction=0.0)
+    raw = out.read_text(encoding="utf-8")
+    assert separator in raw and raw.count("\n") == export.n_train == 4  # written raw, 4 lines
+    back = read_training_file(out)
+    assert sorted(r.text for r in back) == sorted([*prompts, "will it rain"])
+    assert {r.text for r in load_records(out)} == {r.text for r in back}
+    assert len(read_training_rows.fn(out, False)) == 4  # what the pairs stage reads
+
+
+def test_legacy_labels_are_exported_in_their_canonical_form(db_url: str, tmp_path: Path) -> None:
+    """Labels stored before intent names were checked (``Music_Play``, ``weather`` + ZWSP) join
+    their canonical intent instead of becoming separate labels; unusable ones are left out."""
+    insert_logs(
+        db_url,
+        [
+            Log("play queen", "music_play", 0.95),
+            Log("play abba", "music_play", 0.5, corrected="Music_Play"),
+            Log("is it sunny", "weather", 0.95),
+            Log("is it windy", "weather", 0.5, corrected="weather\u200b"),
+            Log("<b>hi</b>", "music_play", 0.5, corrected="<img src=x onerror=alert(1)>"),
+        ],
+    )
+    out = tmp_path / "retraining.jsonl"
+    export = export_training_data_task.fn(out, url=db_url, days=30, holdout_fraction=0.0)
+    labels = {r["text"]: r["label"] for r in read(out)}
+    assert labels == {
+        "play queen": "music_play",
+        "play abba": "music_play",
+        "is it sunny": "weather",
+        "is it windy": "weather",
+    }
+    assert export.labels == ["music_play", "weather"]

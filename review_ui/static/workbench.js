@@ -176,7 +176,7 @@
       list.append(li);
     });
     const typed = $("intent-input").value.trim();
-    if (typed && !known.has(typed)) {
+    if (typed && !known.has(typed) && !state.suggestions.length) {
       const li = document.createElement("li");
       li.className = "new"; li.textContent = "new intent: " + typed + " (needs an admin)";
       list.append(li);

@@ -1,0 +1,110 @@
+"""Child process for tests/test_registry_lock.py: ``python -m tests.registry_child MODE RUN_DIR
+ARGS...``.
+
+Every mode first writes ``RUN_DIR/ready-<name>`` and then waits for ``RUN_DIR/go`` (the test's
+barrier: the children start together), then:
+
+- ``hold NAME MODELS SECONDS``: holds the registry lock for SECONDS and records its enter and
+  exit times (``time.time()``) in ``RUN_DIR/<NAME>.json``;
+- ``switch NAME MODELS N PLAN``: N times, each step of PLAN (``deploy:2,rollback,deploy:3``)
+  through ``tasks.registry`` (each takes the lock), as the CLI's ``rollback`` does;
+- ``cycle NAME HOME DB_URL``: one weekly-cycle flow run (tiny training, a gate that promotes,
+  fp32 export, deploy) against the Prefect API in ``PREFECT_API_URL``; writes what it did to
+  ``RUN_DIR/<NAME>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+TINY = {"min_steps": 1, "max_steps": 1, "batch_size": 4, "seed": 0}
+
+
+def wait_for_go(run_dir: Path, name: str) -> None:
+    (run_dir / f"ready-{name}").write_text(str(os.getpid()), encoding="utf-8")
+    deadline = time.monotonic() + 300
+    while not (run_dir / "go").exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{name}: no go signal")
+        time.sleep(0.01)
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def hold(run_dir: Path, name: str, models: Path, seconds: float) -> None:
+    from tasks.registry import registry_lock
+
+    with registry_lock(models, run=f"hold {name}"):
+        entered = time.time()
+        time.sleep(seconds)
+        left = time.time()
+    write_json(run_dir / f"{name}.json", {"entered": entered, "left": left})
+
+
+def switch(models: Path, n: int, plan: str) -> None:
+    from tasks import registry
+
+    for _ in range(n):
+        for step in plan.split(","):
+            action, _, version = step.partition(":")
+            if action == "deploy":
+                registry.deploy(models, version)
+            else:
+                registry.rollback(models, version or None)
+
+
+def cycle(run_dir: Path, name: str, home: Path, url: str) -> None:
+    from flows.weekly import weekly_cycle
+
+    result = weekly_cycle(
+        days=30,
+        holdout_fraction=0.0,
+        import_inbox=False,
+        hyperparameters=TINY,
+        max_overall_drop=1.0,  # a gate that promotes: both challengers are deployed
+        max_intent_drop=1.0,
+        min_support=1,
+        quantize=False,
+        home=str(home),
+        database_url=url,
+    )
+    write_json(
+        run_dir / f"{name}.json",
+        {
+            "version": result.retrain.version,
+            "champion": result.retrain.champion_version,
+            "promote": result.retrain.promote,
+            "deployed": result.deployed.version if result.deployed else None,
+            "previous": result.deployed.previous if result.deployed else None,
+        },
+    )
+
+
+def main(argv: list[str]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
+    mode, run_dir, name = argv[0], Path(argv[1]), argv[2]
+    if mode == "cycle":
+        from flows.weekly import weekly_cycle  # noqa: F401  (import before the barrier)
+    wait_for_go(run_dir, name)
+    if mode == "hold":
+        hold(run_dir, name, Path(argv[3]), float(argv[4]))
+    elif mode == "switch":
+        switch(Path(argv[3]), int(argv[4]), argv[5])
+    elif mode == "cycle":
+        cycle(run_dir, name, Path(argv[3]), argv[4])
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

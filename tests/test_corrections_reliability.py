@@ -1,0 +1,307 @@
+"""Corrections import on what reviewers' tools really save (issue 13, cases 1-5): text hygiene
+of notes and intents on both databases, new intents that only look new, conflicting rows, files
+the reader cannot use, and an inbox where one bad file never blocks the others."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capture.text import clean_notes
+from tasks.corrections import ImportResult, RowProblem, import_corrections, import_summary_markdown
+from tests.cycle_helpers import Log, corrections_in_db, insert_logs
+from tests.test_corrections import row
+
+CATALOG = {"music_play", "weather", "scheduling"}
+
+
+def write_list(path: Path, rows: list[Any], *, bom: bool = False, crlf: bool = False) -> Path:
+    text = json.dumps(rows, indent=2)  # ASCII escapes ("\u0000", "\ud83d"), as tools write them
+    if crlf:
+        text = text.replace("\n", "\r\n")
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    return path
+
+
+@pytest.fixture
+def logs(db_url: str) -> list[Any]:
+    return insert_logs(
+        db_url,
+        [
+            Log("play something by queen", "music_play", 0.5),
+            Log("will it rain tomorrow", "scheduling", 0.4),
+            Log("wake me at seven", "scheduling", 0.6),
+        ],
+    )
+
+
+# --------------------------------------------------------------------------- case 1: files
+
+
+def test_case_1_a_bom_file_applies_like_the_same_file_without_it(
+    db_url: str, logs: list[Any], tmp_path: Path
+) -> None:
+    a, b, _ = logs
+    rows = [row(a, "music_play"), row(b, "weather", "it was about rain")]
+    with_bom = import_corrections(
+        write_list(tmp_path / "bom.json", rows, bom=True, crlf=True), url=db_url, catalog=CATALOG
+    )
+    assert with_bom.ok, with_bom.reasons()
+    assert (with_bom.applied, len(with_bom.rejected)) == (2, 0)
+    without = import_corrections(
+        write_list(tmp_path / "plain.json", rows), url=db_url, catalog=CATALOG
+    )
+    assert (without.applied, without.unchanged, without.rejected) == (0, 2, [])
+
+
+@pytest.mark.parametrize(
+    ("data", "found"),
+    [
+        ("utf16", "UTF-16 LE text"),
+        (b"id,corrected_intent,notes\nabc,weather,\n", "CSV (comma-separated values)"),
+        (b"<html><head><title>Sign in</title></head><body></body></html>", "an HTML page"),
+        (b"", "an empty file (0 bytes)"),
+        (b"\xef\xbb\xbf", "only a byte-order mark"),
+    ],
+)
+def test_an_unreadable_file_is_one_file_level_message(
+    db_url: str, logs: list[Any], tmp_path: Path, data: bytes | str, found: str
+) -> None:
+    path = tmp_path / "reviewed.json"
+    if data == "utf16":
+        path.write_bytes(json.dumps([row(logs[0], "weather")]).encode("utf-16"))
+    else:
+        assert isinstance(data, bytes)
+        path.write_bytes(data)
+    result = import_corrections(path, url=db_url, catalog=CATALOG)
+    assert [(p.row, p.field) for p in result.rejected] == [(0, "-")]
+    assert found in result.rejected[0].message
+    assert result.applied == 0
+    assert all(v == (None, None) for v in corrections_in_db(db_url).values())
+
+
+# --------------------------------------------------------------------------- cases 2-3: text
+
+
+NOTES = [
+    # case, as the reviewer's tool wrote it, as stored (the same on SQLite and PostgreSQL)
+    ("NUL (case 2)", "before\u0000after", "beforeafter"),
+    ("lone surrogate (case 3)", "half an emoji \ud83d here", "half an emoji \ufffd here"),
+    ("surrogate pair", "\ud83d\ude00 ok", "\U0001f600 ok"),
+    ("BOM and ZWSP at the ends", "\ufeff\u200bchecked\u200b ", "checked"),
+    ("ESC sequence", "red\u001b[31m text", "red[31m text"),
+    ("RTL marks kept", "\u202bשלום\u202c", "\u202bשלום\u202c"),
+    ("NFD becomes NFC", "cafe\u0301", "caf\u00e9"),
+    ("only invisible", "\u200b \u0000", None),
+]
+
+
+@pytest.mark.parametrize(("notes", "stored"), [c[1:] for c in NOTES], ids=[c[0] for c in NOTES])
+def test_cases_2_3_notes_are_stored_clean_on_both_databases(
+    db_url: str, logs: list[Any], tmp_path: Path, notes: str, stored: str | None
+) -> None:
+    a = logs[0]
+    path = write_list(tmp_path / "notes.json", [row(a, "music_play", notes)])
+    result = import_corrections(path, url=db_url, catalog=CATALOG)
+    assert result.ok and result.applied == 1, result.reasons()
+    assert corrections_in_db(db_url)[a] == ("music_play", stored)
+    assert clean_notes(notes) == stored
+    # Importing the same file again changes nothing: the stored value is the cleaned one.
+    again = import_corrections(path, url=db_url, catalog=CATALOG)
+    assert (again.applied, again.unchanged) == (0, 1)
+
+
+def test_a_lone_surrogate_in_an_intent_or_id_is_a_row_problem_with_a_printable_reason(
+    db_url: str, logs: list[Any], tmp_path: Path
+) -> None:
+    a, b, _ = logs
+    path = write_list(
+        tmp_path / "broken.json",
+        [row(a, "weather\ud83d"), {**row(b, "weather"), "id": "\ud83d-not-an-id"}],
+    )
+    result = import_corrections(path, url=db_url, catalog=CATALOG, allow_new_intent=True)
+    assert [(p.row, p.field) for p in result.rejected] == [(1, "corrected_intent"), (2, "id")]
+    reasons = result.summary() + "\n" + result.reasons()
+    reasons.encode("utf-8")  # printable and writable: the surrogate is shown as an escape
+    assert "\\ud83d" in reasons
+
+
+# --------------------------------------------------------------------------- case 4: intents
+
+
+@pytest.mark.parametrize(
+    ("intent", "existing"),
+    [
+        ("Music_Play", "music_play"),
+        ("music play", "music_play"),
+        ("MUSIC-PLAY", "music_play"),
+        ("weather\u200b", "weather"),
+        ("wea\u200dther", "weather"),
+        ("\u0057eather", "weather"),
+        ("ｗｅａｔｈｅｒ", "weather"),  # fullwidth letters
+        ("OOS", "oos"),
+    ],
+)
+def test_case_4_allow_new_intent_refuses_a_name_that_only_looks_new(
+    db_url: str, logs: list[Any], tmp_path: Path, intent: str, existing: str
+) -> None:
+    path = write_list(tmp_path / "new.json", [row(logs[0], intent)])
+    result = import_corrections(path, url=db_url, catalog=CATALOG, allow_new_intent=True)
+    assert [(p.row, p.field) for p in result.rejected] == [(1, "corrected_intent")]
+    message = result.rejected[0].message
+    assert f"differs from the existing intent {existing!r} only by case" in message
+    assert corrections_in_db(db_url)[logs[0]] == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("intent", "needle"),
+    [
+        ("<img src=x onerror=alert(1)>", "outside a-z, 0-9 and _"),
+        ("music.stop", "outside a-z, 0-9 and _"),
+        ("météo", "outside a-z, 0-9 and _"),
+        ("x" * 65, "more than 64"),
+        ("out_of_scope", "which means out of scope; write 'oos'"),
+        ("_music", "an underscore at the start or end"),
+    ],
+)
+def test_case_4_a_new_intent_must_have_the_documented_form(
+    db_url: str, logs: list[Any], tmp_path: Path, intent: str, needle: str
+) -> None:
+    path = write_list(tmp_path / "new.json", [row(logs[0], intent)])
+    result = import_corrections(path, url=db_url, catalog=CATALOG, allow_new_intent=True)
+    assert [(p.row, p.field) for p in result.rejected] == [(1, "corrected_intent")]
+    assert needle in result.rejected[0].message
+
+
+def test_case_4_a_genuinely_new_intent_and_known_ones_with_spaces_are_accepted(
+    db_url: str, logs: list[Any], tmp_path: Path
+) -> None:
+    a, b, _ = logs
+    path = write_list(tmp_path / "new.json", [row(a, " homework_help\t"), row(b, "weather \n")])
+    without_flag = import_corrections(path, url=db_url, catalog=CATALOG)
+    assert [p.row for p in without_flag.rejected] == [1]
+    assert "--allow-new-intent" in without_flag.rejected[0].message
+    result = import_corrections(path, url=db_url, catalog=CATALOG, allow_new_intent=True)
+    assert result.ok and result.applied == 2
+    stored = corrections_in_db(db_url)
+    assert stored[a] == ("homework_help", None) and stored[b] == ("weather", None)
+
+
+# --------------------------------------------------------------------------- case 5: conflicts
+
+
+def test_case_5_same_id_with_different_notes_is_reported_on_both_rows(
+    db_url: str, logs: list[Any], tmp_path: Path
+) -> None:
+    a, b, _ = logs
+    path = write_list(
+        tmp_path / "twice.json",
+        [row(a, "music_play", "first reviewer"), row(b, "weather"), row(a, "music_play", "second")],
+    )
+    result = import_corrections(path, url=db_url, catalog=CATALOG)
+    assert [(p.row, p.field) for p in result.rejected] == [(1, "notes"), (3, "notes")]
+    assert "this id is in rows 1, 3 with different notes" in result.rejected[0].message
+    assert result.applied == 0
+    assert all(v == (None, None) for v in corrections_in_db(db_url).values())
+
+
+def test_case_5_same_id_with_different_intents_is_reported_on_both_rows(
+    db_url: str, logs: list[Any], tmp_path: Path
+) -> None:
+    a = logs[0]
+    path = write_list(tmp_path / "twice.json", [row(a, "music_play"), row(a, "weather")])
+    result = import_corrections(path, url=db_url, catalog=CATALOG)
+    assert [(p.row, p.field) for p in result.rejected] == [
+        (1, "corrected_intent"),
+        (2, "corrected_intent"),
+    ]
+    assert "different corrected_intent" in result.rejected[0].message
+    assert "'music_play', 'weather'" in result.rejected[0].message
+
+
+def test_case_5_the_same_answer_twice_is_applied_once(
+    db_url: str, logs: list[Any], tmp_path: Path
+) -> None:
+    a = logs[0]
+    # The same answer, once with surrounding whitespace: equal once cleaned.
+    path = write_list(
+        tmp_path / "twice.json", [row(a, "music_play", "same"), row(a, " music_play", "same ")]
+    )
+    result = import_corrections(path, url=db_url, catalog=CATALOG)
+    assert (result.applied, result.unchanged, result.rejected) == (1, 1, [])
+    assert corrections_in_db(db_url)[a] == ("music_play", "same")
+
+
+# --------------------------------------------------------------------------- the inbox
+
+
+def test_inbox_a_bad_file_is_rejected_with_its_reason_and_the_others_are_applied(
+    prefect_harness: None, db_url: str, logs: list[Any], tmp_path: Path
+) -> None:
+    from flows.corrections import corrections_flow
+
+    a, b, c = logs
+    home = tmp_path / "home"
+    inbox = home / "inbox"
+    inbox.mkdir(parents=True)
+    write_list(inbox / "1-good.json", [row(a, "music_play", "nul\u0000inside")])
+    (inbox / "2-utf16.json").write_bytes(json.dumps([row(b, "weather")]).encode("utf-16"))
+    write_list(inbox / "3-surrogate.json", [row(b, "weather", "\ud83d")], bom=True)
+    write_list(inbox / "4-lookalike.json", [row(c, "Music_Play")])
+    (inbox / "5-good.jsonl").write_text(json.dumps(row(c, "scheduling")) + "\n")
+
+    # The catalog is what the database knows (no model deployed); weather is new to it.
+    results = corrections_flow(home=str(home), database_url=db_url, allow_new_intent=True)
+
+    status = {Path(r.file).name: r.ok for r in results}
+    assert status == {
+        "1-good.json": True,
+        "2-utf16.json": False,
+        "3-surrogate.json": True,
+        "4-lookalike.json": False,
+        "5-good.jsonl": True,
+    }
+    assert corrections_in_db(db_url) == {
+        a: ("music_play", "nulinside"),
+        b: ("weather", "\ufffd"),
+        c: ("scheduling", None),
+    }
+    assert sorted(p.name for p in (inbox / "processed").iterdir()) == [
+        "1-good.json",
+        "3-surrogate.json",
+        "5-good.jsonl",
+    ]
+    rejected = inbox / "rejected"
+    assert sorted(p.name for p in rejected.iterdir()) == [
+        "2-utf16.json",
+        "2-utf16.json.reason.txt",
+        "4-lookalike.json",
+        "4-lookalike.json.reason.txt",
+    ]
+    assert "UTF-16" in (rejected / "2-utf16.json.reason.txt").read_text(encoding="utf-8")
+    assert "'music_play'" in (rejected / "4-lookalike.json.reason.txt").read_text(encoding="utf-8")
+    assert not any(p.is_file() for p in inbox.iterdir())
+
+    summary = import_summary_markdown(results)
+    assert "5 file(s), 3 correction(s) applied, 2 file(s) rejected" in summary
+    assert "REJECTED `2-utf16.json`" in summary and "REJECTED `4-lookalike.json`" in summary
+
+
+def test_the_weekly_summary_names_each_rejected_file() -> None:
+    from tasks.training_data import TrainingDataExport
+    from tasks.training_pairs import PairsResult
+    from tasks.weekly import summary_markdown
+
+    results = [
+        ImportResult(file="/home/inbox/a.json", applied=2),
+        ImportResult(file="/home/inbox/b.json", rejected=[RowProblem(0, "-", "found CSV")]),
+    ]
+    data = TrainingDataExport(Path("t.jsonl"), Path("t.holdout.jsonl"), "0" * 64, 10, 2)
+    pairs = PairsResult(Path("t.jsonl"), Path("t.pairs.jsonl"), pairs=5, rows=10)
+    markdown = summary_markdown("challenger 2 promoted", data, pairs, results)
+    assert "2 file(s), 2 correction(s) applied, 1 file(s) rejected" in markdown
+    assert "REJECTED `b.json`" in markdown and "found CSV" in markdown
+    assert import_summary_markdown(None) == ""
