@@ -198,7 +198,7 @@ def _acquire(lock: FileLock, models_dir: Path, timeout: float) -> None:
     holder = read_holder(models_dir)
     _say(
         logging.WARNING,
-        "the model registry at %s is busy: waiting (up to %.0f s) for %s to finish",
+        "the model registry at %s is busy: waiting (up to %g s) for %s to finish",
         models_dir,
         timeout,
         describe_holder(holder),

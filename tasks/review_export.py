@@ -31,7 +31,7 @@ from capture.offline_statements import (
     select_review_candidates,
     window_start,
 )
-from capture.values import from_db_datetime
+from capture.values import from_db_datetime, to_utc
 from tasks.retry import io_task
 from tasks.review_file import REVIEW_FIELDS, ReviewRow, write_review_file
 from tasks.review_select import (
@@ -200,7 +200,12 @@ def export_review(
     only prompts equal after normalisation are collapsed.
     """
     selection = selection or ReviewSelection()
-    now = now or datetime.now(UTC)
+    if selection.strategy == "diverse" and embed is None:  # refused before any I/O
+        raise ParameterError(
+            "strategy 'diverse' clusters prompt embeddings: it needs the serving model "
+            "(`embed`); deploy a model first, or pick another strategy"
+        )
+    now = to_utc(now or datetime.now(UTC), "now")
     with get_sync_engine(database_url(url)).connect() as conn:
         found = fetch_candidates(
             conn,

@@ -1,0 +1,266 @@
+"""The registry lock: one run at a time changes the registry, in threads, real processes released
+together by a barrier, and Prefect runs (subflows and tasks re-enter their run's lock)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks import registry
+from tasks.registry_lock import (
+    LOCK_FILE,
+    RegistryBusyError,
+    describe_holder,
+    read_holder,
+    registry_lock,
+)
+from tests.test_registry import fake_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Children:
+    """Child processes of tests/registry_child.py, released together by a file barrier."""
+
+    def __init__(self, run_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.run_dir = run_dir
+        self.env = {**os.environ, **(env or {})}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    def start(self, mode: str, name: str, *args: object) -> None:
+        log = (self.run_dir / f"{name}.log").open("wb")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "tests.registry_child", mode, str(self.run_dir), name]
+            + [str(a) for a in args],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def release(self, timeout: float = 300) -> None:
+        """Wait until every child is at the barrier, then let them all go at once."""
+        deadline = time.monotonic() + timeout
+        while not all((self.run_dir / f"ready-{n}").exists() for n in self.procs):
+            for name, proc in self.procs.items():
+                assert proc.poll() is None, f"{name} died before the barrier:\n{self.log(name)}"
+            assert time.monotonic() < deadline, "children never reached the barrier"
+            time.sleep(0.05)
+        (self.run_dir / "go").write_text("go", encoding="utf-8")
+
+    def wait(self, timeout: float = 600) -> None:
+        for name, proc in self.procs.items():
+            code = proc.wait(timeout=timeout)
+            assert code == 0, f"{name} exited {code}:\n{self.log(name)}"
+
+    def log(self, name: str) -> str:
+        return (self.run_dir / f"{name}.log").read_text(encoding="utf-8", errors="replace")
+
+    def result(self, name: str) -> Any:
+        return json.loads((self.run_dir / f"{name}.json").read_text(encoding="utf-8"))
+
+    def kill(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def children(tmp_path: Path) -> Any:
+    made: list[Children] = []
+
+    def make(env: dict[str, str] | None = None) -> Children:
+        made.append(Children(tmp_path / f"run{len(made)}", env))
+        return made[-1]
+
+    yield make
+    for group in made:
+        group.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# one process
+
+
+def test_reentrant_in_one_thread_and_exclusive_across_threads(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    seen: dict[str, Any] = {}
+    with registry_lock(models, run="outer") as outer:
+        with registry_lock(models, timeout=0) as inner:  # re-entered: no wait
+            assert inner["run"] == outer["run"] == "outer"
+            assert read_holder(models)["pid"] == os.getpid()
+
+        def other() -> None:
+            try:
+                with registry_lock(models, timeout=0.2):
+                    seen["got"] = True
+            except RegistryBusyError as exc:
+                seen["error"] = str(exc)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        assert registry.holds_registry_lock(models)
+    assert "got" not in seen
+    assert "the model registry is still locked" in seen["error"]
+    assert f"pid {os.getpid()}" in seen["error"] and "run 'outer'" in seen["error"]
+    # Released: the holder record is gone, the lock file stays (waiters share its inode).
+    assert read_holder(models) is None and (models / LOCK_FILE).exists()
+    assert not registry.holds_registry_lock(models)
+    with registry_lock(models, timeout=0):
+        pass
+
+
+def test_registry_changes_take_the_lock(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    registry.publish(fake_model(tmp_path / "m1"), models)
+    registry.publish(fake_model(tmp_path / "m2"), models)
+    busy: list[str] = []
+    holding = threading.Event()
+    done = threading.Event()
+
+    def holder() -> None:
+        with registry_lock(models, run="someone else"):
+            holding.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    holding.wait(10)
+    try:
+        for change in (
+            lambda: registry.deploy(models, "1", lock_timeout=0.1),
+            lambda: registry.rollback(models, "1", lock_timeout=0.1),
+            lambda: registry.publish(fake_model(tmp_path / "m3"), models, lock_timeout=0.1),
+        ):
+            with pytest.raises(RegistryBusyError, match="run 'someone else'") as info:
+                change()
+            busy.append(str(info.value))
+    finally:
+        done.set()
+        thread.join()
+    assert len(busy) == 3 and registry.current_version(models) is None
+    assert registry.versions(models) == ["1", "2"]
+
+
+# ---------------------------------------------------------------------------------------------
+# real processes released together
+
+
+def test_a_second_process_waits_says_for_whom_and_times_out_clearly(
+    tmp_path: Path, children: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    models = tmp_path / "models"
+    kids = children()
+    kids.start("hold", "holder", models, 4.0)
+    kids.release()
+    deadline = time.monotonic() + 60
+    while (holder := read_holder(models)) is None:
+        assert time.monotonic() < deadline, kids.log("holder")
+        time.sleep(0.02)
+    child_pid = kids.procs["holder"].pid
+    assert holder["pid"] == child_pid and holder["run"] == "hold holder"
+    assert holder["host"] and holder["since"]
+    with pytest.raises(RegistryBusyError) as info, registry_lock(models, timeout=0.3):
+        pass
+    message = str(info.value)
+    assert message.startswith(f"{models / LOCK_FILE}: the model registry is still locked after")
+    assert describe_holder(holder) in message
+    assert "Wait for it to finish" in message
+    caplog.set_level(logging.INFO, logger="tasks.registry_lock")
+    with registry_lock(models, timeout=120):
+        entered = time.time()
+    kids.wait()
+    held = kids.result("holder")
+    assert entered >= held["left"]
+    waiting = [r.getMessage() for r in caplog.records if "is busy: waiting" in r.getMessage()]
+    assert len(waiting) == 2  # the one that timed out, and the one that waited
+    assert "(up to 0.3 s)" in waiting[0] and "(up to 120 s)" in waiting[1]
+    assert f"pid {child_pid}" in waiting[1]
+    assert "run 'hold holder'" in waiting[0]
+
+
+def test_two_processes_never_hold_the_lock_at_once(tmp_path: Path, children: Any) -> None:
+    models = tmp_path / "models"
+    kids = children()
+    for name in ("a", "b"):
+        kids.start("hold", name, models, 1.0)
+    kids.release()
+    kids.wait()
+    first, second = sorted((kids.result("a"), kids.result("b")), key=lambda r: r["entered"])
+    assert second["entered"] >= first["left"]
+    assert "is busy: waiting" in kids.log("a") + kids.log("b")
+
+
+def test_concurrent_deploys_and_rollbacks_keep_pointer_and_history_consistent(
+    tmp_path: Path, children: Any
+) -> None:
+    models = tmp_path / "models"
+    for i in (1, 2, 3):
+        registry.publish(fake_model(tmp_path / f"m{i}"), models)
+    registry.deploy(models, "1")
+    kids = children()
+    rounds = 15
+    kids.start("switch", "deployer", models, rounds, "deploy:2,deploy:3")
+    kids.start("switch", "rollbacker", models, rounds, "rollback:1,deploy:3")
+    kids.release()
+    kids.wait()
+    entries = registry.history(models)
+    assert len(entries) == 1 + 2 * 2 * rounds  # no switch lost
+    for before, after in itertools.pairwise(entries):
+        assert after["previous"] == before["version"], (before, after)
+    assert registry.current_version(models) == entries[-1]["version"]
+    assert {e["action"] for e in entries} == {"deploy", "rollback"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefect runs
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_subflows_and_tasks_of_a_run_reenter_its_lock(tmp_path: Path) -> None:
+    """Prefect 3 runs a sync subflow and a sync task in the caller's thread: the weekly cycle's
+    retrain and deploy subflows re-enter the lock it holds instead of waiting for it."""
+    from prefect import flow, task
+
+    models = tmp_path / "models"
+    registry.publish(fake_model(tmp_path / "m1"), models)
+
+    @task
+    def deploy_in_a_task() -> tuple[int, str | None]:
+        registry.deploy(models, "1", lock_timeout=0.5)
+        return threading.get_ident(), (read_holder(models) or {}).get("run")
+
+    @flow(name="inner-subflow")
+    def inner() -> tuple[int, str | None]:
+        with registry_lock(models, timeout=0.5) as holder:
+            return threading.get_ident(), holder.get("run")
+
+    @flow(name="outer-flow")
+    def outer() -> dict[str, Any]:
+        with registry_lock(models, timeout=0.5) as holder:
+            return {
+                "outer": (threading.get_ident(), holder["run"]),
+                "subflow": inner(),
+                "task": deploy_in_a_task(),
+            }
+
+    seen = outer()
+    thread, run = seen["outer"]
+    assert run.startswith("outer-flow/")
+    assert seen["subflow"] == (thread, run)
+    assert seen["task"] == (thread, run)
+    assert registry.current_version(models) == "1"
+    assert read_holder(models) is None
