@@ -333,15 +333,16 @@ def main() -> None:
         f"review workbench: handler time per decision ({datetime.now(UTC):%Y-%m-%d}, "
         f"target p95 <= {TARGET_MS:g} ms)"
     )
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)")
     print(
-        f"{'database':10} {'prompts':>8} {'reviewers':>9} {'decisions':>9} {'p50 ms':>8} "
-        f"{'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'dec/s':>7} errors"
+        f"{'database':10} {'prompts':>8} {'reviewers':>9} {'think ms':>8} {'decisions':>9} "
+        f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'dec/s':>7} errors"
     )
     for r in results:
         print(
-            f"{r['database']:10} {r['prompts']:>8} {r['reviewers']:>9} {r['decisions']:>9} "
-            f"{r['p50_ms']:>8} {r['p95_ms']:>8} {r['p99_ms']:>8} {r['max_ms']:>8} "
-            f"{r['decisions_per_s']:>7} {r['errors']}"
+            f"{r['database']:10} {r['prompts']:>8} {r['reviewers']:>9} {r['think_ms']:>8g} "
+            f"{r['decisions']:>9} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['p99_ms']:>8} "
+            f"{r['max_ms']:>8} {r['decisions_per_s']:>7} {r['errors']}"
         )
 
 

@@ -7,9 +7,12 @@ returns the update operations whose log id has no row (the logger rejects those)
 - :class:`PostgresWriter`: a dedicated psycopg 3 connection. New rows go by binary ``COPY`` of
   the queued wire rows, with the column types of the spool's column table
   (:data:`capture.spool_format.COPY_TYPES`); replays (idempotent) and roles under row-level security
-  copy into a temp staging table and ``INSERT ... ON CONFLICT (id) DO NOTHING`` from it.
-  Outcomes and corrections are the shared update statement in its batch form
-  (:func:`capture.statements.update_logs` with ``batch=True``: ``UPDATE ... FROM unnest(...)``).
+  copy into a temp staging table and ``INSERT ... ON CONFLICT (id, created_at) DO NOTHING`` from
+  it (the primary key of the partitioned table, migration 0007: a replayed row carries the
+  ``created_at`` it was first written with). Outcomes and corrections are the shared update
+  statement in its batch form (:func:`capture.statements.update_logs` with ``batch=True``:
+  ``UPDATE ... FROM unnest(...)``), UUIDv7 ids looked up near their time first, so that each
+  probes one partition.
 - :class:`SqliteWriter`: SQLAlchemy Core ``executemany`` of the same insert and updates.
 
 ``classify(exc)`` says what a failure means to the logger: ``duplicate`` (a batch re-sent after a
@@ -139,9 +142,9 @@ def _split(ops: list[Op]) -> _Split:
 
 
 @cache
-def _batch_update_sql(kind: str) -> str:
+def _batch_update_sql(kind: str, near_id_time: bool = False) -> str:
     """The batch form of the shared update statement, as psycopg takes it."""
-    statement = statements.update_logs(CHANGE_TYPES[kind], batch=True)
+    statement = statements.update_logs(CHANGE_TYPES[kind], batch=True, near_id_time=near_id_time)
     return str(statement.compile(dialect=postgresql.psycopg.dialect()))
 
 
@@ -198,15 +201,31 @@ class PostgresWriter:
                     await self._copy(cur, _STAGE, split.rows)
                     await cur.execute(
                         f"INSERT INTO {TABLE} ({_COLUMNS_SQL}) SELECT {_COLUMNS_SQL} "
-                        f"FROM {_STAGE} ON CONFLICT (id) DO NOTHING"
+                        f"FROM {_STAGE} ON CONFLICT (id, created_at) DO NOTHING"
                     )
                 else:
                     await self._copy(cur, TABLE, split.rows)
             for kind, target in split.changes.items():
-                changes = [change for change, _ in target.values()]
-                await cur.execute(_batch_update_sql(kind), statements.batch_params(changes))
-                unknown += split.unknown(kind, {r[0] for r in await cur.fetchall()})
+                found = await self._update(cur, kind, [change for change, _ in target.values()])
+                unknown += split.unknown(kind, found)
         return unknown
+
+    @staticmethod
+    async def _update(cur: psycopg.AsyncCursor[Any], kind: str, changes: list[Change]) -> set[Any]:
+        """Apply updates of distinct rows; returns the ids found. The table is partitioned by
+        ``created_at``: UUIDv7 ids are looked up near their time first (one partition each),
+        then the ids not found there, and any other ids, in every partition."""
+        found: set[Any] = set()
+        near = [c for c in changes if statements.id_time_window(c.log_id) is not None]
+        if near:
+            params = statements.batch_params(near, near_id_time=True)
+            await cur.execute(_batch_update_sql(kind, True), params)
+            found = {r[0] for r in await cur.fetchall()}
+        rest = [c for c in changes if c.log_id not in found]
+        if rest:
+            await cur.execute(_batch_update_sql(kind), statements.batch_params(rest))
+            found.update(r[0] for r in await cur.fetchall())
+        return found
 
     @staticmethod
     async def _copy(cur: psycopg.AsyncCursor[Any], table: str, rows: list[Any]) -> None:

@@ -105,7 +105,7 @@ def load_demo_dataset() -> list[dict[str, str]]:
     """Return the packaged demo dataset as ``[{"text": ..., "label": ...}, ...]`` in file order."""
     resource = resources.files(DEMO_DATA_PACKAGE).joinpath(DEMO_DATA_RESOURCE)
     text = resource.read_text(encoding="utf-8")
-    records = parse_records(text.splitlines(), source=f"{DEMO_DATA_PACKAGE}/{DEMO_DATA_RESOURCE}")
+    records = parse_records(text.split("\n"), source=f"{DEMO_DATA_PACKAGE}/{DEMO_DATA_RESOURCE}")
     logger.debug("loaded %d demo records", len(records))
     return records
 

@@ -13,7 +13,8 @@ outcome or correction for a row that is still queued is merged into its insert.
 
 Failures: a connection error sends the batch (and everything queued) to the spool
 (:mod:`capture.spool`); new operations go to the spool until the writer has replayed it,
-idempotently (ids are client-made: ``INSERT ... ON CONFLICT (id) DO NOTHING``), after a
+idempotently (ids are client-made: ``INSERT ... ON CONFLICT (id, created_at) DO NOTHING`` on
+PostgreSQL, whose partitioned table has that primary key; ``(id)`` on SQLite), after a
 reconnect with exponential backoff. A data error bisects the batch; the rows the database refuses
 are counted as rejected, logged, and appended to ``HOME/rejected.jsonl``. The writer never dies.
 

@@ -222,8 +222,8 @@ def _after(
 
 
 def _between(start: datetime, end: datetime) -> tuple[ColumnElement[bool], ...]:
-    """``created_at`` in ``(start, end]``."""
-    return (C.created_at > to_utc(start, "start"), C.created_at <= to_utc(end, "end"))
+    """``created_at`` in ``[start, end)``: aligned hours partition time with no row in two."""
+    return (C.created_at >= to_utc(start, "start"), C.created_at < to_utc(end, "end"))
 
 
 def select_daily_counts(
@@ -243,7 +243,7 @@ def select_daily_counts(
 def select_intent_counts(
     *, start: datetime, end: datetime, low_confidence_threshold: float
 ) -> AnySelect:
-    """``predicted_intent`` and its :class:`WindowCounts` over ``created_at`` in (start, end]."""
+    """``predicted_intent`` and its :class:`WindowCounts` over ``created_at`` in [start, end)."""
     return (
         select(C.predicted_intent, *count_columns(low_confidence_threshold))
         .where(*_between(start, end))
@@ -252,7 +252,7 @@ def select_intent_counts(
 
 
 def select_intent_traffic(*, start: datetime, end: datetime) -> AnySelect:
-    """``predicted_intent`` and ``total`` (prompts) over ``created_at`` in (start, end]."""
+    """``predicted_intent`` and ``total`` (prompts) over ``created_at`` in [start, end)."""
     return (
         select(C.predicted_intent, func.count().label("total"))
         .where(*_between(start, end))

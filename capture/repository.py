@@ -206,20 +206,38 @@ async def add_prompt_correction(
 async def _write_change(
     change: Change, *, session: AsyncSession, user_id: uuid.UUID | str | None
 ) -> None:
-    """Run the shared update statement for ``change`` (user-scoped when ``user_id`` is given)."""
-    statement = statements.update_change(change, user_id=user_id)
+    """Run the shared update statement for ``change`` (user-scoped when ``user_id`` is given).
+
+    PostgreSQL: first near the id's time (one partition), then, if that found nothing, over
+    every partition (see ``capture.statements.id_time_window``)."""
     if user_id is not None:
         await user_scope(session, user_id)
-    result = await session.execute(statement)
+    if _near_id_time(session, change.log_id):
+        near = statements.update_change(change, user_id=user_id, near_id_time=True)
+        if (await session.execute(near)).rowcount:  # type: ignore[attr-defined]
+            return
+    result = await session.execute(statements.update_change(change, user_id=user_id))
     if result.rowcount == 0:  # type: ignore[attr-defined]
         raise UnknownLogIdError(change.log_id, user_id)
+
+
+def _near_id_time(session: AsyncSession, log_id: uuid.UUID) -> bool:
+    """Whether a lookup of ``log_id`` should first search near the id's time: on PostgreSQL
+    (partitioned by ``created_at``), for a UUIDv7."""
+    return _is_postgres(session) and statements.id_time_window(log_id) is not None
 
 
 # --------------------------------------------------------------------------- reads
 
 
 async def get_prompt_log(log_id: uuid.UUID | str, *, session: AsyncSession) -> PromptLogRow | None:
-    row = (await session.execute(statements.select_prompt_log(log_id))).first()
+    """The row with this id, or None (PostgreSQL: looked up near the id's time first)."""
+    uid = as_uuid(log_id, "log_id")
+    row = None
+    if _near_id_time(session, uid):
+        row = (await session.execute(statements.select_prompt_log(uid, near_id_time=True))).first()
+    if row is None:
+        row = (await session.execute(statements.select_prompt_log(uid))).first()
     return None if row is None else map_prompt_log(row)
 
 

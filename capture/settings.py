@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Durability = Literal["buffered", "spool", "fsync"]
+PartitionInterval = Literal["day", "week"]
 
 
 def normalise_database_url(url: str) -> str:
@@ -58,6 +59,12 @@ class Settings(BaseSettings):
     )
     reload_interval_s: float = Field(default=2.0, gt=0, description="How often to check `current`.")
     review_confidence_threshold: float = Field(default=0.7, ge=0, le=1)
+    # PostgreSQL: nlu_prompt_logs is partitioned by created_at (migration 0007).
+    partition_interval: PartitionInterval = Field(
+        default="day",
+        description="Width of the nlu_prompt_logs partitions (UTC days, or ISO weeks from "
+        "Monday) that migration 0007 and the retention flow create.",
+    )
     # Monitoring.
     alert_webhook_url: str = Field(
         default="", description="Slack-compatible webhook the monitor flow posts alerts to."

@@ -34,14 +34,11 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import (
-    BigInteger,
-    Double,
     Insert,
-    Integer,
     Select,
     Table,
     TextClause,
@@ -51,27 +48,23 @@ from sqlalchemy import (
     false,
     func,
     insert,
-    literal,
-    null,
     or_,
     select,
     text,
     true,
-    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.sql.expression import ColumnElement
 
+from capture import rollup_statements as _rollup
 from capture.dialect_sql import confidence_tenths
-from capture.models import (
-    TENTHS,
-    TENTHS_COLUMNS,
-    PromptLog,
-    PromptStatsDaily,
-    PromptStatsDirty,
-    PromptStatsHourly,
-    PromptStatsState,
+from capture.ids import uuid7_time_ms
+from capture.models import PromptLog
+from capture.rollup_statements import (
+    checked_cover,
+    rollup_confidence_distribution,
+    rollup_intent_distribution,
+    rollup_success_rate_by_intent,
 )
 from capture.rows import Change, Correction, Outcome
 from capture.types import check_confidence
@@ -83,26 +76,21 @@ from capture.values import (
 )
 
 if TYPE_CHECKING:
-    from capture.stats_rollup import Span, StatsCover
+    from capture.stats_rollup import StatsCover
 
 logger = logging.getLogger(__name__)
 
 TABLE = cast(Table, PromptLog.__table__)
 C = TABLE.c
-#: The monitoring rollup (migration 0004), filled by :mod:`capture.stats_rollup`.
-HOURLY = cast(Table, PromptStatsHourly.__table__)
-DAILY = cast(Table, PromptStatsDaily.__table__)
-STATS_STATE = cast(Table, PromptStatsState.__table__)
-DIRTY = cast(Table, PromptStatsDirty.__table__)
-MEASURES = (
-    "prompts",
-    "confidence_count",
-    "confidence_sum",
-    "corrections",
-    "outcomes",
-    "successes",
-    *TENTHS_COLUMNS,
+#: The monitoring rollup's tables and measures (:mod:`capture.rollup_statements`).
+HOURLY, DAILY, STATS_STATE, DIRTY = (
+    _rollup.HOURLY,
+    _rollup.DAILY,
+    _rollup.STATS_STATE,
+    _rollup.DIRTY,
 )
+MEASURES = _rollup.MEASURES
+spans_clause = _rollup.spans_clause
 
 #: The PostgreSQL setting the row-level-security policies compare ``user_id`` with.
 USER_SCOPE_SETTING = "app.user_id"
@@ -111,6 +99,7 @@ USER_SCOPE_SETTING = "app.user_id"
 #: A SELECT of any number of columns of any type.
 AnySelect = Select[*tuple[Any, ...]]
 _SelectT = TypeVar("_SelectT", bound=AnySelect)
+_StmtT = TypeVar("_StmtT", AnySelect, Update)
 
 
 def _window(stmt: _SelectT, since: datetime | None, until: datetime | None = None) -> _SelectT:
@@ -143,8 +132,46 @@ def insert_prompt_logs() -> Insert:
     return insert(TABLE)
 
 
-def select_prompt_log(log_id: uuid.UUID | str) -> AnySelect:
-    return select(TABLE).where(C.id == as_uuid(log_id, "log_id"))
+# --------------------------------------------------------------------------- lookups by id
+#
+# On PostgreSQL the table is partitioned by created_at (migration 0007) and its primary key is
+# (id, created_at): a lookup by id alone probes the primary-key index of every partition. A
+# UUIDv7 carries the millisecond it was made, and every writer of this project takes the id and
+# created_at from one clock reading, so a lookup first searches created_at within ID_TIME_SLACK
+# of the id's time ("near the id's time": the planner prunes to the one partition, two near a
+# boundary). Nothing guarantees that pairing (a caller may pass its own id or created_at), so
+# callers look again without the range when the first lookup finds nothing: the repository, the
+# capture writer's batch updates.
+
+#: How far from a UUIDv7's time a lookup near the id's time searches ``created_at``.
+ID_TIME_SLACK = timedelta(minutes=5)
+
+
+def id_time_window(log_id: uuid.UUID) -> tuple[datetime, datetime] | None:
+    """``(from, to)``: the ``created_at`` range a lookup near the id's time searches
+    (``from <= created_at < to``), or None when ``log_id`` is not a UUIDv7."""
+    if log_id.version != 7:
+        return None
+    try:
+        made = datetime.fromtimestamp(uuid7_time_ms(log_id) / 1000, UTC)
+        return made - ID_TIME_SLACK, made + ID_TIME_SLACK
+    except (OverflowError, ValueError, OSError):
+        return None  # a time no datetime holds: not one of ours
+
+
+def _near(stmt: _StmtT, window: tuple[datetime, datetime] | None) -> _StmtT:
+    if window is None:
+        return stmt
+    return stmt.where(C.created_at >= window[0], C.created_at < window[1])
+
+
+def select_prompt_log(log_id: uuid.UUID | str, *, near_id_time: bool = False) -> AnySelect:
+    """The row with this id. ``near_id_time``: only if its ``created_at`` is near the id's time
+    (:func:`id_time_window`; the same as without it for an id that is not a UUIDv7), which on
+    PostgreSQL reads one partition; look again without it when that finds nothing."""
+    uid = as_uuid(log_id, "log_id")
+    stmt = select(TABLE).where(C.id == uid)
+    return _near(stmt, id_time_window(uid)) if near_id_time else stmt
 
 
 def select_user_prompts(user_id: uuid.UUID | str, *, limit: int = 50) -> AnySelect:
@@ -229,7 +256,7 @@ def select_confidence_distribution(
     ``until`` (raw table only) ends the window: ``created_at <= until``.
     """
     if cover is not None:
-        return _rollup_confidence_distribution(_checked_cover(cover, since))
+        return rollup_confidence_distribution(checked_cover(cover, since))
     tenths = confidence_tenths(C.confidence).label("conf_tenths")
     stmt = select(tenths, func.count().label("count")).group_by(tenths)
     return _window(stmt, since, until).order_by(tenths.desc().nulls_last())
@@ -250,7 +277,7 @@ def select_intent_distribution(
     from the heap for ``COUNT(corrected_intent)``).
     """
     if cover is not None:
-        return _rollup_intent_distribution(_checked_cover(cover, since))
+        return rollup_intent_distribution(checked_cover(cover, since))
     totals = _window(
         select(
             C.predicted_intent,
@@ -292,7 +319,7 @@ def select_success_rate_by_intent(
     """Per predicted intent with a known outcome: total, successes, success rate (tenths of a
     percent, half up); lowest rate first. ``cover``: as :func:`select_confidence_distribution`."""
     if cover is not None:
-        return _rollup_success_rate_by_intent(_checked_cover(cover, since))
+        return rollup_success_rate_by_intent(checked_cover(cover, since))
     total = func.count()
     successes = func.count(case((C.was_successful == true(), 1)))
     rate_tenths = ((successes * 2000 + total) // (total * 2)).label("success_rate_tenths")
@@ -338,7 +365,17 @@ def change_set(kind: type[Change]) -> Mapping[str, str]:
     return OUTCOME_SET if kind is Outcome else CORRECTION_SET
 
 
-def update_logs(kind: type[Change], *, user_scoped: bool = False, batch: bool = False) -> Update:
+#: The bounds of a lookup near the id's time, as bound parameters / ``unnest`` columns.
+NEAR_FIELDS = ("created_from", "created_to")
+
+
+def update_logs(
+    kind: type[Change],
+    *,
+    user_scoped: bool = False,
+    batch: bool = False,
+    near_id_time: bool = False,
+) -> Update:
     """THE update statement of ``kind`` (:class:`capture.rows.Outcome` or ``Correction``).
 
     Default form: binds ``b_<field>`` (:func:`change_params`); execute it with one parameter
@@ -347,24 +384,33 @@ def update_logs(kind: type[Change], *, user_scoped: bool = False, batch: bool = 
 
     ``batch=True`` (PostgreSQL): one statement for many updates of distinct rows, fed from
     ``unnest`` of ``a_<field>`` arrays (:func:`batch_params`), ``RETURNING`` the ids found.
+
+    ``near_id_time``: only rows whose ``created_at`` is near the id's time (``created_from <=
+    created_at < created_to``, :func:`id_time_window`; pass the parameters with the same flag),
+    which PostgreSQL prunes to one partition per row; update the ids it did not find again
+    without it.
     """
     sets = change_set(kind)
     if batch:
-        arrays = [
-            bindparam(f"a_{f}", type_=ARRAY(C[_FIELD_COLUMN.get(f, f)].type)) for f in kind._fields
-        ]
-        source = func.unnest(*arrays).table_valued(*kind._fields).render_derived(name="u")
-        return (
-            update(TABLE)
-            .where(C.id == source.c.log_id)
-            .values({column: source.c[field] for column, field in sets.items()})
-            .returning(C.id)
+        names = (*kind._fields, *NEAR_FIELDS) if near_id_time else kind._fields
+        arrays = [bindparam(f"a_{f}", type_=ARRAY(C[_FIELD_COLUMN.get(f, f)].type)) for f in names]
+        source = func.unnest(*arrays).table_valued(*names).render_derived(name="u")
+        stmt = update(TABLE).where(C.id == source.c.log_id)
+        if near_id_time:
+            stmt = stmt.where(
+                C.created_at >= source.c.created_from, C.created_at < source.c.created_to
+            )
+        return stmt.values({column: source.c[field] for column, field in sets.items()}).returning(
+            C.id
         )
-    return _update_row(sets, user_scoped, None)
+    return _update_row(sets, user_scoped, None, near_id_time)
 
 
 def _update_row(
-    sets: Mapping[str, str], user_scoped: bool, bound: Mapping[str, Any] | None
+    sets: Mapping[str, str],
+    user_scoped: bool,
+    bound: Mapping[str, Any] | None,
+    near_id_time: bool = False,
 ) -> Update:
     def param(name: str) -> Any:
         return bindparam(name) if bound is None else bindparam(name, bound[name])
@@ -372,21 +418,46 @@ def _update_row(
     stmt = update(TABLE).where(C.id == param("b_log_id"))
     if user_scoped:
         stmt = stmt.where(C.user_id == param("b_user_id"))
+    if near_id_time:
+        stmt = stmt.where(
+            C.created_at >= param("b_created_from"), C.created_at < param("b_created_to")
+        )
     return stmt.values({column: param(f"b_{field}") for column, field in sets.items()})
 
 
-def change_params(change: Change, user_id: uuid.UUID | None = None) -> dict[str, Any]:
-    """The parameters of :func:`update_logs` for one update (``user_id``: user-scoped form)."""
+def _window_of(log_id: uuid.UUID) -> tuple[datetime, datetime]:
+    window = id_time_window(log_id)
+    if window is None:
+        raise ValueError(
+            f"log_id: {log_id} is not a UUIDv7, so it has no time to look near; "
+            "use the form without near_id_time"
+        )
+    return window
+
+
+def change_params(
+    change: Change, user_id: uuid.UUID | None = None, *, near_id_time: bool = False
+) -> dict[str, Any]:
+    """The parameters of :func:`update_logs` for one update (``user_id``: user-scoped form;
+    ``near_id_time``: that form, ``ValueError`` unless the id is a UUIDv7)."""
     params = {f"b_{field}": value for field, value in zip(change._fields, change, strict=True)}
     if user_id is not None:
         params["b_user_id"] = user_id
+    if near_id_time:
+        params["b_created_from"], params["b_created_to"] = _window_of(change.log_id)
     return params
 
 
-def batch_params(changes: Sequence[Change]) -> dict[str, list[Any]]:
-    """The parameters of ``update_logs(kind, batch=True)`` for updates of one kind."""
+def batch_params(changes: Sequence[Change], *, near_id_time: bool = False) -> dict[str, list[Any]]:
+    """The parameters of ``update_logs(kind, batch=True)`` for updates of one kind
+    (``near_id_time``: that form; every id must be a UUIDv7, see :func:`id_time_window`)."""
     fields = type(changes[0])._fields
-    return {f"a_{field}": [getattr(c, field) for c in changes] for field in fields}
+    params = {f"a_{field}": [getattr(c, field) for c in changes] for field in fields}
+    if near_id_time:
+        windows = [_window_of(c.log_id) for c in changes]
+        params["a_created_from"] = [w[0] for w in windows]
+        params["a_created_to"] = [w[1] for w in windows]
+    return params
 
 
 def update_correction(
@@ -396,23 +467,34 @@ def update_correction(
     correction_notes: str | None = None,
     corrected_at: datetime,
     user_id: uuid.UUID | str | None = None,
+    near_id_time: bool = False,
 ) -> Update:
     """:func:`update_logs` for one validated correction (``rowcount`` 0: no such row, or not
-    the user's)."""
+    the user's; ``near_id_time``: as :func:`update_change`)."""
     change = Correction.checked(
         log_id,
         corrected_intent=corrected_intent,
         correction_notes=correction_notes,
         at=corrected_at,
     )
-    return update_change(change, user_id=user_id)
+    return update_change(change, user_id=user_id, near_id_time=near_id_time)
 
 
-def update_change(change: Change, *, user_id: uuid.UUID | str | None = None) -> Update:
+def update_change(
+    change: Change, *, user_id: uuid.UUID | str | None = None, near_id_time: bool = False
+) -> Update:
     """:func:`update_logs` for one update, its values bound (``user_id``: only that user's row;
-    ``rowcount`` 0: no such row, or not the user's)."""
+    ``rowcount`` 0: no such row, or not the user's). ``near_id_time``: only a row whose
+    ``created_at`` is near the id's time (one partition on PostgreSQL; the same as without it
+    for an id that is not a UUIDv7): update again without it when it finds nothing."""
     uid = optional_uuid(user_id, "user_id")
-    return _update_row(change_set(type(change)), uid is not None, change_params(change, uid))
+    near = near_id_time and id_time_window(change.log_id) is not None
+    return _update_row(
+        change_set(type(change)),
+        uid is not None,
+        change_params(change, uid, near_id_time=near),
+        near,
+    )
 
 
 def set_user_scope(user_id: uuid.UUID | str) -> TextClause:
@@ -420,131 +502,4 @@ def set_user_scope(user_id: uuid.UUID | str) -> TextClause:
     uid = as_uuid(user_id, "user_id")
     return text("SELECT set_config(:setting, :uid, true)").bindparams(
         setting=USER_SCOPE_SETTING, uid=str(uid)
-    )
-
-
-def spans_clause(column: Any, spans: Sequence[Span]) -> ColumnElement[bool]:
-    """``column`` inside any of ``spans`` (see :class:`capture.stats_rollup.Span`)."""
-    return or_(*(span.clause(column) for span in spans))
-
-
-def _checked_cover(cover: StatsCover, since: datetime | None) -> StatsCover:
-    expected = None if since is None else to_utc(since, "since")
-    if cover.since != expected:
-        raise ValueError(
-            f"cover: planned for since={cover.since}, used with since={expected}; "
-            "plan it with stats_rollup.load_stats_cover(session, since) for this window"
-        )
-    return cover
-
-
-def _rolled(cover: StatsCover, *labels: tuple[str, str], where: Any = None) -> list[AnySelect]:
-    """SELECTs of ``(column, label)`` pairs from the hourly and daily rows of the cover."""
-    parts: list[AnySelect] = []
-    for table, key, spans, excluded in (
-        (HOURLY, "hour", cover.hourly, cover.dirty_hours),
-        (DAILY, "day", cover.daily, cover.dirty_days),
-    ):
-        if not spans:
-            continue
-        stmt = select(*(table.c[column].label(label) for column, label in labels)).where(
-            spans_clause(table.c[key], spans)
-        )
-        if excluded:
-            stmt = stmt.where(table.c[key].not_in(excluded))
-        if where is not None:
-            stmt = stmt.where(where(table))
-        parts.append(stmt)
-    return parts
-
-
-def _raw(cover: StatsCover, stmt: _SelectT) -> _SelectT:
-    return stmt.where(spans_clause(C.created_at, cover.raw))
-
-
-def _rollup_confidence_distribution(cover: StatsCover) -> AnySelect:
-    rolled = union_all(*_rolled(cover, *((c, c) for c in TENTHS_COLUMNS))).subquery("rolled")
-    sums = select(*(func.sum(rolled.c[c]).label(c) for c in TENTHS_COLUMNS)).cte("rolled_sums")
-    buckets: list[AnySelect] = [
-        select(literal(k, Integer).label("conf_tenths"), sums.c[f"tenths_{k}"].label("count"))
-        for k in TENTHS
-    ]
-    buckets.append(
-        select(null().label("conf_tenths"), sums.c.tenths_null.label("count")),
-    )
-    tenths = confidence_tenths(C.confidence)
-    buckets.append(
-        _raw(cover, select(tenths.label("conf_tenths"), func.count().label("count"))).group_by(
-            tenths
-        )
-    )
-    parts = union_all(*buckets).subquery("buckets")
-    total = cast(Any, func.sum(parts.c.count))
-    return (
-        select(parts.c.conf_tenths, total.label("count"))
-        .group_by(parts.c.conf_tenths)
-        .having(total > 0)
-        .order_by(parts.c.conf_tenths.desc().nulls_last())
-    )
-
-
-def _rollup_intent_distribution(cover: StatsCover) -> AnySelect:
-    columns = ("prompts", "confidence_count", "confidence_sum", "corrections")
-    raw = _raw(
-        cover,
-        select(
-            C.predicted_intent,
-            func.count().label("prompts"),
-            func.count(C.confidence).label("confidence_count"),
-            func.sum(C.confidence.cast(Double)).label("confidence_sum"),
-            func.count(C.corrected_intent).label("corrections"),
-        ),
-    ).group_by(C.predicted_intent)
-    parts = union_all(
-        *_rolled(cover, ("predicted_intent", "predicted_intent"), *((c, c) for c in columns)),
-        raw,
-    ).subquery("parts")
-    count = func.sum(parts.c.prompts).cast(BigInteger).label("count")
-    n_conf = func.sum(parts.c.confidence_count).cast(Double)
-    avg = (func.sum(parts.c.confidence_sum) / func.nullif(n_conf, 0)).label("avg_conf")
-    corrections = func.sum(parts.c.corrections).cast(BigInteger).label("corrections")
-    return (
-        select(parts.c.predicted_intent, count, avg, corrections)
-        .group_by(parts.c.predicted_intent)
-        .order_by(count.desc(), parts.c.predicted_intent.asc())
-    )
-
-
-def _rollup_success_rate_by_intent(cover: StatsCover) -> AnySelect:
-    raw = _raw(
-        cover,
-        select(
-            C.predicted_intent,
-            func.count().label("total"),
-            func.count(case((C.was_successful == true(), 1))).label("successes"),
-        ).where(C.was_successful.is_not(None)),
-    ).group_by(C.predicted_intent)
-    parts = union_all(
-        *_rolled(
-            cover,
-            ("predicted_intent", "predicted_intent"),
-            ("outcomes", "total"),
-            ("successes", "successes"),
-            where=lambda table: table.c.outcomes > 0,
-        ),
-        raw,
-    ).subquery("parts")
-    total = func.sum(parts.c.total).cast(BigInteger)
-    successes = func.sum(parts.c.successes).cast(BigInteger)
-    rate_tenths = ((successes * 2000 + total) // (total * 2)).label("success_rate_tenths")
-    return (
-        select(
-            parts.c.predicted_intent,
-            total.label("total"),
-            successes.label("successes"),
-            rate_tenths,
-        )
-        .group_by(parts.c.predicted_intent)
-        .having(total > 0)
-        .order_by(rate_tenths.asc(), parts.c.predicted_intent.asc())
     )

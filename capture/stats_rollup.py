@@ -32,6 +32,7 @@ from typing import Any
 
 from sqlalchemy import (
     Boolean,
+    Connection,
     Double,
     Insert,
     TextClause,
@@ -53,7 +54,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ColumnElement, FunctionElement
 
 from capture.dialect_sql import confidence_tenths, utc_day, utc_hour
-from capture.statements import (
+from capture.rollup_statements import (
     DAILY,
     DIRTY,
     HOURLY,
@@ -61,11 +62,11 @@ from capture.statements import (
     STATS_STATE,
     TABLE,
     TENTHS,
-    USER_SCOPE_SETTING,
     AnySelect,
     C,
     spans_clause,
 )
+from capture.statements import USER_SCOPE_SETTING
 from capture.values import DAY, HOUR, floor_day, floor_hour, from_db_datetime, to_utc, utc_now
 
 logger = logging.getLogger(__name__)
@@ -506,6 +507,32 @@ def insert_daily_from_hourly(spans: Sequence[Span]) -> Insert:
         .from_select(["day", "predicted_intent", *MEASURES], source)
         .execution_options(preserve_rowcount=True)
     )
+
+
+def forget_removed_rows(
+    session: Session | Connection, start: datetime | None, end: datetime
+) -> None:
+    """Correct the rollup, in the caller's transaction, after every row with ``start <=
+    created_at < end`` was removed without firing a row trigger (a dropped partition; ``start``
+    None: no lower bound). The hourly and daily rows of the hours and days inside the range now
+    stand for no rows and are deleted; an hour cut by a bound that is not a whole hour is marked
+    dirty (read raw, recomputed by the next refresh). Lock the state row first
+    (:func:`lock_stats_state`) so that no refresh runs in between."""
+    end = to_utc(end, "end")
+    first_hour = first_day = None
+    edges = [] if end == floor_hour(end) else [floor_hour(end)]
+    if start is not None:
+        start = to_utc(start, "start")
+        first_hour = floor_hour(start) if start == floor_hour(start) else floor_hour(start) + HOUR
+        first_day = floor_day(start) if start == floor_day(start) else floor_day(start) + DAY
+        edges += [] if start == floor_hour(start) else [floor_hour(start)]
+    session.execute(delete(HOURLY).where(Span(first_hour, floor_hour(end)).clause(HOURLY.c.hour)))
+    session.execute(delete(DAILY).where(Span(first_day, floor_day(end)).clause(DAILY.c.day)))
+    bind = session.get_bind() if isinstance(session, Session) else session
+    txid = "pg_current_xact_id()::text::bigint" if bind.dialect.name == "postgresql" else "0"
+    mark = f"INSERT INTO {DIRTY.name} (hour, txid) VALUES (:hour, {txid}) ON CONFLICT DO NOTHING"
+    for hour in edges:
+        session.execute(text(mark), {"hour": hour})
 
 
 def reset_prompt_stats(session: Session) -> None:

@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from capture.service import NLUService
+from capture.values import utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -165,13 +166,24 @@ async def send_traffic(
     """Send ``prompts`` through ``service`` in order and record a simulated outcome for each.
 
     With ``clock`` and ``times`` (one per prompt), prompt ``i`` is stamped ``times[i]`` and its
-    outcome ``OUTCOME_DELAY`` later; without them the service's own clock stamps both. Returns
-    once everything is flushed to the database. The caller opens and closes the service.
+    outcome ``OUTCOME_DELAY`` later, but never later than the next prompt's time nor than now;
+    without them the service's own clock stamps both. Returns once everything is flushed to the
+    database. The caller opens and closes the service.
+
+    Raises ``ValueError`` when only one of ``clock`` and ``times`` is given, when ``times``
+    does not hold one time per prompt, or when one of them is in the future (a simulated clock
+    never writes the future: the "last N days" windows would count those rows).
     """
     if (clock is None) != (times is None):
         raise ValueError("clock and times: give both or neither")
     if times is not None and len(times) != len(prompts):
         raise ValueError(f"times: expected {len(prompts)} times, found {len(times)}")
+    started = utc_now()
+    if times and max(times) > started:
+        raise ValueError(
+            f"times: the latest is {max(times).isoformat()}, after now ({started.isoformat()}); "
+            "stamp simulated traffic in the past"
+        )
     rng = random.Random(outcome.seed)
     truth: dict[str, str] = {}
     predicted: dict[str, str] = {}
@@ -194,7 +206,9 @@ async def send_traffic(
         right = result.intent == prompt.label
         ok = rng.random() >= (outcome.fail_if_right if right else outcome.fail_if_wrong)
         if clock is not None and times is not None:
-            clock.now = times[i] + OUTCOME_DELAY
+            # The outcome follows its prompt, before the next prompt and never after now.
+            later = times[i + 1] if i + 1 < len(times) else started
+            clock.now = max(times[i], min(times[i] + OUTCOME_DELAY, later))
         await service.update_workflow_outcome(
             result.log_id,
             was_successful=ok,

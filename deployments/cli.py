@@ -3,14 +3,14 @@
 The commands live by group in ``deployments.commands_*`` (each has ``register(app)``); heavy
 modules are imported inside each command. Every user-fixable error is a
 :class:`capture.errors.UserError`: :class:`UserErrorGroup` turns one raised anywhere under a
-command (a bad option, a malformed file, a flow's task) into one line on stderr and exit code 2;
-any other exception keeps its traceback.
+command (a bad option, a malformed file, a flow's task) into one line on stderr and exit code 2,
+and so does an option value typer cannot take (``--count 0``, ``--limit abc``, a missing
+required option); any other exception keeps its traceback.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import typer
@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 
 from capture.errors import UserError
 from deployments import (
+    cli_support,
     commands_db,
     commands_flows,
     commands_model,
@@ -37,14 +38,29 @@ def report_user_error(exc: UserError) -> None:
     typer.echo(f"{typer.style('error:', fg='red', bold=True)} {message}", err=True)
 
 
+def report_bad_parameter(exc: typer.BadParameter) -> None:
+    """A value typer refused (type, range, missing option), as one ``error:`` line that says
+    where the help is."""
+    command = exc.ctx.command_path if exc.ctx is not None else "prompt-capture"
+    message = " ".join(exc.format_message().split())
+    typer.echo(
+        f"{typer.style('error:', fg='red', bold=True)} {message} (see `{command} --help`)",
+        err=True,
+    )
+
+
 class UserErrorGroup(TyperGroup):
-    """The one CLI handler: a ``UserError`` from any command -> one line, exit code 2."""
+    """The one CLI handler: a ``UserError`` from any command, or an option value typer refuses,
+    -> one line, exit code 2."""
 
     def invoke(self, ctx: Any) -> Any:  # a (typer-vendored) click Context
         try:
             return super().invoke(ctx)
         except UserError as exc:
             report_user_error(exc)
+            raise typer.Exit(code=USER_ERROR_EXIT_CODE) from None
+        except typer.BadParameter as exc:
+            report_bad_parameter(exc)
             raise typer.Exit(code=USER_ERROR_EXIT_CODE) from None
 
 
@@ -58,12 +74,7 @@ app = typer.Typer(
 
 @app.callback()
 def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    cli_support.bootstrap(verbose=verbose)
 
 
 commands_db.register(app)  # db upgrade / downgrade / current / refresh-stats

@@ -1,8 +1,11 @@
-"""What the ``prompt-capture`` command modules share: the console, the Prefect environment,
-JSON output, and the parsers of option values that are not plain types.
+"""What the ``prompt-capture`` command modules share: the console, the process bootstrap
+(environment defaults, logging), the database check, JSON output, and the parsers of option
+values that are not plain types.
 
 A bad option value raises :class:`capture.errors.UserError`; the one handler in
-``deployments.cli`` turns it into one line on stderr and exit code 2.
+``deployments.cli`` turns it into one line on stderr and exit code 2. A command checks what the
+user typed, and that the database is migrated, BEFORE it starts a flow: a mistake found inside
+a flow run would be logged by Prefect (with its traceback) before the handler's line.
 """
 
 from __future__ import annotations
@@ -11,12 +14,16 @@ import json
 import logging
 import os
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 
 from capture.errors import UserError
+
+if TYPE_CHECKING:
+    from capture.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +34,77 @@ class OptionError(UserError, ValueError):
     """A command-line option's value cannot be used; the message names the option."""
 
 
+# Libraries that log every step at INFO: one line per API call (httpx), per migration plugin
+# (alembic, even on import). The CLI's own INFO lines and the flows' stay.
+QUIET_LOGGERS = ("httpx", "alembic")
+# Prefect's run loggers: they log a failed run's exception with its traceback.
+PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+class UserErrorTracebackFilter(logging.Filter):
+    """Drops the traceback from a log record whose exception is a :class:`UserError` (the
+    message names the input and the fix; the frames help nobody). The record itself stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def bootstrap(*, verbose: bool = False) -> None:
+    """Once per ``prompt-capture`` process, before any command: the offline model hub, the
+    logging format and level (``verbose``: DEBUG), quiet chatty libraries, and Prefect's
+    environment (:func:`prefect_env`)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not verbose:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    prefect_env()
+
+
 def prefect_env() -> None:
     """Before Prefect is imported: give its local ephemeral server time to start on a busy
-    machine (the default 20 s is too short on 2 loaded cores), and keep it off the network."""
+    machine (the default 20 s is too short on 2 loaded cores), keep it off the network, and
+    keep tracebacks of user errors out of the run logs. Idempotent."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call otherwise
+    for name in PREFECT_RUN_LOGGERS:
+        run_logger = logging.getLogger(name)
+        if not any(isinstance(f, UserErrorTracebackFilter) for f in run_logger.filters):
+            run_logger.addFilter(UserErrorTracebackFilter())
+
+
+def require_database(settings: Settings) -> str:
+    """The settings' database URL once its schema is the one this code needs; raises
+    :class:`capture.db.DatabaseNotMigratedError` (one line naming ``prompt-capture db
+    upgrade``) otherwise. Every command that reads the database calls it first."""
+    from capture import db
+
+    return db.require_migrated(settings.resolved_database_url)
+
+
+def require_file(path: Path, option: str) -> Path:
+    """``path`` when it is an existing file; else :class:`OptionError` naming ``option``."""
+    if path.is_dir():
+        raise OptionError(f"{option} {path}: is a directory; pass a file")
+    if not path.is_file():
+        raise OptionError(f"{option} {path}: no such file; pass an existing file")
+    return path
+
+
+def require_new_file(path: Path, option: str) -> Path:
+    """``path`` when a file may be written there (not an existing directory); else
+    :class:`OptionError` naming ``option``."""
+    if path.is_dir():
+        raise OptionError(f"{option} {path}: is a directory; pass the path of a file to write")
+    return path
 
 
 def print_json(data: object) -> None:

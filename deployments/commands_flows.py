@@ -2,7 +2,9 @@
 import-corrections, cycle, demo, and serve (every deployment of ``prefect.yaml``).
 
 The flows read the home and the database from the environment (PROMPT_CAPTURE_HOME,
-PROMPT_CAPTURE_DATABASE_URL) at their entry; the commands pass only what the user typed.
+PROMPT_CAPTURE_DATABASE_URL) at their entry; the commands pass only what the user typed. Each
+command checks the options, the files and the database schema before the flow starts, so a
+mistake is one line and exit code 2 (never a failed run with Prefect's traceback and retries).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from deployments.cli_support import (
     parse_hyperparameters,
     prefect_env,
     print_json,
+    require_database,
+    require_file,
+    require_new_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -49,17 +54,31 @@ def export_cmd(
 ) -> None:
     """Export production prompts for retraining or for human review (the spec's formats)."""
     prefect_env()
+    from capture.offline_statements import check_days, check_fraction
+    from capture.settings import get_settings
+
     if mode not in ("retraining", "review"):
         raise OptionError(f"--mode: expected 'retraining' or 'review', found {mode!r}")
+    if output is not None:
+        require_new_file(output, "--output")
     if mode == "review":
-        from flows.review import review_export_flow
+        from tasks.review_export import ReviewSelection
         from tasks.review_select import DEFAULT_STRATEGY
 
-        review = review_export_flow(
+        selection = ReviewSelection(  # checks every value (ParameterError names it)
             days=days,
             confidence_threshold=0.7 if confidence_threshold is None else confidence_threshold,
             limit=limit,
             strategy=strategy or DEFAULT_STRATEGY,
+        )
+        require_database(get_settings())
+        from flows.review import review_export_flow
+
+        review = review_export_flow(
+            days=selection.days,
+            confidence_threshold=selection.confidence_threshold,
+            limit=selection.limit,
+            strategy=selection.strategy,
             output=str(output) if output else None,
         )
         console.print(
@@ -68,12 +87,14 @@ def export_cmd(
             "`prompt-capture import-corrections FILE`"
         )
         return
+    check_days(days, "--days")
+    min_confidence = 0.9 if confidence_threshold is None else confidence_threshold
+    check_fraction(min_confidence, "--confidence-threshold")
+    require_database(get_settings())
     from flows.training_data import training_data_flow
 
     export = training_data_flow(
-        days=days,
-        min_confidence=0.9 if confidence_threshold is None else confidence_threshold,
-        output=str(output) if output else None,
+        days=days, min_confidence=min_confidence, output=str(output) if output else None
     )
     counts = ", ".join(f"{k} {v}" for k, v in sorted(export.counts.items()))
     console.print(
@@ -96,10 +117,12 @@ def import_corrections_cmd(
     """Apply a reviewed file (all or nothing); re-importing the same file changes nothing."""
     prefect_env()
     from capture.settings import get_settings
+
+    if file is not None:
+        require_file(file, "FILE")
+    require_database(get_settings())
     from flows.corrections import corrections_flow
 
-    if file is not None and not file.is_file():
-        raise OptionError(f"{file}: no such file")
     results = corrections_flow(file=str(file) if file else None, allow_new_intent=allow_new_intent)
     if not results:
         console.print(f"no files in {get_settings().inbox_dir}")
@@ -131,7 +154,14 @@ def cycle_cmd(
 ) -> None:
     """Run the weekly cycle now: inbox, training data, pairs, retrain, gate, export, deploy."""
     prefect_env()
+    from capture.offline_statements import check_days
+    from capture.settings import get_settings
+    from tasks.retrain import train_config
+
     params = parse_hyperparameters(hyperparameters)
+    train_config(params)  # unknown or bad hyperparameters: refused by name, before any run
+    check_days(days, "--days")
+    require_database(get_settings())
     from flows.weekly import weekly_cycle
 
     result = weekly_cycle(days=days, hyperparameters=params, deploy=deploy)
@@ -164,10 +194,18 @@ def demo_cmd(
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """The whole loop on the bundled demo dataset, from an empty PROMPT_CAPTURE_HOME, as one
-    Prefect flow run (``demo``) with the weekly-cycle flows as its subflows."""
+    Prefect flow run (``demo``) with the weekly-cycle flows as its subflows. It uses
+    PROMPT_CAPTURE_DATABASE_URL when set (refused when that database holds data), else an
+    SQLite file in the demo's home."""
     prefect_env()
+    from capture.settings import get_settings
+    from tasks.demo import check_demo_database, demo_story
+    from tasks.run_settings import configured_database_url
+
+    configured = configured_database_url(get_settings())
+    if configured is not None:
+        check_demo_database(configured)  # before Prefect starts: one line, exit 2
     from flows.demo import demo_flow
-    from tasks.demo import demo_story
 
     result = demo_flow(first_steps=first_steps, retrain_steps=retrain_steps, seed=seed)
     api_url = os.environ.get("PREFECT_API_URL") or None

@@ -16,6 +16,8 @@ from deployments.cli_support import (
     parse_now,
     prefect_env,
     print_json,
+    require_database,
+    require_new_file,
 )
 
 if TYPE_CHECKING:
@@ -38,11 +40,17 @@ def report_cmd(
     now: Annotated[str | None, typer.Option("--now", help="End of the window (ISO 8601).")] = None,
 ) -> None:
     """Write the monitoring dashboard: one self-contained HTML file with plots and tables."""
+    from capture.offline_statements import check_days
     from capture.settings import get_settings
-    from tasks.report import write_report
 
     settings = get_settings()
     end = parse_now(now)
+    check_days(days, "--days")
+    if output is not None:
+        require_new_file(output, "--output")
+    require_database(settings)
+    from tasks.report import write_report
+
     if output is None:
         stamp = (end or datetime.now(UTC)).strftime("%Y-%m-%d")
         output = settings.reports_dir / f"report-{stamp}.html"
@@ -73,10 +81,12 @@ def retention_cmd(
     """Move raw logs older than --days, PII-scrubbed, into the training store (the daily flow's
     work, run once here without Prefect)."""
     from capture.settings import get_settings
+
+    url = require_database(get_settings())
     from tasks.retention import run_retention
 
     result = run_retention(
-        get_settings().resolved_database_url,
+        url,
         retention_days=days,
         batch_size=batch_size,
         now=parse_now(now),
@@ -86,7 +96,13 @@ def retention_cmd(
 
 def monitor_cmd(
     *,
-    window_hours: Annotated[float, typer.Option("--window-hours")] = 1.0,
+    max_catch_up_hours: Annotated[
+        int,
+        typer.Option(
+            "--max-catch-up-hours",
+            help="Completed hours not checked yet are checked up to this far back.",
+        ),
+    ] = 168,
     webhook_url: Annotated[
         str | None, typer.Option("--webhook-url", help="Default: PROMPT_CAPTURE_ALERT_WEBHOOK_URL.")
     ] = None,
@@ -94,15 +110,21 @@ def monitor_cmd(
         str | None, typer.Option("--block", help="Prefect notification block <type>/<name>.")
     ] = None,
     min_count: Annotated[int, typer.Option("--min-count")] = 20,
-    now: Annotated[str | None, typer.Option("--now", help="End of the window (ISO 8601).")] = None,
+    now: Annotated[
+        str | None, typer.Option("--now", help="The run's time (ISO 8601); default now.")
+    ] = None,
 ) -> None:
-    """Run the alert checks once (the hourly monitor flow) and print its result as JSON."""
+    """Run the alert checks once (the hourly monitor flow: every completed UTC hour not checked
+    yet) and print its result as JSON."""
     prefect_env()
+    from capture.settings import get_settings
+
+    require_database(get_settings())
     from flows.monitor import monitor_flow
 
     print_json(
         monitor_flow(
-            window_hours=window_hours,
+            max_catch_up_hours=max_catch_up_hours,
             webhook_url=webhook_url,
             notification_block=notification_block,
             min_count=min_count,
@@ -123,10 +145,13 @@ def demo_traffic_cmd(
     """
     import asyncio
 
-    from capture.demo_traffic import run_demo_traffic
     from capture.settings import get_settings
 
-    report = asyncio.run(run_demo_traffic(count=count, seed=seed, settings=get_settings()))
+    settings = get_settings()
+    require_database(settings)
+    from capture.demo_traffic import run_demo_traffic
+
+    report = asyncio.run(run_demo_traffic(count=count, seed=seed, settings=settings))
     _print_demo_traffic(report)
 
 

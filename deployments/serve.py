@@ -3,6 +3,15 @@
 Schedules, default parameters, tags and descriptions come from ``prefect.yaml`` (one source of
 truth with ``prefect deploy --all``); the flows run in this process, so no work pool or worker
 is needed. Needs a Prefect API (``prefect server start`` and ``PREFECT_API_URL``, or Cloud).
+
+``serve`` and ``prefect deploy --all`` never share a deployment: serve's are named
+``<name>-served`` (``weekly-cycle/weekly-cycle-served`` beside the worker's
+``weekly-cycle/weekly-cycle``) and tagged ``served``. Applying a deployment replaces its pull
+steps and work pool, and on Ctrl-C Prefect's runner pauses every deployment it served (which
+deletes their scheduled runs), so taking over the worker's names would break the worker setup.
+Before registering anything, serve refuses (:class:`ServeConflictError`) a ``-served`` name
+that a worker deployment (one with a work pool or pull steps) already holds, and warns when the
+worker's deployment of a stage is scheduled too (both would run it).
 """
 
 from __future__ import annotations
@@ -16,10 +25,26 @@ from typing import Any
 
 import yaml
 
+from capture.errors import UserError
+from deployments.cli_support import OptionError
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PREFECT_YAML = REPO_ROOT / "prefect.yaml"
+#: serve's deployment of the ``prefect.yaml`` entry ``name`` is ``name + SERVED_SUFFIX``.
+SERVED_SUFFIX = "-served"
+SERVED_TAG = "served"
+
+
+class ServeConflictError(UserError, RuntimeError):
+    """A deployment serve would register is held by someone else (a worker deployment); the
+    message names it and the fix."""
+
+
+def served_name(name: str) -> str:
+    """The name of serve's deployment of the ``prefect.yaml`` entry ``name``."""
+    return f"{name}{SERVED_SUFFIX}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,37 +146,94 @@ def to_concurrency_limit(spec: DeploymentSpec) -> Any:
 
 
 def build_deployments(specs: list[DeploymentSpec]) -> list[Any]:
-    """``RunnerDeployment`` objects for ``serve``, parameters validated against each flow."""
+    """``RunnerDeployment`` objects for ``serve`` (named :func:`served_name`, tagged
+    ``served``), parameters validated against each flow."""
     deployments = []
     for spec in specs:
         flow = load_flow(spec.entrypoint)
         flow.validate_parameters(spec.parameters)
+        description = f"{spec.description or spec.name} (served by `prompt-capture serve`)"
         deployments.append(
             flow.to_deployment(
-                name=spec.name,
+                name=served_name(spec.name),
                 parameters=spec.parameters,
                 schedules=to_schedules(spec),
-                tags=spec.tags,
-                description=spec.description,
+                tags=[*spec.tags, SERVED_TAG],
+                description=description,
                 concurrency_limit=to_concurrency_limit(spec),
             )
         )
     return deployments
 
 
-def serve_all(path: Path = PREFECT_YAML, *, only: list[str] | None = None) -> None:
-    """Serve the deployments of ``path`` (or the ``only`` ones) until interrupted."""
-    from prefect import serve
+def check_deployments_free(deployments: list[Any]) -> list[str]:
+    """Refuse to register ``deployments`` over worker deployments; return warnings.
 
+    Raises :class:`ServeConflictError` when one of the names is held by a deployment with a
+    work pool or pull steps (made by ``prefect deploy``, or by hand): registering would drop
+    them, and stopping serve would pause it. A deployment of that name without either is one a
+    previous serve made, and is taken over. Returns one line per stage whose worker deployment
+    (the name without ``-served``) is scheduled and not paused: both would run it.
+    """
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    warnings = []
+    with get_client(sync_client=True) as client:
+        for deployment in deployments:
+            full_name = f"{deployment.flow_name}/{deployment.name}"
+            try:
+                found = client.read_deployment_by_name(full_name)
+            except ObjectNotFound:
+                found = None
+            if found is not None and (found.work_pool_name or found.pull_steps):
+                raise ServeConflictError(
+                    f"deployment {full_name} exists with work pool "
+                    f"{found.work_pool_name or 'none'} and {len(found.pull_steps or [])} pull "
+                    "step(s), so it is not one serve made; serve will not take it over (that "
+                    "would drop its pull steps, and stopping serve would pause it). Rename or "
+                    f"delete it (`prefect deployment delete {full_name}`), then serve again"
+                )
+            worker_name = deployment.name.removesuffix(SERVED_SUFFIX)
+            try:
+                worker = client.read_deployment_by_name(f"{deployment.flow_name}/{worker_name}")
+            except ObjectNotFound:
+                continue
+            if not worker.paused and any(s.active for s in worker.schedules or []):
+                warnings.append(
+                    f"{deployment.flow_name}/{worker_name} (work pool "
+                    f"{worker.work_pool_name or 'none'}) is scheduled too: its worker and this "
+                    f"serve will both run {deployment.flow_name} on schedule; pause one of them"
+                )
+    return warnings
+
+
+def prepare_served(path: Path = PREFECT_YAML, *, only: list[str] | None = None) -> list[Any]:
+    """serve's ``RunnerDeployment`` objects for the entries of ``path`` (or the ``only``
+    ones), after :func:`check_deployments_free` (its warnings are logged)."""
     specs = read_specs(path)
     if only:
         unknown = sorted(set(only) - {s.name for s in specs})
         if unknown:
-            raise ValueError(
-                f"unknown deployment(s) {', '.join(unknown)}; {path} has "
+            raise OptionError(
+                f"--only: unknown deployment(s) {', '.join(unknown)}; {path} has "
                 f"{', '.join(s.name for s in specs)}"
             )
         specs = [s for s in specs if s.name in only]
     deployments = build_deployments(specs)
-    logger.info("serving %d deployments: %s", len(specs), ", ".join(s.name for s in specs))
-    serve(*deployments)
+    for warning in check_deployments_free(deployments):
+        logger.warning("%s", warning)
+    return deployments
+
+
+def serve_all(path: Path = PREFECT_YAML, *, only: list[str] | None = None) -> None:
+    """Serve the deployments of ``path`` (or the ``only`` ones) until interrupted. On Ctrl-C
+    Prefect pauses the deployments this process registered (the ``-served`` ones) and nothing
+    else."""
+    from prefect import serve
+
+    deployments = prepare_served(path, only=only)
+    logger.info(
+        "serving %d deployments: %s", len(deployments), ", ".join(d.name for d in deployments)
+    )
+    serve(*deployments, pause_on_shutdown=True)

@@ -49,11 +49,12 @@ def corrections_flow(
     )
     inbox_dir = Path(inbox) if inbox else run.layout.inbox_dir
     single = run.layout.optional_file(file)
+    url = run.require_database()
     results: list[ImportResult] = []
     for path in [single] if single else list_inbox_task(inbox_dir):
         result = import_corrections_task(
             path,
-            url=run.database_url,
+            url=url,
             allow_new_intent=allow_new_intent,
             models_dir=run.layout.models_dir,
         )

@@ -1,7 +1,8 @@
 """The demo flow (``prompt-capture demo``, ``make demo``): the whole learning loop on the bundled
 demo dataset, as one flow run with its stages as subflows and tasks.
 
-1. a fresh home (a new sub-directory when the given one is in use), its SQLite database
+1. a fresh home (a new sub-directory when the given one is in use), the configured database
+   (PROMPT_CAPTURE_DATABASE_URL, else the home's SQLite file; refused when it holds data)
    migrated, the demo splits written as the base files;
 2. the first model trained on the train split (the retrain flow with no champion), exported to
    ONNX and deployed as version 1;
@@ -13,7 +14,9 @@ demo dataset, as one flow run with its stages as subflows and tasks.
 6. the running classifier hot-reloads; accuracy before and after on the test split (prompts
    neither model trained on).
 
-Every stage gets the demo's home and SQLite URL as parameters: nothing rewrites the environment.
+Every stage gets the demo's home as a parameter and resolves the same database from it and the
+environment (never a URL parameter, which could carry a password): nothing rewrites the
+environment.
 Runs in Prefect's ephemeral mode, or against a server when PREFECT_API_URL is set.
 """
 
@@ -51,11 +54,13 @@ def demo_flow(
     home: str | None = None, *, first_steps: int = 30, retrain_steps: int = 20, seed: int = 0
 ) -> DemoResult:
     """Run the demo (see the module docstring) under ``home`` (default PROMPT_CAPTURE_HOME, or
-    a new ``demo-<stamp>`` folder in it when it is in use); returns what every stage did."""
+    a new ``demo-<stamp>`` folder in it when it is in use) on the configured database; returns
+    what every stage did. Raises ``tasks.demo.DemoDatabaseError`` before writing anything when
+    the configured database holds data."""
     started = time.monotonic()
     settings = get_settings()
-    setup = prepare_demo(Path(home) if home else settings.home, seed=seed)
-    where, url = str(setup.layout.home), setup.database_url  # what every stage is given
+    setup = prepare_demo(Path(home) if home else settings.home, seed=seed, settings=settings)
+    where = str(setup.layout.home)  # every stage is given this home, and finds the database
     first = retrain_flow(
         str(setup.layout.base_file("train")),
         warm_start=False,
@@ -69,19 +74,16 @@ def demo_flow(
         traffic = send_week_of_traffic(
             classifier, setup.traffic, settings=service_settings, seed=seed
         )
-        review = review_export_flow(days=7, limit=DEMO_REVIEW_LIMIT, home=where, database_url=url)
+        review = review_export_flow(days=7, limit=DEMO_REVIEW_LIMIT, home=where)
         reviewed = review_as_stand_in(review.path, traffic.truth, setup.layout.inbox_dir)
-        imported = corrections_flow(home=where, database_url=url)
+        imported = corrections_flow(home=where)
         again = corrections_flow(
-            file=str(setup.layout.inbox_dir / "processed" / reviewed.name),
-            home=where,
-            database_url=url,
+            file=str(setup.layout.inbox_dir / "processed" / reviewed.name), home=where
         )
         cycle = weekly_cycle(
             days=7,
             hyperparameters=demo_hyperparameters(seed, retrain_steps),
             home=where,
-            database_url=url,
         )
         if cycle.deployed is not None:
             wait_for_version(classifier, cycle.retrain.version)

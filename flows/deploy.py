@@ -1,7 +1,8 @@
 """Deploy and rollback flows: ONNX export of a registry version and the atomic ``current`` switch.
 
 A running ``HotReloadingClassifier`` watches ``models_dir/current`` and swaps models between
-requests, so deploying or rolling back needs no restart.
+requests, so deploying or rolling back needs no restart. Both publish the card of the model
+that serves afterwards under the artifact key ``serving-model-card``.
 """
 
 from __future__ import annotations
@@ -9,9 +10,16 @@ from __future__ import annotations
 import logging
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 
 from capture.settings import get_settings
-from tasks.deploy import DeployResult, choose_version, export_for_serving
+from tasks.deploy import (
+    SERVING_CARD_KEY,
+    DeployResult,
+    choose_version,
+    export_for_serving,
+    serving_card_markdown,
+)
 from tasks.registry import (
     deploy_task,
     is_deployable,
@@ -54,7 +62,9 @@ def deploy_flow(
             )
         previous = deploy_task(layout.models_dir, target.name)
     run_logger.info("now serving version %s (was %s)", target.name, previous)
-    return DeployResult(version=target.name, previous=previous, model_dir=target, export=export)
+    result = DeployResult(version=target.name, previous=previous, model_dir=target, export=export)
+    publish_serving_card(result, action="deploy")
+    return result
 
 
 @flow(name="rollback")
@@ -65,6 +75,18 @@ def rollback_flow(to: str | None = None, home: str | None = None) -> DeployResul
     layout = resolve_run_settings(get_settings(), home=home).layout
     previous, now = rollback_task(layout.models_dir, to)
     get_run_logger().info("rolled back from version %s to %s", previous, now)
-    return DeployResult(
+    result = DeployResult(
         version=now, previous=previous, model_dir=version_dir(layout.models_dir, now)
+    )
+    publish_serving_card(result, action="rollback")
+    return result
+
+
+def publish_serving_card(result: DeployResult, *, action: str) -> None:
+    """The serving model's card as the ``serving-model-card`` artifact (one key: its history is
+    the history of what served)."""
+    create_markdown_artifact(
+        key=SERVING_CARD_KEY,
+        markdown=serving_card_markdown(result, action=action),
+        description=f"version {result.version} serves ({action}; before: {result.previous})",
     )

@@ -1,25 +1,19 @@
-"""The hourly monitor flow: error-rate and traffic checks, a stale-cycle check, notifications."""
+"""The hourly monitor flow: every aligned UTC hour checked once (error-rate and traffic checks),
+a stale-cycle check, notifications sent once (``tasks.monitor_hours``, ``tasks.alert_delivery``)."""
 
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from capture.settings import get_settings
 from capture.values import utc_now
-from tasks.alert_delivery import notify_breaches
-from tasks.monitor import (
-    AlertThresholds,
-    breach_dict,
-    check_cycle,
-    collect_window_stats,
-    find_breaches,
-    refresh_statistics,
-    window_bounds,
-)
+from tasks.alert_delivery import alert_channels, deliver_alerts_task, monitor_summary
+from tasks.monitor import AlertThresholds, refresh_statistics
+from tasks.monitor_hours import DEFAULT_MAX_CATCH_UP_HOURS, check_hours_task
 from tasks.run_settings import resolve_run_settings
 
 logger = logging.getLogger(__name__)
@@ -28,7 +22,7 @@ logger = logging.getLogger(__name__)
 @flow(name="monitor")
 def monitor_flow(
     *,
-    window_hours: float = 1.0,
+    max_catch_up_hours: int = DEFAULT_MAX_CATCH_UP_HOURS,
     webhook_url: str | None = None,
     notification_block: str | None = None,
     max_failure_rate: float = 0.2,
@@ -47,11 +41,14 @@ def monitor_flow(
     database_secret: str | None = None,
     now: datetime | None = None,
 ) -> dict[str, Any]:
-    """Check the last ``window_hours`` of traffic per intent and overall, and the weekly cycle's
-    age; notify each new breach once per window to ``webhook_url`` (default: the setting
+    """Check every completed aligned UTC hour since the last one checked (at most
+    ``max_catch_up_hours`` back; the state is in the database, so DST, a late or a missed run
+    leave no gap and overlapping runs never check an hour twice), per intent and overall, and
+    the weekly cycle's age; notify each alert once to ``webhook_url`` (default: the setting
     ``PROMPT_CAPTURE_ALERT_WEBHOOK_URL``) and/or the Prefect notification block
     ``notification_block`` (``<block-type>/<name>``). Delivery failures are retried, then
-    reported in the result (``delivery_errors``); they never fail the flow.
+    reported in the result (``delivery_errors``) and retried by a later run; they never fail
+    the flow.
 
     First (unless ``refresh_stats`` is false) it brings the monitoring rollup up to date, which
     keeps the confidence / intent / success-rate statistics fast (``stats_refresh`` in the
@@ -74,28 +71,26 @@ def monitor_flow(
         low_confidence_threshold=low_confidence_threshold,
         max_cycle_age_days=max_cycle_age_days,
     )
-    window = timedelta(hours=window_hours)
     now = now if now is not None else utc_now()
-    home_dir = run.home
     webhook_url = webhook_url or settings.alert_webhook_url or None
 
+    run.require_database()
     refreshed = refresh_statistics(run.database_url) if refresh_stats else None
-    stats = collect_window_stats(
-        run.database_url, now=now, window=window, low_confidence_threshold=low_confidence_threshold
-    )
-    breaches = find_breaches(stats, thresholds)
-    if check_weekly_cycle:
-        stale = check_cycle(home_dir, now=now, max_age_days=max_cycle_age_days)
-        if stale is not None:
-            breaches.append(stale)
-    for breach in breaches:
-        run_logger.warning("alert %s: %s", breach.key, breach.message)
-
-    result = notify_breaches(
-        breaches,
-        home=home_dir,
+    check = check_hours_task(
+        run.database_url,
+        run.home,
         now=now,
-        window=window,
+        thresholds=thresholds,
+        channels=alert_channels(webhook_url, notification_block),
+        max_catch_up_hours=max_catch_up_hours,
+        check_weekly_cycle=check_weekly_cycle,
+    )
+    run_logger.info(check.summary())
+    for breach in check.breaches:
+        run_logger.warning("alert %s (hour %s): %s", breach.key, breach.hour, breach.message)
+    result = deliver_alerts_task(
+        run.database_url,
+        check,
         webhook_url=webhook_url,
         notification_block=notification_block,
         attempts=delivery_attempts,
@@ -103,20 +98,4 @@ def monitor_flow(
     )
     for error in result.errors:
         run_logger.error("alert delivery failed: %s", error)
-    start, end = window_bounds(now, window)
-    overall = stats[0]
-    return {
-        "window_start": start.isoformat(),
-        "window_end": end.isoformat(),
-        "prompts": overall.total,
-        "previous_prompts": overall.previous_total,
-        "breaches": [breach_dict(b) for b in breaches],
-        "new": result.new,
-        "suppressed": result.suppressed,
-        "deliveries": [
-            {"channel": d.channel, "ok": d.ok, "attempts": d.attempts, "error": d.error}
-            for d in result.deliveries
-        ],
-        "delivery_errors": result.errors,
-        "stats_refresh": refreshed,
-    }
+    return monitor_summary(check, result, refreshed)

@@ -40,7 +40,7 @@ def retention_flow(
         get_settings(), home=home, database_url=database_url, database_secret=database_secret
     )
     result = apply_retention(
-        run.database_url, retention_days=retention_days, batch_size=batch_size, now=now
+        run.require_database(), retention_days=retention_days, batch_size=batch_size, now=now
     )
     get_run_logger().info(
         "retention: deleted %d raw logs older than %s, copied %d to the training store "

@@ -18,6 +18,7 @@ from tasks.gate import GateRules
 from tasks.registry import current_model_dir, next_version, registry_lock
 from tasks.retrain import (
     RetrainResult,
+    final_state,
     gate_challenger,
     publish_challenger,
     retrain_inputs,
@@ -48,6 +49,7 @@ def retrain_flow(
     home: str | None = None,
 ) -> RetrainResult:
     """Train, score, gate and publish a challenger; returns the decision and where things are.
+    A rejected challenger ends the run COMPLETED in a state named ``Rejected``.
 
     ``training_data`` defaults to the newest retraining export; ``test_data`` and ``val_data``
     to ``home/data/base_test.jsonl`` and ``base_val.jsonl`` when present; ``holdout_data`` to
@@ -108,4 +110,4 @@ def retrain_flow(
     get_run_logger().info(
         "challenger %s: %s — %s", version, decision.verdict, "; ".join(decision.reasons)
     )
-    return result
+    return final_state(result, result)  # a rejection ends the run in a "Rejected" state

@@ -45,6 +45,7 @@ def review_export_flow(
     run = resolve_run_settings(
         get_settings(), home=home, database_url=database_url, database_secret=database_secret
     )
+    url = run.require_database()
     selection = ReviewSelection(
         days=days,
         confidence_threshold=confidence_threshold,
@@ -57,7 +58,7 @@ def review_export_flow(
     export = export_review_task(
         Path(output) if output else run.layout.review_export_path(),
         selection,
-        url=run.database_url,
+        url=url,
         embed=embed,
     )
     publish_review_artifact(export)

@@ -36,9 +36,10 @@ def training_data_flow(
     run = resolve_run_settings(
         get_settings(), home=home, database_url=database_url, database_secret=database_secret
     )
+    url = run.require_database()
     export = export_training_data_task(
         Path(output) if output else run.layout.training_export_path(),
-        url=run.database_url,
+        url=url,
         days=days,
         min_confidence=min_confidence,
         base_data=run.layout.optional_file(base_data, "train"),

@@ -1,9 +1,9 @@
 """The weekly cycle: corrections inbox -> training data -> pairs -> retrain + gate -> deploy.
 
-A challenger the gate rejects ends the run COMPLETED with a message saying so (the champion
-keeps serving); any error fails the run. Each stage is a subflow of this one; each gets the
-``home`` and the database parameters this run got (never a resolved URL: see
-``tasks.run_settings``).
+A challenger the gate rejects ends the run COMPLETED in a state named ``Rejected`` with a
+message saying so (the champion keeps serving); any error fails the run. Each stage is a
+subflow of this one; each gets the ``home`` and the database parameters this run got (never a
+resolved URL: see ``tasks.run_settings``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from flows.training_data import training_data_flow
 from tasks.monitor import record_cycle_success
 from tasks.registry import registry_lock
 from tasks.report import publish_monitoring_artifact
+from tasks.retrain import final_state
 from tasks.run_settings import resolve_run_settings
 from tasks.weekly import WEEKLY_SUMMARY_KEY, WeeklyResult, cycle_message, summary_markdown
 
@@ -50,7 +51,8 @@ def weekly_cycle(
     database_url: str | None = None,
     database_secret: str | None = None,
 ) -> WeeklyResult:
-    """Run the whole cycle now; returns what each stage did and the gate's decision.
+    """Run the whole cycle now; returns what each stage did and the gate's decision (a rejected
+    challenger ends the run COMPLETED in a state named ``Rejected``).
 
     It ends by publishing the monitoring figures of the last ``monitoring_days`` as artifacts
     and recording the success time that the monitor flow's staleness check reads. ``home``
@@ -62,6 +64,7 @@ def weekly_cycle(
     run = resolve_run_settings(
         get_settings(), home=home, database_url=database_url, database_secret=database_secret
     )
+    run.require_database()  # before the lock: an unmigrated database fails at once
     where = str(run.home)  # subflows get this home and the database parameters given here
     # One run at a time changes the registry: the challenger's version is reserved, trained,
     # gated against the champion serving now, published and deployed with nobody in between.
@@ -108,7 +111,7 @@ def weekly_cycle(
     monitoring = publish_monitoring_artifact(
         run.database_url, days=monitoring_days, models_dir=run.layout.models_dir
     )
-    return WeeklyResult(
+    result = WeeklyResult(
         corrections=corrections,
         training_data=data,
         pairs=pairs,
@@ -116,5 +119,6 @@ def weekly_cycle(
         deployed=deployed,
         message=message,
         monitoring=monitoring,
-        success_marker=record_cycle_success(run.home, datetime.now(UTC)),
+        cycle_success=record_cycle_success(run.database_url, datetime.now(UTC)),
     )
+    return final_state(result, retrain)  # a rejection ends the run in a "Rejected" state

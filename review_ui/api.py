@@ -68,18 +68,16 @@ def _next_view(
     *,
     resume: bool = True,
 ) -> dict[str, Any] | None:
-    """The item to show next (``resume``: the one the reviewer holds first), committed."""
+    """The item to show next (``resume``: the one the reviewer holds first), read in the
+    transaction that leases it; commits (with whatever the caller wrote before)."""
     now = wb.clock()
     if resume:
         item_id = next_item(conn, round_id, user, now=now, lease=wb.settings.lease)
     else:
         item_id = claim_next(conn, round_id, user, now=now, lease=wb.settings.lease)
-        conn.commit()
-    if item_id is None:
-        return None
-    view = load_item(conn, item_id, raw=raw and user.is_admin).as_dict()
+    view = None if item_id is None else load_item(conn, item_id, raw=raw and user.is_admin)
     conn.commit()
-    return view
+    return None if view is None else view.as_dict()
 
 
 @router.get("/next")
@@ -87,7 +85,7 @@ def api_next(
     request: Request, round: uuid.UUID, user: CurrentUser, raw: bool = False
 ) -> dict[str, Any]:
     wb = workbench(request)
-    with wb.connect() as conn:
+    with wb.writing(), wb.connect() as conn:
         return {"item": _next_view(wb, conn, round, user, raw)}
 
 
@@ -101,8 +99,8 @@ def _round_of(conn: Connection, item_id: uuid.UUID) -> uuid.UUID | None:
 @router.post("/decide")
 def api_decide(request: Request, body: DecideBody, user: CurrentUser) -> JSONResponse:
     wb = workbench(request)
-    with wb.connect() as conn:
-        catalog = wb.catalog(conn)
+    catalog = wb.catalog()
+    with wb.writing(), wb.connect() as conn:
         try:
             result = decide(
                 conn,
@@ -143,7 +141,7 @@ def api_decide(request: Request, body: DecideBody, user: CurrentUser) -> JSONRes
 @router.post("/skip")
 def api_skip(request: Request, body: ItemBody, user: CurrentUser) -> JSONResponse:
     wb = workbench(request)
-    with wb.connect() as conn:
+    with wb.writing(), wb.connect() as conn:
         try:
             round_id = skip(conn, body.item_id, user, now=wb.clock())
         except LeaseLost as exc:
@@ -158,7 +156,7 @@ def api_skip(request: Request, body: ItemBody, user: CurrentUser) -> JSONRespons
 @router.post("/undo")
 def api_undo(request: Request, body: UndoBody, user: CurrentUser) -> dict[str, Any]:
     wb = workbench(request)
-    with wb.connect() as conn:
+    with wb.writing(), wb.connect() as conn:
         undone = undo_last(conn, body.round_id, user, now=wb.clock(), lease=wb.settings.lease)
         conn.commit()
         view = load_item(conn, undone.item_id, raw=body.raw and user.is_admin).as_dict()
@@ -169,7 +167,7 @@ def api_undo(request: Request, body: UndoBody, user: CurrentUser) -> dict[str, A
 @router.post("/note")
 def api_note(request: Request, body: NoteBody, user: CurrentUser) -> dict[str, Any]:
     wb = workbench(request)
-    with wb.connect() as conn:
+    with wb.writing(), wb.connect() as conn:
         note_id = add_note(conn, body.item_id, user, body.text, now=wb.clock())
         conn.commit()
     return {"note_id": str(note_id)}

@@ -15,7 +15,7 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy import Connection, Engine
 
-from capture.db import get_sync_engine
+from capture.db import get_sync_engine, is_sqlite
 from review_ui.settings import WorkbenchSettings
 from tasks.review_queue import Catalog, load_catalog
 from tasks.review_users import ReviewUser, get_user
@@ -48,6 +48,18 @@ class Workbench:
         self._catalog: Catalog | None = None
         self._catalog_at = 0.0
         self._lock = threading.Lock()
+        # SQLite has one writer at a time: queue this process's writers on a lock instead of
+        # SQLite's busy handler (which sleeps 1, 2, 5, 10 ... ms between retries).
+        self._write_lock = threading.Lock() if is_sqlite(settings.database_url) else None
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold while a request writes (SQLite: one writer of this process at a time)."""
+        if self._write_lock is None:
+            yield
+            return
+        with self._write_lock:
+            yield
 
     @contextmanager
     def connect(self) -> Iterator[Connection]:

@@ -1,12 +1,14 @@
-"""Alert delivery: each breach of ``tasks.monitor`` sent once per window to every channel.
+"""Alert delivery: each alert row of ``tasks.monitor_hours`` sent once to its channel.
 
-A breach is notified once per window: the window id is ``now`` floored to a multiple of the
-window length (UTC epoch), and ``<channel>|<window id>|<check>:<scope>`` is recorded in
-``HOME/monitor/alerts_sent.json`` (``{"sent": {key: ISO time}}``, entries kept 14 days) after a
-successful delivery. A failed delivery is retried (bounded, exponential backoff), then reported
-in the result and the logs, and left unrecorded so that the next run tries again. Channels: a
+An alert is one breach in one aligned UTC hour for one channel; its row in ``monitor_alerts``
+(migration 0006, unique per check, scope, channel and hour) is inserted BEFORE it is sent, by
+the run whose insert wins, so two overlapping monitor runs never send one alert twice. A
+failed delivery is retried within the run (bounded, exponential backoff), then recorded as
+``failed`` and reported in the result and the logs; a later run claims the failed alerts of
+the last ``retry_hours`` again (one ``UPDATE ... RETURNING``, so again only one run sends
+them), as well as alerts a run claimed and never settled (it died). Channels: a
 Slack-compatible webhook (``{"text", "blocks"}`` posted with httpx) and/or a Prefect
-notification block named ``<block-type>/<name>``.
+notification block named ``<block-type>/<name>``. This replaces ``HOME/monitor/alerts_sent.json``.
 """
 
 from __future__ import annotations
@@ -14,31 +16,28 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from capture.files import write_json_atomic
-from capture.values import to_utc
-from tasks.monitor import (
-    Breach,
-    MonitorStateError,
-    monitor_dir,
-    read_state_file,
-    window_bounds,
-    window_id,
-)
+from capture.db import database_url, get_sync_engine
+from capture.monitor_statements import claim_retries, settle_alerts
+from capture.values import HOUR, from_db_datetime, utc_now
+from tasks.monitor import Breach, breach_dict
+from tasks.monitor_hours import MonitorCheck
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "alerts_sent.json"
-STATE_KEEP_DAYS = 14
+#: How far back a run retries alerts whose delivery failed, in hours.
+DEFAULT_RETRY_HOURS = 24.0
+#: An alert claimed longer ago than this and never settled was abandoned by its run.
+STALE_CLAIM = timedelta(minutes=15)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +54,10 @@ class Delivery:
 class NotifyResult:
     """What :func:`notify_breaches` did with the breaches of one run."""
 
-    new: list[str] = field(default_factory=list)  # breach keys not notified before in the window
-    suppressed: list[str] = field(default_factory=list)  # already notified in this window
+    new: list[str] = field(default_factory=list)  # breach keys whose alert rows this run won
+    suppressed: list[str] = field(default_factory=list)  # held by another run (same hour)
     deliveries: list[Delivery] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)  # failed earlier, claimed again now
 
     @property
     def errors(self) -> list[str]:
@@ -67,13 +67,28 @@ class NotifyResult:
 # --------------------------------------------------------------------------- delivery
 
 
+def _hour_label(breach: Breach) -> str:
+    """``"00:00–01:00 UTC: "`` for a breach found in one hour's traffic, else ``""``."""
+    if breach.hour is None or breach.check == "stale_cycle":
+        return ""
+    return f"{breach.hour:%H:%M}–{breach.hour + HOUR:%H:%M} UTC: "
+
+
+def _block_id(breach: Breach) -> str:
+    """Unique within one message (Slack refuses two equal ``block_id``\\ s): the key, and the
+    hour when the breach has one (one message may carry the same check for several hours)."""
+    if breach.hour is None:
+        return breach.key[:255]
+    return f"{breach.key}@{breach.hour:%Y-%m-%dT%H:%MZ}"[:255]
+
+
 def slack_payload(
     breaches: Sequence[Breach], *, window_start: datetime, window_end: datetime
 ) -> dict[str, Any]:
     """A Slack-compatible message: ``text`` (fallback) and ``blocks`` (one section per breach)."""
     title = f"Prompt Capture: {len(breaches)} alert{'s' if len(breaches) != 1 else ''}"
     span = f"window {window_start:%Y-%m-%d %H:%M} – {window_end:%Y-%m-%d %H:%M} UTC"
-    lines = [f"• {b.message}" for b in breaches]
+    lines = [f"• {_hour_label(b)}{b.message}" for b in breaches]
     return {
         "text": f"{title} ({span})\n" + "\n".join(lines),
         "blocks": [
@@ -82,8 +97,11 @@ def slack_payload(
             *(
                 {
                     "type": "section",
-                    "block_id": b.key[:255],
-                    "text": {"type": "mrkdwn", "text": f"*{b.check}* · {b.message}"},
+                    "block_id": _block_id(b),
+                    "text": {
+                        "type": "mrkdwn",
+                        "text": f"*{b.check}* · {_hour_label(b)}{b.message}",
+                    },
                 }
                 for b in breaches
             ),
@@ -177,23 +195,8 @@ def send_block(
     return Delivery(channel=channel, ok=False, attempts=attempts, error=error)
 
 
-def _load_state(path: Path) -> dict[str, str]:
-    expected, fix = '{"sent": {...}}', "delete the file to reset"
-    sent = read_state_file(path, "sent", expected, fix)
-    if sent is None:
-        return {}
-    if not isinstance(sent, dict):
-        raise MonitorStateError(f"{path}: expected {expected}, found sent {sent!r}; {fix}")
-    return {str(k): str(v) for k, v in sent.items()}
-
-
-def _save_state(path: Path, sent: dict[str, str], now: datetime) -> None:
-    horizon = now - timedelta(days=STATE_KEEP_DAYS)
-    kept = {k: v for k, v in sent.items() if datetime.fromisoformat(v) >= horizon}
-    write_json_atomic(path, {"sent": dict(sorted(kept.items()))})
-
-
-def _channels(webhook_url: str | None, notification_block: str | None) -> list[str]:
+def alert_channels(webhook_url: str | None, notification_block: str | None) -> list[str]:
+    """The channel names alert rows are kept under: ``webhook``, ``block:<name>``."""
     channels = []
     if webhook_url:
         channels.append("webhook")
@@ -235,46 +238,89 @@ def _send(
     )
 
 
-@task(name="monitor-notify", cache_policy=NO_CACHE)
-def notify_breaches(
-    breaches: Sequence[Breach],
+def _claim_retries(
+    url: str, channel: str, run_id: str, now: datetime, retry_hours: float
+) -> list[tuple[uuid.UUID, Breach]]:
+    """Claim this channel's failed (or abandoned) alerts of the last ``retry_hours``."""
+    stmt = claim_retries(
+        channel=channel,
+        run_id=run_id,
+        now=now,
+        since=now - timedelta(hours=retry_hours),
+        stale_before=now - STALE_CLAIM,
+    )
+    with get_sync_engine(url).begin() as conn:
+        rows = conn.execute(stmt).all()
+    return [
+        (
+            r.id,
+            Breach(
+                check=r.check_name,
+                scope=r.scope,
+                value=float("inf") if r.value is None else float(r.value),
+                threshold=float(r.threshold),
+                sample=int(r.sample),
+                message=r.message,
+                hour=from_db_datetime(r.hour),
+            ),
+        )
+        for r in rows
+    ]
+
+
+def _settle(url: str, ids: list[uuid.UUID], run_id: str, delivery: Delivery) -> None:
+    stmt = settle_alerts(
+        ids,
+        run_id=run_id,
+        ok=delivery.ok,
+        attempts=delivery.attempts,
+        error=delivery.error,
+        now=utc_now(),
+    )
+    with get_sync_engine(url).begin() as conn:
+        conn.execute(stmt)
+
+
+def deliver_alerts(
+    url: str | None,
+    check: MonitorCheck,
     *,
-    home: Path,
-    now: datetime,
-    window: timedelta,
     webhook_url: str | None = None,
     notification_block: str | None = None,
     attempts: int = 3,
     backoff_s: float = 1.0,
+    retry_hours: float = DEFAULT_RETRY_HOURS,
     transport: httpx.BaseTransport | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> NotifyResult:
-    """Send each breach not yet notified in this window to every configured channel; record
-    what was delivered in ``HOME/monitor/alerts_sent.json``."""
-    now = to_utc(now, "now")
-    current_window = window_id(now, window)
-    state_path = monitor_dir(home) / STATE_FILE
-    sent = _load_state(state_path)
-    start, end = window_bounds(now, window)
-    channels = _channels(webhook_url, notification_block)
+    """Send the alerts ``check`` won (one message per channel, with this channel's failed
+    alerts of the last ``retry_hours`` claimed again) and record each delivery in
+    ``monitor_alerts``. Never raises for a delivery problem: it is in the result."""
+    url = database_url(url)
+    channels = alert_channels(webhook_url, notification_block)
+    breaches = check.breaches
     if not channels:
         if breaches:
             logger.warning(
                 "%d alert(s) but no webhook or notification block configured", len(breaches)
             )
-        return NotifyResult(new=[b.key for b in breaches])
-    new_keys: set[str] = set()
-    suppressed: set[str] = set()
+        return NotifyResult(new=sorted({b.key for b in breaches}))
+    new_keys = {p.breach.key for p in check.pending}
+    retried: set[str] = set()
     deliveries = []
     for channel in channels:
-        pending = [b for b in breaches if f"{channel}|{current_window}|{b.key}" not in sent]
-        suppressed.update(b.key for b in breaches if b not in pending)
-        if not pending:
+        mine = [(p.id, p.breach) for p in check.pending if p.channel == channel]
+        again = _claim_retries(url, channel, check.run_id, check.now, retry_hours)
+        retried.update(b.key for _, b in again)
+        todo = mine + again
+        if not todo:
             continue
-        new_keys.update(b.key for b in pending)
+        sent = [b for _, b in todo]
+        start = min((b.hour for b in sent if b.hour is not None), default=check.now)
+        end = max((b.hour for b in sent if b.hour is not None), default=check.now)
         delivery = _send(
             channel,
-            slack_payload(pending, window_start=start, window_end=end),
+            slack_payload(sent, window_start=start, window_end=end + HOUR),
             webhook_url=webhook_url,
             notification_block=notification_block,
             attempts=attempts,
@@ -283,20 +329,62 @@ def notify_breaches(
             sleep=sleep,
         )
         deliveries.append(delivery)
+        _settle(url, [alert_id for alert_id, _ in todo], check.run_id, delivery)
         if delivery.ok:
-            for b in pending:
-                sent[f"{channel}|{current_window}|{b.key}"] = now.isoformat()
-            logger.info("%s: notified %d alert(s)", channel, len(pending))
+            logger.info(
+                "%s: notified %d alert(s) (%d retried from earlier runs)",
+                channel,
+                len(todo),
+                len(again),
+            )
         else:
             logger.error(
-                "%s: could not deliver %d alert(s) after %d attempt(s): %s",
+                "%s: could not deliver %d alert(s) after %d attempt(s): %s; a later run "
+                "retries them",
                 channel,
-                len(pending),
+                len(todo),
                 delivery.attempts,
                 delivery.error,
             )
-    if any(d.ok for d in deliveries):
-        _save_state(state_path, sent, now)
+    suppressed = {b.key for b in check.suppressed} - new_keys
     return NotifyResult(
-        new=sorted(new_keys), suppressed=sorted(suppressed - new_keys), deliveries=deliveries
+        new=sorted(new_keys),
+        suppressed=sorted(suppressed),
+        deliveries=deliveries,
+        retried=sorted(retried),
     )
+
+
+deliver_alerts_task = task(name="monitor-deliver-alerts", cache_policy=NO_CACHE)(deliver_alerts)
+
+
+def monitor_summary(
+    check: MonitorCheck, notified: NotifyResult, stats_refresh: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The monitor flow's JSON-able result: the hours checked (and skipped), per hour the
+    prompts of that hour and of the hour before, every breach (with its hour), which alerts
+    this run sent, found already held by another run or retried, and each delivery."""
+    hours = [h.as_dict() for h in check.hours]
+    return {
+        "run_id": check.run_id,
+        "now": check.now.isoformat(),
+        "hours_checked": [h["hour"] for h in hours],
+        "hours_skipped": (
+            [check.skipped[0].isoformat(), check.skipped[1].isoformat()] if check.skipped else None
+        ),
+        "window_start": check.hours[0].hour.isoformat() if check.hours else None,
+        "window_end": (check.hours[-1].hour + HOUR).isoformat() if check.hours else None,
+        "hours": hours,
+        "prompts": sum(h.prompts for h in check.hours),
+        "previous_prompts": sum(h.previous_prompts for h in check.hours),
+        "breaches": [breach_dict(b) for b in check.breaches],
+        "new": notified.new,
+        "suppressed": notified.suppressed,
+        "retried": notified.retried,
+        "deliveries": [
+            {"channel": d.channel, "ok": d.ok, "attempts": d.attempts, "error": d.error}
+            for d in notified.deliveries
+        ],
+        "delivery_errors": notified.errors,
+        "stats_refresh": stats_refresh,
+    }

@@ -1,6 +1,11 @@
 """The demo's steps (``flows.demo``): a fresh home with the demo dataset, the week of traffic,
 the stand-in reviewer, the hot-reload wait, and the story told at the end.
 
+The demo uses the configured database: ``PROMPT_CAPTURE_DATABASE_URL`` when it is set, else the
+SQLite file of its (fresh) home, and says which. It writes made-up traffic and corrections, so
+it refuses (:class:`DemoDatabaseError`, before anything is written) a configured database that
+already holds prompts or training examples, or tables that are not Prompt Capture's.
+
 The traffic, the reviewer and the accuracy scoring are the harness the simulator uses too
 (``capture.traffic``, ``tasks.reviewer``).
 """
@@ -20,6 +25,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from capture.errors import UserError
 from capture.settings import Settings
 from capture.traffic import (
     LabelledPrompt,
@@ -39,6 +45,7 @@ from tasks.records import Record, write_records
 from tasks.retrain import RetrainResult
 from tasks.review_export import ReviewExport
 from tasks.reviewer import fill_review_file, reviewed_name
+from tasks.run_settings import configured_database_url, redacted
 from tasks.weekly import WeeklyResult
 
 logger = logging.getLogger(__name__)
@@ -50,6 +57,12 @@ WEEK = timedelta(days=7)
 # The traffic is stamped across the week before now, starting this much inside it, so the
 # review export's 7-day window still holds the first prompt minutes later.
 WINDOW_MARGIN = timedelta(hours=1)
+#: The tables whose rows are people's data: the demo never writes next to them.
+DATA_TABLES = ("nlu_prompt_logs", "nlu_training_examples")
+
+
+class DemoDatabaseError(UserError, RuntimeError):
+    """The database the demo would use holds data; the message names it and the fix."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,16 +86,68 @@ def fresh_home(requested: Path, now: datetime | None = None) -> Path:
     return requested / f"demo-{(now or datetime.now(UTC)).strftime('%Y%m%dT%H%M%S')}"
 
 
+def demo_database(settings: Settings, layout: HomeLayout) -> str:
+    """The database the demo uses: the configured one (``PROMPT_CAPTURE_DATABASE_URL``), else
+    the SQLite file of the demo's home ``layout``."""
+    return configured_database_url(settings) or layout.sqlite_url
+
+
+def check_demo_database(url: str) -> None:
+    """Refuse (:class:`DemoDatabaseError`) a database the demo must not write into: one whose
+    :data:`DATA_TABLES` hold rows, or that holds tables but no Prompt Capture schema. A missing
+    SQLite file, an empty database and a migrated empty one are fine. Reads only."""
+    from sqlalchemy import func, inspect, select, table
+
+    from capture import db
+
+    path = db.sqlite_path(url)
+    if path is not None and not path.exists():
+        return
+    shown = redacted(url)
+    fix = (
+        "the demo writes a week of made-up prompts and corrections, so it runs only on an "
+        "empty database: point PROMPT_CAPTURE_DATABASE_URL at a new, empty database, or unset "
+        "it to use a fresh SQLite file under PROMPT_CAPTURE_HOME"
+    )
+    engine = db.get_sync_engine(url)
+    with engine.connect() as connection:
+        names = set(inspect(connection).get_table_names())
+        if names and "alembic_version" not in names:
+            raise DemoDatabaseError(
+                f"demo: the database {shown} holds {len(names)} table(s) ("
+                f"{', '.join(sorted(names)[:5])}) and no Prompt Capture schema; {fix}"
+            )
+        counts = {
+            name: int(
+                connection.execute(select(func.count()).select_from(table(name))).scalar_one()
+            )
+            for name in DATA_TABLES
+            if name in names
+        }
+    held = {name: n for name, n in counts.items() if n}
+    if held:
+        found = ", ".join(f"{n} rows in {name}" for name, n in held.items())
+        raise DemoDatabaseError(f"demo: the database {shown} already holds data ({found}); {fix}")
+
+
 @task(cache_policy=NO_CACHE, name="demo-setup")
-def prepare_demo(requested_home: Path, *, seed: int) -> DemoSetup:
-    """A fresh home under ``requested_home`` (:func:`fresh_home`), its SQLite database
-    migrated, the demo dataset split (``seed``) and its train/val/test splits written as the
-    home's base files; the traffic split is held back."""
+def prepare_demo(requested_home: Path, *, seed: int, settings: Settings) -> DemoSetup:
+    """A fresh home under ``requested_home`` (:func:`fresh_home`), the demo's database
+    (:func:`demo_database`: the configured one, else the home's SQLite file) checked
+    (:func:`check_demo_database`) and migrated, the demo dataset split (``seed``) and its
+    train/val/test splits written as the home's base files; the traffic split is held back."""
     from capture import db
     from capture.demo_data import load_demo_dataset, split_demo_dataset
 
     layout = HomeLayout(fresh_home(requested_home.resolve()))
-    url = layout.sqlite_url
+    if layout.home != requested_home.resolve():
+        get_run_logger().warning(
+            "PROMPT_CAPTURE_HOME=%s holds models or a database already: the demo runs in %s",
+            requested_home,
+            layout.home,
+        )
+    url = demo_database(settings, layout)
+    check_demo_database(url)
     db.upgrade(url)
     splits = split_demo_dataset(load_demo_dataset(), seed=seed)
     parts = {
@@ -100,7 +165,7 @@ def prepare_demo(requested_home: Path, *, seed: int) -> DemoSetup:
         "1. setup: PROMPT_CAPTURE_HOME=%s, database %s migrated; demo dataset: train %d, "
         "val %d, test %d, traffic %d (held back)",
         layout.home,
-        url,
+        redacted(url),
         *(len(parts[k]) for k in ("train", "val", "test", "traffic")),
     )
     return DemoSetup(layout=layout, database_url=url, **parts)
@@ -238,7 +303,8 @@ def demo_story(result: DemoResult, *, retrain_steps: int, api_url: str | None) -
     s, export = result.setup, result.first_deploy.export
     data, retrain = result.cycle.training_data, result.cycle.retrain
     lines = [
-        f"[bold]1. setup[/bold]: PROMPT_CAPTURE_HOME={s.layout.home}; database {s.database_url}",
+        f"[bold]1. setup[/bold]: PROMPT_CAPTURE_HOME={s.layout.home}; database "
+        f"{redacted(s.database_url)}",
         f"   demo dataset: train {len(s.train)}, val {len(s.val)}, test {len(s.test)}, "
         f"traffic {len(s.traffic)} (held back)",
         f"[bold]2. first model[/bold]: version {result.first.version} deployed"
@@ -286,7 +352,8 @@ def demo_story(result: DemoResult, *, retrain_steps: int, api_url: str | None) -
         )
     lines.append(
         f"exports: {layout.exports_dir}; inbox: {layout.inbox_dir}; database: "
-        f"{s.database_url}\nsee them with: PROMPT_CAPTURE_HOME={layout.home} prompt-capture models"
+        f"{redacted(s.database_url)}\nsee them with: PROMPT_CAPTURE_HOME={layout.home} "
+        "prompt-capture models"
     )
     if api_url:
         lines.append(

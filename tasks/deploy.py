@@ -1,5 +1,6 @@
 """The deploy steps: which registry version to serve, its ONNX export (recorded in
-``metrics.json``), and the typed result of a deploy or a rollback.
+``metrics.json``), the typed result of a deploy or a rollback, and the serving model's card as
+the operators find it in the Prefect UI (artifact key :data:`SERVING_CARD_KEY`).
 
 The pointer switch itself is ``tasks.registry.deploy`` / ``rollback`` (atomic; a running
 ``HotReloadingClassifier`` follows it between requests, so nothing restarts).
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,15 @@ from capture.files import write_json_atomic
 from tasks.export_onnx import ExportReport, export_onnx
 from tasks.records import load_records
 from tasks.registry import RegistryError, gate_status, version_dir, versions
+from tasks.retrain import CARD_FILE
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 EXPORT_KEY = "export"  # where metrics.json records the export report
+#: The artifact key of the card of the model that serves now (a new version of it on every
+#: deploy and rollback; the challengers' cards are under ``model-card``).
+SERVING_CARD_KEY = "serving-model-card"
 
 
 def latest_promotable(models_dir: Path) -> str | None:
@@ -90,3 +96,22 @@ class DeployResult:
             "model_dir": str(self.model_dir),
             "export": self.export.to_dict() if self.export is not None else None,
         }
+
+
+def serving_card_markdown(result: DeployResult, *, action: str, now: datetime | None = None) -> str:
+    """The markdown of the :data:`SERVING_CARD_KEY` artifact after a deploy or a rollback
+    (``action``): which version serves since when, what served before, then the version's
+    model card (``card.md``; a line saying there is none for a version trained outside the
+    retrain flow)."""
+    when = (now or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M:%S UTC")
+    card_path = result.model_dir / CARD_FILE
+    card = (
+        card_path.read_text(encoding="utf-8")
+        if card_path.is_file()
+        else f"_Version {result.version} has no model card ({card_path} does not exist)._\n"
+    )
+    return (
+        f"# Serving: version {result.version}\n\n"
+        f"Since {when} ({action}; before: {result.previous or 'nothing'}). "
+        f"Model directory: `{result.model_dir}`.\n\n---\n\n{card}"
+    )

@@ -473,7 +473,6 @@ def evaluate_model(
             "no records to evaluate; pass a labelled file with at least one {text, label} row"
         )
     meta = ModelMetadata.read(d)
-    _warn_unknown_labels(d, meta, records)
     texts = [r.text for r in records]
     latency: float | None = None
     used = "custom"
@@ -488,6 +487,7 @@ def evaluate_model(
         else:
             predictor = TorchModel.load(d)
             used = "torch"
+    _warn_unknown_labels(d, meta, records)
     probs = np.asarray(predictor.predict_proba(texts), dtype=np.float64)
     labels = list(predictor.labels)
     report = compute_report(

@@ -1,18 +1,21 @@
-"""Alerts: error-rate checks over a time window and a stale weekly-cycle check.
+"""Alerts: error-rate checks per aligned UTC hour and a stale weekly-cycle check.
 
-Checks, per predicted intent and overall, over ``(now - window, now]``:
+Checks, per predicted intent and overall, over one aligned UTC hour ``[H, H + 1h)`` (the hour
+loop, the database state and the alert de-duplication are :mod:`tasks.monitor_hours`'):
 
 - ``failure_rate``: failed workflows / prompts with a known outcome,
 - ``low_confidence_rate``: prompts with confidence below a threshold / prompts,
 - ``correction_rate``: corrected prompts / prompts,
-- ``traffic_drop``: 1 - prompts / prompts of the previous window of the same length,
+- ``traffic_drop``: 1 - prompts / prompts of the hour before,
 
 each only when its sample has at least ``min_count`` rows (tiny samples never alert), and
 ``stale_cycle``: the weekly cycle has not succeeded for more than ``max_cycle_age_days`` (the
-marker ``HOME/monitor/weekly_cycle.json``, or the newest registry version).
+marker :data:`capture.monitor_statements.WEEKLY_CYCLE_SUCCESS` in the database, written by
+:func:`record_cycle_success`; the newest registry version counts too, and so does the old
+``HOME/monitor/weekly_cycle.json`` when it is still there).
 
 The counts come from ``capture.offline_statements.select_intent_counts`` and
-``select_intent_traffic``. Sending a breach, once per window, is ``tasks.alert_delivery``'s job.
+``select_intent_traffic``. Sending a breach once is ``tasks.alert_delivery``'s job.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from capture import stats_rollup
 from capture.db import database_url, get_sync_engine
 from capture.errors import UserError
-from capture.files import write_json_atomic
 from capture.model_dir import METADATA_FILE
+from capture.monitor_statements import WEEKLY_CYCLE_SUCCESS, select_marker, upsert_marker
 from capture.offline_statements import (
     ParameterError,
     WindowCounts,
@@ -44,7 +48,7 @@ from capture.offline_statements import (
     select_intent_counts,
     select_intent_traffic,
 )
-from capture.values import to_utc
+from capture.values import from_db_datetime, to_utc, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +113,16 @@ def _scope_stats(scope: str, counts: WindowCounts, previous_total: int) -> Scope
 
 @dataclass(frozen=True, slots=True)
 class Breach:
+    """A check over its limit: in the aligned UTC hour starting at ``hour`` (the hour of the
+    run for ``stale_cycle``; None when not tied to one)."""
+
     check: str
     scope: str
     value: float
     threshold: float
     sample: int
     message: str
+    hour: datetime | None = None
 
     @property
     def key(self) -> str:
@@ -125,7 +133,7 @@ class Breach:
 
 
 def window_bounds(now: datetime, window: timedelta) -> tuple[datetime, datetime]:
-    """The window ``(now - window, now]`` the checks look at."""
+    """The window ``[now - window, now)`` ending at ``now``."""
     if not window.total_seconds() > 0:
         raise ParameterError(f"window: expected a positive duration, found {window}")
     end = to_utc(now, "now")
@@ -158,24 +166,22 @@ def refresh_statistics(url: str | None, *, wait_timeout: float = 30.0) -> dict[s
     return result.as_dict()
 
 
-@task(name="monitor-window-stats", cache_policy=NO_CACHE)
-def collect_window_stats(
-    url: str | None, *, now: datetime, window: timedelta, low_confidence_threshold: float
+def window_stats(
+    conn: Connection, *, start: datetime, end: datetime, low_confidence_threshold: float
 ) -> list[ScopeStats]:
-    """Per-intent counts for the window and the window before it; ``overall`` first."""
-    start, end = window_bounds(now, window)
+    """Per-intent counts over ``created_at`` in ``[start, end)`` and the traffic of the window
+    of the same length before it; ``overall`` first."""
     threshold = check_fraction(low_confidence_threshold, "low_confidence_threshold")
-    with Session(get_sync_engine(database_url(url))) as session:
-        current = {
-            r.predicted_intent: WindowCounts.from_row(r)
-            for r in session.execute(
-                select_intent_counts(start=start, end=end, low_confidence_threshold=threshold)
-            )
-        }
-        previous = {
-            r.predicted_intent: int(r.total)
-            for r in session.execute(select_intent_traffic(start=start - window, end=start))
-        }
+    current = {
+        r.predicted_intent: WindowCounts.from_row(r)
+        for r in conn.execute(
+            select_intent_counts(start=start, end=end, low_confidence_threshold=threshold)
+        )
+    }
+    previous = {
+        r.predicted_intent: int(r.total)
+        for r in conn.execute(select_intent_traffic(start=start - (end - start), end=start))
+    }
     scopes = [
         _scope_stats(intent, current.get(intent, _NO_ROWS), previous.get(intent, 0))
         for intent in sorted(set(current) | set(previous))
@@ -188,11 +194,23 @@ def collect_window_stats(
     return [overall, *scopes]
 
 
+def collect_window_stats(
+    url: str | None, *, now: datetime, window: timedelta, low_confidence_threshold: float
+) -> list[ScopeStats]:
+    """:func:`window_stats` of the window ``[now - window, now)`` (its own connection)."""
+    start, end = window_bounds(now, window)
+    check_fraction(low_confidence_threshold, "low_confidence_threshold")
+    with get_sync_engine(database_url(url)).connect() as conn:
+        return window_stats(
+            conn, start=start, end=end, low_confidence_threshold=low_confidence_threshold
+        )
+
+
 def _describe(scope: str) -> str:
     return "all intents" if scope == OVERALL else f"intent `{scope}`"
 
 
-def _rate_breaches(s: ScopeStats, t: AlertThresholds) -> list[Breach]:
+def _rate_breaches(s: ScopeStats, t: AlertThresholds, hour: datetime | None) -> list[Breach]:
     """The failure, low-confidence and correction rates of one scope over their limits."""
     where = _describe(s.scope)
     low = f"prompts below {t.low_confidence_threshold:g} confidence"
@@ -214,13 +232,14 @@ def _rate_breaches(s: ScopeStats, t: AlertThresholds) -> list[Breach]:
             sample=sample,
             message=f"{label} of {where} is {hits / sample:.1%} "
             f"({hits} of {sample} {noun}; limit {limit:.0%})",
+            hour=hour,
         )
         for check, hits, sample, limit, label, noun in rates
         if sample >= t.min_count and hits / sample > limit
     ]
 
 
-def _traffic_breach(s: ScopeStats, t: AlertThresholds) -> Breach | None:
+def _traffic_breach(s: ScopeStats, t: AlertThresholds, hour: datetime | None) -> Breach | None:
     """A ``traffic_drop`` breach when the scope's traffic fell by more than allowed."""
     if s.previous_total < t.min_count:
         return None
@@ -234,18 +253,22 @@ def _traffic_breach(s: ScopeStats, t: AlertThresholds) -> Breach | None:
         threshold=t.max_traffic_drop,
         sample=s.previous_total,
         message=f"traffic of {_describe(s.scope)} dropped {drop:.0%}: {s.total} prompts "
-        f"this window, {s.previous_total} the window before "
-        f"(limit {t.max_traffic_drop:.0%})",
+        f"this {'hour' if hour is not None else 'window'}, {s.previous_total} the "
+        f"{'hour' if hour is not None else 'window'} before (limit {t.max_traffic_drop:.0%})",
+        hour=hour,
     )
 
 
-def find_breaches(stats: Sequence[ScopeStats], thresholds: AlertThresholds) -> list[Breach]:
+def find_breaches(
+    stats: Sequence[ScopeStats], thresholds: AlertThresholds, *, hour: datetime | None = None
+) -> list[Breach]:
     """Every check over ``thresholds`` whose sample has at least ``min_count`` rows, scope by
-    scope: the three rates, then the traffic drop."""
+    scope: the three rates, then the traffic drop (each tagged with ``hour``, the start of the
+    aligned hour the stats cover)."""
     breaches = []
     for s in stats:
-        breaches.extend(_rate_breaches(s, thresholds))
-        traffic = _traffic_breach(s, thresholds)
+        breaches.extend(_rate_breaches(s, thresholds, hour))
+        traffic = _traffic_breach(s, thresholds, hour)
         if traffic is not None:
             breaches.append(traffic)
     return breaches
@@ -255,11 +278,11 @@ def find_breaches(stats: Sequence[ScopeStats], thresholds: AlertThresholds) -> l
 
 
 class MonitorStateError(UserError, ValueError):
-    """A file of ``HOME/monitor`` cannot be read; the message names it and the fix."""
+    """A state file of ``HOME/monitor`` cannot be read; the message names it and the fix."""
 
 
 def monitor_dir(home: Path) -> Path:
-    """Where the monitor keeps its state files: ``HOME/monitor``."""
+    """Where the monitor kept its state files before migration 0006: ``HOME/monitor``."""
     return home / "monitor"
 
 
@@ -279,12 +302,18 @@ def read_state_file(path: Path, key: str, expected: str, fix: str) -> Any | None
     return data[key]
 
 
-def record_cycle_success(home: Path, when: datetime) -> Path:
-    """Record that the weekly cycle succeeded at ``when`` (the weekly flow calls this last)."""
-    path = monitor_dir(home) / CYCLE_MARKER
-    write_json_atomic(path, {"last_success": to_utc(when, "when").isoformat()})
-    logger.info("weekly cycle success recorded at %s in %s", when.isoformat(), path)
-    return path
+def record_cycle_success(url: str | None, when: datetime) -> datetime:
+    """Record in the database that the weekly cycle succeeded at ``when`` (the weekly flow
+    calls this last); a later success is kept over an earlier one. Returns ``when`` in UTC."""
+    moment = to_utc(when, "when")
+    engine = get_sync_engine(database_url(url))
+    with engine.begin() as conn:
+        conn.execute(
+            upsert_marker(postgres=engine.dialect.name == "postgresql"),
+            {"name": WEEKLY_CYCLE_SUCCESS, "at": moment, "updated_at": utc_now()},
+        )
+    logger.info("weekly cycle success recorded at %s", moment.isoformat())
+    return moment
 
 
 def _aware(value: str, source: Path) -> datetime:
@@ -297,32 +326,49 @@ def _aware(value: str, source: Path) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def last_cycle_success(home: Path) -> datetime | None:
-    """The latest of: the marker written by :func:`record_cycle_success`, and the newest
-    ``created_at`` among the registry's versions (``home/models``). None when neither exists."""
-    from tasks.registry import list_models
-
-    candidates = []
+def _legacy_marker(home: Path) -> datetime | None:
+    """The success time in ``HOME/monitor/weekly_cycle.json`` (written before migration 0006),
+    or None."""
     marker = monitor_dir(home) / CYCLE_MARKER
     expected = '{"last_success": "<ISO time>"}'
     value = read_state_file(marker, "last_success", expected, "fix or delete the file")
-    if value is not None:
-        if not isinstance(value, str):
-            raise MonitorStateError(
-                f"{marker}: expected {expected}, found last_success {value!r}; "
-                "fix or delete the file"
-            )
-        candidates.append(_aware(value, marker))
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise MonitorStateError(
+            f"{marker}: expected {expected}, found last_success {value!r}; fix or delete the file"
+        )
+    return _aware(value, marker)
+
+
+def last_cycle_success(url: str | None, home: Path) -> datetime | None:
+    """The latest of: the database marker written by :func:`record_cycle_success`, the old
+    ``HOME/monitor/weekly_cycle.json`` if present, and the newest ``created_at`` among the
+    registry's versions (``home/models``). None when there is none of them."""
+    from tasks.registry import list_models
+
+    candidates = []
+    with get_sync_engine(database_url(url)).connect() as conn:
+        recorded = from_db_datetime(conn.execute(select_marker(WEEKLY_CYCLE_SUCCESS)).scalar())
+    if recorded is not None:
+        candidates.append(recorded)
+    legacy = _legacy_marker(home)
+    if legacy is not None:
+        candidates.append(legacy)
     for entry in list_models(home / "models"):
         if entry.created_at:
             candidates.append(_aware(entry.created_at, entry.path / METADATA_FILE))
     return max(candidates) if candidates else None
 
 
-def check_cycle(home: Path, *, now: datetime, max_age_days: float) -> Breach | None:
-    """A ``stale_cycle`` breach when the weekly cycle's last success is older than allowed."""
-    last = last_cycle_success(home)
+def check_cycle(
+    url: str | None, home: Path, *, now: datetime, max_age_days: float
+) -> Breach | None:
+    """A ``stale_cycle`` breach when the weekly cycle's last success is older than allowed;
+    its ``hour`` is the last completed UTC hour at ``now`` (one alert per hour at most)."""
+    last = last_cycle_success(url, home)
     now = to_utc(now, "now")
+    hour = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
     if last is None:
         return Breach(
             check="stale_cycle",
@@ -331,7 +377,8 @@ def check_cycle(home: Path, *, now: datetime, max_age_days: float) -> Breach | N
             threshold=max_age_days,
             sample=0,
             message="the weekly cycle has never succeeded "
-            f"(no success marker and an empty registry under {home})",
+            f"(no success recorded and an empty registry under {home})",
+            hour=hour,
         )
     age_days = (now - last).total_seconds() / 86_400
     if age_days <= max_age_days:
@@ -344,13 +391,16 @@ def check_cycle(home: Path, *, now: datetime, max_age_days: float) -> Breach | N
         sample=0,
         message=f"the weekly cycle last succeeded {age_days:.1f} days ago "
         f"({last:%Y-%m-%d %H:%M} UTC; limit {max_age_days:g} days)",
+        hour=hour,
     )
 
 
 def breach_dict(breach: Breach) -> dict[str, Any]:
-    """A JSON-safe dict of ``breach`` (an infinite value, "never succeeded", becomes None)."""
+    """A JSON-safe dict of ``breach`` (an infinite value, "never succeeded", becomes None; the
+    hour an ISO string)."""
     data = asdict(breach)
     data["key"] = breach.key
+    data["hour"] = breach.hour.isoformat() if breach.hour is not None else None
     if not math.isfinite(breach.value):
         data["value"] = None
     return data

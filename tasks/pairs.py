@@ -13,6 +13,7 @@ what is not such a file) and names the row of a bad pair.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -161,7 +162,8 @@ def _pair_error(where: str, found: object, problem: str) -> PairsFileError:
     return PairsFileError(
         f"{where}: expected a pair object with 'anchor', 'positive' and 'label' (non-empty "
         f"strings; 'negative' and 'negative_label' optional strings), found "
-        f"{visible(repr(found))} ({problem}); fix or remove it (pairs files come from "
+        f"{visible(json.dumps(found, ensure_ascii=False))} ({problem}); fix or remove it "
+        "(pairs files come from "
         "`prompt-capture convert-to-pairs`)"
     )
 

@@ -28,14 +28,10 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
-
-from prefect import Task, task
-from prefect.cache_policies import NO_CACHE
+from typing import Any
 
 from capture.errors import UserError
 from capture.files import (
@@ -60,7 +56,7 @@ from tasks.registry_lock import (
     holds_registry_lock,
     registry_lock,
 )
-from tasks.retry import retry_on_io
+from tasks.retry import io_task
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +88,6 @@ __all__ = [
     "version_dir",
     "versions",
 ]
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 class RegistryError(UserError, RuntimeError):
@@ -232,7 +226,7 @@ def history(models_dir: Path) -> list[dict[str, Any]]:
     path = models_dir / HISTORY_FILE
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8").split("\n")  # JSONL: split at "\n" only
     return [json.loads(line) for line in lines if line.strip()]
 
 
@@ -336,27 +330,35 @@ def publish(
     taken or not a registry version; ``RegistryBusyError`` when another run holds the lock
     for ``lock_timeout`` seconds.
     """
+    if version is not None:
+        version_dir(models_dir, version)  # a bad version is refused before anything is locked
+    try:
+        metadata = ModelMetadata.read(model_dir)
+    except ModelDirError as exc:
+        raise RegistryError(f"{model_dir} is not a model directory: {exc}") from exc
     with registry_lock(models_dir, timeout=lock_timeout):
         return _publish(
-            model_dir, models_dir, version=version, metrics=metrics, training=training, move=move
+            model_dir,
+            models_dir,
+            metadata,
+            version=version or next_version(models_dir),
+            metrics=metrics,
+            training=training,
+            move=move,
         )
 
 
 def _publish(
     model_dir: Path,
     models_dir: Path,
+    metadata: ModelMetadata,
     *,
-    version: str | None,
+    version: str,
     metrics: dict[str, Any] | None,
     training: dict[str, Any] | None,
     move: bool,
 ) -> Path:
-    version = version or next_version(models_dir)
     target = version_dir(models_dir, version)
-    try:
-        metadata = ModelMetadata.read(model_dir)
-    except ModelDirError as exc:
-        raise RegistryError(f"{model_dir} is not a model directory: {exc}") from exc
     if model_dir.resolve() != target.resolve():
         if target.exists():
             raise RegistryError(
@@ -426,17 +428,6 @@ def _rollback(models_dir: Path, to: str | None) -> tuple[str | None, str]:
     return previous, target
 
 
-def _io_task(fn: Callable[P, R], name: str) -> Task[P, R]:
-    """``fn`` as a Prefect task retried twice on I/O failures (never on a ``UserError``)."""
-    return task(
-        cache_policy=NO_CACHE,
-        name=name,
-        retries=2,
-        retry_delay_seconds=2,
-        retry_condition_fn=retry_on_io,
-    )(fn)
-
-
-publish_task = _io_task(publish, "publish-model")
-deploy_task = _io_task(deploy, "deploy-model")
-rollback_task = _io_task(rollback, "rollback-model")
+publish_task = io_task(publish, name="publish-model")
+deploy_task = io_task(deploy, name="deploy-model")
+rollback_task = io_task(rollback, name="rollback-model")

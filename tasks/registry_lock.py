@@ -198,9 +198,9 @@ def _acquire(lock: FileLock, models_dir: Path, timeout: float) -> None:
     holder = read_holder(models_dir)
     _say(
         logging.WARNING,
-        "the model registry at %s is busy: waiting (up to %g s) for %s to finish",
+        "the model registry at %s is busy: waiting (up to %s) for %s to finish",
         models_dir,
-        timeout,
+        _duration(timeout),
         describe_holder(holder),
     )
     while True:
@@ -232,6 +232,15 @@ def _acquire(lock: FileLock, models_dir: Path, timeout: float) -> None:
             time.monotonic() - started,
         )
         return
+
+
+def _duration(seconds: float) -> str:
+    """``0.3 s``, ``90 s``, ``15 min``, ``6 h``: a timeout as a person reads it."""
+    if seconds < 120:
+        return f"{seconds:g} s"
+    if seconds < 7200:
+        return f"{seconds / 60:g} min"
+    return f"{seconds / 3600:g} h"
 
 
 def _release(lock: FileLock, models_dir: Path) -> None:

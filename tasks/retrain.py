@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 from prefect import task
@@ -27,7 +27,7 @@ from tasks.gate import GateDecision, GateRules, decide, render_model_card
 from tasks.layout import HomeLayout, LayoutError
 from tasks.records import Record, load_records
 from tasks.registry import publish
-from tasks.retry import retry_on_io
+from tasks.retry import io_task
 from tasks.training_data import read_summary
 
 if TYPE_CHECKING:
@@ -47,6 +47,10 @@ CARD_FILE, METRICS_FILE, TRAINING_FILE, GATE_FILE = (
 
 # Per evaluation set name: (champion report or None when nothing serves, challenger report).
 Scores = dict[str, tuple[EvalReport | None, EvalReport]]
+
+#: The name of the final state (a kind of COMPLETED) of a run whose challenger was rejected.
+REJECTED_STATE_NAME = "Rejected"
+R = TypeVar("R")
 
 
 class RetrainError(UserError, ValueError):
@@ -298,13 +302,25 @@ class RetrainResult:
         }
 
 
-@task(
-    cache_policy=NO_CACHE,
-    name="publish-challenger",
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_on_io,
-)
+def final_state(result: R, retrain: RetrainResult) -> R:
+    """What a flow that gated a challenger returns: ``result`` when the challenger was
+    promoted; when the gate rejected it, a ``Completed`` state named ``Rejected`` holding
+    ``result``, whose message says who keeps serving, so a rejection and a promotion look
+    different in the run list at a glance. Prefect makes a returned state the run's final state
+    and hands the caller its data: whoever calls the flow still receives ``result``."""
+    if retrain.promote:
+        return result
+    from prefect.states import Completed
+
+    keeps = retrain.champion_version or "nothing"
+    message = (
+        f"challenger {retrain.version} rejected by the gate; version {keeps} keeps serving "
+        f"(see {retrain.card})"
+    )
+    return cast(R, Completed(data=result, name=REJECTED_STATE_NAME, message=message))
+
+
+@io_task(name="publish-challenger")
 def publish_challenger(
     trained: Path,
     models_dir: Path,

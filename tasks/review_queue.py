@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, and_, exists, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, exists, func, insert, or_, select, update
 
 from capture.ids import uuid7
 from capture.model_dir import METADATA_FILE, ModelMetadata
@@ -120,8 +120,35 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
-def _lease_free(now: datetime) -> Any:
-    return or_(items.c.lease_expires_at.is_(None), items.c.lease_expires_at < now)
+# The claim, built once (bound per call: no per-call statement construction). "Free": no lease,
+# an expired one, or already this reviewer's (an undo re-leases an item while the next is held).
+_FREE = or_(
+    items.c.lease_expires_at.is_(None),
+    items.c.lease_expires_at < bindparam("b_now"),
+    items.c.lease_owner == bindparam("b_reviewer"),
+)
+_PICK = (
+    select(items.c.id)
+    .where(
+        items.c.round_id == bindparam("b_round"),
+        items.c.state == "pending",
+        _FREE,
+        or_(items.c.first_reviewer.is_(None), items.c.first_reviewer != bindparam("b_reviewer")),
+        exists().where(rounds.c.id == bindparam("b_round"), rounds.c.status == "open"),
+        # Not an item whose logged prompt retention has deleted since the round opened.
+        exists().where(_LOGS.c.id == items.c.log_id),
+    )
+    .order_by(items.c.position, items.c.id)
+    .limit(1)
+    .with_for_update(skip_locked=True, of=items)  # PostgreSQL; SQLite renders no FOR UPDATE
+    .scalar_subquery()
+)
+_CLAIM = (
+    update(items)
+    .where(items.c.id == _PICK, items.c.state == "pending", _FREE)
+    .values(lease_owner=bindparam("b_reviewer"), lease_expires_at=bindparam("b_expires"))
+    .returning(items.c.id)
+)
 
 
 def claim_next(
@@ -134,29 +161,14 @@ def claim_next(
 ) -> uuid.UUID | None:
     """Lease the next free pending item of an open round to ``reviewer``; its id, or None when
     nothing is left for this reviewer. The caller commits (at once: the lease is then visible)."""
-    # Free, or already this reviewer's (an undo re-leases an item while the next one is held).
-    free = or_(_lease_free(now), items.c.lease_owner == reviewer.id)
-    pick = (
-        select(items.c.id)
-        .where(
-            items.c.round_id == round_id,
-            items.c.state == "pending",
-            free,
-            or_(items.c.first_reviewer.is_(None), items.c.first_reviewer != reviewer.id),
-            exists().where(rounds.c.id == round_id, rounds.c.status == "open"),
-        )
-        .order_by(items.c.position, items.c.id)
-        .limit(1)
-        .with_for_update(skip_locked=True, of=items)
-        .scalar_subquery()
-    )
-    stmt = (
-        update(items)
-        .where(items.c.id == pick, items.c.state == "pending", free)
-        .values(lease_owner=reviewer.id, lease_expires_at=now + lease)
-        .returning(items.c.id)
-    )
-    return conn.execute(stmt).scalar_one_or_none()
+    params = {
+        "b_round": round_id,
+        "b_reviewer": reviewer.id,
+        "b_now": now,
+        "b_expires": now + lease,
+    }
+    found: uuid.UUID | None = conn.execute(_CLAIM, params).scalar_one_or_none()
+    return found
 
 
 def current_lease(
@@ -186,13 +198,11 @@ def next_item(
     lease: timedelta = DEFAULT_LEASE,
 ) -> uuid.UUID | None:
     """The item the reviewer holds, else a newly claimed one (None: the round is done for them).
-    Commits the claim."""
+    The caller commits (a claim is visible to other reviewers from then on)."""
     held = current_lease(conn, round_id, reviewer, now=now)
     if held is not None:
         return held
-    claimed = claim_next(conn, round_id, reviewer, now=now, lease=lease)
-    conn.commit()
-    return claimed
+    return claim_next(conn, round_id, reviewer, now=now, lease=lease)
 
 
 def _alternatives(
@@ -202,31 +212,34 @@ def _alternatives(
     return tuple((name, conf) for name, conf in pairs if name != predicted)[:limit]
 
 
+_VIEW = (
+    select(
+        items.c.id,
+        items.c.round_id,
+        items.c.log_id,
+        items.c.group_size,
+        items.c.double_review,
+        items.c.lease_expires_at,
+        items.c.prev_log_id,
+        items.c.next_log_id,
+        _LOGS.c.prompt,
+        _LOGS.c.predicted_intent,
+        _LOGS.c.confidence,
+        _LOGS.c.secondary_intents,
+        _LOGS.c.was_successful,
+        _LOGS.c.workflow_type,
+        _LOGS.c.execution_error,
+        _LOGS.c.created_at,
+    )
+    .select_from(items.join(_LOGS, _LOGS.c.id == items.c.log_id))
+    .where(items.c.id == bindparam("b_item"))
+)
+
+
 def load_item(conn: Connection, item_id: uuid.UUID, *, raw: bool = False) -> ItemView:
     """The view of one item (see :class:`ItemView`); :class:`ReviewError` when unknown or its log
     was deleted (retention)."""
-    row = conn.execute(
-        select(
-            items.c.id,
-            items.c.round_id,
-            items.c.log_id,
-            items.c.group_size,
-            items.c.double_review,
-            items.c.lease_expires_at,
-            items.c.prev_log_id,
-            items.c.next_log_id,
-            _LOGS.c.prompt,
-            _LOGS.c.predicted_intent,
-            _LOGS.c.confidence,
-            _LOGS.c.secondary_intents,
-            _LOGS.c.was_successful,
-            _LOGS.c.workflow_type,
-            _LOGS.c.execution_error,
-            _LOGS.c.created_at,
-        )
-        .select_from(items.join(_LOGS, _LOGS.c.id == items.c.log_id))
-        .where(items.c.id == item_id)
-    ).first()
+    row = conn.execute(_VIEW, {"b_item": item_id}).first()
     if row is None:
         raise ReviewError(f"review item {item_id} is unknown or its logged prompt was deleted")
     show = (lambda s: s) if raw else scrub_pii

@@ -28,6 +28,7 @@ from capture.db import database_url, get_sync_engine
 from capture.ids import uuid7
 from capture.models import PromptLog
 from capture.values import from_db_datetime
+from tasks.retry import io_task
 from tasks.review_export import fetch_candidates
 from tasks.review_select import (
     DEFAULT_STRATEGY,
@@ -398,3 +399,7 @@ def close_round(conn: Connection, round_id: uuid.UUID, *, now: datetime | None =
     )
     if done.rowcount == 0:
         raise ReviewError(f"no open review round has id {round_id}")
+
+
+#: The Prefect task a flow calls (e.g. the weekly review export opening a round).
+open_review_round_task = io_task(open_review_round, name="open-review-round")

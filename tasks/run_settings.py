@@ -26,6 +26,7 @@ from sqlalchemy.exc import ArgumentError
 from capture.errors import UserError
 from capture.settings import Settings, normalise_database_url
 from tasks.layout import HomeLayout
+from tasks.run_logging import send_logs_to_run
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,15 @@ class RunSettings:
     @property
     def home(self) -> Path:
         return self.layout.home
+
+    def require_database(self) -> str:
+        """:attr:`database_url` once its schema is the one this code needs; raises
+        :class:`capture.db.DatabaseNotMigratedError` (a ``UserError`` naming ``prompt-capture
+        db upgrade``; the flow fails once, nothing is retried) otherwise. Called by every flow
+        that reads the database, at its entry."""
+        from capture import db
+
+        return db.require_migrated(self.database_url)
 
 
 def has_password(url: str) -> bool:
@@ -131,7 +141,9 @@ def resolve_run_settings(
 ) -> RunSettings:
     """A flow's :class:`RunSettings` from its parameters, defaulting to ``settings`` (the
     environment): ``home`` or ``settings.home``; the database from
-    :func:`configured_database_url`, else the home's SQLite file."""
+    :func:`configured_database_url`, else the home's SQLite file. Sends the run's ``tasks.*``
+    and ``capture.*`` log lines to the run (:func:`tasks.run_logging.send_logs_to_run`)."""
+    send_logs_to_run()
     layout = HomeLayout(Path(home) if home else settings.home)
     configured = configured_database_url(
         settings, database_url=database_url, database_secret=database_secret

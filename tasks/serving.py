@@ -13,11 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.registry import current_model_dir, is_deployable
-from tasks.retry import retry_on_io
+from tasks.retry import io_task
 
 if TYPE_CHECKING:
     from capture.classifier import OnnxClassifier
@@ -38,13 +36,7 @@ def serving_classifier(models_dir: Path) -> OnnxClassifier | None:
     return OnnxClassifier(model_dir)
 
 
-@task(
-    cache_policy=NO_CACHE,
-    name="load-serving-embedder",
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_on_io,
-)
+@io_task(name="load-serving-embedder")
 def serving_embedder(models_dir: Path) -> Embed | None:
     """The serving model's ``embed`` (texts -> unit vectors, shape ``(n, dim)``) for
     near-duplicate collapse, or None when no model serves."""

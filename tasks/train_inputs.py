@@ -67,9 +67,10 @@ def resolve_base(base_model: str | os.PathLike[str] | None) -> tuple[str, ModelM
         return str(p / ENCODER_DIR), parent
     if p.is_dir():
         return str(p), None
+    found = "not a directory" if p.exists() else "does not exist"
     raise BaseModelError(
-        f"{p}: not a directory; expected a model directory ({METADATA_FILE} + {ENCODER_DIR}/) or "
-        "a sentence-transformers model directory"
+        f"{p}: {found}; expected a model directory ({METADATA_FILE} + {ENCODER_DIR}/) or a "
+        "sentence-transformers model directory"
     )
 
 

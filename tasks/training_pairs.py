@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.pairs import build_pairs, write_pairs
 from tasks.records import Record
-from tasks.retry import retry_on_io
+from tasks.retry import io_task
 from tasks.training_file import SOURCE_BASE, read_training_file
 
 logger = logging.getLogger(__name__)
@@ -28,13 +28,7 @@ def pairs_path_for(training_file: Path) -> Path:
     return training_file.with_name(f"{training_file.stem}.pairs.jsonl")
 
 
-@task(
-    cache_policy=NO_CACHE,
-    name="read-training-rows",
-    retries=2,
-    retry_delay_seconds=1,
-    retry_condition_fn=retry_on_io,
-)
+@io_task(name="read-training-rows", retry_delay_seconds=1)
 def read_training_rows(path: Path, production_only: bool) -> list[Record]:
     """Records of a retraining JSONL file (read and validated by
     ``tasks.training_file.read_training_file``); with ``production_only``, only rows whose

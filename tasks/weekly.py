@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from datetime import datetime
 from typing import Any
 
 from tasks.corrections import ImportResult, import_summary_markdown
@@ -66,8 +66,8 @@ def summary_markdown(
 class WeeklyResult:
     """What one weekly cycle did. ``corrections`` is None when the inbox was not drained;
     ``deployed`` is None when nothing was deployed (rejected, or ``deploy=False``);
-    ``monitoring`` holds the headline figures published as artifacts; ``success_marker`` is
-    the file the monitor flow's staleness check reads."""
+    ``monitoring`` holds the headline figures published as artifacts; ``cycle_success`` is
+    the success time recorded in the database for the monitor flow's staleness check."""
 
     corrections: list[ImportResult] | None
     training_data: TrainingDataExport
@@ -76,7 +76,7 @@ class WeeklyResult:
     deployed: DeployResult | None
     message: str
     monitoring: dict[str, Any]
-    success_marker: Path
+    cycle_success: datetime
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able values (``prompt-capture cycle --json``); id lists are left out."""
@@ -91,5 +91,5 @@ class WeeklyResult:
             "deployed": self.deployed.as_dict() if self.deployed is not None else None,
             "message": self.message,
             "monitoring": self.monitoring,
-            "success_marker": str(self.success_marker),
+            "cycle_success": self.cycle_success.isoformat(),
         }

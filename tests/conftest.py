@@ -24,7 +24,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
-TABLES_TO_CLEAN = ("nlu_prompt_logs", "nlu_training_examples")
+TABLES_TO_CLEAN = (
+    "nlu_prompt_logs",
+    "nlu_training_examples",
+    "monitor_hours",
+    "monitor_alerts",
+    "monitor_markers",
+)
 
 
 def _require_postgres() -> bool:

@@ -13,9 +13,9 @@ import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert
+from sqlalchemy import Table, insert
 
 from capture import db
 from capture.ids import uuid7
@@ -72,7 +72,7 @@ def synthetic_logs(
 
 def insert_logs(url: str, rows: list[dict[str, Any]]) -> None:
     with db.get_sync_engine(url).begin() as conn:
-        conn.execute(insert(PromptLog.__table__), rows)
+        conn.execute(insert(cast(Table, PromptLog.__table__)), rows)
 
 
 def write_registry(models_dir: Path, *, now: datetime = NOW) -> None:

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
+from capture.db import get_sync_engine
 from capture.text import clean_notes
 from tasks.corrections import ImportResult, RowProblem, import_corrections, import_summary_markdown
 from tests.cycle_helpers import Log, corrections_in_db, insert_logs
@@ -305,3 +307,22 @@ def test_the_weekly_summary_names_each_rejected_file() -> None:
     assert "2 file(s), 2 correction(s) applied, 1 file(s) rejected" in markdown
     assert "REJECTED `b.json`" in markdown and "found CSV" in markdown
     assert import_summary_markdown(None) == ""
+
+
+def test_a_value_the_database_still_refuses_rejects_the_file_instead_of_crashing(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The safety net behind capture/text.py: were a NUL to reach PostgreSQL (here the cleaning
+    is switched off), the file is rejected with the database's message, not retried."""
+    import tasks.review_file
+
+    with get_sync_engine(postgres_url).begin() as conn:
+        conn.execute(text("DELETE FROM nlu_prompt_logs"))
+    (a,) = insert_logs(postgres_url, [Log("play queen", "music_play", 0.5)])
+    monkeypatch.setattr(tasks.review_file, "clean_notes", lambda value: value or None)
+    path = write_list(tmp_path / "nul.json", [row(a, "music_play", "a\u0000b")])
+    result = import_corrections(path, url=postgres_url, catalog=CATALOG)
+    assert [(p.row, p.field) for p in result.rejected] == [(0, "-")]
+    assert "the database refused a value of this file" in result.rejected[0].message
+    assert result.applied == 0 and result.applied_ids == []
+    assert corrections_in_db(postgres_url)[a] == (None, None)

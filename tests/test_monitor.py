@@ -1,5 +1,7 @@
 """Alerts: window statistics, breach rules, the stale-cycle check, and real webhook delivery to a
-local HTTP receiver (dedupe per window, bounded retries, unreachable endpoints reported)."""
+local HTTP receiver (each alert once, bounded retries, unreachable endpoints reported and retried
+by a later run). The hour loop (DST, late, missed and overlapping runs) is
+tests/test_monitor_hours.py's."""
 
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select, text
 
+from capture.db import get_sync_engine
 from capture.ids import uuid7
+from capture.monitor_statements import ALERTS
 from capture.values import as_real
 from flows.monitor import monitor_flow
 from tasks.alert_delivery import send_webhook, slack_payload
@@ -29,6 +34,7 @@ from tasks.monitor import (
     record_cycle_success,
     window_id,
 )
+from tests.conftest import TABLES_TO_CLEAN
 from tests.report_data import insert_logs, write_registry
 
 NOW = datetime(2026, 11, 26, 12, 30, tzinfo=UTC)
@@ -135,7 +141,7 @@ def _seed_incident(url: str) -> None:
 
 def test_window_stats(db_url: str) -> None:
     _seed_incident(db_url)
-    stats = collect_window_stats.fn(db_url, now=NOW, window=HOUR, low_confidence_threshold=0.7)
+    stats = collect_window_stats(db_url, now=NOW, window=HOUR, low_confidence_threshold=0.7)
     by_scope = {s.scope: s for s in stats}
     assert stats[0].scope == "overall"
     assert by_scope["transfer_money"] == ScopeStats(
@@ -202,31 +208,41 @@ def test_window_id_is_aligned() -> None:
 # --------------------------------------------------------------------------- weekly cycle
 
 
-def test_cycle_marker_and_registry_fallback(tmp_path: Path) -> None:
+def test_cycle_marker_and_registry_fallback(db_url: str, tmp_path: Path) -> None:
     home = tmp_path / "home"
-    assert last_cycle_success(home) is None
-    never = check_cycle(home, now=NOW, max_age_days=8)
+    assert last_cycle_success(db_url, home) is None
+    never = check_cycle(db_url, home, now=NOW, max_age_days=8)
     assert never is not None and "never succeeded" in never.message
+    assert never.hour == datetime(2026, 11, 26, 11, tzinfo=UTC)  # the last completed hour
 
     write_registry(home / "models", now=NOW - timedelta(days=3))  # newest version: 10 days old
-    assert last_cycle_success(home) == NOW - timedelta(days=10)
-    stale = check_cycle(home, now=NOW, max_age_days=8)
+    assert last_cycle_success(db_url, home) == NOW - timedelta(days=10)
+    stale = check_cycle(db_url, home, now=NOW, max_age_days=8)
     assert stale is not None
     assert stale.key == "stale_cycle:weekly_cycle"
     assert stale.value == pytest.approx(10.0)
     assert "10.0 days ago" in stale.message
 
-    record_cycle_success(home, NOW - timedelta(days=2))
-    assert last_cycle_success(home) == NOW - timedelta(days=2)
-    assert check_cycle(home, now=NOW, max_age_days=8) is None
-    assert check_cycle(home, now=NOW + timedelta(days=6, hours=1), max_age_days=8) is not None
+    # The success time is kept in the database (migration 0006), not in a file under HOME.
+    assert record_cycle_success(db_url, NOW - timedelta(days=2)) == NOW - timedelta(days=2)
+    record_cycle_success(db_url, NOW - timedelta(days=5))  # an older time never moves it back
+    assert last_cycle_success(db_url, home) == NOW - timedelta(days=2)
+    assert not (home / "monitor").exists()
+    assert check_cycle(db_url, home, now=NOW, max_age_days=8) is None
+    later = NOW + timedelta(days=6, hours=1)
+    assert check_cycle(db_url, home, now=later, max_age_days=8) is not None
 
 
-def test_broken_marker_names_the_file(tmp_path: Path) -> None:
-    marker = record_cycle_success(tmp_path, NOW)
+def test_the_old_marker_file_is_still_read_and_a_broken_one_names_the_file(
+    db_url: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "monitor" / "weekly_cycle.json"
+    marker.parent.mkdir()
+    marker.write_text(json.dumps({"last_success": (NOW - timedelta(days=1)).isoformat()}))
+    assert last_cycle_success(db_url, tmp_path) == NOW - timedelta(days=1)
     marker.write_text('{"last_success": "last tuesday"}')
     with pytest.raises(ValueError, match=r"weekly_cycle\.json: expected an ISO 8601 time"):
-        last_cycle_success(tmp_path)
+        last_cycle_success(db_url, tmp_path)
 
 
 # --------------------------------------------------------------------------- delivery
@@ -307,7 +323,15 @@ def _run(home: Path, url: str, **kwargs: Any) -> dict[str, Any]:
     return monitor_flow(**params)
 
 
-def test_monitor_flow_notifies_once_per_window(
+def _alert_rows(url: str) -> list[tuple[str, str, str, str]]:
+    """(check:scope, channel, hour, status) of every alert row."""
+    with get_sync_engine(url).connect() as conn:
+        rows = conn.execute(select(ALERTS)).all()
+    hours = {r.id: r.hour.replace(tzinfo=None).isoformat() for r in rows}
+    return sorted((f"{r.check_name}:{r.scope}", r.channel, hours[r.id], r.status) for r in rows)
+
+
+def test_monitor_flow_notifies_each_alert_once(
     prefect_harness: None, db_url: str, tmp_path: Path, receiver: Receiver
 ) -> None:
     _seed_incident(db_url)
@@ -320,29 +344,39 @@ def test_monitor_flow_notifies_once_per_window(
         "traffic_drop:check_weather",
         "stale_cycle:weekly_cycle",
     }
+    # The first run checks the last completed hour: 11:00-12:00 UTC.
+    assert first["hours_checked"] == ["2026-11-26T11:00:00+00:00"]
+    assert first["window_start"] == "2026-11-26T11:00:00+00:00"
+    assert first["window_end"] == "2026-11-26T12:00:00+00:00"
     assert {b["key"] for b in first["breaches"]} == expected
+    assert {b["hour"] for b in first["breaches"]} == {"2026-11-26T11:00:00+00:00"}
     assert set(first["new"]) == expected
     assert first["delivery_errors"] == []
     assert first["prompts"] == 88 and first["previous_prompts"] == 90
     assert len(receiver.bodies) == 1
     payload = receiver.bodies[0]
     assert payload["text"].startswith("Prompt Capture: 3 alerts")
+    assert "11:00–12:00 UTC: workflow failure rate" in payload["text"]
     assert "40.0% (12 of 30 failed workflows; limit 20%)" in payload["text"]
     assert "traffic of intent `check_weather` dropped 88%: 5 prompts" in payload["text"]
     assert "weekly cycle last succeeded 10.0 days ago" in payload["text"]
-    assert {b.get("block_id") for b in payload["blocks"][2:]} == expected
+    assert {b.get("block_id") for b in payload["blocks"][2:]} == {
+        f"{key}@2026-11-26T11:00Z" for key in expected
+    }
 
-    # Ten minutes later: same aligned window, same breaches, nothing new is sent.
+    # Ten minutes later: no new completed hour; the stale-cycle alert of this hour is held.
     second = _run(home, db_url, webhook_url=receiver.url, now=NOW + timedelta(minutes=10))
-    assert {b["key"] for b in second["breaches"]} == expected
+    assert second["hours_checked"] == []
+    assert [b["key"] for b in second["breaches"]] == ["stale_cycle:weekly_cycle"]
     assert second["new"] == []
-    assert set(second["suppressed"]) == expected
+    assert second["suppressed"] == ["stale_cycle:weekly_cycle"]
     assert second["deliveries"] == []
     assert len(receiver.bodies) == 1 and receiver.requests == 1
 
-    state = json.loads((home / "monitor" / "alerts_sent.json").read_text())
-    assert sorted(state["sent"]) == sorted(
-        f"webhook|2026-11-26T12:00:00+00:00|{key}" for key in expected
+    # What was sent is in the database, not in HOME/monitor/alerts_sent.json.
+    assert not (home / "monitor").exists()
+    assert _alert_rows(db_url) == sorted(
+        (key, "webhook", "2026-11-26T11:00:00", "sent") for key in expected
     )
 
 
@@ -351,7 +385,7 @@ def test_unreachable_webhook_never_crashes_the_flow_and_is_retried_later(
 ) -> None:
     _seed_incident(db_url)
     home = tmp_path / "home"
-    record_cycle_success(home, NOW - timedelta(days=1))
+    record_cycle_success(db_url, NOW - timedelta(days=1))
 
     failed = _run(home, db_url, webhook_url=_closed_port_url(), delivery_attempts=3)
     assert len(failed["breaches"]) == 2
@@ -359,27 +393,41 @@ def test_unreachable_webhook_never_crashes_the_flow_and_is_retried_later(
     assert failed["deliveries"][0]["attempts"] == 3
     assert len(failed["delivery_errors"]) == 1
     assert "ConnectError" in failed["delivery_errors"][0]
-    assert not (home / "monitor" / "alerts_sent.json").exists()
+    assert {row[3] for row in _alert_rows(db_url)} == {"failed"}
 
-    # The same window, now reachable: the undelivered alerts go out.
+    # A later run (no new hour to check), the endpoint reachable: the failed alerts go out.
     retried = _run(home, db_url, webhook_url=receiver.url, now=NOW + timedelta(minutes=5))
+    assert retried["hours_checked"] == [] and retried["new"] == []
+    assert sorted(retried["retried"]) == [
+        "failure_rate:transfer_money",
+        "traffic_drop:check_weather",
+    ]
     assert retried["delivery_errors"] == []
     assert len(receiver.bodies) == 1
     assert "Prompt Capture: 2 alerts" in receiver.bodies[0]["text"]
+    assert {row[3] for row in _alert_rows(db_url)} == {"sent"}
+    # ... and never again.
+    again = _run(home, db_url, webhook_url=receiver.url, now=NOW + timedelta(minutes=15))
+    assert again["retried"] == [] and again["deliveries"] == []
+    assert len(receiver.bodies) == 1
+
+
+@pytest.fixture
+def clean_sqlite(sqlite_url: str) -> str:
+    """The session's SQLite database with empty tables (as ``db_url`` leaves them)."""
+    with get_sync_engine(sqlite_url).begin() as conn:
+        for table in TABLES_TO_CLEAN:
+            conn.execute(text(f"DELETE FROM {table}"))
+    return sqlite_url
 
 
 def test_server_errors_are_retried_against_a_real_endpoint(
-    prefect_harness: None, sqlite_url: str, tmp_path: Path
+    prefect_harness: None, clean_sqlite: str, tmp_path: Path
 ) -> None:
-    from sqlalchemy import text
-
-    from capture.db import get_sync_engine
-
-    with get_sync_engine(sqlite_url).begin() as conn:
-        conn.execute(text("DELETE FROM nlu_prompt_logs"))
+    sqlite_url = clean_sqlite
     _seed_incident(sqlite_url)
     home = tmp_path / "home"
-    record_cycle_success(home, NOW)
+    record_cycle_success(sqlite_url, NOW)
     with Receiver(statuses=[503, 500]) as flaky:
         result = _run(home, sqlite_url, webhook_url=flaky.url, delivery_attempts=3)
         assert flaky.requests == 3
@@ -392,24 +440,27 @@ def test_server_errors_are_retried_against_a_real_endpoint(
 def test_no_breach_sends_nothing(
     prefect_harness: None, db_url: str, tmp_path: Path, receiver: Receiver
 ) -> None:
-    insert_logs(db_url, [_row("book_meeting", NOW - timedelta(minutes=m)) for m in range(1, 40)])
+    insert_logs(db_url, [_row("book_meeting", NOW - timedelta(minutes=m)) for m in range(31, 70)])
     home = tmp_path / "home"
-    record_cycle_success(home, NOW - timedelta(days=7))
+    record_cycle_success(db_url, NOW - timedelta(days=7))
     result = _run(home, db_url, webhook_url=receiver.url)
     assert result["breaches"] == [] and result["new"] == []
     assert receiver.requests == 0
 
 
 def test_prefect_notification_block(
-    prefect_harness: None, sqlite_url: str, tmp_path: Path, receiver: Receiver
+    prefect_harness: None, clean_sqlite: str, tmp_path: Path, receiver: Receiver
 ) -> None:
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
+    sqlite_url = clean_sqlite
     CustomWebhookNotificationBlock(
         name="prompt-capture-test",
         url=receiver.url,
         method="POST",
         json_data={"text": "{{subject}}\n{{body}}"},
+        headers=None,
+        cookies=None,
         allow_private_urls=True,
     ).save("alerts-test", overwrite=True)
     home = tmp_path / "home"  # empty: the cycle has never succeeded

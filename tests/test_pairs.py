@@ -96,3 +96,28 @@ def test_write_and_read_round_trip(tmp_path: Path) -> None:
     path.write_text('{"anchor": "x"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"pairs.jsonl:1: expected a pair object"):
         read_pairs(path)
+
+
+def test_read_pairs_takes_what_editors_save_and_names_what_it_cannot(tmp_path: Path) -> None:
+    from tasks.input_files import InputFileError
+    from tasks.pairs import PairsFileError
+
+    pairs = build_pairs(_records({"a": 4, "b": 4}), max_pairs=4, seed=0)
+    rows = [{"anchor": p.anchor, "positive": p.positive, "label": p.label} for p in pairs]
+    saved = tmp_path / "saved.jsonl"
+    saved.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\r\n" for r in rows).encode())
+    assert read_pairs(saved) == pairs  # UTF-8 with a BOM and CRLF line ends
+    listed = tmp_path / "listed.json"
+    listed.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    assert read_pairs(listed) == pairs  # a JSON list
+    table = tmp_path / "pairs.csv"
+    table.write_text("anchor,positive,label\na,b,c\n", encoding="utf-8")
+    with pytest.raises(InputFileError, match=r"found CSV .*; a spreadsheet's CSV export"):
+        read_pairs(table)
+    wide = tmp_path / "utf16.jsonl"
+    wide.write_bytes("".join(json.dumps(r) + "\n" for r in rows).encode("utf-16"))
+    with pytest.raises(InputFileError, match="found UTF-16 LE text"):
+        read_pairs(wide)
+    listed.write_text(json.dumps([rows[0], {"anchor": "x", "positive": 3, "label": "a"}]))
+    with pytest.raises(PairsFileError, match=r"listed\.json, row 2: .*'positive' is int"):
+        read_pairs(listed)

@@ -24,6 +24,7 @@ from tasks.registry_lock import (
     read_holder,
     registry_lock,
 )
+from tests.model_fixtures import exported_model_dir, small_model_dir  # noqa: F401  (fixtures)
 from tests.test_registry import fake_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +101,7 @@ def test_reentrant_in_one_thread_and_exclusive_across_threads(tmp_path: Path) ->
     with registry_lock(models, run="outer") as outer:
         with registry_lock(models, timeout=0) as inner:  # re-entered: no wait
             assert inner["run"] == outer["run"] == "outer"
-            assert read_holder(models)["pid"] == os.getpid()
+            assert (read_holder(models) or {}).get("pid") == os.getpid()
 
         def other() -> None:
             try:
@@ -264,3 +265,65 @@ def test_subflows_and_tasks_of_a_run_reenter_its_lock(tmp_path: Path) -> None:
     assert seen["task"] == (thread, run)
     assert registry.current_version(models) == "1"
     assert read_holder(models) is None
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_two_weekly_cycles_at_once_train_distinct_versions_each_gated_against_what_served(
+    tmp_path: Path,
+    children: Any,
+    exported_model_dir: Path,  # noqa: F811
+) -> None:
+    """Two `weekly-cycle` runs in two processes against one home, released together: the
+    second waits for the first, trains the next version against the champion the first
+    deployed, and nothing collides (no `Directory not empty`)."""
+    import prefect.settings
+
+    from capture import db
+    from tests.cycle_helpers import Log, insert_logs
+    from tests.model_fixtures import clone_serving_dir
+    from tests.test_flows import LABELS, jsonl
+    from tests.tiny_data import INTENTS
+
+    home = tmp_path / "home"
+    models = home / "models"
+    champion = clone_serving_dir(
+        exported_model_dir, tmp_path / "champion" / "1", version="1", include_encoder=True
+    )
+    registry.publish(champion, models, version="1")
+    registry.deploy(models, "1")
+    data = home / "data"
+    jsonl(data / "base_train.jsonl", [(t, lab) for lab in LABELS for t in INTENTS[lab][:6]])
+    jsonl(data / "base_val.jsonl", [(t, lab) for lab in LABELS for t in INTENTS[lab][6:8]])
+    jsonl(data / "base_test.jsonl", [(t, lab) for lab in LABELS for t in INTENTS[lab][8:11]])
+    url = f"sqlite:///{tmp_path / 'capture.db'}"
+    db.upgrade(url)
+    insert_logs(url, [Log(t, lab, 0.97) for lab in LABELS for t in INTENTS[lab][6:8]])
+    kids = children(
+        {
+            "PREFECT_API_URL": str(prefect.settings.PREFECT_API_URL.value()),
+            "PROMPT_CAPTURE_HOME": str(home),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        }
+    )
+    for name in ("a", "b"):
+        kids.start("cycle", name, home, url)
+    kids.release()
+    kids.wait(timeout=900)
+    results = sorted((kids.result("a"), kids.result("b")), key=lambda r: int(r["version"]))
+    # Distinct versions; each challenger was gated against the champion serving when it was
+    # trained, and deployed over exactly that champion.
+    assert [r["version"] for r in results] == ["2", "3"]
+    assert [r["champion"] for r in results] == ["1", "2"]
+    assert all(r["promote"] for r in results)
+    assert [(r["deployed"], r["previous"]) for r in results] == [("2", "1"), ("3", "2")]
+    assert registry.current_version(models) == "3"
+    for version in ("2", "3"):
+        assert registry.gated_against(models / version) == str(int(version) - 1)
+    history = [(h["action"], h["version"], h["previous"]) for h in registry.history(models)]
+    assert history == [("deploy", "1", None), ("deploy", "2", "1"), ("deploy", "3", "2")]
+    assert registry.versions(models) == ["1", "2", "3"]
+    assert not list((home / "work").glob("candidate-*"))  # moved into the registry
+    logs = kids.log("a") + kids.log("b")
+    assert "Directory not empty" not in logs
+    assert logs.count("is busy: waiting") == 1  # the second cycle said whom it waited for

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, select, update
+from sqlalchemy import create_engine, delete, select, update
 from sqlalchemy.pool import NullPool
 
 from capture import db
@@ -30,6 +30,7 @@ from tasks.review_tables import LeaseLost, NotInCatalog, ReviewError, items
 from tasks.review_users import LoginRateLimited, ReviewUser, login
 from tests.test_review_ui_support import (
     LABELS,
+    LOGS,
     NOW,
     PASSWORD,
     audit,
@@ -400,3 +401,14 @@ def test_unknown_home_catalog_falls_back_to_database_intents(
     with db.get_sync_engine(workbench_db).connect() as conn:
         catalog = load_catalog(conn, tmp_path / "no-models")
     assert {"banking", "calendar", "music", "weather", "oos"} <= catalog.intents
+
+
+def test_an_item_whose_log_was_deleted_is_not_claimed(workbench_db: str) -> None:
+    seeded = seed_logs(workbench_db, 2)
+    round_id = _open(workbench_db, limit=100, double_review_share=0.0)
+    first = _items(workbench_db, round_id)[0]
+    with db.get_sync_engine(workbench_db).begin() as conn:  # retention deleted it
+        conn.execute(delete(LOGS).where(LOGS.c.id == first.log_id))
+    alice = make_user(workbench_db, "alice")
+    claimed = _claim(workbench_db, round_id, alice)
+    assert claimed is not None and claimed != first.id and seeded.ids

@@ -12,11 +12,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from capture.files import write_text_atomic
-from tasks.retry import retry_on_io
+from tasks.retry import io_task
 
 logger = logging.getLogger(__name__)
 
@@ -233,9 +230,4 @@ def write_outputs(rows: Sequence[WeekResult], output: Path) -> SimulationOutputs
     )
 
 
-write_outputs_task = task(
-    name="simulate-write-outputs",
-    retries=2,
-    retry_condition_fn=retry_on_io,
-    cache_policy=NO_CACHE,
-)(write_outputs)
+write_outputs_task = io_task(write_outputs, name="simulate-write-outputs", retry_delay_seconds=0)

@@ -1,0 +1,204 @@
+"""A person's mistake on the command line, and a database nobody migrated, as the person sees
+them: one ``error:`` line on stderr, exit code 2, no traceback, no Prefect run (so no retry).
+
+Each case runs the real ``prompt-capture`` in a subprocess (what a terminal shows, logging
+included), two at a time, in a home of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from capture import db
+
+CLI = str(Path(sys.executable).with_name("prompt-capture"))
+UPGRADE = "prompt-capture db upgrade"
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    args: Callable[[Path], list[str]]  # the work folder -> the command line
+    expect: str  # in the error line
+    database: str = "migrated"  # migrated | unmigrated (an empty SQLite file) | missing
+
+
+def files(work: Path) -> dict[str, str]:
+    return {
+        "records": str(work / "records.jsonl"),
+        "full_dir": str(work / "full"),
+        "missing": str(work / "missing.jsonl"),
+        "reviewed": str(work / "reviewed.json"),
+    }
+
+
+def f(name: str) -> Callable[[Path], str]:
+    return lambda work: files(work)[name]
+
+
+def cmd(*parts: str | Callable[[Path], str]) -> Callable[[Path], list[str]]:
+    return lambda work: [p(work) if callable(p) else p for p in parts]
+
+
+MISTAKES = [
+    Case("review-days-0", cmd("export", "--mode", "review", "--days", "0"), "days"),
+    Case("review-limit-negative", cmd("export", "--mode", "review", "--limit", "-5"), "limit"),
+    Case(
+        "review-strategy-bogus", cmd("export", "--mode", "review", "--strategy", "bogus"), "bogus"
+    ),
+    Case(
+        "review-threshold-above-1",
+        cmd("export", "--mode", "review", "--confidence-threshold", "1.5"),
+        "confidence_threshold",
+    ),
+    Case(
+        "review-output-is-a-directory",
+        cmd("export", "--mode", "review", "--output", f("full_dir")),
+        "is a directory",
+    ),
+    Case("retraining-days-0", cmd("export", "--mode", "retraining", "--days", "0"), "--days"),
+    Case(
+        "retraining-threshold",
+        cmd("export", "--mode", "retraining", "--confidence-threshold", "-1"),
+        "--confidence-threshold",
+    ),
+    Case("export-mode-bogus", cmd("export", "--mode", "bogus"), "--mode"),
+    Case("report-days-0", cmd("report", "--days", "0"), "--days"),
+    Case("report-now-garbage", cmd("report", "--now", "yesterday"), "--now"),
+    Case("cycle-hyperparameters-json", cmd("cycle", "--hyperparameters", "{bad"), "JSON object"),
+    Case("cycle-hyperparameters-list", cmd("cycle", "--hyperparameters", "[1, 2]"), "found list"),
+    Case(
+        "cycle-hyperparameters-unknown",
+        cmd("cycle", "--hyperparameters", '{"max_stepz": 1}'),
+        "max_stepz",
+    ),
+    Case("cycle-days-0", cmd("cycle", "--days", "0"), "--days"),
+    Case("import-missing-file", cmd("import-corrections", f("missing")), "no such file"),
+    Case("import-a-directory", cmd("import-corrections", f("full_dir")), "is a directory"),
+    Case(
+        "train-missing-file",
+        cmd("train", "--train", f("missing"), "--output", "new-model"),
+        "no such file",
+    ),
+    Case(
+        "train-existing-output",
+        cmd("train", "--train", f("records"), "--output", f("full_dir")),
+        "already exists",
+    ),
+    Case(
+        "train-missing-val",
+        cmd("train", "--train", f("records"), "--val", f("missing"), "--output", "m"),
+        "no such file",
+    ),
+    Case(
+        "evaluate-not-a-model",
+        cmd("evaluate", "--model", f("full_dir"), "--data", f("records")),
+        "metadata.json",
+    ),
+    Case(
+        "pairs-missing-input",
+        cmd("convert-to-pairs", "--input", f("missing"), "--output", "p.jsonl"),
+        "no such file",
+    ),
+    Case("demo-traffic-count-0", cmd("demo-traffic", "--count", "0"), "--count"),
+    Case("demo-traffic-count-text", cmd("demo-traffic", "--count", "many"), "--count"),
+    Case("retention-days-0", cmd("retention", "--days", "0"), "days"),
+    Case("monitor-now-garbage", cmd("monitor", "--now", "soon"), "--now"),
+    Case("simulate-missing-dataset", cmd("simulate", "--dataset", f("missing")), "--dataset"),
+    Case("rollback-unknown-version", cmd("rollback", "--to", "9"), "9"),
+]
+
+READS_THE_DATABASE = [
+    ("export-review", cmd("export", "--mode", "review")),
+    ("export-retraining", cmd("export", "--mode", "retraining")),
+    ("monitor", cmd("monitor")),
+    ("report", cmd("report")),
+    ("import-corrections", cmd("import-corrections", f("reviewed"))),
+    ("retention", cmd("retention")),
+    ("cycle", cmd("cycle")),
+    ("demo-traffic", cmd("demo-traffic", "--count", "5")),
+]
+UNMIGRATED = [
+    Case(f"{name}-unmigrated", args, UPGRADE, database="unmigrated")
+    for name, args in READS_THE_DATABASE
+] + [
+    Case(f"{name}-no-database", args, UPGRADE, database="missing")
+    for name, args in READS_THE_DATABASE[:2]
+]
+CASES = MISTAKES + UNMIGRATED
+
+
+def prepare(work: Path, database: str, migrated: Path) -> dict[str, str]:
+    """The case's home and files (``migrated``: a migrated SQLite file to copy); returns the
+    environment of its command."""
+    home = work / "home"
+    home.mkdir(parents=True)
+    full = work / "full"
+    full.mkdir()
+    (full / "something.txt").write_text("x", encoding="utf-8")
+    (work / "records.jsonl").write_text(
+        "".join(
+            json.dumps({"text": t, "label": lab}) + "\n" for t, lab in [("a", "x"), ("b", "y")]
+        ),
+        encoding="utf-8",
+    )
+    (work / "reviewed.json").write_text("[]", encoding="utf-8")
+    path = home / "prompt_capture.db"
+    if database == "migrated":
+        shutil.copyfile(migrated, path)
+    elif database == "unmigrated":
+        sqlite3.connect(path).close()  # an SQLite file without the schema
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROMPT_CAPTURE_", "PREFECT_"))}
+    env |= {"PROMPT_CAPTURE_HOME": str(home), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return env
+
+
+def run_case(case: Case, work: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CLI, *case.args(work)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=work,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def outcomes(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, subprocess.CompletedProcess[str]]:
+    root = tmp_path_factory.mktemp("cli-errors")
+    migrated = root / "migrated.db"
+    db.upgrade(f"sqlite:///{migrated}")
+    envs = {case.id: prepare(root / case.id, case.database, migrated) for case in CASES}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = pool.map(lambda case: run_case(case, root / case.id, envs[case.id]), CASES)
+        return {case.id: result for case, result in zip(CASES, done, strict=True)}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_a_user_error_is_one_line_and_exit_code_2(
+    case: Case, outcomes: dict[str, subprocess.CompletedProcess[str]]
+) -> None:
+    result = outcomes[case.id]
+    lines = result.stderr.strip().splitlines()
+    shown = f"exit {result.returncode}\nstderr:\n{result.stderr}\nstdout:\n{result.stdout}"
+    assert result.returncode == 2, shown
+    assert len(lines) == 1, shown
+    assert lines[0].startswith("error: "), shown
+    assert case.expect in lines[0], shown
+    assert "Traceback" not in result.stderr + result.stdout, shown
+    assert "Retrying" not in result.stderr and "temporary server" not in result.stderr, shown
