@@ -34,12 +34,12 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import psycopg
 from argon2 import PasswordHasher
-from sqlalchemy import insert
+from sqlalchemy import Table, insert
 
 from capture import db
 from capture.ids import uuid7
@@ -62,7 +62,7 @@ def write_home(home: Path) -> None:
     """A registry whose serving model has the 151 labels (the workbench's catalogue)."""
     model = home / "models" / "1"
     model.mkdir(parents=True, exist_ok=True)
-    meta = {
+    meta: dict[str, Any] = {
         "version": "1",
         "labels": LABELS,
         "oos_label": "oos",
@@ -82,7 +82,7 @@ def write_home(home: Path) -> None:
 
 def seed(url: str, n_prompts: int, n_reviewers: int) -> uuid.UUID:
     """Logs, one round with every log queued (10 % double review), reviewers; the round id."""
-    logs = PromptLog.__table__
+    logs = cast(Table, PromptLog.__table__)
     now = datetime.now(UTC)
     engine = db.get_sync_engine(url)
     round_id = uuid7()

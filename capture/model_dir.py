@@ -438,3 +438,91 @@ def write_pointer(models_dir: Path, version: str) -> Path:
     path = Path(models_dir) / POINTER_FILE
     _check_pointer_version(version, path, version)
     return write_text_atomic(path, version + "\n")
+
+
+# The candidate pointer (production A/B, docs/AB_TESTING.md): ``models_dir/candidate`` beside
+# ``current``, one JSON object {"version", "mode", "share"}; written atomically (readers see the
+# old or the new pointer) and cleared by one unlink, both under the registry lock
+# (tasks.ab_candidate).
+
+CANDIDATE_FILE = "candidate"
+CANDIDATE_MODES = ("shadow", "canary")
+
+
+@dataclass(frozen=True, slots=True)
+class CandidatePointer:
+    """What ``models_dir/candidate`` says: the challenger ``version`` under test, its ``mode``
+    (``shadow``: predicted after the champion answered, never answers; ``canary``: answers the
+    sticky ``share`` in [0, 1] of users), and the file's identity (``mtime_ns``, ``inode``)."""
+
+    version: str
+    mode: str
+    share: float
+    mtime_ns: int = 0
+    inode: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "mode": self.mode, "share": self.share}
+
+    def same_route(self, other: CandidatePointer | None) -> bool:
+        return other is not None and self.to_dict() == other.to_dict()
+
+
+def _candidate_error(path: Path, expected: str, found: object) -> ModelDirError:
+    return ModelDirError(
+        f"{path}: expected {expected}, found {_short(found)}; set it again with "
+        "`prompt-capture candidate set VERSION --mode shadow|canary` or remove it with "
+        "`prompt-capture candidate clear`"
+    )
+
+
+def check_candidate(version: str, mode: str, share: float, path: Path) -> None:
+    """Raise ``ModelDirError`` unless ``version`` names one directory, ``mode`` is one of
+    :data:`CANDIDATE_MODES` and ``share`` is a number in [0, 1]."""
+    _check_pointer_version(version, path, version)
+    if mode not in CANDIDATE_MODES:
+        raise _candidate_error(path, f"mode one of {list(CANDIDATE_MODES)}", mode)
+    if not _is_number(share) or not 0.0 <= share <= 1.0:
+        raise _candidate_error(path, "share a number in [0, 1]", share)
+
+
+def read_candidate(models_dir: Path) -> CandidatePointer | None:
+    """The candidate pointer ``models_dir/candidate``; None when no candidate is under test.
+
+    Raises ``ModelDirError`` when malformed, ``OSError`` when it cannot be read.
+    """
+    path = Path(models_dir) / CANDIDATE_FILE
+    try:
+        with path.open("rb") as handle:
+            stat = os.fstat(handle.fileno())
+            raw = handle.read(4096)
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _candidate_error(path, "a JSON object {version, mode, share}", raw[:80]) from exc
+    if not isinstance(data, dict):
+        raise _candidate_error(path, "a JSON object {version, mode, share}", data)
+    version, mode, share = data.get("version"), data.get("mode"), data.get("share", 0.0)
+    if not isinstance(version, str) or not isinstance(mode, str):
+        raise _candidate_error(path, "string fields version and mode", data)
+    check_candidate(version, mode, share, path)
+    return CandidatePointer(version, mode, float(share), stat.st_mtime_ns, stat.st_ino)
+
+
+def write_candidate(models_dir: Path, version: str, mode: str, share: float) -> Path:
+    """Point ``models_dir/candidate`` at ``version`` in ``mode`` with ``share``, atomically;
+    returns the path. Raises ``ModelDirError`` before writing anything when a field is bad."""
+    path = Path(models_dir) / CANDIDATE_FILE
+    check_candidate(version, mode, share, path)
+    return write_json_atomic(path, {"version": version, "mode": mode, "share": float(share)})
+
+
+def clear_candidate(models_dir: Path) -> bool:
+    """Remove ``models_dir/candidate`` (one atomic unlink); True when there was one."""
+    try:
+        os.unlink(Path(models_dir) / CANDIDATE_FILE)
+    except FileNotFoundError:
+        return False
+    return True

@@ -4,7 +4,8 @@ Who runs what (every statement only builds; the ``tasks`` modules execute them):
 
 - ``tasks.report``: :func:`select_daily_counts` (plus the design note's three statistics in
   :mod:`capture.statements`);
-- ``tasks.monitor``: :func:`select_intent_counts`, :func:`select_intent_traffic`;
+- ``tasks.monitor``: :func:`select_intent_counts`, :func:`select_intent_traffic` (the monitor's
+  own tables, hours checked and alerts sent, are :mod:`capture.monitor_statements`');
 - ``tasks.review_export``: :func:`select_review_candidates`;
 - ``tasks.corrections``: :func:`select_logs_by_id`, :func:`select_known_intents` (and
   :func:`capture.statements.update_correction`);

@@ -28,6 +28,7 @@ objects the garbage collector has to traverse.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Callable
@@ -38,11 +39,13 @@ import sqlalchemy.exc
 from sqlalchemy import select
 
 from capture import db
+from capture.ab_routing import CandidateServing
 from capture.ids import uuid7, uuid_from_int
 from capture.logger import CaptureLogger, CaptureStats, Sleep
 from capture.models import PromptLog
 from capture.repository import UnknownLogIdError
 from capture.settings import Settings, get_settings
+from capture.shadow import ShadowWorker
 from capture.spool import EMPTY_SECONDARY, new_row, secondary_document, uuid_bytes
 from capture.text import check_intent_name, clean_prompt, visible
 from capture.types import RUNNERS_UP, Classifier, NLUResult, Prediction
@@ -86,6 +89,9 @@ class NLUService:
         self._issued_before: set[bytes] = set()
         self._issued_cap = max(settings.buffer_size, 10_000)
         self._clean_names: set[str] = set()
+        # Production A/B (docs/AB_TESTING.md): the candidate under test and its shadow worker.
+        self.ab: CandidateServing | None = None
+        self.shadow: ShadowWorker | None = None
 
     @property
     def url(self) -> str:
@@ -142,7 +148,13 @@ class NLUService:
                 f"message_index: expected an integer in [0, {_INT32_MAX}] or None, "
                 f"found {message_index!r}"
             )
-        prediction: Prediction = self.classifier.predict(message)
+        ab = self.ab
+        route = None if ab is None else ab.route
+        if route is not None and route.threshold and route.answers(user, conversation):
+            prediction: Prediction = route.classifier.predict(message)  # canary arm
+        else:
+            route = None
+            prediction = self.classifier.predict(message)
         intent = prediction.intent
         confidence = prediction.confidence
         secondary = prediction.secondary_intents
@@ -174,7 +186,7 @@ class NLUService:
             now = self._now_dt
         else:
             now = self._now()
-        version = self._model_version
+        version = self._model_version if route is None else route.pointer.version
         if version is None:
             version = self._model()
         id_bytes = id_int.to_bytes(16, "big")
@@ -193,6 +205,9 @@ class NLUService:
                 created_at=now,
             )
         )
+        shadow = self.shadow
+        if shadow is not None and shadow.active():  # after answering and logging; never waits
+            shadow.submit(id_bytes, now, message)
         issued = self._issued
         issued.add(id_bytes)
         if len(issued) >= self._issued_cap:
@@ -285,6 +300,8 @@ class NLUService:
     async def aclose(self, timeout: float = 30.0) -> None:
         """Write everything still queued (or spool it if the database stays down)."""
         await self.capture.aclose(timeout=timeout)
+        if self.shadow is not None:  # best effort: shadow rows are dropped-and-counted data
+            await asyncio.to_thread(self.shadow.close, timeout)
 
     def stats(self) -> CaptureStats:
         return self.capture.stats()
@@ -306,6 +323,7 @@ def create_nlu_service(
     clock: Clock | None = None,
     sleep: Sleep | None = None,
     application_name: str | None = None,
+    candidate: CandidateServing | None = None,
 ) -> NLUService:
     """Build the service for ``url`` (default: the settings' database).
 
@@ -313,6 +331,8 @@ def create_nlu_service(
     upgrade``) unless the schema is migrated. ``model_version`` defaults to the classifier's
     ``version`` attribute (read per call, so a hot-reloading classifier is followed).
     ``clock`` (created_at) and ``sleep`` (reconnect backoff) are injectable for tests.
+    ``candidate``: the A/B candidate under test (canary answers a sticky share; shadow is
+    predicted after answering by a :class:`capture.shadow.ShadowWorker`; docs/AB_TESTING.md).
     """
     settings = settings or get_settings()
     resolved = db.database_url(url) if url else settings.resolved_database_url
@@ -320,6 +340,10 @@ def create_nlu_service(
     capture = CaptureLogger(
         resolved, settings=settings, application_name=application_name, sleep=sleep
     )
-    return NLUService(
+    service = NLUService(
         classifier, capture=capture, settings=settings, model_version=model_version, clock=clock
     )
+    if candidate is not None:
+        service.ab = candidate
+        service.shadow = ShadowWorker(resolved, candidate, champion_version=service._model)
+    return service

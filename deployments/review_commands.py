@@ -158,7 +158,7 @@ def _set_active(name: str, active: bool) -> None:
 
 @review_user_app.command("disable")
 def user_disable(name: Annotated[str, typer.Argument(help="Login name.")]) -> None:
-    """Disable a user (their sessions stop working at once)."""
+    """Disable a user (their sessions stop working within seconds)."""
     _set_active(name, False)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from capture.offline_statements import check_count
 from capture.settings import get_settings
 from capture.values import utc_now
 from tasks.alert_delivery import alert_channels, deliver_alerts_task, monitor_summary
@@ -71,6 +72,7 @@ def monitor_flow(
         low_confidence_threshold=low_confidence_threshold,
         max_cycle_age_days=max_cycle_age_days,
     )
+    check_count(max_catch_up_hours, "max_catch_up_hours")  # a user's mistake, before any I/O
     now = now if now is not None else utc_now()
     webhook_url = webhook_url or settings.alert_webhook_url or None
 

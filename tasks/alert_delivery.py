@@ -52,7 +52,7 @@ class Delivery:
 
 @dataclass(frozen=True, slots=True)
 class NotifyResult:
-    """What :func:`notify_breaches` did with the breaches of one run."""
+    """What :func:`deliver_alerts` did with the alerts of one run."""
 
     new: list[str] = field(default_factory=list)  # breach keys whose alert rows this run won
     suppressed: list[str] = field(default_factory=list)  # held by another run (same hour)

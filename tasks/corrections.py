@@ -40,6 +40,7 @@ from sqlalchemy.exc import DataError
 
 from capture import statements
 from capture.db import database_url, get_sync_engine
+from capture.errors import UserError
 from capture.files import make_private_dir, write_text_atomic
 from capture.model_dir import METADATA_FILE
 from capture.offline_statements import ID_CHUNK, select_known_intents, select_logs_by_id
@@ -139,26 +140,48 @@ def _id_conflicts(corrections: Sequence[Correction]) -> list[RowProblem]:
         by_id.setdefault(c.log_id, []).append(c)
     problems: list[RowProblem] = []
     for log_id, group in by_id.items():
-        answers = {(c.corrected_intent, c.notes) for c in group}
-        if len(answers) < 2:
+        if len({(c.corrected_intent, c.notes) for c in group}) < 2:
             continue
         rows = ", ".join(str(c.row) for c in group)
-        intents = {c.corrected_intent for c in group}
-        differs = [
-            name
-            for name, values in (("corrected_intent", intents), ("notes", {c.notes for c in group}))
-            if len(values) > 1
-        ]
-        shown = ", ".join(visible(i) for i in sorted(intents))
-        for c in group:
-            problems.append(
-                RowProblem(
-                    c.row,
-                    differs[0],
-                    f"this id is in rows {rows} with different {' and '.join(differs)} "
-                    f"(intents {shown}); keep one row per id (merge the notes into it)",
-                    str(log_id),
-                )
+        intents = sorted({c.corrected_intent for c in group})
+        if len(intents) > 1:
+            field, message = (
+                "corrected_intent",
+                f"the same prompt (this id) is corrected to different intents "
+                f"({', '.join(map(visible, intents))}) in rows {rows}; keep one row per id",
+            )
+        else:
+            field, message = (
+                "notes",
+                f"this id is in rows {rows} with different notes; keep one row per id (merge "
+                "the notes into it)",
+            )
+        problems.extend(RowProblem(c.row, field, message, str(log_id)) for c in group)
+    return problems
+
+
+def _prompt_conflicts(
+    corrections: Sequence[Correction], logs: dict[uuid.UUID, Any], skip: set[int]
+) -> list[RowProblem]:
+    """Different ids of one prompt (same text up to case and spacing) corrected to different
+    intents: each row is reported (rows in ``skip`` already were)."""
+    by_prompt: dict[str, dict[uuid.UUID, Correction]] = {}
+    for c in corrections:
+        if c.row not in skip:
+            prompt = " ".join(logs[c.log_id].prompt.lower().split())
+            by_prompt.setdefault(prompt, {}).setdefault(c.log_id, c)
+    problems: list[RowProblem] = []
+    for group in by_prompt.values():
+        intents = sorted({c.corrected_intent for c in group.values()})
+        if len(intents) > 1:
+            rows = ", ".join(str(c.row) for c in group.values())
+            message = (
+                f"the same prompt is corrected to different intents "
+                f"({', '.join(map(visible, intents))}) in rows {rows}; keep one"
+            )
+            problems.extend(
+                RowProblem(c.row, "corrected_intent", message, str(c.log_id))
+                for c in group.values()
             )
     return problems
 
@@ -173,10 +196,12 @@ def _validate(
     log has, an intent the catalogue refuses (``capture.text.IntentCatalogue.check``: unknown
     without ``allow_new_intent``, a new name differing from an existing one only by case,
     spacing or invisible characters, a name outside the documented form), one id given two
-    answers, one prompt corrected to two intents."""
+    answers, one prompt corrected to two intents (these two also between rows whose intent was
+    refused: each problem of a row is reported)."""
     checker = IntentCatalogue(catalog)
     problems: list[RowProblem] = []
     checked: list[Correction] = []
+    known: list[Correction] = []  # rows of a logged prompt, intent as resolved (or as given)
     for c in corrections:
         if c.log_id not in logs:
             problems.append(
@@ -189,34 +214,23 @@ def _validate(
             )
             continue
         try:
-            intent = checker.check(c.corrected_intent, allow_new=allow_new_intent)
+            resolved = replace(
+                c, corrected_intent=checker.check(c.corrected_intent, allow_new=allow_new_intent)
+            )
         except IntentNameError as exc:
             problems.append(RowProblem(c.row, "corrected_intent", exc.detail, str(c.log_id)))
+            known.append(c)
             continue
-        checked.append(replace(c, corrected_intent=intent))
-    conflicts = _id_conflicts(checked)
+        checked.append(resolved)
+        known.append(resolved)
+    conflicts = _id_conflicts(known)
     problems.extend(conflicts)
-    flagged = {p.row for p in conflicts}
-    by_prompt: dict[str, dict[uuid.UUID, Correction]] = {}
-    for c in checked:
-        if c.row not in flagged:
-            prompt = " ".join(logs[c.log_id].prompt.lower().split())
-            by_prompt.setdefault(prompt, {}).setdefault(c.log_id, c)
-    for group in by_prompt.values():
-        intents = {c.corrected_intent for c in group.values()}
-        if len(intents) > 1:
-            rows = ", ".join(str(c.row) for c in group.values())
-            for c in group.values():
-                problems.append(
-                    RowProblem(
-                        c.row,
-                        "corrected_intent",
-                        f"the same prompt is corrected to different intents "
-                        f"({', '.join(sorted(intents))}) in rows {rows}; keep one",
-                        str(c.log_id),
-                    )
-                )
+    problems.extend(_prompt_conflicts(known, logs, {p.row for p in conflicts}))
     return checked, sorted(problems, key=lambda p: p.row)
+
+
+class _RefusedValueError(Exception):
+    """A value of the file that the statement builders refused while applying it."""
 
 
 def import_corrections(
@@ -233,9 +247,10 @@ def import_corrections(
     ``catalog`` defaults to :func:`intent_catalog` (the serving model's labels under
     ``models_dir``, else the intents in the database). Whatever the file holds, the answer is an
     :class:`ImportResult`: a file that cannot be read is one problem on row 0, bad rows are
-    problems by row, and a value the database still refuses (``DataError``) rejects the file
-    with that message; only a path that is not a file raises (``InputFileError``, a
-    ``UserError``), and I/O or connection failures propagate (the task retries those).
+    problems by row, and a value the database or the statement layer still refuses
+    (``DataError``, a ``UserError`` while applying) rejects the file with that message. Only a
+    path that is not a file raises (``InputFileError``, a ``UserError``), and I/O or connection
+    failures propagate (the task retries those).
     """
     result = ImportResult(file=str(path))
     corrections, result.not_reviewed, problems = read_corrections(path)
@@ -250,10 +265,14 @@ def import_corrections(
                 result.rejected.sort(key=lambda p: p.row)
                 logger.warning("%s", result.summary())
                 return result
-            _apply(conn, checked, logs, result, now())
-    except DataError as exc:  # a value of this file the database refuses: reject the file
+            try:
+                _apply(conn, checked, logs, result, now())
+            except UserError as exc:  # the statement layer refused a value: roll back
+                raise _RefusedValueError(str(exc)) from exc
+    except (DataError, _RefusedValueError) as exc:  # a value of this file: reject the file
         result.applied, result.applied_ids = 0, []
-        detail = visible(str(exc.orig or exc).splitlines()[0], 200)
+        reason = exc.orig if isinstance(exc, DataError) and exc.orig is not None else exc
+        detail = visible(str(reason).split("\n")[0], 200)
         result.rejected.append(
             RowProblem(0, "-", f"the database refused a value of this file ({detail}); fix it")
         )

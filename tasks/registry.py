@@ -222,12 +222,25 @@ def _sorted(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def history(models_dir: Path) -> list[dict[str, Any]]:
-    """Deploys and rollbacks, oldest first."""
+    """Deploys and rollbacks, oldest first (a line that is not a JSON object is left out, with
+    a warning)."""
     path = models_dir / HISTORY_FILE
     if not path.exists():
         return []
+    rows = []
     lines = path.read_text(encoding="utf-8").split("\n")  # JSONL: split at "\n" only
-    return [json.loads(line) for line in lines if line.strip()]
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):  # half a line from an append cut short (older versions)
+            logger.warning("%s: line %d is not a JSON object; left out", path, number)
+            continue
+        rows.append(row)
+    return rows
 
 
 def _switch(models_dir: Path, version: str, action: str) -> str | None:

@@ -1,27 +1,43 @@
 """Raw-log retention: old prompt logs move, scrubbed, into the anonymised training store.
 
-Rows of ``nlu_prompt_logs`` created before ``now - retention_days`` are, batch by batch and each
-batch in ONE transaction:
+Rows of ``nlu_prompt_logs`` created before ``cutoff = now - retention_days`` are copied into
+``nlu_training_examples`` with the prompt scrubbed (:func:`scrub_pii`), no user or conversation
+id, ``source_key = sha256(log id)`` and ``ON CONFLICT (source_key) DO NOTHING``, and removed.
 
-1. deleted with ``DELETE ... RETURNING`` (so the copy is made from exactly the row version that
-   was removed, even if a correction landed a moment before), then
-2. inserted into ``nlu_training_examples`` with the prompt scrubbed (:func:`scrub_pii`), no user
-   or conversation id, ``source_key = sha256(log id)`` and ``ON CONFLICT (source_key) DO
-   NOTHING``.
+PostgreSQL, run by the table owner (migration 0007 partitions the table by ``created_at``):
 
-A crash at any point rolls back the batch in progress (nothing lost: the raw rows are still
+1. partitions that end at or before the cutoff are detached and renamed in ONE short
+   transaction (``capture.partitions.detach_expired``, under ``lock_timeout``), which also
+   corrects the monitoring rollup for their hours (``stats_rollup.forget_removed_rows``: a
+   dropped partition fires no row trigger);
+2. each detached table is copied in batches of ``batch_size`` rows (keyset order of its primary
+   key, one transaction each), then DROPped: no row-by-row DELETE, no dead tuples;
+3. rows before the cutoff that remain (the partition the cutoff falls in, rows the DEFAULT
+   partition caught) are removed row-wise as below; run the flow shortly after a partition
+   boundary (00:00 UTC for daily partitions) and that is a few minutes of rows;
+4. partitions for rows the DEFAULT partition caught (created at or after the cutoff) are created
+   and the rows moved into them, and partitions are created ``ahead_days`` ahead of now.
+
+Row-wise (SQLite; a non-owner role; step 3), batch by batch and each batch in ONE transaction:
+``DELETE ... RETURNING`` (the copy is made from exactly the row version removed), then the insert.
+
+Crash safety: a crash in a row-wise batch rolls it back (nothing lost: the raw rows are still
 there) and keeps the committed ones (nothing duplicated: their raw rows are gone, and a copy
-that already exists is skipped by the unique ``source_key``). Rerunning finishes the job.
+that already exists is skipped by the unique ``source_key``). A crash after a detach leaves the
+renamed table (``nlu_prompt_logs_expired_*``) with every row, whether its copy was finished or
+not; the next run copies it again (existing copies skipped) and only then drops it. Rerunning
+finishes the job either way.
 
-The two statements are ``capture.offline_statements.delete_expired_logs`` and
-``insert_training_examples``. A bad ``retention_days`` or ``batch_size`` raises
-``ParameterError`` (a ``UserError``) before the database is touched.
+The statements are ``capture.offline_statements.delete_expired_logs`` and
+``insert_training_examples``, and ``capture.partitions``. A bad ``retention_days`` or
+``batch_size`` raises ``ParameterError`` (a ``UserError``) before the database is touched.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,17 +46,21 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import OperationalError
 
+from capture import partitions, stats_rollup
 from capture.db import database_url, get_sync_engine, is_postgres
 from capture.ids import uuid7
 from capture.offline_statements import (
+    EXPIRED_COLUMNS,
     check_count,
     check_positive,
     delete_expired_logs,
     insert_training_examples,
 )
 from capture.rows import RetrainingRow, map_retraining_row
+from capture.settings import PartitionInterval
 from capture.values import to_utc, utc_now
 from tasks.anonymise import scrub_pii
 
@@ -50,17 +70,30 @@ SOURCE_PRODUCTION = "production"
 DEFAULT_RETENTION_DAYS = 90
 DEFAULT_BATCH_SIZE = 1_000
 
+#: Tries to take the table lock a partition DDL needs (``LOCK_TIMEOUT_S`` each).
+DDL_ATTEMPTS = 3
+LOCK_TIMEOUT_S = 5.0
+
 BeforeCommit = Callable[[int], None]
+BeforeDrop = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
 class RetentionResult:
-    """What one retention run did. ``deleted - copied`` rows already had their copy."""
+    """What one retention run did. ``deleted - copied`` rows already had their copy.
+
+    ``deleted`` counts rows of dropped partitions and rows deleted row-wise; ``batches`` the
+    committed copy transactions of both; ``partitions_dropped`` / ``partitions_created``:
+    partition DDL (PostgreSQL); ``moved_from_default``: rows the DEFAULT partition held that
+    moved into a new partition."""
 
     cutoff: datetime
     copied: int
     deleted: int
     batches: int
+    partitions_dropped: int = 0
+    partitions_created: int = 0
+    moved_from_default: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -109,27 +142,116 @@ def _move_batch(
     return len(copied), len(removed)
 
 
-def run_retention(
-    url: str | None = None,
-    *,
-    retention_days: float = DEFAULT_RETENTION_DAYS,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    now: datetime | None = None,
-    clock: Callable[[], datetime] = utc_now,
-    before_commit: BeforeCommit | None = None,
-) -> RetentionResult:
-    """Move every raw log older than ``retention_days`` into the training store, in batches.
+@dataclass(slots=True)
+class _Progress:
+    copied: int = 0
+    deleted: int = 0
+    batches: int = 0
+    dropped: int = 0
+    created: int = 0
+    moved: int = 0
 
-    ``now`` (or ``clock()``) fixes the cutoff; ``before_commit(batch_number)`` runs inside each
-    batch's transaction just before it commits (tests inject a crash there).
-    """
-    check_positive(retention_days, "retention_days")
-    check_count(batch_size, "batch_size")
-    url = database_url(url)
-    postgres = is_postgres(url)
-    cutoff = to_utc(now if now is not None else clock(), "now") - timedelta(days=retention_days)
-    engine = get_sync_engine(url)
-    copied = deleted = batches = 0
+
+def _with_lock_retries(engine: Engine, what: str, work: Callable[[Connection], Any]) -> Any:
+    """Run ``work`` in a transaction whose table locks wait at most ``LOCK_TIMEOUT_S``; retry a
+    lock timeout ``DDL_ATTEMPTS`` times (a long reader holds the table), then raise."""
+    for attempt in range(1, DDL_ATTEMPTS + 1):
+        try:
+            with engine.begin() as conn:
+                partitions.set_lock_timeout(conn, LOCK_TIMEOUT_S)
+                return work(conn)
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) != "55P03" or attempt == DDL_ATTEMPTS:
+                raise
+            logger.warning("retention: %s waited too long for a table lock; retrying", what)
+            time.sleep(attempt)
+    raise AssertionError("unreachable")
+
+
+def _detach_expired(conn: Connection, cutoff: datetime) -> list[str]:
+    conn.execute(stats_rollup.lock_stats_state())  # no refresh runs between drop and fix
+    detached = partitions.detach_expired(conn, cutoff)
+    for partition, _ in detached:
+        end = partition.end
+        assert end is not None  # an expired partition has an upper bound
+        stats_rollup.forget_removed_rows(conn, partition.start, end)
+    return [name for _, name in detached]
+
+
+def _copy_expired_table(
+    engine: Engine,
+    name: str,
+    *,
+    batch_size: int,
+    before_commit: BeforeCommit | None,
+    progress: _Progress,
+) -> int:
+    """Copy every row of a detached partition into the training store; returns its rows."""
+    table = partitions.expired_table(name)
+    after: tuple[Any, Any] | None = None
+    rows_seen = 0
+    while True:
+        with engine.begin() as conn:
+            statement = partitions.select_expired_rows(
+                table, EXPIRED_COLUMNS, after=after, limit=batch_size
+            )
+            rows = conn.execute(statement).all()
+            if not rows:
+                break
+            values = [training_values(map_retraining_row(row)) for row in rows]
+            copied = conn.execute(insert_training_examples(postgres=True), values).all()
+            if before_commit is not None:
+                before_commit(progress.batches + 1)
+        progress.batches += 1
+        progress.copied += len(copied)
+        rows_seen += len(rows)
+        after = (rows[-1].id, rows[-1].created_at)
+        if len(rows) < batch_size:
+            break
+    return rows_seen
+
+
+def _drop_expired_partitions(
+    engine: Engine,
+    cutoff: datetime,
+    *,
+    batch_size: int,
+    before_commit: BeforeCommit | None,
+    before_drop: BeforeDrop | None,
+    progress: _Progress,
+) -> None:
+    with engine.connect() as conn:
+        left = partitions.list_expired_tables(conn)  # a run that stopped after detaching
+    detached = _with_lock_retries(engine, "detach", lambda conn: _detach_expired(conn, cutoff))
+    for name in [*left, *detached]:
+        started = time.perf_counter()
+        rows = _copy_expired_table(
+            engine, name, batch_size=batch_size, before_commit=before_commit, progress=progress
+        )
+        if before_drop is not None:
+            before_drop(name)
+        with engine.begin() as conn:
+            partitions.drop_expired_table(conn, name)
+        progress.deleted += rows
+        progress.dropped += 1
+        logger.info(
+            "retention: partition %s (%d rows) copied and dropped in %.1f s",
+            name,
+            rows,
+            time.perf_counter() - started,
+        )
+
+
+def _delete_rows(
+    engine: Engine,
+    *,
+    postgres: bool,
+    cutoff: datetime,
+    batch_size: int,
+    before_commit: BeforeCommit | None,
+    progress: _Progress,
+) -> None:
+    """The row-wise path: batches of ``DELETE ... RETURNING`` + copy, one transaction each."""
     while True:
         with engine.begin() as conn:
             batch_copied, batch_deleted = _move_batch(
@@ -138,25 +260,133 @@ def run_retention(
             if batch_deleted == 0:
                 break
             if before_commit is not None:
-                before_commit(batches + 1)
-        batches += 1
-        copied += batch_copied
-        deleted += batch_deleted
+                before_commit(progress.batches + 1)
+        progress.batches += 1
+        progress.copied += batch_copied
+        progress.deleted += batch_deleted
         logger.info(
             "retention batch %d: deleted %d raw logs older than %s, copied %d",
-            batches,
+            progress.batches,
             batch_deleted,
             cutoff.isoformat(),
             batch_copied,
         )
         if batch_deleted < batch_size:
             break
-    result = RetentionResult(cutoff=cutoff, copied=copied, deleted=deleted, batches=batches)
+
+
+def _maintain_partitions(
+    conn: Connection,
+    *,
+    now: datetime,
+    cutoff: datetime,
+    ahead_days: float,
+    interval: PartitionInterval | None,
+) -> partitions.PartitionChanges:
+    """Partitions for the rows the DEFAULT partition caught (created at or after the cutoff,
+    before the horizon) and for every period up to ``ahead_days`` after ``now``."""
+    horizon = now + timedelta(days=ahead_days)
+    if interval is None:
+        interval = partitions.infer_interval(partitions.list_partitions(conn))
+    caught = partitions.default_periods(conn, since=cutoff, until=horizon, interval=interval)
+    return partitions.ensure_partitions(
+        conn, start=now, end=horizon, interval=interval, periods=caught
+    )
+
+
+def run_retention(
+    url: str | None = None,
+    *,
+    retention_days: float = DEFAULT_RETENTION_DAYS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    now: datetime | None = None,
+    clock: Callable[[], datetime] = utc_now,
+    before_commit: BeforeCommit | None = None,
+    before_drop: BeforeDrop | None = None,
+    partition_interval: PartitionInterval | None = None,
+    ahead_days: float = partitions.AHEAD_DAYS,
+) -> RetentionResult:
+    """Move every raw log older than ``retention_days`` into the training store (see the
+    module docstring for the PostgreSQL partition path and the row-wise one).
+
+    ``now`` (or ``clock()``) fixes the cutoff; ``before_commit(batch_number)`` runs inside each
+    copy transaction just before it commits, ``before_drop(table)`` between the copy of a
+    detached partition and its DROP (tests inject crashes there). ``partition_interval``: the
+    width of the partitions created (default: that of the newest one); ``ahead_days``: how far
+    ahead of ``now`` partitions are created. A role that does not own the table cannot run
+    partition DDL: it removes every expired row row-wise (and says so in a warning).
+    """
+    check_positive(retention_days, "retention_days")
+    check_count(batch_size, "batch_size")
+    check_positive(ahead_days, "ahead_days")
+    if partition_interval is not None:
+        partitions.check_interval(partition_interval)
+    url = database_url(url)
+    postgres = is_postgres(url)
+    reference = to_utc(now if now is not None else clock(), "now")
+    cutoff = reference - timedelta(days=retention_days)
+    engine = get_sync_engine(url)
+    progress = _Progress()
+    manage = False
+    if postgres:
+        with engine.connect() as conn:
+            partitioned = partitions.is_partitioned(conn)
+            manage = partitioned and partitions.can_manage(conn)
+        if partitioned and not manage:
+            logger.warning(
+                "retention: this role does not own %s, so it cannot drop expired partitions or "
+                "create new ones; expired rows are deleted row by row. Run the retention flow "
+                "as the table owner (docs/DATABASE.md, Partitions)",
+                partitions.PARENT,
+            )
+    if manage:
+        _drop_expired_partitions(
+            engine,
+            cutoff,
+            batch_size=batch_size,
+            before_commit=before_commit,
+            before_drop=before_drop,
+            progress=progress,
+        )
+    _delete_rows(
+        engine,
+        postgres=postgres,
+        cutoff=cutoff,
+        batch_size=batch_size,
+        before_commit=before_commit,
+        progress=progress,
+    )
+    if manage:
+        changes = _with_lock_retries(
+            engine,
+            "create partitions",
+            lambda conn: _maintain_partitions(
+                conn,
+                now=reference,
+                cutoff=cutoff,
+                ahead_days=ahead_days,
+                interval=partition_interval,
+            ),
+        )
+        progress.created, progress.moved = len(changes.created), changes.moved_rows
+    result = RetentionResult(
+        cutoff=cutoff,
+        copied=progress.copied,
+        deleted=progress.deleted,
+        batches=progress.batches,
+        partitions_dropped=progress.dropped,
+        partitions_created=progress.created,
+        moved_from_default=progress.moved,
+    )
     logger.info(
-        "retention done: %d raw logs deleted, %d copied to the training store, %d batches",
-        deleted,
-        copied,
-        batches,
+        "retention done: %d raw logs deleted (%d partitions dropped), %d copied to the training "
+        "store, %d batches; %d partitions created, %d rows moved out of the DEFAULT partition",
+        result.deleted,
+        result.partitions_dropped,
+        result.copied,
+        result.batches,
+        result.partitions_created,
+        result.moved_from_default,
     )
     return result
 
@@ -168,6 +398,13 @@ def apply_retention(
     retention_days: float = DEFAULT_RETENTION_DAYS,
     batch_size: int = DEFAULT_BATCH_SIZE,
     now: datetime | None = None,
+    partition_interval: PartitionInterval | None = None,
 ) -> RetentionResult:
     """Prefect task: :func:`run_retention` with the flow's parameters."""
-    return run_retention(url, retention_days=retention_days, batch_size=batch_size, now=now)
+    return run_retention(
+        url,
+        retention_days=retention_days,
+        batch_size=batch_size,
+        now=now,
+        partition_interval=partition_interval,
+    )

@@ -75,8 +75,9 @@ def train_config(hyperparameters: Mapping[str, Any] | None) -> TrainConfig:
 
 
 def read_eval_records(path: Path | None) -> list[Record]:
-    """Records of an evaluation file; an absent or empty file gives none."""
-    if path is None or not path.exists() or not path.read_text(encoding="utf-8").strip():
+    """Records of an evaluation file; an absent or empty file gives none. Read through
+    ``tasks.records.load_records`` (one file-level message for UTF-16, CSV, HTML, ...)."""
+    if path is None or not path.exists() or not path.read_bytes().strip():  # bytes: any encoding
         return []
     return load_records(path, min_labels=1)
 

@@ -85,7 +85,7 @@ class TrainingRow:
 
 
 def _field_error(
-    path: Path, line: int, field: str, expected: str, value: object, unit: Unit
+    path: Path, line: int, field: str, expected: str, value: object, *, unit: Unit
 ) -> RecordsError:
     where = f"{path}:{line}" if unit == "line" else f"{path}, row {line}"
     return TrainingFileError(
@@ -108,16 +108,16 @@ def parse_training_row(obj: object, path: Path, line: int, unit: Unit = "line") 
         or not 0.0 <= confidence <= 1.0
     ):
         raise _field_error(
-            path, line, "confidence", "a number in [0, 1] or null", confidence, unit
+            path, line, "confidence", "a number in [0, 1] or null", confidence, unit=unit
         )
     source = obj.get("source", UNKNOWN_SOURCE)
     if not isinstance(source, str) or not source.strip():
         raise _field_error(
-            path, line, "source", 'a name such as "production" or "base"', source, unit
+            path, line, "source", 'a name such as "production" or "base"', source, unit=unit
         )
     corrected = obj.get("corrected", False)
     if not isinstance(corrected, bool):
-        raise _field_error(path, line, "corrected", "true or false", corrected, unit)
+        raise _field_error(path, line, "corrected", "true or false", corrected, unit=unit)
     return TrainingRow(
         text=record.text,
         label=record.label,

@@ -5,6 +5,7 @@ the reader cannot use, and an inbox where one bad file never blocks the others."
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -220,8 +221,9 @@ def test_case_5_same_id_with_different_intents_is_reported_on_both_rows(
         (1, "corrected_intent"),
         (2, "corrected_intent"),
     ]
-    assert "different corrected_intent" in result.rejected[0].message
-    assert "'music_play', 'weather'" in result.rejected[0].message
+    message = result.rejected[0].message
+    assert "the same prompt (this id) is corrected to different intents" in message
+    assert "('music_play', 'weather') in rows 1, 2" in message
 
 
 def test_case_5_the_same_answer_twice_is_applied_once(
@@ -312,17 +314,28 @@ def test_the_weekly_summary_names_each_rejected_file() -> None:
 def test_a_value_the_database_still_refuses_rejects_the_file_instead_of_crashing(
     postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The safety net behind capture/text.py: were a NUL to reach PostgreSQL (here the cleaning
-    is switched off), the file is rejected with the database's message, not retried."""
-    import tasks.review_file
+    """The safety net behind capture/text.py: a value the database refuses while a file is
+    applied (here a statement made to fail with a DataError) rejects the file with the
+    database's message; nothing is applied, nothing is retried."""
+    import tasks.corrections
 
     with get_sync_engine(postgres_url).begin() as conn:
         conn.execute(text("DELETE FROM nlu_prompt_logs"))
-    (a,) = insert_logs(postgres_url, [Log("play queen", "music_play", 0.5)])
-    monkeypatch.setattr(tasks.review_file, "clean_notes", lambda value: value or None)
-    path = write_list(tmp_path / "nul.json", [row(a, "music_play", "a\u0000b")])
+    a, b = insert_logs(postgres_url, [Log("play queen", "music_play", 0.5), Log("x", "y", 0.5)])
+    real = tasks.corrections.statements.update_correction
+    calls: list[uuid.UUID] = []
+
+    def refused(log_id: uuid.UUID, **kwargs: Any) -> Any:
+        calls.append(log_id)
+        if len(calls) == 1:
+            return real(log_id, **kwargs)  # the first row is written, then rolled back
+        return text("SELECT CAST(:v AS integer)").bindparams(v="not a number")
+
+    monkeypatch.setattr(tasks.corrections.statements, "update_correction", refused)
+    path = write_list(tmp_path / "two.json", [row(a, "music_play"), row(b, "weather")])
     result = import_corrections(path, url=postgres_url, catalog=CATALOG)
     assert [(p.row, p.field) for p in result.rejected] == [(0, "-")]
     assert "the database refused a value of this file" in result.rejected[0].message
+    assert "invalid input syntax for type integer" in result.rejected[0].message
     assert result.applied == 0 and result.applied_ids == []
-    assert corrections_in_db(postgres_url)[a] == (None, None)
+    assert corrections_in_db(postgres_url) == {a: (None, None), b: (None, None)}

@@ -76,6 +76,21 @@ def model_card_artifacts() -> list[str]:
     return [str(a.data) for a in found]
 
 
+def latest_serving_card() -> str:
+    """The newest version of the serving model's card artifact."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        (found,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["serving-model-card"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
+    return str(found.data)
+
+
 def wait_for(predicate: Any, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -116,6 +131,9 @@ def test_shuffled_labels_are_rejected_and_the_champion_keeps_serving(
             return_state=True,
         )
         assert state.is_completed(), state.message
+        # A rejection is told from a promotion at a glance: the run's state is "Rejected".
+        assert state.name == "Rejected"
+        assert "challenger 2 rejected by the gate; version 1 keeps serving" in state.message
         summary = state.result()
         result = summary.retrain
         assert result.verdict == "REJECT" and result.promote is False
@@ -172,11 +190,18 @@ def test_rollback_restores_the_previous_model_and_the_service_reloads(
     classifier = HotReloadingClassifier(serving, interval_s=0.05)
     try:
         assert classifier.version == "1"
+        (serving / "2" / "card.md").write_text("# Model card of version 2\n", encoding="utf-8")
         deployed = deploy_flow()  # the newest promoted version; already exported
         assert (deployed.version, deployed.previous, deployed.export) == ("2", "1", None)
         wait_for(lambda: classifier.version == "2")
+        # The serving model's card is findable under its own artifact key.
+        card = latest_serving_card()
+        assert card.startswith("# Serving: version 2") and "(deploy; before: 1)" in card
+        assert "# Model card of version 2" in card
         rolled = rollback_flow()
         assert (rolled.previous, rolled.version) == ("2", "1")
+        card = latest_serving_card()
+        assert card.startswith("# Serving: version 1") and "(rollback; before: 2)" in card
         assert registry.current_version(serving) == "1"
         wait_for(lambda: classifier.version == "1")
         assert classifier.predict("play the latest album by adele").intent == "music"

@@ -266,14 +266,19 @@ def test_two_monitor_processes_released_together_never_send_an_alert_twice(
     assert len(blocks) == len(set(blocks)), Counter(blocks).most_common(3)
     with get_sync_engine(db_url).connect() as conn:
         alerts = conn.execute(select(ALERTS.c.status, ALERTS.c.run_id)).all()
-        owners = conn.execute(select(HOURS.c.run_id)).scalars().all()
+        owners = {
+            from_db_datetime(hour): run
+            for hour, run in conn.execute(select(HOURS.c.hour, HOURS.c.run_id))
+        }
     # Every alert row sent once, by the run whose insert won; 6 hours x 2 scopes + stale cycle.
     assert len(blocks) == len(alerts) == 6 * 2 + 1
     assert {status for status, _ in alerts} == {"sent"}
     assert sorted(b for b in blocks if b.startswith("stale_cycle")) == [
         f"stale_cycle:weekly_cycle@{T0 - H:%Y-%m-%dT%H:%MZ}"
     ]
-    assert set(owners) <= {"a0", "b0"} | {owners[0]}  # the 7 hours: the seed run, a0 and b0
+    # The seed run's hour, then six hours each checked by one of the two children.
+    assert sorted(h for h in owners if h is not None) == [T0 - k * H for k in range(7, 0, -1)]
+    assert all(owners[T0 - k * H] in {"a0", "b0"} for k in range(1, 7))
 
 
 def test_a_second_run_at_the_same_time_finds_everything_taken(db_url: str, tmp_path: Path) -> None:
@@ -290,3 +295,22 @@ def test_a_second_run_at_the_same_time_finds_everything_taken(db_url: str, tmp_p
     }
     assert second.hours == [] and second.pending == []
     assert [b.key for b in second.suppressed] == ["stale_cycle:weekly_cycle"]
+
+
+def test_rows_dated_in_the_future_are_counted_by_no_completed_hour(
+    db_url: str, tmp_path: Path
+) -> None:
+    tomorrow = T0 + timedelta(days=1, minutes=10)
+    insert_logs(db_url, [_row("transfer_money", tomorrow + timedelta(seconds=i),
+                              was_successful=False) for i in range(30)])  # fmt: skip
+    insert_logs(db_url, [_row("book_meeting", T0 - H + timedelta(minutes=m)) for m in range(25)])
+    check = check_hours(
+        db_url,
+        tmp_path,
+        now=T0 + timedelta(minutes=5),
+        thresholds=AlertThresholds(),
+        check_weekly_cycle=False,
+    )
+    (hour,) = check.hours
+    assert hour.hour == T0 - H and hour.prompts == 25 and hour.breaches == []
+    assert "transfer_money" not in {s.scope for s in hour.stats}

@@ -91,8 +91,9 @@ def test_review_export_follows_the_code_default_strategy() -> None:
 
 def test_serve_builds_one_runner_deployment_per_entry() -> None:
     deployments = build_deployments(read_specs())
-    assert {d.name for d in deployments} == REQUIRED
-    weekly = next(d for d in deployments if d.name == "weekly-cycle")
+    # Named apart from what `prefect deploy --all` registers (tests/test_serve.py).
+    assert {d.name for d in deployments} == {f"{name}-served" for name in REQUIRED}
+    weekly = next(d for d in deployments if d.name == "weekly-cycle-served")
     assert weekly.parameters["deploy"] is True
     assert len(weekly.schedules) == 1
 
@@ -126,7 +127,7 @@ def test_runs_that_change_the_registry_queue_one_at_a_time(raw: dict[str, object
             assert ConcurrencyLimitConfig.model_validate(limit.model_dump()).collision_strategy == (
                 ConcurrencyLimitStrategy.ENQUEUE
             )
-    served = {d.name: d for d in build_deployments(read_specs())}
+    served = {d.name.removesuffix("-served"): d for d in build_deployments(read_specs())}
     for name, deployment in served.items():
         if name in REGISTRY_CHANGING:
             assert deployment.concurrency_limit == 1

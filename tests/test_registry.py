@@ -177,3 +177,18 @@ def test_readers_never_see_a_partial_pointer(tmp_path: Path) -> None:
         reader.join()
     assert seen <= {"1", "2"}
     assert "1" in seen
+
+
+def test_history_is_rewritten_whole_and_survives_a_torn_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    models = tmp_path / "models"
+    registry.publish(fake_model(tmp_path / "m1"), models)
+    registry.deploy(models, "1")
+    with (models / "history.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write('{"action": "deploy", "vers')  # an append cut short by an older version
+    registry.rollback(models, "1")
+    assert "line 2 is not a JSON object" in caplog.text
+    assert [h["action"] for h in registry.history(models)] == ["deploy", "rollback"]
+    lines = (models / "history.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2 and all(json.loads(line) for line in lines)

@@ -188,7 +188,7 @@ def test_a_second_process_waits_says_for_whom_and_times_out_clearly(
     assert entered >= held["left"]
     waiting = [r.getMessage() for r in caplog.records if "is busy: waiting" in r.getMessage()]
     assert len(waiting) == 2  # the one that timed out, and the one that waited
-    assert "(up to 0.3 s)" in waiting[0] and "(up to 120 s)" in waiting[1]
+    assert "(up to 0.3 s)" in waiting[0] and "(up to 2 min)" in waiting[1]
     assert f"pid {child_pid}" in waiting[1]
     assert "run 'hold holder'" in waiting[0]
 
@@ -281,8 +281,16 @@ def test_two_weekly_cycles_at_once_train_distinct_versions_each_gated_against_wh
     from capture import db
     from tests.cycle_helpers import Log, insert_logs
     from tests.model_fixtures import clone_serving_dir
-    from tests.test_flows import LABELS, jsonl
     from tests.tiny_data import INTENTS
+
+    labels = ("banking", "calendar", "music", "weather")  # the fixture model's
+
+    def jsonl(path: Path, rows: list[tuple[str, str]]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            "".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows),
+            encoding="utf-8",
+        )
 
     home = tmp_path / "home"
     models = home / "models"
@@ -292,12 +300,12 @@ def test_two_weekly_cycles_at_once_train_distinct_versions_each_gated_against_wh
     registry.publish(champion, models, version="1")
     registry.deploy(models, "1")
     data = home / "data"
-    jsonl(data / "base_train.jsonl", [(t, lab) for lab in LABELS for t in INTENTS[lab][:6]])
-    jsonl(data / "base_val.jsonl", [(t, lab) for lab in LABELS for t in INTENTS[lab][6:8]])
-    jsonl(data / "base_test.jsonl", [(t, lab) for lab in LABELS for t in INTENTS[lab][8:11]])
+    jsonl(data / "base_train.jsonl", [(t, lab) for lab in labels for t in INTENTS[lab][:6]])
+    jsonl(data / "base_val.jsonl", [(t, lab) for lab in labels for t in INTENTS[lab][6:8]])
+    jsonl(data / "base_test.jsonl", [(t, lab) for lab in labels for t in INTENTS[lab][8:11]])
     url = f"sqlite:///{tmp_path / 'capture.db'}"
     db.upgrade(url)
-    insert_logs(url, [Log(t, lab, 0.97) for lab in LABELS for t in INTENTS[lab][6:8]])
+    insert_logs(url, [Log(t, lab, 0.97) for lab in labels for t in INTENTS[lab][6:8]])
     kids = children(
         {
             "PREFECT_API_URL": str(prefect.settings.PREFECT_API_URL.value()),

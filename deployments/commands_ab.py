@@ -1,0 +1,96 @@
+"""``prompt-capture`` commands of production A/B testing (docs/AB_TESTING.md):
+``candidate set VERSION --mode shadow|canary [--share 0.1]``, ``candidate clear``,
+``candidate show`` and ``ab [--json]`` (the readout and the decision). They run without Prefect.
+Wire them with ``commands_ab.register(app)`` in ``deployments.cli``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+from deployments.cli_support import console, print_json
+
+logger = logging.getLogger(__name__)
+
+candidate_app = typer.Typer(
+    help="The candidate model under test beside the champion (shadow or canary).",
+    no_args_is_help=True,
+)
+
+
+@candidate_app.command("set")
+def candidate_set_cmd(
+    version: Annotated[str, typer.Argument(help="Registry version to test (not the champion).")],
+    mode: Annotated[
+        str, typer.Option("--mode", help="shadow (predicted after answering) or canary.")
+    ] = "shadow",
+    share: Annotated[
+        float | None,
+        typer.Option("--share", help="Canary: share of users answered by it, in [0, 1]."),
+    ] = None,
+) -> None:
+    """Put VERSION under test; running services pick it up within their reload interval."""
+    from capture.settings import get_settings
+    from tasks.ab_candidate import set_candidate
+
+    pointer = set_candidate(get_settings().models_dir, version, mode=mode, share=share)
+    extra = f", share {pointer.share:.1%} of users" if pointer.mode == "canary" else ""
+    console.print(f"candidate [bold]{pointer.version}[/bold] under test in {pointer.mode}{extra}")
+
+
+@candidate_app.command("clear")
+def candidate_clear_cmd(
+    reason: Annotated[str | None, typer.Option("--reason", help="Recorded in the history.")] = None,
+) -> None:
+    """Stop testing the candidate: the champion answers all traffic again."""
+    from capture.settings import get_settings
+    from tasks.ab_candidate import clear_candidate
+
+    before = clear_candidate(get_settings().models_dir, reason=reason)
+    if before is None:
+        console.print("no candidate was under test")
+    else:
+        console.print(f"candidate {before.version} ({before.mode}) cleared")
+
+
+@candidate_app.command("show")
+def candidate_show_cmd() -> None:
+    """Print the candidate pointer (or that there is none)."""
+    from capture.settings import get_settings
+    from tasks.ab_candidate import candidate
+
+    pointer = candidate(get_settings().models_dir)
+    if pointer is None:
+        console.print("no candidate under test")
+    else:
+        print_json(pointer.to_dict())
+
+
+def ab_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the readout as JSON.")] = False,
+    margin: Annotated[
+        float, typer.Option("--margin", help="Non-inferiority margin (0.01 = 1 point).")
+    ] = 0.01,
+) -> None:
+    """The A/B readout of the candidate under test and what the ab-check would decide."""
+    from capture.settings import get_settings
+    from tasks.ab_decision import TestPlan
+    from tasks.ab_readout import ab_readout
+
+    settings = get_settings()
+    readout = ab_readout(
+        settings.resolved_database_url, settings.models_dir, plan=TestPlan(margin=margin)
+    )
+    if as_json:
+        print_json(readout.to_dict())
+    else:
+        console.print(readout.to_markdown(), markup=False, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``candidate set|clear|show`` and ``ab`` to ``app``."""
+    app.add_typer(candidate_app, name="candidate")
+    app.command("ab")(ab_cmd)

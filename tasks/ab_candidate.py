@@ -1,0 +1,210 @@
+"""The registry's candidate pointer: set, clear and promote a challenger under test.
+
+``models_dir/candidate`` (format: :func:`capture.model_dir.read_candidate`) names the version
+under test beside ``current``; every change here holds the ONE registry lock
+(:func:`tasks.registry_lock.registry_lock`, re-entrant) and is recorded in ``history.jsonl``
+(actions ``candidate-set``, ``candidate-clear``, ``candidate-rollback``, ``candidate-promote``).
+Running services pick the change up within their reload interval (:class:`capture.ab_routing.
+CandidateServing`); clearing is one unlink, so a service sees the candidate or none.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from capture.model_dir import (
+    CANDIDATE_MODES,
+    SERVING_FILES,
+    CandidatePointer,
+    ModelDirError,
+    check_candidate,
+    missing_files,
+    read_candidate,
+    write_candidate,
+)
+from capture.model_dir import clear_candidate as _unlink_candidate
+from tasks.registry import (
+    DEFAULT_LOCK_TIMEOUT_S,
+    RegistryError,
+    _append_history,
+    _now,
+    current_version,
+    deploy,
+    registry_lock,
+    version_dir,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CANARY_SHARE = 0.1
+
+
+def candidate(models_dir: Path) -> CandidatePointer | None:
+    """The candidate under test, or None. Raises ``ModelDirError`` when the file is malformed."""
+    return read_candidate(models_dir)
+
+
+def set_candidate(
+    models_dir: Path,
+    version: str,
+    *,
+    mode: str = "shadow",
+    share: float | None = None,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
+    reason: str | None = None,
+) -> CandidatePointer:
+    """Put ``version`` under test in ``mode`` (``shadow`` or ``canary``); ``share`` is the canary's
+    share of users in [0, 1] (default 0.1; shadow stores 0). Returns the pointer as written.
+
+    Raises ``RegistryError`` when the version is not in the registry, cannot serve (missing
+    ONNX files), or is the serving champion; ``ModelDirError`` for a bad mode or share;
+    ``RegistryBusyError`` when another run holds the lock.
+    """
+    if mode not in CANDIDATE_MODES:
+        raise RegistryError(f"--mode: expected one of {', '.join(CANDIDATE_MODES)}, found {mode!r}")
+    share = (DEFAULT_CANARY_SHARE if share is None else share) if mode == "canary" else 0.0
+    path = version_dir(models_dir, version)
+    try:
+        check_candidate(version, mode, share, models_dir / "candidate")
+    except ModelDirError as exc:
+        raise RegistryError(str(exc)) from exc
+    with registry_lock(models_dir, timeout=lock_timeout):
+        if not path.is_dir():
+            raise RegistryError(
+                f"version {version} is not in the registry at {models_dir}; "
+                "see `prompt-capture models`"
+            )
+        missing = missing_files(path, SERVING_FILES)
+        if missing:
+            raise RegistryError(
+                f"version {version} at {path} cannot serve: missing {', '.join(missing)}; "
+                "export it to ONNX first"
+            )
+        champion = current_version(models_dir)
+        if champion == version:
+            raise RegistryError(
+                f"version {version} is the serving champion; a candidate must be another version"
+            )
+        if champion is None:
+            raise RegistryError(
+                f"nothing is deployed in {models_dir}: deploy a champion before testing a "
+                "candidate beside it"
+            )
+        before = read_candidate(models_dir)
+        write_candidate(models_dir, version, mode, share)
+        _append_history(
+            models_dir,
+            {
+                "at": _now(),
+                "action": "candidate-set",
+                "version": version,
+                "mode": mode,
+                "share": share,
+                "champion": champion,
+                "previous": None if before is None else before.version,
+                "reason": reason,
+            },
+        )
+        logger.info(
+            "candidate %s under test (%s, share %.3f) beside %s", version, mode, share, champion
+        )
+        pointer = read_candidate(models_dir)
+        assert pointer is not None
+        return pointer
+
+
+def clear_candidate(
+    models_dir: Path,
+    *,
+    action: str = "candidate-clear",
+    reason: str | None = None,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
+) -> CandidatePointer | None:
+    """Stop testing the candidate (the champion takes all traffic); returns what was cleared
+    (None: there was no candidate). ``action`` names it in the history (``candidate-rollback``
+    for a rollback decided by the A/B check)."""
+    with registry_lock(models_dir, timeout=lock_timeout):
+        try:
+            before = read_candidate(models_dir)
+        except ModelDirError:
+            before = None  # a malformed pointer is cleared too
+        removed = _unlink_candidate(models_dir)
+        if removed:
+            _append_history(
+                models_dir,
+                {
+                    "at": _now(),
+                    "action": action,
+                    "version": None if before is None else before.version,
+                    "mode": None if before is None else before.mode,
+                    "champion": current_version(models_dir),
+                    "reason": reason,
+                },
+            )
+            logger.info("candidate cleared (%s): %s", action, reason or "no reason given")
+        return before
+
+
+def promote_candidate(
+    models_dir: Path,
+    *,
+    reason: str | None = None,
+    expected: str | None = None,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
+) -> dict[str, Any]:
+    """Deploy the candidate as the champion and clear the pointer, under one lock hold.
+
+    ``expected``: refuse unless the candidate is still this version (the A/B check decided on
+    it). Returns ``{"promoted", "previous"}``. Raises ``RegistryError`` when there is no
+    candidate (or another one than ``expected``).
+    """
+    with registry_lock(models_dir, timeout=lock_timeout):
+        pointer = read_candidate(models_dir)
+        if pointer is None or (expected is not None and pointer.version != expected):
+            raise RegistryError(
+                f"no candidate {expected or ''} under test in {models_dir} (found "
+                f"{None if pointer is None else pointer.version}); nothing to promote"
+            )
+        previous = deploy(models_dir, pointer.version, lock_timeout=lock_timeout)
+        clear_candidate(models_dir, action="candidate-promote", reason=reason)
+        return {"promoted": pointer.version, "previous": previous}
+
+
+def apply_decision(
+    models_dir: Path,
+    *,
+    decided_on: str,
+    decision: str,
+    reason: str,
+    canary_share: float = DEFAULT_CANARY_SHARE,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S,
+) -> dict[str, Any]:
+    """Carry out an A/B decision for candidate ``decided_on``, under the registry lock.
+
+    ``promote``: deploy it and clear the pointer; ``rollback``/``expired``/``reject``: clear the
+    pointer (the champion keeps all traffic); ``go-canary``: the shadow candidate becomes a
+    canary with ``canary_share``; ``keep-testing``/``none``: nothing. When the pointer names
+    another version than ``decided_on`` (changed since the evidence was read), nothing is done.
+    Returns ``{"action", "version", "applied", ...}``.
+    """
+    with registry_lock(models_dir, timeout=lock_timeout):
+        pointer = read_candidate(models_dir)
+        out: dict[str, Any] = {"action": decision, "version": decided_on, "applied": False}
+        if pointer is None or pointer.version != decided_on:
+            out["note"] = (
+                f"candidate is now {None if pointer is None else pointer.version}, not "
+                f"{decided_on}: nothing changed"
+            )
+            return out
+        if decision == "promote":
+            out.update(promote_candidate(models_dir, reason=reason, expected=decided_on))
+        elif decision in {"rollback", "expired", "reject"}:
+            clear_candidate(models_dir, action=f"candidate-{decision}", reason=reason)
+        elif decision == "go-canary":
+            set_candidate(models_dir, decided_on, mode="canary", share=canary_share, reason=reason)
+        else:
+            return out
+        out["applied"] = True
+        return out
