@@ -318,20 +318,23 @@ def test_two_weekly_cycles_at_once_train_distinct_versions_each_gated_against_wh
         kids.start("cycle", name, home, url)
     kids.release()
     kids.wait(timeout=900)
-    results = sorted((kids.result("a"), kids.result("b")), key=lambda r: int(r["version"]))
-    # Distinct versions; each challenger was gated against the champion serving when it was
-    # trained, and deployed over exactly that champion.
-    assert [r["version"] for r in results] == ["2", "3"]
-    assert [r["champion"] for r in results] == ["1", "2"]
-    assert all(r["promote"] for r in results)
-    assert [(r["deployed"], r["previous"]) for r in results] == [("2", "1"), ("3", "2")]
-    assert registry.current_version(models) == "3"
-    for version in ("2", "3"):
-        assert registry.gated_against(models / version) == str(int(version) - 1)
-    history = [(h["action"], h["version"], h["previous"]) for h in registry.history(models)]
-    assert history == [("deploy", "1", None), ("deploy", "2", "1"), ("deploy", "3", "2")]
-    assert registry.versions(models) == ["1", "2", "3"]
-    assert not list((home / "work").glob("candidate-*"))  # moved into the registry
     logs = kids.log("a") + kids.log("b")
-    assert "Directory not empty" not in logs
-    assert logs.count("is busy: waiting") == 1  # the second cycle said whom it waited for
+    try:
+        results = sorted((kids.result("a"), kids.result("b")), key=lambda r: int(r["version"]))
+        # Distinct versions; each challenger was gated against the champion serving when it was
+        # trained, and deployed over exactly that champion.
+        assert [r["version"] for r in results] == ["2", "3"]
+        assert [r["champion"] for r in results] == ["1", "2"]
+        assert all(r["promote"] for r in results)
+        assert [(r["deployed"], r["previous"]) for r in results] == [("2", "1"), ("3", "2")]
+        assert registry.current_version(models) == "3"
+        for version in ("2", "3"):
+            assert registry.gated_against(models / version) == str(int(version) - 1)
+        history = [(h["action"], h["version"], h["previous"]) for h in registry.history(models)]
+        assert history == [("deploy", "1", None), ("deploy", "2", "1"), ("deploy", "3", "2")]
+        assert registry.versions(models) == ["1", "2", "3"]
+        assert not list((home / "work").glob("candidate-*"))  # moved into the registry
+        assert "Directory not empty" not in logs
+        assert logs.count("is busy: waiting") == 1  # the second cycle said whom it waited for
+    except AssertionError as exc:  # say what the children did
+        raise AssertionError(f"{exc}\n--- the cycles' logs ---\n{logs[-8000:]}") from exc
