@@ -45,7 +45,7 @@ from typing import Any, TypeVar, Unpack
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from capture import db, statements, stats_rollup
+from capture import db, review_audit, statements, stats_rollup
 from capture.errors import UserError
 from capture.ids import uuid7
 from capture.rows import (
@@ -194,13 +194,34 @@ async def add_prompt_correction(
     session: AsyncSession,
     user_id: uuid.UUID | str | None = None,
     clock: Clock = utc_now,
+    reviewer: str | None = None,
 ) -> None:
     """Record a human correction (sets ``corrected_at``); :class:`UnknownLogIdError` when no
-    row matches."""
+    row matches. Writes the review audit row too (``capture.review_audit``, source ``api``,
+    as the workbench and the file import do); ``reviewer`` names who corrected (default: the
+    ``user_id``, else ``"api"``)."""
     change = Correction.checked(
         log_id, corrected_intent=corrected_intent, correction_notes=correction_notes, at=clock()
     )
+    if user_id is not None:
+        await user_scope(session, user_id)  # PostgreSQL RLS: the prior values are the user's
+    before = await get_prompt_log(change.log_id, session=session)
     await _write_change(change, session=session, user_id=user_id)
+    prior = review_audit.prior_of(before) if before is not None else (None, None, None)
+    previous = None if before is None else (before.corrected_intent or before.predicted_intent)
+    row = review_audit.audit_values(
+        log_id=change.log_id,
+        reviewer=reviewer or (str(user_id) if user_id is not None else "api"),
+        action=review_audit.correction_action(previous, change.corrected_intent),
+        source="api",
+        now=change.at,
+        before=previous,
+        after=change.corrected_intent,
+        notes=change.correction_notes,
+        applied=True,
+        prior=prior,
+    )
+    await session.execute(review_audit.insert_audit(row))
 
 
 async def _write_change(
@@ -421,6 +442,7 @@ class NLURepository:
         correction_notes: str | None = None,
         *,
         user_id: uuid.UUID | str | None = None,
+        reviewer: str | None = None,
     ) -> None:
         await self._run(
             add_prompt_correction,
@@ -429,6 +451,7 @@ class NLURepository:
             correction_notes,
             user_id=user_id,
             clock=self.clock,
+            reviewer=reviewer,
         )
 
     async def get_prompt_log(self, log_id: uuid.UUID | str) -> PromptLogRow | None:

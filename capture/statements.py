@@ -357,7 +357,13 @@ CORRECTION_SET: Mapping[str, str] = {
     "corrected_at": "at",
     "updated_at": "at",
 }
-_FIELD_COLUMN = {"log_id": "id", "at": "updated_at"}  # fields not named after a column
+# Fields not named after a column (the near-time bounds are compared with created_at).
+_FIELD_COLUMN = {
+    "log_id": "id",
+    "at": "updated_at",
+    "created_from": "created_at",
+    "created_to": "created_at",
+}
 
 
 def change_set(kind: type[Change]) -> Mapping[str, str]:

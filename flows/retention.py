@@ -34,13 +34,20 @@ def retention_flow(
 
     ``home`` defaults to PROMPT_CAPTURE_HOME; the database to ``database_url`` (no password),
     the Secret block ``database_secret``, PROMPT_CAPTURE_DATABASE_URL, or the home's SQLite file.
-    Returns ``{"cutoff", "copied", "deleted", "batches"}`` (a standalone flow: the CLI prints it).
+    Returns ``{"cutoff", "copied", "deleted", "batches", "partitions_dropped",
+    "partitions_created", "moved_from_default"}`` (a standalone flow: the CLI prints it). On
+    PostgreSQL, run as the table owner: it drops expired partitions and creates the next ones
+    (``PROMPT_CAPTURE_PARTITION_INTERVAL``).
     """
     run = resolve_run_settings(
         get_settings(), home=home, database_url=database_url, database_secret=database_secret
     )
     result = apply_retention(
-        run.require_database(), retention_days=retention_days, batch_size=batch_size, now=now
+        run.require_database(),
+        retention_days=retention_days,
+        batch_size=batch_size,
+        now=now,
+        partition_interval=run.settings.partition_interval,
     )
     get_run_logger().info(
         "retention: deleted %d raw logs older than %s, copied %d to the training store "

@@ -26,6 +26,7 @@ reason and the other files are still imported. The statements are
 
 from __future__ import annotations
 
+import getpass
 import logging
 import shutil
 import uuid
@@ -38,7 +39,7 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.exc import DataError
 
-from capture import statements
+from capture import review_audit, statements
 from capture.db import database_url, get_sync_engine
 from capture.errors import UserError
 from capture.files import make_private_dir, write_text_atomic
@@ -53,7 +54,7 @@ from tasks.review_file import (
     RowProblem,
     corrections_from_rows,
     parse_corrections,
-    read_corrections,
+    read_corrections_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -241,6 +242,7 @@ def import_corrections(
     catalog: set[str] | None = None,
     models_dir: Path | None = None,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    reviewer: str | None = None,
 ) -> ImportResult:
     """Validate ``path`` and apply its corrections in one transaction, all or nothing.
 
@@ -251,9 +253,14 @@ def import_corrections(
     (``DataError``, a ``UserError`` while applying) rejects the file with that message. Only a
     path that is not a file raises (``InputFileError``, a ``UserError``), and I/O or connection
     failures propagate (the task retries those).
+
+    Every applied correction writes its audit row (``capture.review_audit``: source ``file``,
+    or ``label_studio`` for a Label Studio export; ``reviewer`` defaults to the OS user running
+    the import), as the review workbench does.
     """
     result = ImportResult(file=str(path))
-    corrections, result.not_reviewed, problems = read_corrections(path)
+    corrections, result.not_reviewed, problems, source = read_corrections_file(path)
+    who = reviewer or importing_user()
     result.rejected.extend(problems)
     try:
         with get_sync_engine(database_url(url)).begin() as conn:
@@ -266,7 +273,7 @@ def import_corrections(
                 logger.warning("%s", result.summary())
                 return result
             try:
-                _apply(conn, checked, logs, result, now())
+                _apply(conn, checked, logs, result, now(), source=source, reviewer=who)
             except UserError as exc:  # the statement layer refused a value: roll back
                 raise _RefusedValueError(str(exc)) from exc
     except (DataError, _RefusedValueError) as exc:  # a value of this file: reject the file
@@ -288,8 +295,12 @@ def _apply(
     logs: dict[uuid.UUID, Any],
     result: ImportResult,
     stamp: datetime,
+    *,
+    source: str = "file",
+    reviewer: str = "file-import",
 ) -> None:
-    """Write the corrections that change something; count the rest as ``unchanged``."""
+    """Write the corrections that change something, each with its audit row (``source``,
+    ``reviewer``); count the rest as ``unchanged``."""
     seen: set[uuid.UUID] = set()
     changes: list[Correction] = []
     for c in corrections:
@@ -301,6 +312,7 @@ def _apply(
             continue
         seen.add(c.log_id)
         changes.append(c)
+    audit: list[dict[str, Any]] = []
     for c in changes:
         conn.execute(
             statements.update_correction(
@@ -310,8 +322,34 @@ def _apply(
                 corrected_at=stamp,
             )
         )
+        log = logs[c.log_id]
+        before = log.corrected_intent or log.predicted_intent
+        audit.append(
+            review_audit.audit_values(
+                log_id=c.log_id,
+                reviewer=reviewer,
+                action=review_audit.correction_action(before, c.corrected_intent),
+                source=source,
+                now=stamp,
+                before=before,
+                after=c.corrected_intent,
+                notes=c.notes,
+                applied=True,
+                prior=review_audit.prior_of(log),
+            )
+        )
+    if audit:
+        conn.execute(review_audit.insert_audit(audit), audit)
     result.applied = len(changes)
     result.applied_ids = [str(c.log_id) for c in changes]
+
+
+def importing_user() -> str:
+    """Who imports when no reviewer is named: the operating-system user of this process."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no user name in this environment (a bare container)
+        return "file-import"
 
 
 def inbox_files(inbox: Path) -> list[Path]:

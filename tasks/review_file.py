@@ -26,6 +26,10 @@ type) — for tools that fill it in, like the stand-in reviewer.
   stripped: the same stored value on SQLite and PostgreSQL), cut at :data:`MAX_NOTES_CHARS`;
   empty means none.
 
+A Label Studio JSON export (a list of tasks with ``annotations``) is recognised here too
+(:func:`read_corrections_file`, the one place that tells the formats apart) and turned into
+these rows by ``tasks.label_studio`` first.
+
 Rows that break a rule become :class:`RowProblem`\\ s (row number, field, what is wrong and the
 fix); a file that cannot be read at all is one problem on row 0. What the database must confirm
 (the id exists, the intent is known, one prompt is not corrected two ways) is
@@ -41,12 +45,13 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from capture.errors import UserError
 from capture.files import write_text_atomic
 from capture.text import clean_notes, visible
 from tasks.input_files import InputFileError, read_json_rows
+from tasks.label_studio import is_label_studio_export, label_studio_rows
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +263,8 @@ def parse_corrections(text: str) -> tuple[list[Correction], int, list[RowProblem
                 "fix the file (it must be the JSON list written by `export --mode review`)"
             )
             return [], 0, [RowProblem(0, "-", message)]
-        return corrections_from_rows(enumerate(data, start=1))
+        corrections, not_reviewed, problems, _source = _rows_of(list(enumerate(data, start=1)))
+        return corrections, not_reviewed, problems
     rows: list[tuple[int, object]] = []
     bad: list[RowProblem] = []
     for lineno, line in enumerate(text.split("\n"), start=1):
@@ -272,18 +278,49 @@ def parse_corrections(text: str) -> tuple[list[Correction], int, list[RowProblem
     return corrections, not_reviewed, sorted(bad + problems, key=lambda p: p.row)
 
 
-def read_corrections(path: Path) -> tuple[list[Correction], int, list[RowProblem]]:
+class CorrectionsFile(NamedTuple):
+    """A corrections file as read: the corrections, the rows not reviewed (for a Label Studio
+    export: the skipped tasks), the problems by row, and the ``source`` format (``file``, or
+    ``label_studio`` for a Label Studio JSON export; the audit records it)."""
+
+    corrections: list[Correction]
+    not_reviewed: int
+    problems: list[RowProblem]
+    source: str = "file"
+
+
+def _rows_of(rows: list[tuple[int, object]]) -> CorrectionsFile:
+    """The ONE place a corrections file's format is recognised: Label Studio tasks
+    (``tasks.label_studio``) become corrections rows first; then the rows' rules apply."""
+    if not is_label_studio_export([item for _, item in rows]):
+        return CorrectionsFile(*corrections_from_rows(rows))
+    converted, skipped, ls_problems = label_studio_rows(rows)
+    corrections, not_reviewed, problems = corrections_from_rows(converted)
+    problems += [RowProblem(p.row, p.field, p.message, p.log_id) for p in ls_problems]
+    return CorrectionsFile(
+        corrections, not_reviewed + skipped, sorted(problems, key=lambda p: p.row), "label_studio"
+    )
+
+
+def read_corrections_file(path: Path) -> CorrectionsFile:
     """:func:`parse_corrections` of a file, read by ``tasks.input_files.read_json_rows`` (UTF-8
-    with or without a BOM, a JSON list or JSON Lines). A file that cannot be read at all (empty,
-    not UTF-8, CSV, an HTML page, ...) is one problem on row 0 that names what was found; a path
-    that is not a file raises ``InputFileError`` (a ``UserError``)."""
+    with or without a BOM, a JSON list or JSON Lines), or of a Label Studio JSON export. A file
+    that cannot be read at all (empty, not UTF-8, CSV, an HTML page, ...) is one problem on row 0
+    that names what was found; a path that is not a file raises ``InputFileError`` (a
+    ``UserError``)."""
     try:
         found = read_json_rows(path, what="corrections file", expected=_EXPECTED)
     except InputFileError as exc:
         if not exc.path.is_file():
             raise  # nothing to reject: the caller passed a path that is not a file
         message = str(exc).removeprefix(f"{exc.path}: ")
-        return [], 0, [RowProblem(0, "-", message)]
-    corrections, not_reviewed, problems = corrections_from_rows(found.rows)
+        return CorrectionsFile([], 0, [RowProblem(0, "-", message)])
+    parsed = _rows_of(list(found.rows))
     bad = [RowProblem(b.row, "-", b.message) for b in found.bad_rows]
-    return corrections, not_reviewed, sorted(bad + problems, key=lambda p: p.row)
+    return parsed._replace(problems=sorted(bad + parsed.problems, key=lambda p: p.row))
+
+
+def read_corrections(path: Path) -> tuple[list[Correction], int, list[RowProblem]]:
+    """``(corrections, not reviewed, problems)`` of :func:`read_corrections_file`."""
+    corrections, not_reviewed, problems, _source = read_corrections_file(path)
+    return corrections, not_reviewed, problems

@@ -20,9 +20,9 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, exists, func, insert, or_, select, update
 
-from capture.ids import uuid7
 from capture.model_dir import METADATA_FILE, ModelMetadata
 from capture.models import PromptLog
+from capture.review_audit import audit_values
 from capture.values import from_db_datetime, from_real, parse_secondary_intents
 from tasks.anonymise import scrub_pii
 from tasks.corrections import MAX_NOTES_CHARS, intent_catalog
@@ -300,28 +300,27 @@ def audit_row(
     prior: tuple[str | None, str | None, datetime | None] = (None, None, None),
     decision_id: uuid.UUID | None = None,
 ) -> dict[str, Any]:
-    """One ``review_decisions`` row (the audit): who, when, before → after, source, group."""
-    return {
-        "id": decision_id or uuid7(),
-        "round_id": round_id,
-        "item_id": item_id,
-        "log_id": log_id,
-        "reviewer_id": reviewer.id,
-        "reviewer": reviewer.name,
-        "action": action,
-        "before_intent": before,
-        "after_intent": after,
-        "notes": notes,
-        "source": source,
-        "group_id": group_id,
-        "batch_id": batch_id,
-        "undoes": undoes,
-        "applied": applied,
-        "prior_corrected_intent": prior[0],
-        "prior_correction_notes": prior[1],
-        "prior_corrected_at": prior[2],
-        "created_at": now,
-    }
+    """One ``review_decisions`` row (the audit) of a workbench user: who, when, before → after,
+    source, group — ``capture.review_audit.audit_values``, the one shape every writer uses."""
+    return audit_values(
+        log_id=log_id,
+        reviewer=reviewer.name,
+        reviewer_id=reviewer.id,
+        action=action,
+        source=source,
+        now=now,
+        round_id=round_id,
+        item_id=item_id,
+        before=before,
+        after=after,
+        notes=notes,
+        group_id=group_id,
+        batch_id=batch_id,
+        undoes=undoes,
+        applied=applied,
+        prior=prior,
+        decision_id=decision_id,
+    )
 
 
 def _held_item(conn: Connection, item_id: uuid.UUID, reviewer: ReviewUser) -> Any:

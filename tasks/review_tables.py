@@ -10,8 +10,8 @@ Six tables (docs/review-workbench in the README; shapes below):
   near-duplicate (``state`` ``member``). A reviewer holds an item through a lease
   (``lease_owner``, ``lease_expires_at``); ``double_review`` items need two reviewers.
 - ``review_decisions``: the audit, one row per decision, skip, note, undo, settlement (who, when,
-  before → after, source ui | file | label_studio, group id). Rows are never updated or deleted:
-  an undo is a new row naming the row it reverses (``undoes``).
+  before → after, source ui | file | label_studio | api, group id). Rows are never updated or
+  deleted: an undo is a new row naming the row it reverses (``undoes``).
 - ``review_intent_proposals``: intents a reviewer typed that are not in the catalogue; they reach
   ``corrected_intent`` only when an admin accepts them.
 
@@ -47,11 +47,12 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from capture.errors import UserError
 from capture.models import NAMING_CONVENTION
+from capture.review_audit import AUDIT_SOURCES
 
 logger = logging.getLogger(__name__)
 
 ROLES: Final = ("reviewer", "admin")
-SOURCES: Final = ("ui", "file", "label_studio")
+SOURCES: Final = AUDIT_SOURCES  # ui, file, label_studio, api (migration 0009 added api)
 #: Item states: ``pending`` needs (more) reviews; ``member`` is a collapsed near-duplicate decided
 #: with its group; ``disputed`` (two reviewers disagree) and ``proposal`` (a new intent) wait for an
 #: admin; ``done`` has its final decision written to ``nlu_prompt_logs``.

@@ -175,6 +175,7 @@ def test_the_monitor_logs_what_it_checked(
                               was_successful=False) for m in range(25)])  # fmt: skip
     check_hours(db_url, tmp_path, now=T0 - 3 * H, thresholds=AlertThresholds())
     caplog.set_level(logging.INFO, logger="tasks.monitor_hours")
+    caplog.clear()
     check = check_hours(
         db_url, tmp_path, now=T0 + timedelta(minutes=5), thresholds=AlertThresholds()
     )

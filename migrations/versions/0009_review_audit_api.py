@@ -1,0 +1,66 @@
+"""Review audit for every writer of a correction: source ``api``, and the application role may
+append audit rows.
+
+``capture.repository.add_prompt_correction`` (the online API, run as the application role of
+migration 0003) now writes the same ``review_decisions`` audit row as the workbench and the file
+import (``capture.review_audit``), with source ``api``. This widens the source check to
+``ui | file | label_studio | api`` and, on PostgreSQL, grants the application role ``INSERT``
+(only: it reads, changes and deletes nothing there) on ``review_decisions``.
+
+Revision ID: 0009
+Revises: 0008
+Create Date: 2026-11-29
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+revision = "0009"
+down_revision = "0008"
+branch_labels = None
+depends_on = None
+
+TABLE = "review_decisions"
+APP_ROLE = "prompt_capture_app"
+CHECK = "ck_review_decisions_source"
+NEW = ("ui", "file", "label_studio", "api")
+OLD = ("ui", "file", "label_studio")
+
+
+def _is_postgres() -> bool:
+    return op.get_bind().dialect.name == "postgresql"
+
+
+def _in(values: tuple[str, ...]) -> str:
+    return f"source IN ({', '.join(repr(v) for v in values)})"
+
+
+def _replace_check(values: tuple[str, ...]) -> None:
+    with op.batch_alter_table(TABLE) as batch:
+        batch.drop_constraint(op.f(CHECK), type_="check")
+        # the full name: the naming convention must not prefix it again
+        batch.create_check_constraint(op.f(CHECK), _in(values))
+
+
+def upgrade() -> None:
+    _replace_check(NEW)
+    if _is_postgres():
+        op.execute(f"GRANT INSERT ON {TABLE} TO {APP_ROLE}")
+
+
+def downgrade() -> None:
+    if _is_postgres():
+        op.execute(
+            f"""
+            DO $$
+            BEGIN
+                IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN
+                    REVOKE INSERT ON {TABLE} FROM {APP_ROLE};
+                END IF;
+            END
+            $$
+            """
+        )
+    op.execute(f"DELETE FROM {TABLE} WHERE source = 'api'")
+    _replace_check(OLD)
