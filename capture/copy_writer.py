@@ -213,14 +213,15 @@ class PostgresWriter:
     @staticmethod
     async def _update(cur: psycopg.AsyncCursor[Any], kind: str, changes: list[Change]) -> set[Any]:
         """Apply updates of distinct rows; returns the ids found. The table is partitioned by
-        ``created_at``: UUIDv7 ids are looked up near their time first (one partition each),
-        then the ids not found there, and any other ids, in every partition."""
+        ``created_at``: UUIDv7 ids are looked up near their time first, one statement per UTC
+        day of their ids (live traffic: one, pruned to the current partition), then the ids
+        not found there, and any other ids, in every partition."""
         found: set[Any] = set()
-        near = [c for c in changes if statements.id_time_window(c.log_id) is not None]
-        if near:
-            params = statements.batch_params(near, near_id_time=True)
+        groups, _ = statements.near_id_time_groups(changes)
+        for group in groups:
+            params = statements.batch_params(group, near_id_time=True)
             await cur.execute(_batch_update_sql(kind, True), params)
-            found = {r[0] for r in await cur.fetchall()}
+            found.update(r[0] for r in await cur.fetchall())
         rest = [c for c in changes if c.log_id not in found]
         if rest:
             await cur.execute(_batch_update_sql(kind), statements.batch_params(rest))

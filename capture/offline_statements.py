@@ -292,11 +292,19 @@ def select_review_candidates(
 
 
 def select_logs_by_id(ids: Sequence[uuid.UUID]) -> AnySelect:
-    """``id, prompt, corrected_intent, correction_notes`` of the logs among ``ids`` (at most
-    :data:`ID_CHUNK` of them per statement)."""
+    """``id, prompt, predicted_intent, corrected_intent, correction_notes, corrected_at`` of the
+    logs among ``ids`` (at most :data:`ID_CHUNK` of them per statement; the last four are what a
+    correction's audit row records as before / prior)."""
     if len(ids) > ID_CHUNK:
         raise ValueError(f"ids: expected at most {ID_CHUNK} per statement, found {len(ids)}")
-    return select(C.id, C.prompt, C.corrected_intent, C.correction_notes).where(C.id.in_(list(ids)))
+    return select(
+        C.id,
+        C.prompt,
+        C.predicted_intent,
+        C.corrected_intent,
+        C.correction_notes,
+        C.corrected_at,
+    ).where(C.id.in_(list(ids)))
 
 
 def select_known_intents() -> CompoundSelect:

@@ -100,6 +100,7 @@ USER_SCOPE_SETTING = "app.user_id"
 AnySelect = Select[*tuple[Any, ...]]
 _SelectT = TypeVar("_SelectT", bound=AnySelect)
 _StmtT = TypeVar("_StmtT", AnySelect, Update)
+_ChangeT = TypeVar("_ChangeT", bound=Change)
 
 
 def _window(stmt: _SelectT, since: datetime | None, until: datetime | None = None) -> _SelectT:
@@ -357,22 +358,12 @@ CORRECTION_SET: Mapping[str, str] = {
     "corrected_at": "at",
     "updated_at": "at",
 }
-# Fields not named after a column (the near-time bounds are compared with created_at).
-_FIELD_COLUMN = {
-    "log_id": "id",
-    "at": "updated_at",
-    "created_from": "created_at",
-    "created_to": "created_at",
-}
+_FIELD_COLUMN = {"log_id": "id", "at": "updated_at"}  # fields not named after a column
 
 
 def change_set(kind: type[Change]) -> Mapping[str, str]:
     """What an update of type ``kind`` (``Outcome`` or ``Correction``) sets: column -> field."""
     return OUTCOME_SET if kind is Outcome else CORRECTION_SET
-
-
-#: The bounds of a lookup near the id's time, as bound parameters / ``unnest`` columns.
-NEAR_FIELDS = ("created_from", "created_to")
 
 
 def update_logs(
@@ -391,25 +382,44 @@ def update_logs(
     ``batch=True`` (PostgreSQL): one statement for many updates of distinct rows, fed from
     ``unnest`` of ``a_<field>`` arrays (:func:`batch_params`), ``RETURNING`` the ids found.
 
-    ``near_id_time``: only rows whose ``created_at`` is near the id's time (``created_from <=
-    created_at < created_to``, :func:`id_time_window`; pass the parameters with the same flag),
-    which PostgreSQL prunes to one partition per row; update the ids it did not find again
-    without it.
+    ``near_id_time``: only rows whose ``created_at`` is near the id's time: ``created_from <=
+    created_at < created_to`` (one row: :func:`id_time_window`; a batch: the span of its rows'
+    windows, see :func:`near_id_time_groups`), which PostgreSQL prunes to the partition(s) of
+    that span when it plans the statement. Pass the parameters with the same flag, and update
+    the ids it did not find again without it.
     """
     sets = change_set(kind)
     if batch:
-        names = (*kind._fields, *NEAR_FIELDS) if near_id_time else kind._fields
-        arrays = [bindparam(f"a_{f}", type_=ARRAY(C[_FIELD_COLUMN.get(f, f)].type)) for f in names]
-        source = func.unnest(*arrays).table_valued(*names).render_derived(name="u")
+        arrays = [
+            bindparam(f"a_{f}", type_=ARRAY(C[_FIELD_COLUMN.get(f, f)].type)) for f in kind._fields
+        ]
+        source = func.unnest(*arrays).table_valued(*kind._fields).render_derived(name="u")
         stmt = update(TABLE).where(C.id == source.c.log_id)
         if near_id_time:
             stmt = stmt.where(
-                C.created_at >= source.c.created_from, C.created_at < source.c.created_to
+                C.created_at >= bindparam("created_from", type_=C.created_at.type),
+                C.created_at < bindparam("created_to", type_=C.created_at.type),
             )
         return stmt.values({column: source.c[field] for column, field in sets.items()}).returning(
             C.id
         )
     return _update_row(sets, user_scoped, None, near_id_time)
+
+
+def near_id_time_groups(changes: Sequence[_ChangeT]) -> tuple[list[list[_ChangeT]], list[_ChangeT]]:
+    """``changes`` split for batch updates near the id's time: groups whose ids were made on
+    the same UTC day (each group's span then lies in one or two partitions), and the changes
+    whose id is not a UUIDv7 (no time to look near)."""
+    groups: dict[datetime, list[_ChangeT]] = {}
+    others: list[_ChangeT] = []
+    for change in changes:
+        window = id_time_window(change.log_id)
+        if window is None:
+            others.append(change)
+        else:
+            day = (window[0] + ID_TIME_SLACK).replace(hour=0, minute=0, second=0, microsecond=0)
+            groups.setdefault(day, []).append(change)
+    return [groups[day] for day in sorted(groups)], others
 
 
 def _update_row(
@@ -454,15 +464,16 @@ def change_params(
     return params
 
 
-def batch_params(changes: Sequence[Change], *, near_id_time: bool = False) -> dict[str, list[Any]]:
+def batch_params(changes: Sequence[Change], *, near_id_time: bool = False) -> dict[str, Any]:
     """The parameters of ``update_logs(kind, batch=True)`` for updates of one kind
-    (``near_id_time``: that form; every id must be a UUIDv7, see :func:`id_time_window`)."""
+    (``near_id_time``: that form, whose range spans the windows of every id; each must be a
+    UUIDv7, see :func:`id_time_window`; group them with :func:`near_id_time_groups`)."""
     fields = type(changes[0])._fields
-    params = {f"a_{field}": [getattr(c, field) for c in changes] for field in fields}
+    params: dict[str, Any] = {f"a_{f}": [getattr(c, f) for c in changes] for f in fields}
     if near_id_time:
         windows = [_window_of(c.log_id) for c in changes]
-        params["a_created_from"] = [w[0] for w in windows]
-        params["a_created_to"] = [w[1] for w in windows]
+        params["created_from"] = min(w[0] for w in windows)
+        params["created_to"] = max(w[1] for w in windows)
     return params
 
 

@@ -77,12 +77,12 @@ def ab_cmd(
 ) -> None:
     """The A/B readout of the candidate under test and what the ab-check would decide."""
     from capture.settings import get_settings
-    from tasks.ab_decision import TestPlan
+    from tasks.ab_decision import ABPlan
     from tasks.ab_readout import ab_readout
 
     settings = get_settings()
     readout = ab_readout(
-        settings.resolved_database_url, settings.models_dir, plan=TestPlan(margin=margin)
+        settings.resolved_database_url, settings.models_dir, plan=ABPlan(margin=margin)
     )
     if as_json:
         print_json(readout.to_dict())

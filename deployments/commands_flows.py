@@ -51,6 +51,21 @@ def export_cmd(
     strategy: Annotated[
         str | None, typer.Option("--strategy", help="review: selection strategy.")
     ] = None,
+    file_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="review: json (the review file) or label-studio (Label Studio tasks, and the "
+            "labeling config next to them).",
+        ),
+    ] = "json",
+    open_round: Annotated[
+        bool,
+        typer.Option(
+            "--open-round/--no-open-round",
+            help="review: also open a review-workbench round with the same selection.",
+        ),
+    ] = True,
 ) -> None:
     """Export production prompts for retraining or for human review (the spec's formats)."""
     prefect_env()
@@ -61,6 +76,11 @@ def export_cmd(
         raise OptionError(f"--mode: expected 'retraining' or 'review', found {mode!r}")
     if output is not None:
         require_new_file(output, "--output")
+    if file_format not in ("json", "label-studio") or (mode != "review" and file_format != "json"):
+        raise OptionError(
+            f"--format: expected 'json' or 'label-studio' (with --mode review), found "
+            f"{file_format!r}"
+        )
     if mode == "review":
         from tasks.review_export import ReviewSelection
         from tasks.review_select import DEFAULT_STRATEGY
@@ -80,7 +100,19 @@ def export_cmd(
             limit=selection.limit,
             strategy=selection.strategy,
             output=str(output) if output else None,
+            file_format=file_format,
+            open_round=open_round,
         )
+        if file_format == "label-studio":
+            from tasks.label_studio import config_path_for
+
+            console.print(
+                f"wrote {review.n_selected} Label Studio tasks (of {review.n_candidates} "
+                f"candidates) to [bold]{review.path}[/bold] and the labeling config to "
+                f"[bold]{config_path_for(review.path)}[/bold]; import both into a Label Studio "
+                "project, annotate, export JSON, then `prompt-capture import-corrections FILE`"
+            )
+            return
         console.print(
             f"wrote {review.n_selected} prompts for review (of {review.n_candidates} "
             f"candidates) to [bold]{review.path}[/bold]; fill in corrected_intent, then "
@@ -113,8 +145,13 @@ def import_corrections_cmd(
         bool,
         typer.Option("--allow-new-intent", help="Accept intents the serving model lacks."),
     ] = False,
+    reviewer: Annotated[
+        str | None,
+        typer.Option("--reviewer", help="Who reviewed, for the audit (default: your OS user)."),
+    ] = None,
 ) -> None:
-    """Apply a reviewed file (all or nothing); re-importing the same file changes nothing."""
+    """Apply a reviewed file (all or nothing) — the review file filled in, or a Label Studio
+    JSON export; re-importing the same file changes nothing."""
     prefect_env()
     from capture.settings import get_settings
 
@@ -122,8 +159,13 @@ def import_corrections_cmd(
         require_file(file, "FILE")
     require_database(get_settings())
     from flows.corrections import corrections_flow
+    from tasks.corrections import importing_user
 
-    results = corrections_flow(file=str(file) if file else None, allow_new_intent=allow_new_intent)
+    results = corrections_flow(
+        file=str(file) if file else None,
+        allow_new_intent=allow_new_intent,
+        reviewer=reviewer or importing_user(),
+    )
     if not results:
         console.print(f"no files in {get_settings().inbox_dir}")
     for result in results:
@@ -175,10 +217,27 @@ def serve_cmd(
     only: Annotated[
         list[str] | None, typer.Option("--only", help="Serve only these deployments.")
     ] = None,
+    review_ui: Annotated[
+        bool, typer.Option("--review-ui", help="Also serve the review workbench.")
+    ] = False,
+    review_host: Annotated[
+        str, typer.Option("--review-host", help="The workbench's address.")
+    ] = "127.0.0.1",
+    review_port: Annotated[
+        int, typer.Option("--review-port", min=1, max=65535, help="The workbench's TCP port.")
+    ] = 8765,
 ) -> None:
-    """Serve every prefect.yaml deployment with its schedule from this process (no work pool)."""
+    """Serve every prefect.yaml deployment with its schedule from this process (no work pool),
+    and with ``--review-ui`` the review workbench beside them (as `prompt-capture review-ui`)."""
     prefect_env()
     from deployments.serve import serve_all
+
+    if review_ui:
+        from deployments.review_commands import workbench_settings
+        from review_ui.server import serve_in_background
+
+        serve_in_background(workbench_settings(), host=review_host, port=review_port)
+        console.print(f"review workbench on [bold]http://{review_host}:{review_port}/[/bold]")
 
     serve_all(only=only)
 

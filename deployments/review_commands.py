@@ -16,10 +16,13 @@ from __future__ import annotations
 import logging
 import sys
 import uuid
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from review_ui.settings import WorkbenchSettings
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,20 @@ def _read_password(password_stdin: bool) -> str:
     return password
 
 
+def workbench_settings(**options: Any) -> WorkbenchSettings:
+    """The workbench's settings from the environment's home and (migrated) database, with
+    ``options`` (``lease_minutes``, ``double_review_share``, ``https_only``); a bad value or an
+    unmigrated database is one error line and exit code 2."""
+    from capture.errors import UserError
+    from capture.settings import get_settings
+    from review_ui.settings import WorkbenchSettings
+
+    try:
+        return WorkbenchSettings(home=get_settings().home, database_url=_url(), **options)
+    except UserError as exc:
+        _fail(exc)
+
+
 def review_ui(
     *,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
@@ -80,22 +97,11 @@ def review_ui(
     ] = False,
 ) -> None:
     """Serve the review workbench (log in with a user made by `review-user add`)."""
-    from capture.errors import UserError
-    from capture.settings import get_settings
     from review_ui.server import serve
-    from review_ui.settings import WorkbenchSettings
 
-    settings = get_settings()
-    try:
-        workbench = WorkbenchSettings(
-            home=settings.home,
-            database_url=_url(),
-            lease_minutes=lease_minutes,
-            double_review_share=double_review_share,
-            https_only=https_only,
-        )
-    except UserError as exc:
-        _fail(exc)
+    workbench = workbench_settings(
+        lease_minutes=lease_minutes, double_review_share=double_review_share, https_only=https_only
+    )
     console.print(f"review workbench on [bold]http://{host}:{port}/[/bold] (Ctrl-C stops it)")
     serve(workbench, host=host, port=port)
 

@@ -25,7 +25,7 @@ from prefect.input import RunInput
 
 from capture.settings import get_settings
 from tasks.ab_candidate import DEFAULT_CANARY_SHARE, apply_decision
-from tasks.ab_decision import TestPlan
+from tasks.ab_decision import ABPlan
 from tasks.ab_readout import ABReadout, ab_readout
 from tasks.alert_delivery import send_block, send_webhook
 from tasks.run_settings import resolve_run_settings
@@ -94,6 +94,7 @@ def ab_check_flow(
     canary_share: float = DEFAULT_CANARY_SHARE,
     margin: float = 0.01,
     max_days: float = 28.0,
+    min_outcomes: int = 200,
     webhook_url: str | None = None,
     notification_block: str | None = None,
     home: str | None = None,
@@ -106,7 +107,9 @@ def ab_check_flow(
     run = resolve_run_settings(settings, home=home, database_url=database_url)
     models_dir = run.layout.models_dir
     readout = ab_readout(
-        run.database_url, models_dir, plan=TestPlan(margin=margin, max_days=max_days)
+        run.database_url,
+        models_dir,
+        plan=ABPlan(margin=margin, max_days=max_days, min_outcomes=min_outcomes),
     )
     publish_readout(readout)
     run_logger.info("A/B: %s (%s)", readout.decision, readout.reason)

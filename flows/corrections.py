@@ -33,12 +33,15 @@ def corrections_flow(
     allow_new_intent: bool = False,
     inbox: str | None = None,
     *,
+    reviewer: str | None = None,
     home: str | None = None,
     database_url: str | None = None,
     database_secret: str | None = None,
 ) -> list[ImportResult]:
     """Import ``file`` (left where it is), or drain the inbox (default ``home/inbox``) when no
     file is given. Returns one result per file: applied, unchanged, not_reviewed, rejected.
+    ``reviewer``: recorded in the review audit of every applied correction (default: the OS
+    user running the import).
 
     ``home`` defaults to PROMPT_CAPTURE_HOME; the database to ``database_url`` (no password),
     the Secret block ``database_secret``, PROMPT_CAPTURE_DATABASE_URL, or the home's SQLite file.
@@ -57,6 +60,7 @@ def corrections_flow(
             url=url,
             allow_new_intent=allow_new_intent,
             models_dir=run.layout.models_dir,
+            reviewer=reviewer,
         )
         results.append(result)
         if single is None:

@@ -7,13 +7,16 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from capture.offline_statements import ParameterError
 from capture.settings import get_settings
+from tasks.label_studio import FILE_FORMATS, review_file_to_label_studio_task
 from tasks.review_export import (
     ReviewExport,
     ReviewSelection,
     export_review_task,
     publish_review_artifact,
 )
+from tasks.review_rounds import open_review_round_task
 from tasks.review_select import DEFAULT_STRATEGY
 from tasks.run_settings import resolve_run_settings
 from tasks.serving import serving_embedder
@@ -32,6 +35,8 @@ def review_export_flow(
     seed: int = 0,
     use_embeddings: bool = True,
     output: str | None = None,
+    file_format: str = "json",
+    open_round: bool = True,
     home: str | None = None,
     database_url: str | None = None,
     database_secret: str | None = None,
@@ -41,7 +46,17 @@ def review_export_flow(
 
     ``home`` defaults to PROMPT_CAPTURE_HOME; the database to ``database_url`` (no password),
     the Secret block ``database_secret``, PROMPT_CAPTURE_DATABASE_URL, or the home's SQLite file.
+
+    ``file_format``: ``json`` (the spec's review file) or ``label-studio`` (Label Studio tasks
+    with the prediction as a pre-annotation, and the labeling config next to them:
+    ``tasks.label_studio``). ``open_round``: also open a review-workbench round whose queue is
+    the same selection (``tasks.review_rounds``; prompts already queued in an open round are left
+    out of it).
     """
+    if file_format not in FILE_FORMATS:
+        raise ParameterError(
+            f"file_format: expected one of {', '.join(FILE_FORMATS)}, found {file_format!r}"
+        )
     run = resolve_run_settings(
         get_settings(), home=home, database_url=database_url, database_secret=database_secret
     )
@@ -61,7 +76,26 @@ def review_export_flow(
         url=url,
         embed=embed,
     )
+    if file_format == "label-studio":
+        review_file_to_label_studio_task(export.path, models_dir=run.layout.models_dir, url=url)
     publish_review_artifact(export)
+    if open_round:
+        summary = open_review_round_task(
+            url,
+            days=days,
+            confidence_threshold=confidence_threshold,
+            margin_threshold=margin_threshold,
+            limit=limit,
+            strategy=strategy,
+            seed=seed,
+            embed=embed,
+        )
+        get_run_logger().info(
+            "review round %s opened: %d items (%d near-duplicates with them)",
+            summary.name,
+            summary.items,
+            summary.members,
+        )
     get_run_logger().info(
         "review file %s: %d prompts selected of %d candidates",
         export.path,

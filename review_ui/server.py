@@ -28,6 +28,22 @@ def serve(settings: WorkbenchSettings, *, host: str = "127.0.0.1", port: int = 8
     uvicorn.run(app, host=host, port=port, log_level="warning", proxy_headers=False)
 
 
+def serve_in_background(
+    settings: WorkbenchSettings, *, host: str = "127.0.0.1", port: int = 8765
+) -> threading.Thread:
+    """Serve the workbench from a daemon thread beside other work (``prompt-capture serve
+    --review-ui``: beside the schedules); returns the thread, which ends with the process.
+    Refuses an unmigrated database (``DatabaseNotMigratedError``) before starting."""
+    ensure_migrated(settings.database_url)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", proxy_headers=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="review-ui", daemon=True)
+    thread.start()
+    logger.info("review workbench on http://%s:%d/ (beside the schedules)", host, port)
+    return thread
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago on ``host``."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -47,7 +47,7 @@ REJECT = "reject"
 
 
 @dataclass(frozen=True, slots=True)
-class TestPlan:
+class ABPlan:
     """The pre-registered parameters of a canary test.
 
     ``alpha``: error rate of each one-sided conclusion (always valid); ``margin``: the
@@ -119,7 +119,7 @@ def canary_decision(
     champion: tuple[int, int],
     candidate: tuple[int, int],
     *,
-    plan: TestPlan | None = None,
+    plan: ABPlan | None = None,
     days: float = 0.0,
 ) -> SequentialResult:
     """Read the canary test on ``(successes, outcomes)`` per arm after ``days`` of testing.
@@ -127,7 +127,7 @@ def canary_decision(
     Returns ``promote``, ``rollback``, ``keep-testing`` or ``expired`` with the difference
     ``p_candidate - p_champion`` and its always-valid ``(1 - 2 alpha)`` interval.
     """
-    plan = plan or TestPlan()
+    plan = plan or ABPlan()
     (s_a, n_a), (s_b, n_b) = champion, candidate
     if min(n_a, n_b) < max(plan.min_outcomes, 1):
         expired = days >= plan.max_days
@@ -158,11 +158,11 @@ def canary_decision(
 
 
 def guardrail_tripped(
-    champion: tuple[int, int], candidate: tuple[int, int], plan: TestPlan | None = None
+    champion: tuple[int, int], candidate: tuple[int, int], plan: ABPlan | None = None
 ) -> bool:
     """True when the candidate's failure rate is significantly higher (always valid at
     ``guardrail_alpha``) on ``(successes, outcomes)`` per arm, after ``min_outcomes // 4``."""
-    plan = plan or TestPlan()
+    plan = plan or ABPlan()
     (s_a, n_a), (s_b, n_b) = champion, candidate
     if min(n_a, n_b) < max(plan.min_outcomes // 4, 1):
         return False
@@ -176,7 +176,7 @@ def shadow_decision(
     agreement: float,
     candidate_right: int,
     champion_right: int,
-    plan: TestPlan | None = None,
+    plan: ABPlan | None = None,
 ) -> tuple[str, str]:
     """Whether a shadow candidate may go on to a canary: ``(decision, reason)``.
 
@@ -184,7 +184,7 @@ def shadow_decision(
     the champion on at least ``min_agreement`` of prompts, or is right at least as often as the
     champion on the disagreements later corrected; else ``reject``.
     """
-    plan = plan or TestPlan()
+    plan = plan or ABPlan()
     if compared < plan.min_shadow:
         return KEEP, f"{compared} shadow predictions of {plan.min_shadow} needed"
     if agreement >= plan.min_agreement:

@@ -34,7 +34,7 @@ from capture.model_dir import CandidatePointer, read_candidate
 from capture.models import PromptLog
 from capture.shadow import shadow_predictions
 from tasks.ab_decision import (
-    TestPlan,
+    ABPlan,
     canary_decision,
     guardrail_tripped,
     shadow_decision,
@@ -293,14 +293,14 @@ def ab_readout(
     url: str | None,
     models_dir: Path,
     *,
-    plan: TestPlan | None = None,
+    plan: ABPlan | None = None,
     min_support: int = MIN_SUPPORT,
     now: datetime | None = None,
 ) -> ABReadout:
     """The readout of the candidate named by ``models_dir/candidate`` against the champion
     ``models_dir/current``, from the database ``url`` (default: the settings'), with the
     decision for its mode. No candidate: a readout with ``decision`` ``none``."""
-    plan = plan or TestPlan()
+    plan = plan or ABPlan()
     url = db.database_url(url)
     pointer = read_candidate(models_dir)
     champion = current_version(models_dir)

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Final
 from xml.sax.saxutils import quoteattr
 
 from capture.files import write_text_atomic
+from tasks.retry import io_task
 
 if TYPE_CHECKING:
     from tasks.review_file import ReviewRow
@@ -58,6 +59,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CHOICES_NAME",
     "CONFIG_SUFFIX",
+    "FILE_FORMATS",
     "NOTES_NAME",
     "TEXT_NAME",
     "LabelStudioProblem",
@@ -66,6 +68,8 @@ __all__ = [
     "label_studio_rows",
     "label_studio_task",
     "labeling_config",
+    "review_file_to_label_studio",
+    "review_file_to_label_studio_task",
     "write_label_studio_tasks",
 ]
 
@@ -73,7 +77,8 @@ TEXT_NAME: Final = "text"
 CHOICES_NAME: Final = "intent"
 NOTES_NAME: Final = "notes"
 CONFIG_SUFFIX: Final = ".label-config.xml"
-FORMATS: Final = ("json", "label-studio")
+#: The review export's file formats: the spec's review file, or Label Studio tasks.
+FILE_FORMATS: Final = ("json", "label-studio")
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +164,33 @@ def write_label_studio_tasks(
     return config
 
 
+def review_file_to_label_studio(
+    path: Path, *, models_dir: Path | None, url: str | None = None
+) -> Path:
+    """Rewrite the review file at ``path`` (``tasks.review_file``'s format, as
+    ``tasks.review_export`` wrote it) as Label Studio tasks, in place, and write the labeling
+    config next to it; returns the config's path. ``model_version`` is the serving version under
+    ``models_dir`` (``"unknown"`` when nothing is deployed); the choices are the catalogue of
+    ``tasks.corrections.intent_catalog`` (the serving model's labels, else the database's
+    intents). Raises ``ReviewFileError`` / ``InputFileError`` (``UserError``\\ s) for a file
+    that is not a review file."""
+    from capture.db import database_url, get_sync_engine
+    from tasks.corrections import intent_catalog
+    from tasks.registry import current_version
+    from tasks.review_file import read_review_file
+
+    rows = read_review_file(path)
+    version = (current_version(models_dir) if models_dir is not None else None) or "unknown"
+    with get_sync_engine(database_url(url)).connect() as conn:
+        intents = intent_catalog(conn, models_dir)
+    return write_label_studio_tasks(path, rows, intents=intents, model_version=version)
+
+
+review_file_to_label_studio_task = io_task(
+    review_file_to_label_studio, name="label-studio-tasks", retry_delay_seconds=1
+)
+
+
 # --------------------------------------------------------------------------- import
 
 
@@ -228,9 +260,7 @@ def _task_row(
     else:
         by_annotator: dict[str, list[dict[str, Any]]] = {}
         for a in live:
-            by_annotator.setdefault(json.dumps(a.get("completed_by"), sort_keys=True), []).append(
-                a
-            )
+            by_annotator.setdefault(json.dumps(a.get("completed_by"), sort_keys=True), []).append(a)
         chosen = [_latest(group) for group in by_annotator.values()]
     answers = [_answer(a) for a in chosen]
     bad = [problem for _, _, problem in answers if problem]

@@ -54,7 +54,7 @@ DEFAULT_LOCK_TIMEOUT_S = 6 * 3600.0
 #: How often a waiting run says again that it is still waiting, and for whom.
 WAIT_LOG_INTERVAL_S = 60.0
 
-_locks: dict[str, FileLock] = {}
+_locks: dict[tuple[int, str], FileLock] = {}  # by (pid, path): a forked child makes its own
 _locks_guard = threading.Lock()
 _pending = threading.local()  # the holder record the next physical acquire writes
 
@@ -72,13 +72,14 @@ def lock_path(models_dir: Path) -> Path:
 def _lock_for(models_dir: Path) -> FileLock:
     path = lock_path(models_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = str(path.resolve())
+    resolved = str(path.resolve())
+    key = (os.getpid(), resolved)
     with _locks_guard:
         lock = _locks.get(key)
         if lock is None:
             # thread_local: holds are per thread (a subflow in the caller's thread re-enters;
             # another thread of this process waits like another process would).
-            lock = FileLock(key, thread_local=True, on_acquired=_write_holder)
+            lock = FileLock(resolved, thread_local=True, on_acquired=_write_holder)
             _locks[key] = lock
         return lock
 

@@ -72,12 +72,14 @@ def test_a_tasks_log_line_outside_any_run_is_not_sent_and_does_not_warn(
 ) -> None:
     import logging
 
-    from tasks.run_logging import RunLogHandler, send_logs_to_run
+    from prefect.logging.handlers import APILogHandler
+
+    from tasks.run_logging import send_logs_to_run
 
     send_logs_to_run()
-    send_logs_to_run()  # idempotent
-    handlers = [h for h in logging.getLogger("tasks").handlers if isinstance(h, RunLogHandler)]
-    assert len(handlers) <= 1
+    send_logs_to_run()  # idempotent: one handler that sends to the API
+    handlers = [h for h in logging.getLogger("tasks").handlers if isinstance(h, APILogHandler)]
+    assert len(handlers) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         logging.getLogger("tasks.some_module").info("outside any run")

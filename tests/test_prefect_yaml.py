@@ -23,8 +23,16 @@ REQUIRED = {
     "retention",
     "monitor",
     "simulate",
+    "ab-check",
 }
-SCHEDULED = {"review-export", "import-corrections", "weekly-cycle", "retention", "monitor"}
+SCHEDULED = {
+    "review-export",
+    "import-corrections",
+    "weekly-cycle",
+    "retention",
+    "monitor",
+    "ab-check",
+}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,139 @@
+"""The ab-check flow: rollback with an alert, promotion, approval in the Prefect UI (resumed with
+input by the test), and a timeout that rejects (docs/AB_TESTING.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capture.ab_routing import CandidateServing
+from capture.model_dir import write_pointer
+from capture.service import create_nlu_service
+from capture.types import Prediction
+from tasks.ab_candidate import set_candidate
+from tasks.registry import current_version, history
+from tests.capture_helpers import FixedClassifier, capture_settings
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def registry(home: Path) -> Path:
+    models = home / "models"
+    for version in ("1", "2"):
+        (models / version).mkdir(parents=True)
+        for name in ("metadata.json", "model.onnx", "tokenizer.json"):
+            (models / version / name).write_text("{}")
+    write_pointer(models, "1")
+    return models
+
+
+async def canary_traffic(url: str, models: Path, home: Path, *, candidate_ok: float) -> None:
+    """400 users, half on the canary; the champion succeeds 50%, the candidate ``candidate_ok``."""
+    set_candidate(models, "2", mode="canary", share=0.5)
+    candidate = FixedClassifier(prediction=Prediction("weather", 0.9), version="2")
+    ab = CandidateServing(models, loader=lambda path: candidate, watch=False)
+    service = create_nlu_service(
+        FixedClassifier(prediction=Prediction("weather", 0.8), version="1"),
+        url=url,
+        settings=capture_settings(url, home / "svc"),
+        candidate=ab,
+    )
+    for i in range(400):
+        result = await service.process_message("rain?", user_id=uuid.uuid4())
+        rate = 0.5 if result.model_version == "1" else candidate_ok
+        await service.update_workflow_outcome(result.log_id, (i * 37 % 100) < rate * 100, "w")
+    await service.aclose()
+
+
+def run_flow(home: Path, url: str, **kwargs: Any) -> dict[str, Any]:
+    from flows.ab_check import ab_check_flow
+
+    return ab_check_flow(home=str(home), database_url=url, min_outcomes=100, **kwargs)
+
+
+def test_worse_canary_is_rolled_back_with_an_alert(
+    sqlite_url: str, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = registry(home)
+    asyncio.run(canary_traffic(sqlite_url, models, home, candidate_ok=0.05))
+    sent: list[str] = []
+
+    def fake_webhook(url: str, payload: dict[str, Any]) -> Any:
+        from tasks.alert_delivery import Delivery
+
+        sent.append(payload["text"])
+        return Delivery(channel="webhook", ok=True, attempts=1)
+
+    monkeypatch.setattr("flows.ab_check.send_webhook", fake_webhook)
+    result = run_flow(home, sqlite_url, webhook_url="http://alerts.invalid/hook")
+    assert result["readout"]["decision"] == "rollback"
+    assert result["action"]["applied"] and not (models / "candidate").exists()
+    assert current_version(models) == "1"
+    assert len(sent) == 1 and "candidate 2 cleared" in sent[0]
+    assert history(models)[-1]["action"] == "candidate-rollback"
+
+
+def test_better_canary_is_promoted(sqlite_url: str, home: Path) -> None:
+    models = registry(home)
+    asyncio.run(canary_traffic(sqlite_url, models, home, candidate_ok=0.95))
+    result = run_flow(home, sqlite_url)
+    assert result["readout"]["decision"] == "promote"
+    assert current_version(models) == "2" and not (models / "candidate").exists()
+
+
+def _resume_when_paused(answer: dict[str, Any], done: threading.Event) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateName,
+    )
+    from prefect.flow_runs import resume_flow_run
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not done.is_set():
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(name=FlowRunFilterStateName(any_=["Paused"]))
+                )
+            )
+        if runs:
+            resume_flow_run(runs[0].id, run_input=answer)
+            return
+        time.sleep(0.5)
+
+
+def test_approval_is_asked_outside_the_lock_and_resumed_with_input(
+    sqlite_url: str, home: Path
+) -> None:
+    models = registry(home)
+    asyncio.run(canary_traffic(sqlite_url, models, home, candidate_ok=0.95))
+    done = threading.Event()
+    resumer = threading.Thread(
+        target=_resume_when_paused, args=({"approve": True, "reason": "looks good"}, done)
+    )
+    resumer.start()
+    try:
+        result = run_flow(home, sqlite_url, require_approval=True, approval_timeout_s=120)
+    finally:
+        done.set()
+        resumer.join(10)
+    assert result["approval"] == {"approved": True, "reason": "looks good"}
+    assert current_version(models) == "2"
+
+
+def test_approval_timeout_rejects_and_the_champion_stays(sqlite_url: str, home: Path) -> None:
+    models = registry(home)
+    asyncio.run(canary_traffic(sqlite_url, models, home, candidate_ok=0.95))
+    result = run_flow(home, sqlite_url, require_approval=True, approval_timeout_s=2)
+    assert result["approval"]["approved"] is False
+    assert "no approval within 2s" in result["approval"]["reason"]
+    assert current_version(models) == "1" and not (models / "candidate").exists()
+    assert history(models)[-1]["action"] == "candidate-reject"
