@@ -15,8 +15,11 @@ import random
 import time
 from dataclasses import dataclass
 
+from capture.ab_routing import CandidateServing
+from capture.classifier import load_serving_classifier
 from capture.demo_data import OOS_LABEL, KeywordClassifier, load_demo_dataset, split_demo_dataset
 from capture.logger import CaptureStats
+from capture.model_dir import read_pointer
 from capture.repository import create_nlu_repository
 from capture.rows import ConfidenceBucket, IntentStats, IntentSuccessRate
 from capture.service import create_nlu_service
@@ -28,12 +31,14 @@ from capture.traffic import (
     make_users,
     send_traffic,
 )
+from capture.types import Classifier
 
 logger = logging.getLogger(__name__)
 
 WRONG_INTENT_FAILURE_RATE = 0.8
 RIGHT_INTENT_FAILURE_RATE = 0.05
-USERS = 25
+#: Default number of simulated users: enough that a sticky canary split shows its share.
+USERS = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +56,13 @@ class DemoTrafficReport:
     review_threshold: float
 
 
-async def run_demo_traffic(*, count: int, seed: int, settings: Settings) -> DemoTrafficReport:
-    """Send ``count`` prompts (the traffic split, cycled) and return what happened.
+async def run_demo_traffic(
+    *, count: int, seed: int, settings: Settings, users: int = USERS
+) -> DemoTrafficReport:
+    """Send ``count`` prompts (the traffic split, cycled) from ``users`` simulated users and
+    return what happened. When a model is deployed under ``settings.models_dir`` the registry's
+    serving classifier answers (and its candidate, when one is set: docs/AB_TESTING.md); the
+    keyword classifier only when none is.
 
     Raises :class:`capture.db.DatabaseNotMigratedError` (naming ``prompt-capture db upgrade``)
     before sending anything when the database is not migrated.
@@ -63,7 +73,19 @@ async def run_demo_traffic(*, count: int, seed: int, settings: Settings) -> Demo
     splits = split_demo_dataset(load_demo_dataset(), seed=seed)
     traffic = LabelledPrompt.of(splits.traffic)
     prompts = [traffic[i % len(traffic)] for i in range(count)]
-    service = create_nlu_service(KeywordClassifier.fit(splits.train), url=url, settings=settings)
+    if users < 1:
+        raise ValueError(f"users: expected a positive number of users, found {users}")
+    if read_pointer(settings.models_dir) is not None:
+        classifier: Classifier = load_serving_classifier(settings, watch=False)
+        candidate = CandidateServing(settings.models_dir, watch=False)
+    else:
+        classifier, candidate = KeywordClassifier.fit(splits.train), None
+    service = create_nlu_service(
+        classifier,
+        url=url,
+        settings=settings,
+        candidate=candidate,
+    )
     rng = random.Random(seed)
     rule = OutcomeRule(
         fail_if_wrong=WRONG_INTENT_FAILURE_RATE,
@@ -77,7 +99,7 @@ async def run_demo_traffic(*, count: int, seed: int, settings: Settings) -> Demo
         sent = await send_traffic(
             service,
             prompts,
-            sessions=conversation_sessions(make_users(USERS, rng), rng),
+            sessions=conversation_sessions(make_users(users, rng), rng),
             outcome=rule,
         )
     finally:

@@ -9,7 +9,8 @@ Who runs what (every statement only builds; the ``tasks`` modules execute them):
 - ``tasks.review_export``: :func:`select_review_candidates`;
 - ``tasks.corrections``: :func:`select_logs_by_id`, :func:`select_known_intents` (and
   :func:`capture.statements.update_correction`);
-- ``tasks.retention``: :func:`delete_expired_logs`, :func:`insert_training_examples`;
+- ``tasks.retention``: :func:`delete_expired_logs`, :func:`insert_training_examples`,
+  :func:`training_copy_sql`;
 - ``tasks.training_data``: :func:`select_training_store` (and
   :func:`capture.statements.select_for_retraining`).
 
@@ -360,6 +361,37 @@ def insert_training_examples(*, postgres: bool) -> Insert:
         dialect_insert(EXAMPLES)
         .on_conflict_do_nothing(index_elements=[EXAMPLES.c.source_key])
         .returning(EXAMPLES.c.source_key)
+    )
+
+
+#: The columns a retention copy writes (``nlu_training_examples.created_at`` is the default).
+TRAINING_COLUMNS = (
+    "id",
+    "source_key",
+    "prompt",
+    "label",
+    "source",
+    "corrected",
+    "confidence",
+    "was_successful",
+    "model_version",
+    "week",
+)
+_TRAINING_STAGE = "pc_training_stage"
+
+
+def training_copy_sql() -> tuple[str, str, str]:
+    """PostgreSQL, for copying whole partitions: create the session's staging table (once),
+    ``COPY`` :data:`TRAINING_COLUMNS` rows into it, then move them into
+    ``nlu_training_examples`` skipping existing ``source_key`` s (its ``rowcount``: rows
+    inserted). The stage empties at commit. ~10x the rows/s of a multi-row ``INSERT``."""
+    columns = ", ".join(TRAINING_COLUMNS)
+    return (
+        f"CREATE TEMP TABLE IF NOT EXISTS {_TRAINING_STAGE} "
+        f"(LIKE {EXAMPLES.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
+        f"COPY {_TRAINING_STAGE} ({columns}) FROM STDIN",
+        f"INSERT INTO {EXAMPLES.name} ({columns}) SELECT {columns} FROM {_TRAINING_STAGE} "
+        "ON CONFLICT (source_key) DO NOTHING",
     )
 
 

@@ -47,6 +47,10 @@ shadow_predictions = sa.Table(
 
 DEFAULT_QUEUE = 10_000
 DEFAULT_BATCH = 64
+#: The share of wall time the worker may spend predicting: after a batch that took ``t`` seconds
+#: it rests ``t * (1 - budget) / budget``, so the candidate's inference leaves CPU to the
+#: request path; prompts that queue up meanwhile are dropped and counted (coverage falls).
+DEFAULT_CPU_BUDGET = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +111,13 @@ class ShadowWorker:
         queue_size: int = DEFAULT_QUEUE,
         batch: int = DEFAULT_BATCH,
         champion_version: Any = None,
+        cpu_budget: float = DEFAULT_CPU_BUDGET,
     ) -> None:
         if queue_size < 1 or batch < 1:
             raise ValueError(f"queue_size and batch: expected >= 1, found {queue_size}, {batch}")
+        if not 0.0 < cpu_budget <= 1.0:
+            raise ValueError(f"cpu_budget: expected a share in (0, 1], found {cpu_budget}")
+        self.cpu_budget = cpu_budget
         self.url = url
         self.candidate = candidate
         self.queue_size = queue_size
@@ -161,11 +169,15 @@ class ShadowWorker:
                 queue = self._queue
                 while queue and len(items) < self.batch:
                     items.append(queue.popleft())
+                started = time.perf_counter()
                 try:
                     self._process(items)
                 except Exception:  # never let the worker die; the batch is counted as failed
                     self.failed += len(items)
                     logger.exception("shadow batch of %d failed; dropped", len(items))
+                if self.cpu_budget < 1.0 and not self._stop.is_set():
+                    spent = time.perf_counter() - started
+                    self._stop.wait(spent * (1.0 - self.cpu_budget) / self.cpu_budget)
             self._set_busy(False)
             if self._stop.is_set() and not self._queue:
                 return

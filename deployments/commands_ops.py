@@ -137,6 +137,9 @@ def demo_traffic_cmd(
     *,
     count: Annotated[int, typer.Option("--count", min=1, help="Prompts to send.")] = 500,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the traffic and outcomes.")] = 0,
+    users: Annotated[
+        int, typer.Option("--users", min=1, help="Simulated users (a canary split is per user).")
+    ] = 200,
 ) -> None:
     """Send demo prompts through the NLU service, record outcomes, print the monitoring stats.
 
@@ -151,7 +154,7 @@ def demo_traffic_cmd(
     require_database(settings)
     from capture.demo_traffic import run_demo_traffic
 
-    report = asyncio.run(run_demo_traffic(count=count, seed=seed, settings=settings))
+    report = asyncio.run(run_demo_traffic(count=count, seed=seed, settings=settings, users=users))
     _print_demo_traffic(report)
 
 

@@ -142,3 +142,33 @@ def ab_check_flow(
             notification_block=notification_block,
         )
     return result
+
+
+@flow(name="stage-candidate")
+def stage_candidate_flow(
+    version: str,
+    *,
+    mode: str = "shadow",
+    share: float = DEFAULT_CANARY_SHARE,
+    quantize: bool = True,
+    validation_data: str | None = None,
+    home: str | None = None,
+) -> dict[str, Any]:
+    """Export ``version`` to ONNX when needed and put it under test as the candidate in ``mode``
+    (``shadow`` or ``canary`` with ``share``), under the registry lock (re-entered inside the
+    weekly cycle). Returns the candidate pointer as a dict."""
+    from tasks.ab_candidate import set_candidate
+    from tasks.deploy import choose_version, export_for_serving
+    from tasks.registry import is_deployable, registry_lock
+
+    layout = resolve_run_settings(get_settings(), home=home).layout
+    with registry_lock(layout.models_dir):
+        target = choose_version(layout.models_dir, version, allow_rejected=False)
+        if not is_deployable(target):
+            validation = layout.optional_file(validation_data, "val")
+            export_for_serving(target, quantize=quantize, validation_data=validation)
+        pointer = set_candidate(
+            layout.models_dir, target.name, mode=mode, share=share, reason="weekly cycle"
+        )
+    get_run_logger().info("version %s under test as the %s candidate", pointer.version, mode)
+    return pointer.to_dict()

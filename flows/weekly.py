@@ -15,7 +15,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from capture.model_dir import read_candidate
 from capture.settings import get_settings
+from flows.ab_check import stage_candidate_flow
 from flows.corrections import corrections_flow
 from flows.deploy import deploy_flow
 from flows.pairs import pairs_flow
@@ -45,6 +47,8 @@ def weekly_cycle(
     max_intent_drop: float = 0.05,
     min_support: int = 10,
     deploy: bool = True,
+    deploy_mode: str = "shadow",
+    canary_share: float = 0.1,
     quantize: bool = True,
     monitoring_days: float = 7,
     home: str | None = None,
@@ -60,7 +64,15 @@ def weekly_cycle(
     block ``database_secret``, PROMPT_CAPTURE_DATABASE_URL, or the home's SQLite file. From the
     inbox to the deploy it holds the registry lock (``tasks.registry_lock``): a second cycle,
     retrain, deploy or rollback waits for it (and says for whom).
+
+    ``deploy_mode`` (docs/AB_TESTING.md): ``shadow`` (default) or ``canary`` puts a promoted
+    challenger under test as the registry's candidate (``canary_share`` of users for a canary)
+    and the hourly ab-check flow promotes or rolls it back; ``direct`` deploys it at once (as
+    before, for small teams). When a candidate is still under test, the challenger is published
+    in the registry only, and the message says so.
     """
+    if deploy_mode not in {"direct", "shadow", "canary"}:
+        raise ValueError(f"deploy_mode: expected direct, shadow or canary, found {deploy_mode!r}")
     run = resolve_run_settings(
         get_settings(), home=home, database_url=database_url, database_secret=database_secret
     )
@@ -96,12 +108,33 @@ def weekly_cycle(
             min_support=min_support,
             home=where,
         )
-        deployed = (
-            deploy_flow(retrain.version, quantize=quantize, home=where)
-            if retrain.promote and deploy
-            else None
-        )
-    message = cycle_message(retrain, deployed)
+        deployed = None
+        ab_note = None
+        if retrain.promote and deploy and deploy_mode == "direct":
+            deployed = deploy_flow(retrain.version, quantize=quantize, home=where)
+        elif retrain.promote and deploy:
+            under_test = read_candidate(run.layout.models_dir)
+            if under_test is not None:
+                ab_note = (
+                    f"challenger {retrain.version} promoted by the gate and published in the "
+                    f"registry only: candidate {under_test.version} is still under test "
+                    f"({under_test.mode}); deploy it later with `prompt-capture candidate set "
+                    f"{retrain.version} --mode shadow`. Model card: {retrain.card}"
+                )
+            else:
+                staged = stage_candidate_flow(
+                    retrain.version,
+                    mode=deploy_mode,
+                    share=canary_share,
+                    quantize=quantize,
+                    home=where,
+                )
+                ab_note = (
+                    f"challenger {retrain.version} promoted by the gate and put under test as "
+                    f"the {staged['mode']} candidate beside version {retrain.champion_version}; "
+                    f"the hourly ab-check flow decides. Model card: {retrain.card}"
+                )
+    message = ab_note or cycle_message(retrain, deployed)
     get_run_logger().info(message)
     create_markdown_artifact(
         key=WEEKLY_SUMMARY_KEY,

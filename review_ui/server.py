@@ -30,10 +30,11 @@ def serve(settings: WorkbenchSettings, *, host: str = "127.0.0.1", port: int = 8
 
 def serve_in_background(
     settings: WorkbenchSettings, *, host: str = "127.0.0.1", port: int = 8765
-) -> threading.Thread:
+) -> uvicorn.Server:
     """Serve the workbench from a daemon thread beside other work (``prompt-capture serve
-    --review-ui``: beside the schedules); returns the thread, which ends with the process.
-    Refuses an unmigrated database (``DatabaseNotMigratedError``) before starting."""
+    --review-ui``: beside the schedules); returns the server (``should_exit = True`` stops it;
+    otherwise it ends with the process). Refuses an unmigrated database
+    (``DatabaseNotMigratedError``) before starting."""
     ensure_migrated(settings.database_url)
     app = create_app(settings)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", proxy_headers=False)
@@ -41,7 +42,7 @@ def serve_in_background(
     thread = threading.Thread(target=server.run, name="review-ui", daemon=True)
     thread.start()
     logger.info("review workbench on http://%s:%d/ (beside the schedules)", host, port)
-    return thread
+    return server
 
 
 def free_port(host: str = "127.0.0.1") -> int:

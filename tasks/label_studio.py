@@ -195,13 +195,12 @@ review_file_to_label_studio_task = io_task(
 
 
 def is_label_studio_export(items: Sequence[object]) -> bool:
-    """Whether decoded rows are Label Studio tasks: every row an object with a ``data`` object
-    and an ``annotations`` list (a corrections file's rows have neither)."""
-    return bool(items) and all(
-        isinstance(i, dict)
-        and isinstance(i.get("data"), dict)
-        and isinstance(i.get("annotations"), list)
-        for i in items
+    """Whether decoded rows are Label Studio tasks: no row has the corrections file's
+    ``corrected_intent`` and some row is an object with a ``data`` object and an
+    ``annotations`` list (the other rows are then reported as tasks, by row)."""
+    rows = [i for i in items if isinstance(i, dict)]
+    return not any("corrected_intent" in i for i in rows) and any(
+        isinstance(i.get("data"), dict) and isinstance(i.get("annotations"), list) for i in rows
     )
 
 

@@ -40,7 +40,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -54,10 +54,12 @@ from capture.db import database_url, get_sync_engine, is_postgres
 from capture.ids import uuid7
 from capture.offline_statements import (
     EXPIRED_COLUMNS,
+    TRAINING_COLUMNS,
     check_count,
     check_positive,
     delete_expired_logs,
     insert_training_examples,
+    training_copy_sql,
 )
 from capture.rows import RetrainingRow, map_retraining_row
 from capture.settings import PartitionInterval
@@ -94,9 +96,13 @@ class RetentionResult:
     partitions_dropped: int = 0
     partitions_created: int = 0
     moved_from_default: int = 0
+    #: Wall seconds per step (``detach``, ``copy``, ``drop``, ``rows``, ``create``); logged and
+    #: read by ``bench/scale.py``, not part of :meth:`as_dict` (it varies from run to run).
+    seconds: dict[str, float] = field(default_factory=dict, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        del data["seconds"]
         data["cutoff"] = self.cutoff.isoformat()
         return data
 
@@ -150,6 +156,10 @@ class _Progress:
     dropped: int = 0
     created: int = 0
     moved: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def took(self, step: str, started: float) -> None:
+        self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - started
 
 
 def _with_lock_retries(engine: Engine, what: str, work: Callable[[Connection], Any]) -> Any:
@@ -178,6 +188,23 @@ def _detach_expired(conn: Connection, cutoff: datetime) -> list[str]:
     return [name for _, name in detached]
 
 
+def _copy_training_rows(conn: Connection, rows: list[RetrainingRow]) -> int:
+    """PostgreSQL: the scrubbed copies of ``rows`` into the training store through ``COPY``
+    into a staging table (:func:`capture.offline_statements.training_copy_sql`), in the
+    caller's transaction; returns how many were new."""
+    stage, copy_sql, merge = training_copy_sql()
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    with driver.cursor() as cur:
+        cur.execute(stage)
+        with cur.copy(copy_sql) as copy:
+            for row in rows:
+                values = training_values(row)
+                copy.write_row([values[column] for column in TRAINING_COLUMNS])
+        cur.execute(merge)
+        return max(int(cur.rowcount), 0)
+
+
 def _copy_expired_table(
     engine: Engine,
     name: str,
@@ -198,12 +225,11 @@ def _copy_expired_table(
             rows = conn.execute(statement).all()
             if not rows:
                 break
-            values = [training_values(map_retraining_row(row)) for row in rows]
-            copied = conn.execute(insert_training_examples(postgres=True), values).all()
+            copied = _copy_training_rows(conn, [map_retraining_row(row) for row in rows])
             if before_commit is not None:
                 before_commit(progress.batches + 1)
         progress.batches += 1
-        progress.copied += len(copied)
+        progress.copied += copied
         rows_seen += len(rows)
         after = (rows[-1].id, rows[-1].created_at)
         if len(rows) < batch_size:
@@ -222,16 +248,21 @@ def _drop_expired_partitions(
 ) -> None:
     with engine.connect() as conn:
         left = partitions.list_expired_tables(conn)  # a run that stopped after detaching
+    started = time.perf_counter()
     detached = _with_lock_retries(engine, "detach", lambda conn: _detach_expired(conn, cutoff))
+    progress.took("detach", started)
     for name in [*left, *detached]:
         started = time.perf_counter()
         rows = _copy_expired_table(
             engine, name, batch_size=batch_size, before_commit=before_commit, progress=progress
         )
+        progress.took("copy", started)
         if before_drop is not None:
             before_drop(name)
+        dropping = time.perf_counter()
         with engine.begin() as conn:
             partitions.drop_expired_table(conn, name)
+        progress.took("drop", dropping)
         progress.deleted += rows
         progress.dropped += 1
         logger.info(
@@ -348,6 +379,7 @@ def run_retention(
             before_drop=before_drop,
             progress=progress,
         )
+    started = time.perf_counter()
     _delete_rows(
         engine,
         postgres=postgres,
@@ -356,7 +388,9 @@ def run_retention(
         before_commit=before_commit,
         progress=progress,
     )
+    progress.took("rows", started)
     if manage:
+        started = time.perf_counter()
         changes = _with_lock_retries(
             engine,
             "create partitions",
@@ -368,6 +402,7 @@ def run_retention(
                 interval=partition_interval,
             ),
         )
+        progress.took("create", started)
         progress.created, progress.moved = len(changes.created), changes.moved_rows
     result = RetentionResult(
         cutoff=cutoff,
@@ -377,6 +412,7 @@ def run_retention(
         partitions_dropped=progress.dropped,
         partitions_created=progress.created,
         moved_from_default=progress.moved,
+        seconds=progress.seconds,
     )
     logger.info(
         "retention done: %d raw logs deleted (%d partitions dropped), %d copied to the training "

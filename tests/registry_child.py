@@ -75,6 +75,7 @@ def cycle(run_dir: Path, name: str, home: Path, url: str) -> None:
         max_intent_drop=1.0,
         min_support=1,
         quantize=False,
+        deploy_mode="direct",  # both challengers deployed at once (not put under A/B test)
         home=str(home),
         database_url=url,
     )

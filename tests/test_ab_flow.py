@@ -137,3 +137,14 @@ def test_approval_timeout_rejects_and_the_champion_stays(sqlite_url: str, home: 
     assert "no approval within 2s" in result["approval"]["reason"]
     assert current_version(models) == "1" and not (models / "candidate").exists()
     assert history(models)[-1]["action"] == "candidate-reject"
+
+
+def test_stage_candidate_puts_a_published_version_under_test(home: Path) -> None:
+    """The weekly cycle's shadow/canary deploy step (an exported version: no export needed)."""
+    from flows.ab_check import stage_candidate_flow
+
+    models = registry(home)
+    pointer = stage_candidate_flow("2", mode="canary", share=0.25, home=str(home))
+    assert pointer == {"version": "2", "mode": "canary", "share": 0.25}
+    assert current_version(models) == "1"
+    assert history(models)[-1]["reason"] == "weekly cycle"

@@ -366,3 +366,24 @@ def test_mode_change_keeps_the_loaded_model(tmp_path: Path) -> None:
     assert ab.loads == 1 and ab.route.pointer.mode == "canary"
     assert json.loads((models / "candidate").read_text())["share"] == 0.5
     assert isinstance(ab.route.pointer, CandidatePointer)
+
+
+async def test_demo_traffic_answers_with_the_registry_and_its_canary(
+    sqlite_url: str, onnx_registry: Path
+) -> None:
+    from capture.demo_traffic import run_demo_traffic
+
+    models = onnx_registry
+    settings = capture_settings(sqlite_url, models.parent)  # HOME/models is the registry
+    assert settings.models_dir == models
+    set_candidate(models, "2", mode="canary", share=0.5)
+    with db.get_sync_engine(sqlite_url).begin() as conn:
+        conn.execute(text("DELETE FROM nlu_prompt_logs"))
+    report = await run_demo_traffic(count=300, seed=1, settings=settings, users=200)
+    assert report.sent == 300
+    rows = list(fetch_rows(sqlite_url).values())
+    assert {r["model_version"] for r in rows} == {"1", "2"}
+    for r in rows:  # each answer came from the model its row names (or is out of scope)
+        allowed = set(V2_LABELS if r["model_version"] == "2" else FIXTURE_LABELS) | {"oos"}
+        assert r["predicted_intent"] in allowed
+    assert len({r["user_id"] for r in rows}) > 100

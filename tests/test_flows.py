@@ -316,6 +316,7 @@ def test_a_good_challenger_is_promoted_exported_deployed_and_hot_reloaded(
             hyperparameters={**TINY, "min_steps": 10, "max_steps": 10},
             min_support=3,
             max_intent_drop=0.34,
+            deploy_mode="direct",  # today's direct deploy (the default puts it in shadow)
             database_url=sqlite_url,
         )
         assert summary.retrain.verdict == "PROMOTE", summary.retrain.reasons

@@ -384,3 +384,13 @@ def test_the_application_role_writes_the_api_audit_under_row_level_security(
         "weather",
         "alarm",
     )
+
+
+def test_a_broken_task_is_reported_by_row_not_as_a_corrections_file(tmp_path: Path) -> None:
+    log_id = uuid.uuid4()
+    path = tmp_path / "ls.json"
+    good = task(1, log_id, [annotation([choice("alarm")], at="2026-11-21T10:00:00Z")])
+    path.write_text(json.dumps([good, {"data": {"text": "x"}}, "junk"]), encoding="utf-8")
+    parsed = read_corrections_file(path)
+    assert parsed.source == "label_studio"
+    assert [(p.row, p.field) for p in parsed.problems] == [(2, "annotations"), (3, "data")]

@@ -66,3 +66,44 @@ def test_review_round_open_and_list(cli: typer.Typer, sqlite_url: str) -> None:
     assert "4 prompts to review" in opened.output
     listed = runner.invoke(cli, ["review-round", "list"])
     assert "week 48" in listed.output and "left 4" in listed.output
+
+
+def test_serve_review_ui_starts_the_workbench_beside_the_schedules(
+    cli: typer.Typer, sqlite_url: str, tmp_path: Path
+) -> None:
+    """`prompt-capture serve --review-ui --review-host H --review-port P` starts the workbench
+    (in a thread) before serving the deployments; the thread really serves the login page."""
+    import time
+    import urllib.request
+
+    import deployments.serve
+    import review_ui.server
+    from deployments.cli import app
+    from review_ui.server import free_port, serve_in_background
+    from tests.test_review_ui_support import settings_for
+
+    started: list[tuple[str, int]] = []
+    served: list[object] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            review_ui.server,
+            "serve_in_background",
+            lambda settings, *, host, port: started.append((host, port)),
+        )
+        mp.setattr(deployments.serve, "serve_all", lambda only=None: served.append(only))
+        result = CliRunner().invoke(
+            app, ["serve", "--review-ui", "--review-host", "127.0.0.2", "--review-port", "8799"]
+        )
+    assert result.exit_code == 0, result.output
+    assert started == [("127.0.0.2", 8799)] and served == [None]
+
+    port = free_port()
+    server = serve_in_background(settings_for(sqlite_url, tmp_path / "home"), port=port)
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/login") as page:
+            assert page.status == 200 and b"password" in page.read().lower()
+    finally:
+        server.should_exit = True

@@ -154,8 +154,8 @@ def test_cli_label_studio_round_trip(
             }
         ]
     path.write_text(json.dumps(tasks), encoding="utf-8")
-    bad = runner.invoke(app, ["import-corrections", str(path), "--format", "x"])
-    assert bad.exit_code == 2
+    wrong = runner.invoke(app, ["export", "--mode", "retraining", "--format", "label-studio"])
+    assert wrong.exit_code == 2 and "--format" in wrong.output
     applied = runner.invoke(app, ["import-corrections", str(path), "--reviewer", "lena"])
     assert applied.exit_code == 0, applied.output
     assert "applied 2, unchanged 0" in applied.output

@@ -1,0 +1,564 @@
+"""Scale benchmark of the partitioned ``nlu_prompt_logs`` (PostgreSQL, migration 0007): how cost
+grows with rows. Run on purpose, not in CI (20M rows: tens of GB of disk and about an hour).
+
+    .venv/bin/python -m bench.scale [--rows 20000000] [--repeats 7] [--url postgresql://...]
+                                    [--probe-rows 100000] [--skip-fresh] [--json PATH]
+
+1. A database of its own (``capture.db.create_database``), migrated; daily partitions over the
+   120 days of data (what the retention flow keeps ahead; ``ensure_partitions``).
+2. ``--rows`` synthetic rows (realistic intent / confidence / outcome / correction mix, as in
+   ``bench/queries.py``) over the 120 days before today's UTC midnight, loaded through the
+   capture writer (``capture.copy_writer.PostgresWriter``: binary COPY of wire rows, 5,000 per
+   transaction) in three rounds, each spread over the whole 120 days: up to N/20, N/2 and N rows
+   (1M, 10M and 20M by default).
+3. Ingest: before the first round and after the second and third, ``--probe-rows`` live rows
+   (``created_at`` = now: today's partition, no trigger fires, as live traffic) through the same
+   writer, three times (median rows/s); then deleted and vacuumed.
+4. At each checkpoint (after ``VACUUM ANALYZE`` and a rollup refresh): every monitoring
+   statistic as the repository runs it (rollup cover + statement; the raw statements too, for
+   reference), the review queries, a lookup by id (near its time: one partition), the monitor's
+   hourly query, and the two exports (review candidates and retraining rows of the last 7 days,
+   reported as rows/s). Median of ``--repeats`` after a warm-up.
+5. Retention of the oldest 30 days (``tasks.retention.run_retention`` with ``now`` = the data's
+   end and 90 days: exactly 30 whole partitions): detach (the lock), copy into the training
+   store (rows/s), drop; and the table + index size on disk before and after, against a fresh
+   load of the remaining rows into a new database (no bloat: equal sizes).
+
+Targets (issue 16): ingest at N within 10% of ingest at 0; every monitoring / review query
+<= 20 ms at N; dropping 30 days of partitions <= 10 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import psycopg
+from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
+
+from bench.queries import _texts_by_intent, rollup_runner
+from capture import db, offline_statements, partitions, statements, stats_rollup
+from capture.copy_writer import PostgresWriter
+from capture.settings import normalise_database_url
+from capture.spool_format import EMPTY_SECONDARY, INSERT, JSONB_VERSION
+from capture.values import floor_day, floor_hour
+from tasks.retention import run_retention
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+DAYS = 120
+RETENTION_DAYS = 90
+TARGET_MS = 20.0
+BATCH = 5_000  # the capture logger's batch_size
+N_USERS = 20_000
+CHUNK = 100_000
+
+
+# --------------------------------------------------------------------------- data
+
+
+class RowMaker:
+    """Wire rows (``capture.spool_format`` column order) with a realistic mix: 150 intents with
+    a Zipf-like skew, confidence ~ Beta(6, 1.6), ~70% with an outcome, ~10% failed and ~2%
+    corrected (both likelier at low confidence), ~20k users (5% anonymous), weekly models."""
+
+    def __init__(self, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.texts = _texts_by_intent(rng)
+        self.intents = sorted(self.texts)
+        rng.shuffle(self.intents)
+        k = len(self.intents)
+        weights = 1.0 / np.arange(1, k + 1) ** 1.1
+        self.weights = weights / weights.sum()
+        self.users = [os.urandom(16) for _ in range(N_USERS)]
+
+    def rows(self, created: np.ndarray, rng: np.random.Generator, start: float) -> list[Any]:
+        """One wire row per ``created`` (Unix seconds, sorted)."""
+        n, k = len(created), len(self.intents)
+        ms = (created * 1000).astype(np.uint64)
+        ids = np.empty((n, 2), dtype=">u8")
+        ids[:, 0] = (
+            (ms << np.uint64(16)) | np.uint64(0x7000) | rng.integers(0, 4096, n).astype(np.uint64)
+        )
+        ids[:, 1] = rng.integers(0, 2**62, n, dtype=np.uint64) | np.uint64(1 << 63)
+        id_bytes = ids.tobytes()
+        conv = os.urandom(16 * n)
+        intent = rng.choice(k, n, p=self.weights)
+        conf = rng.beta(6.0, 1.6, n).astype(np.float32)
+        second = (intent + 1 + rng.integers(0, k - 1, n)) % k
+        conf2 = ((1 - conf) * rng.uniform(0.3, 0.8, n)).astype(np.float32)
+        lowness = (1 - conf) / float(np.mean(1 - conf))
+        has_outcome = rng.random(n) < 0.70
+        failed = has_outcome & (rng.random(n) < np.clip(0.10 / 0.70 * lowness, 0, 1))
+        corrected = rng.random(n) < np.clip(0.02 * lowness, 0, 1)
+        corrected_to = (intent + 1 + rng.integers(0, k - 1, n)) % k
+        user_of = rng.integers(0, N_USERS, n)
+        anonymous = rng.random(n) < 0.05
+        pick = rng.random(n)
+        message_index = rng.integers(0, 12, n)
+        out: list[Any] = []
+        for i in range(n):
+            name = self.intents[intent[i]]
+            pool = self.texts[name]
+            at = datetime.fromtimestamp(float(created[i]), UTC)
+            secondary = (
+                JSONB_VERSION
+                + orjson.dumps(
+                    [{"intent": self.intents[second[i]], "confidence": round(float(conf2[i]), 4)}]
+                )
+                if conf2[i] > 0.01
+                else EMPTY_SECONDARY
+            )
+            fixed = corrected[i]
+            out.append(
+                (
+                    id_bytes[16 * i : 16 * i + 16],
+                    None if anonymous[i] else self.users[user_of[i]],
+                    pool[int(pick[i] * len(pool))],
+                    name,
+                    float(conf[i]),
+                    secondary,
+                    self.intents[corrected_to[i]] if fixed else None,
+                    None,
+                    at + timedelta(hours=2) if fixed else None,
+                    (not failed[i]) if has_outcome[i] else None,
+                    name if has_outcome[i] else None,
+                    "upstream timeout" if failed[i] else None,
+                    conv[16 * i : 16 * i + 16],
+                    int(message_index[i]),
+                    f"v{1 + int(created[i] - start) // (7 * 86_400)}",
+                    at,
+                    at,
+                )
+            )
+        return out
+
+
+def round_chunks(
+    maker: RowMaker, n: int, start: float, end: float, seed: int
+) -> Iterator[list[Any]]:
+    """``n`` rows uniform over ``[start, end)``, in time order, ``CHUNK`` at a time."""
+    rng = np.random.default_rng(seed)
+    created = np.sort(rng.uniform(start, end, n))
+    for i in range(0, n, CHUNK):
+        yield maker.rows(created[i : i + CHUNK], rng, start)
+
+
+async def _write(url: str, rows: list[Any]) -> None:
+    """``rows`` through the capture writer, ``BATCH`` per transaction (as the logger does)."""
+    writer = PostgresWriter(url, "pc-bench-scale")
+    try:
+        for i in range(0, len(rows), BATCH):
+            ops = [(INSERT, i + j, row, None) for j, row in enumerate(rows[i : i + BATCH])]
+            unknown = await writer.apply(ops, idempotent=False)
+            assert not unknown
+    finally:
+        await writer.close()
+
+
+def load(url: str, chunks: Iterator[list[Any]]) -> tuple[int, float]:
+    """(rows, seconds spent writing) — generation time is not counted."""
+    total, seconds = 0, 0.0
+    for rows in chunks:
+        started = time.perf_counter()
+        asyncio.run(_write(url, rows))
+        seconds += time.perf_counter() - started
+        total += len(rows)
+    return total, seconds
+
+
+def probe_ingest(url: str, maker: RowMaker, n: int, seed: int, repeats: int = 3) -> float:
+    """Median rows/s of ``n`` live rows (created now, into today's partition); each run's rows
+    are deleted and the partition vacuumed afterwards."""
+    rates = []
+    for r in range(repeats):
+        now = time.time()
+        rows = maker.rows(
+            np.sort(now + np.random.default_rng(seed + r).uniform(0, 60, n)),
+            np.random.default_rng(seed + r),
+            now,
+        )
+        started = time.perf_counter()
+        asyncio.run(_write(url, rows))
+        rates.append(n / (time.perf_counter() - started))
+        with psycopg.connect(db.libpq_url(url), autocommit=True) as conn:
+            conn.execute(
+                "DELETE FROM nlu_prompt_logs WHERE created_at >= to_timestamp(%s)", (now - 1,)
+            )
+            today = partitions.partition_name(floor_day(datetime.fromtimestamp(now, UTC)))
+            conn.execute(f"VACUUM {today}")
+    return statistics.median(rates)
+
+
+# --------------------------------------------------------------------------- queries
+
+Runner = Callable[[Connection], int]
+
+
+def _statement(stmt: Any) -> Runner:
+    return lambda conn: len(conn.execute(stmt).all())
+
+
+def cases(
+    now: datetime, data_end: datetime, user_id: Any, log_id: Any
+) -> list[tuple[str, str, Runner]]:
+    """(kind, label, runner): ``monitoring`` / ``review`` (20 ms targets), ``raw`` (reference:
+    the statistics without the rollup), ``export`` (rows/s). The monitor's hourly query reads
+    the last hour of data."""
+    week = now - timedelta(days=7)
+    hour = floor_hour(data_end) - timedelta(hours=1)
+    s = statements
+    out: list[tuple[str, str, Runner]] = [
+        (
+            "monitoring",
+            "confidence_distribution(7d)",
+            rollup_runner(s.select_confidence_distribution, week),
+        ),
+        (
+            "monitoring",
+            "intent_distribution(7d)",
+            rollup_runner(s.select_intent_distribution, week),
+        ),
+        (
+            "monitoring",
+            "success_rate_by_intent(7d)",
+            rollup_runner(s.select_success_rate_by_intent, week),
+        ),
+        (
+            "monitoring",
+            "success_rate_by_intent(all)",
+            rollup_runner(s.select_success_rate_by_intent, None),
+        ),
+        (
+            "monitoring",
+            "monitor: intent counts, last hour",
+            _statement(
+                offline_statements.select_intent_counts(
+                    start=hour, end=hour + timedelta(hours=1), low_confidence_threshold=0.7
+                )
+            ),
+        ),
+        ("review", "low_confidence(0.7, 100)", _statement(s.select_low_confidence())),
+        ("review", "low_confidence(0.7, 100, 7d)", _statement(s.select_low_confidence(since=week))),
+        ("review", "failed_workflows(100)", _statement(s.select_failed_workflows())),
+        ("review", "user_prompts(50)", _statement(s.select_user_prompts(user_id))),
+        (
+            "review",
+            "prompt_log by id (near its time)",
+            _statement(s.select_prompt_log(log_id, near_id_time=True)),
+        ),
+        (
+            "raw",
+            "raw confidence_distribution(7d)",
+            _statement(s.select_confidence_distribution(since=week)),
+        ),
+        (
+            "raw",
+            "raw intent_distribution(7d)",
+            _statement(s.select_intent_distribution(since=week)),
+        ),
+        ("raw", "raw success_rate_by_intent(all)", _statement(s.select_success_rate_by_intent())),
+        (
+            "export",
+            "export: review candidates (7d)",
+            _statement(
+                offline_statements.select_review_candidates(
+                    confidence_below=0.7, since=week, until=now
+                )
+            ),
+        ),
+        (
+            "export",
+            "export: prompts_for_retraining(7d)",
+            _statement(s.select_for_retraining(since=week)),
+        ),
+    ]
+    return out
+
+
+def time_case(engine: Engine, run: Runner, repeats: int) -> tuple[float, float, int]:
+    """(median ms, p95 ms, rows) after one warm-up run."""
+    timings = []
+    with engine.connect() as conn:
+        rows = run(conn)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            rows = run(conn)
+            timings.append((time.perf_counter() - started) * 1000)
+    return statistics.median(timings), float(np.percentile(timings, 95)), rows
+
+
+def plan_of_lookup(engine: Engine, log_id: Any) -> list[str]:
+    stmt = statements.select_prompt_log(log_id, near_id_time=True)
+    compiled = stmt.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True})
+    with engine.connect() as conn:
+        return [r[0] for r in conn.exec_driver_sql("EXPLAIN " + str(compiled))]
+
+
+def checkpoint(
+    engine: Engine, url: str, now: datetime, data_end: datetime, repeats: int
+) -> dict[str, Any]:
+    """VACUUM ANALYZE, refresh the rollup, time every case."""
+    out: dict[str, Any] = {}
+    started = time.perf_counter()
+    with psycopg.connect(db.libpq_url(url), autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE) nlu_prompt_logs")
+        user = conn.execute(
+            "SELECT user_id FROM nlu_prompt_logs WHERE user_id IS NOT NULL "
+            "AND created_at > now() - interval '1 day' LIMIT 1"
+        ).fetchone()
+        log = conn.execute(
+            "SELECT id FROM nlu_prompt_logs WHERE created_at > now() - interval '3 days' LIMIT 1"
+        ).fetchone()
+    out["vacuum_analyze_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    with Session(engine) as session:
+        refresh = stats_rollup.refresh_prompt_stats(session=session, wait_timeout=5)
+        session.commit()
+    out["refresh_s"] = time.perf_counter() - started
+    out["refresh"] = refresh.as_dict()
+    assert user is not None and log is not None
+    out["lookup_plan"] = plan_of_lookup(engine, log[0])
+    out["queries"] = {}
+    for kind, label, run in cases(now, data_end, user[0], log[0]):
+        median, p95, rows = time_case(engine, run, repeats)
+        out["queries"][label] = {"kind": kind, "median_ms": median, "p95_ms": p95, "rows": rows}
+    return out
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def sizes(url: str) -> dict[str, int]:
+    """Bytes on disk of every partition: heap (with TOAST), indexes, total."""
+    with psycopg.connect(db.libpq_url(url)) as conn:
+        row = conn.execute(
+            "SELECT coalesce(sum(pg_table_size(inhrelid)), 0), "
+            "coalesce(sum(pg_indexes_size(inhrelid)), 0), "
+            "coalesce(sum(pg_total_relation_size(inhrelid)), 0), count(*) "
+            "FROM pg_inherits WHERE inhparent = 'nlu_prompt_logs'::regclass"
+        ).fetchone()
+    assert row is not None
+    return {
+        "table": int(row[0]),
+        "indexes": int(row[1]),
+        "total": int(row[2]),
+        "partitions": int(row[3]),
+    }
+
+
+def fresh_load_size(server: str, url: str, start: datetime, end: datetime) -> dict[str, int]:
+    """The sizes of the remaining rows loaded into a new database (binary COPY, then VACUUM
+    ANALYZE), to compare with the database they came from after its partitions were dropped."""
+    fresh = db.create_database(server, "pc_bench_fresh")
+    try:
+        db.upgrade(fresh)
+        engine = create_engine(normalise_database_url(fresh), poolclass=NullPool)
+        with engine.begin() as conn:
+            partitions.ensure_partitions(conn, start=start, end=end, interval="day")
+        engine.dispose()
+        with (
+            psycopg.connect(db.libpq_url(url)) as src,
+            psycopg.connect(db.libpq_url(fresh)) as dst,
+        ):
+            with (
+                src.cursor().copy(
+                    "COPY (SELECT * FROM nlu_prompt_logs ORDER BY created_at) TO STDOUT "
+                    "(FORMAT BINARY)"
+                ) as out,
+                dst.cursor().copy("COPY nlu_prompt_logs FROM STDIN (FORMAT BINARY)") as into,
+            ):
+                for data in out:
+                    into.write(data)
+            dst.commit()
+        with psycopg.connect(db.libpq_url(fresh), autocommit=True) as conn:
+            conn.execute("VACUUM (ANALYZE) nlu_prompt_logs")
+        return sizes(fresh)
+    finally:
+        db.clear_engine_cache()
+        db.drop_database(server, fresh)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run(
+    url: str | None = None,
+    *,
+    rows: int = 20_000_000,
+    repeats: int = 7,
+    probe_rows: int = 100_000,
+    seed: int = 0,
+    fresh: bool = True,
+) -> dict[str, Any]:
+    server = db.libpq_url(
+        url or os.environ.get("PROMPT_CAPTURE_BENCH_POSTGRES_URL") or DEFAULT_SERVER
+    )
+    bench_url = db.create_database(server, "pc_scale")
+    engine = create_engine(bench_url, poolclass=NullPool)
+    result: dict[str, Any] = {"rows": rows, "checkpoints": {}, "ingest": {}}
+    try:
+        db.upgrade(bench_url)
+        end = floor_day(datetime.now(UTC))  # the data ends at today's UTC midnight
+        start = end - timedelta(days=DAYS)
+        with engine.begin() as conn:
+            partitions.ensure_partitions(conn, start=start, end=end, interval="day")
+        maker = RowMaker(seed)
+        marks = [max(1, rows // 20), max(2, rows // 2), rows]
+        result["ingest"]["probe_0"] = probe_ingest(bench_url, maker, probe_rows, seed + 100)
+        logger.warning("ingest probe at 0 rows: %.0f rows/s", result["ingest"]["probe_0"])
+        present = 0
+        for index, mark in enumerate(marks):
+            chunks = round_chunks(
+                maker, mark - present, start.timestamp(), end.timestamp(), seed + index
+            )
+            loaded, seconds = load(bench_url, chunks)
+            present += loaded
+            result["ingest"][f"load_round_{index + 1}"] = {
+                "rows": loaded,
+                "present_before": present - loaded,
+                "rows_per_s": loaded / seconds,
+            }
+            logger.warning(
+                "loaded %d rows (%d present) at %.0f rows/s", loaded, present, loaded / seconds
+            )
+            if index > 0:
+                result["ingest"][f"probe_{present}"] = probe_ingest(
+                    bench_url, maker, probe_rows, seed + 100 + index
+                )
+            result["checkpoints"][present] = checkpoint(
+                engine, bench_url, datetime.now(UTC), end, repeats
+            )
+            result["checkpoints"][present]["sizes"] = sizes(bench_url)
+        before = sizes(bench_url)
+        retention = run_retention(
+            bench_url, retention_days=RETENTION_DAYS, now=end, batch_size=10_000
+        )
+        after = sizes(bench_url)
+        result["retention"] = {
+            **retention.as_dict(),
+            "seconds": retention.seconds,
+            "sizes_before": before,
+            "sizes_after": after,
+        }
+        if fresh:
+            result["retention"]["sizes_fresh_load"] = fresh_load_size(
+                server, bench_url, end - timedelta(days=RETENTION_DAYS), end + timedelta(days=14)
+            )
+    finally:
+        engine.dispose()
+        db.clear_engine_cache()
+        db.drop_database(server, bench_url)
+    return result
+
+
+def format_report(result: dict[str, Any]) -> str:
+    points = sorted(result["checkpoints"])
+    lines = [f"rows present -> {', '.join(f'{p:,}' for p in points)}"]
+    ingest = result["ingest"]
+    probes = sorted((int(k.split("_")[1]), v) for k, v in ingest.items() if k.startswith("probe"))
+    base = probes[0][1]
+    lines.append("ingest (live rows, capture writer, binary COPY, 5,000 per transaction):")
+    for present, rate in probes:
+        lines.append(
+            f"  {present:>12,} present: {rate:>9,.0f} rows/s  ({rate / base - 1:+.1%} vs 0)"
+        )
+    for key in sorted(k for k in ingest if k.startswith("load_round")):
+        r = ingest[key]
+        lines.append(
+            f"  load round {key[-1]} (backfill, {r['rows']:,} rows onto "
+            f"{r['present_before']:,}): {r['rows_per_s']:,.0f} rows/s"
+        )
+    header = "".join(f"{p:>14,}" for p in points)
+    lines.append(f"{'query (median ms)':<44}{header}   rows@N  target")
+    queries = result["checkpoints"][points[-1]]["queries"]
+    for label, last in queries.items():
+        cells = "".join(
+            f"{result['checkpoints'][p]['queries'][label]['median_ms']:>14.2f}" for p in points
+        )
+        target = ""
+        if last["kind"] in ("monitoring", "review"):
+            target = "ok" if last["median_ms"] <= TARGET_MS else "> 20 ms"
+        elif last["kind"] == "export":
+            target = f"{last['rows'] / (last['median_ms'] / 1000):,.0f} rows/s"
+        lines.append(f"{label:<44}{cells}{last['rows']:>9}  {target}")
+    for p in points:
+        c = result["checkpoints"][p]
+        sz = c["sizes"]
+        lines.append(
+            f"at {p:>12,}: VACUUM ANALYZE {c['vacuum_analyze_s']:.1f} s, rollup refresh "
+            f"{c['refresh_s']:.1f} s; table {sz['table'] / 2**20:,.0f} MiB + indexes "
+            f"{sz['indexes'] / 2**20:,.0f} MiB in {sz['partitions']} partitions"
+        )
+    lines.append(
+        "lookup by id near its time: "
+        + " / ".join(line.strip() for line in result["checkpoints"][points[-1]]["lookup_plan"][:2])
+    )
+    r = result["retention"]
+    secs = r["seconds"]
+    copy_rate = r["copied"] / secs["copy"] if secs.get("copy") else float("nan")
+    lines.append(
+        f"retention of the oldest {DAYS - RETENTION_DAYS} days: {r['partitions_dropped']} "
+        f"partitions, {r['deleted']:,} rows; detach (one lock) {secs.get('detach', 0) * 1000:.0f} "
+        f"ms, drop {secs.get('drop', 0) * 1000:.0f} ms, copy to the training store "
+        f"{secs.get('copy', 0):.1f} s = {copy_rate:,.0f} rows/s, row-wise rest "
+        f"{secs.get('rows', 0) * 1000:.0f} ms"
+    )
+    b, a = r["sizes_before"], r["sizes_after"]
+    line = (
+        f"size on disk: before {b['total'] / 2**20:,.0f} MiB, after the drop "
+        f"{a['total'] / 2**20:,.0f} MiB"
+    )
+    if "sizes_fresh_load" in r:
+        f = r["sizes_fresh_load"]
+        line += (
+            f", a fresh load of the remaining rows {f['total'] / 2**20:,.0f} MiB "
+            f"({a['total'] / f['total'] - 1:+.1%})"
+        )
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default=None, help="PostgreSQL server URL (any database on it)")
+    parser.add_argument("--rows", type=int, default=20_000_000)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--probe-rows", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-fresh", action="store_true", help="no fresh-load comparison")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw results")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    started = time.perf_counter()
+    result = run(
+        args.url,
+        rows=args.rows,
+        repeats=args.repeats,
+        probe_rows=args.probe_rows,
+        seed=args.seed,
+        fresh=not args.skip_fresh,
+    )
+    result["wall_s"] = time.perf_counter() - started
+    print(format_report(result))
+    print(f"wall time {result['wall_s'] / 60:.1f} min")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
