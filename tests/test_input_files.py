@@ -11,6 +11,8 @@ import gzip
 import json
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -504,13 +506,45 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
     assert _file_error(tmp_path) == f"{tmp_path}: is a directory; pass a review file"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_unreadable_permissions(tmp_path: Path) -> None:
-    path = _write(tmp_path, "r.json", b"[]")
-    path.chmod(0)
-    assert _file_error(path) == (
-        f"{path}: permission denied reading this review file; make it readable by this user"
-    )
+NOBODY = 65534
+
+
+def _file_error_as(uid: int, path: Path) -> str:
+    """``_file_error(path)`` computed in a forked child running as ``uid`` (root reads every
+    file whatever its mode, so the permission case needs another user)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to uid, report the message, exit without pytest's teardown
+        os.close(read_end)
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            message = _file_error(path)
+        except BaseException as exc:
+            message = f"child failed: {exc!r}"
+        os.write(write_end, message.encode("utf-8", "backslashreplace"))
+        os.close(write_end)
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read().decode("utf-8")
+    os.waitpid(pid, 0)
+    return message
+
+
+def test_unreadable_permissions() -> None:
+    folder = Path(tempfile.mkdtemp(prefix="pc-perm-", dir="/tmp"))
+    try:
+        folder.chmod(0o711)  # another user may reach the file, not list or read it
+        path = _write(folder, "r.json", b"[]")
+        path.chmod(0)
+        expected = (
+            f"{path}: permission denied reading this review file; make it readable by this user"
+        )
+        found = _file_error(path) if os.geteuid() != 0 else _file_error_as(NOBODY, path)
+        assert found == expected
+    finally:
+        shutil.rmtree(folder)
 
 
 # ----------------------------------------------------------------------------- real files
@@ -531,8 +565,7 @@ def test_the_packaged_demo_dataset_reads_as_json_lines() -> None:
 @pytest.mark.parametrize("name", ["clinc150", "hwu64"])
 def test_the_shared_datasets_read_as_json_lines(name: str) -> None:
     path = SHARED_DATASETS / name / "val.jsonl"
-    if not path.exists():
-        pytest.skip(f"{path} not found")
+    assert path.exists(), f"{path} not found: the shared datasets lie beside the checkout"
     result = read_json_rows(path, what="records file")
     assert (result.layout, result.bad_rows) == ("jsonl", [])
     assert len(result.rows) == _non_blank_lines(path)
@@ -540,8 +573,7 @@ def test_the_shared_datasets_read_as_json_lines(name: str) -> None:
 
 def test_a_json_object_file_is_refused_as_rows() -> None:
     path = SHARED_DATASETS / "clinc150" / "domains.json"
-    if not path.exists():
-        pytest.skip(f"{path} not found")
+    assert path.exists(), f"{path} not found: the shared datasets lie beside the checkout"
     with pytest.raises(
         InputFileError, match=r"found one JSON object spread over several lines \(keys: 'banking'"
     ):
