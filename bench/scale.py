@@ -49,11 +49,11 @@ from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from bench.queries import _texts_by_intent, rollup_runner
+from bench.queries import _backend_cpu_ms, _schedstat_ns, _texts_by_intent, rollup_runner
 from capture import db, offline_statements, partitions, statements, stats_rollup
 from capture.copy_writer import PostgresWriter
-from capture.settings import normalise_database_url
-from capture.spool_format import EMPTY_SECONDARY, INSERT, JSONB_VERSION
+from capture.settings import PartitionInterval, normalise_database_url
+from capture.spool_format import EMPTY_SECONDARY, INSERT, JSONB_VERSION, Op
 from capture.values import floor_day, floor_hour
 from tasks.retention import run_retention
 
@@ -158,50 +158,64 @@ def round_chunks(
         yield maker.rows(created[i : i + CHUNK], rng, start)
 
 
-async def _write(url: str, rows: list[Any]) -> None:
-    """``rows`` through the capture writer, ``BATCH`` per transaction (as the logger does)."""
+async def _write(url: str, rows: list[Any]) -> tuple[float, float | None]:
+    """``rows`` through the capture writer, ``BATCH`` per transaction (as the logger does);
+    returns (wall seconds, the server backend's CPU seconds or None when not on this host)."""
     writer = PostgresWriter(url, "pc-bench-scale")
     try:
+        conn = await writer._connection()
+        pid = conn.info.backend_pid
+        cpu_before = _schedstat_ns(pid)
+        started = time.perf_counter()
         for i in range(0, len(rows), BATCH):
-            ops = [(INSERT, i + j, row, None) for j, row in enumerate(rows[i : i + BATCH])]
+            ops: list[Op] = [
+                (INSERT, i + j, row, None) for j, row in enumerate(rows[i : i + BATCH])
+            ]
             unknown = await writer.apply(ops, idempotent=False)
             assert not unknown
+        wall = time.perf_counter() - started
+        cpu_after = _schedstat_ns(pid)
     finally:
         await writer.close()
+    cpu = None if cpu_before is None or cpu_after is None else (cpu_after - cpu_before) / 1e9
+    return wall, cpu
 
 
 def load(url: str, chunks: Iterator[list[Any]]) -> tuple[int, float]:
     """(rows, seconds spent writing) — generation time is not counted."""
     total, seconds = 0, 0.0
     for rows in chunks:
-        started = time.perf_counter()
-        asyncio.run(_write(url, rows))
-        seconds += time.perf_counter() - started
+        wall, _ = asyncio.run(_write(url, rows))
+        seconds += wall
         total += len(rows)
     return total, seconds
 
 
-def probe_ingest(url: str, maker: RowMaker, n: int, seed: int, repeats: int = 3) -> float:
-    """Median rows/s of ``n`` live rows (created now, into today's partition); each run's rows
-    are deleted and the partition vacuumed afterwards."""
-    rates = []
+def probe_ingest(
+    url: str, maker: RowMaker, n: int, seed: int, repeats: int = 5
+) -> dict[str, float | None]:
+    """``n`` live rows (created now, into today's partition) ``repeats`` times: median rows/s
+    and median server CPU µs per row. Each run's rows are deleted and the partition vacuumed
+    afterwards, so every run starts from the same table."""
+    rates, cpus = [], []
     for r in range(repeats):
+        rng = np.random.default_rng(seed + r)
         now = time.time()
-        rows = maker.rows(
-            np.sort(now + np.random.default_rng(seed + r).uniform(0, 60, n)),
-            np.random.default_rng(seed + r),
-            now,
-        )
-        started = time.perf_counter()
-        asyncio.run(_write(url, rows))
-        rates.append(n / (time.perf_counter() - started))
+        rows = maker.rows(np.sort(now + rng.uniform(0, 60, n)), rng, now)
+        wall, cpu = asyncio.run(_write(url, rows))
+        rates.append(n / wall)
+        if cpu is not None:
+            cpus.append(cpu / n * 1e6)
         with psycopg.connect(db.libpq_url(url), autocommit=True) as conn:
             conn.execute(
                 "DELETE FROM nlu_prompt_logs WHERE created_at >= to_timestamp(%s)", (now - 1,)
             )
             today = partitions.partition_name(floor_day(datetime.fromtimestamp(now, UTC)))
             conn.execute(f"VACUUM {today}")
-    return statistics.median(rates)
+    return {
+        "rows_per_s": statistics.median(rates),
+        "server_cpu_us_per_row": statistics.median(cpus) if cpus else None,
+    }
 
 
 # --------------------------------------------------------------------------- queries
@@ -290,8 +304,9 @@ def cases(
     return out
 
 
-def time_case(engine: Engine, run: Runner, repeats: int) -> tuple[float, float, int]:
-    """(median ms, p95 ms, rows) after one warm-up run."""
+def time_case(engine: Engine, run: Runner, repeats: int) -> dict[str, Any]:
+    """Median and p95 wall ms after one warm-up run, rows, and the server backend's median CPU
+    ms per run with a serial plan (what one idle core needs; the machine may be busy)."""
     timings = []
     with engine.connect() as conn:
         rows = run(conn)
@@ -299,7 +314,12 @@ def time_case(engine: Engine, run: Runner, repeats: int) -> tuple[float, float, 
             started = time.perf_counter()
             rows = run(conn)
             timings.append((time.perf_counter() - started) * 1000)
-    return statistics.median(timings), float(np.percentile(timings, 95)), rows
+    return {
+        "median_ms": statistics.median(timings),
+        "p95_ms": float(np.percentile(timings, 95)),
+        "cpu_ms": _backend_cpu_ms(engine, run, repeats),
+        "rows": rows,
+    }
 
 
 def plan_of_lookup(engine: Engine, log_id: Any) -> list[str]:
@@ -335,50 +355,63 @@ def checkpoint(
     out["lookup_plan"] = plan_of_lookup(engine, log[0])
     out["queries"] = {}
     for kind, label, run in cases(now, data_end, user[0], log[0]):
-        median, p95, rows = time_case(engine, run, repeats)
-        out["queries"][label] = {"kind": kind, "median_ms": median, "p95_ms": p95, "rows": rows}
+        out["queries"][label] = {"kind": kind, **time_case(engine, run, repeats)}
     return out
 
 
 # --------------------------------------------------------------------------- sizes
 
 
-def sizes(url: str) -> dict[str, int]:
-    """Bytes on disk of every partition: heap (with TOAST), indexes, total."""
-    with psycopg.connect(db.libpq_url(url)) as conn:
-        row = conn.execute(
-            "SELECT coalesce(sum(pg_table_size(inhrelid)), 0), "
-            "coalesce(sum(pg_indexes_size(inhrelid)), 0), "
-            "coalesce(sum(pg_total_relation_size(inhrelid)), 0), count(*) "
-            "FROM pg_inherits WHERE inhparent = 'nlu_prompt_logs'::regclass"
-        ).fetchone()
-    assert row is not None
-    return {
-        "table": int(row[0]),
-        "indexes": int(row[1]),
-        "total": int(row[2]),
-        "partitions": int(row[3]),
-    }
+def sizes(url: str, since: datetime | None = None) -> dict[str, int]:
+    """Bytes on disk of the partitions (those starting at or after ``since``, and the DEFAULT
+    one): heap (with TOAST), indexes, total."""
+    total = {"table": 0, "indexes": 0, "total": 0, "partitions": 0}
+    engine = create_engine(normalise_database_url(url), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            kept = {
+                p.name
+                for p in partitions.list_partitions(conn)
+                if since is None or p.start is None or p.start >= since
+            }
+            rows = conn.exec_driver_sql(
+                "SELECT c.relname, pg_table_size(c.oid), pg_indexes_size(c.oid), "
+                "pg_total_relation_size(c.oid) FROM pg_inherits AS i "
+                "JOIN pg_class AS c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent = 'nlu_prompt_logs'::regclass"
+            ).all()
+    finally:
+        engine.dispose()
+    for name, table, indexes, whole in rows:
+        if name in kept:
+            total["table"] += int(table)
+            total["indexes"] += int(indexes)
+            total["total"] += int(whole)
+            total["partitions"] += 1
+    return total
 
 
-def fresh_load_size(server: str, url: str, start: datetime, end: datetime) -> dict[str, int]:
-    """The sizes of the remaining rows loaded into a new database (binary COPY, then VACUUM
-    ANALYZE), to compare with the database they came from after its partitions were dropped."""
+def fresh_load_size(
+    server: str, url: str, start: datetime, end: datetime, interval: PartitionInterval
+) -> dict[str, int]:
+    """The sizes of the remaining rows loaded into a new database (binary COPY in the order
+    they arrived, then VACUUM ANALYZE), to compare with the database they came from after its
+    partitions were dropped."""
     fresh = db.create_database(server, "pc_bench_fresh")
     try:
         db.upgrade(fresh)
         engine = create_engine(normalise_database_url(fresh), poolclass=NullPool)
         with engine.begin() as conn:
-            partitions.ensure_partitions(conn, start=start, end=end, interval="day")
+            partitions.ensure_partitions(conn, start=start, end=end, interval=interval)
         engine.dispose()
         with (
             psycopg.connect(db.libpq_url(url)) as src,
             psycopg.connect(db.libpq_url(fresh)) as dst,
         ):
             with (
+                # Partition by partition in heap order, i.e. in the order the rows arrived.
                 src.cursor().copy(
-                    "COPY (SELECT * FROM nlu_prompt_logs ORDER BY created_at) TO STDOUT "
-                    "(FORMAT BINARY)"
+                    "COPY (SELECT * FROM nlu_prompt_logs) TO STDOUT (FORMAT BINARY)"
                 ) as out,
                 dst.cursor().copy("COPY nlu_prompt_logs FROM STDIN (FORMAT BINARY)") as into,
             ):
@@ -404,23 +437,29 @@ def run(
     probe_rows: int = 100_000,
     seed: int = 0,
     fresh: bool = True,
+    interval: PartitionInterval = "day",
 ) -> dict[str, Any]:
     server = db.libpq_url(
         url or os.environ.get("PROMPT_CAPTURE_BENCH_POSTGRES_URL") or DEFAULT_SERVER
     )
     bench_url = db.create_database(server, "pc_scale")
     engine = create_engine(bench_url, poolclass=NullPool)
-    result: dict[str, Any] = {"rows": rows, "checkpoints": {}, "ingest": {}}
+    result: dict[str, Any] = {
+        "rows": rows,
+        "interval": interval,
+        "checkpoints": {},
+        "ingest": {},
+    }
     try:
         db.upgrade(bench_url)
         end = floor_day(datetime.now(UTC))  # the data ends at today's UTC midnight
         start = end - timedelta(days=DAYS)
         with engine.begin() as conn:
-            partitions.ensure_partitions(conn, start=start, end=end, interval="day")
+            partitions.ensure_partitions(conn, start=start, end=end, interval=interval)
         maker = RowMaker(seed)
         marks = [max(1, rows // 20), max(2, rows // 2), rows]
         result["ingest"]["probe_0"] = probe_ingest(bench_url, maker, probe_rows, seed + 100)
-        logger.warning("ingest probe at 0 rows: %.0f rows/s", result["ingest"]["probe_0"])
+        logger.warning("ingest probe at 0 rows: %s", result["ingest"]["probe_0"])
         present = 0
         for index, mark in enumerate(marks):
             chunks = round_chunks(
@@ -444,20 +483,26 @@ def run(
                 engine, bench_url, datetime.now(UTC), end, repeats
             )
             result["checkpoints"][present]["sizes"] = sizes(bench_url)
-        before = sizes(bench_url)
+        cutoff = end - timedelta(days=RETENTION_DAYS)
+        before, kept_before = sizes(bench_url), sizes(bench_url, since=cutoff)
         retention = run_retention(
-            bench_url, retention_days=RETENTION_DAYS, now=end, batch_size=10_000
+            bench_url,
+            retention_days=RETENTION_DAYS,
+            now=end,
+            batch_size=10_000,
+            partition_interval=interval,
         )
         after = sizes(bench_url)
         result["retention"] = {
             **retention.as_dict(),
             "seconds": retention.seconds,
             "sizes_before": before,
+            "sizes_kept_before": kept_before,
             "sizes_after": after,
         }
         if fresh:
             result["retention"]["sizes_fresh_load"] = fresh_load_size(
-                server, bench_url, end - timedelta(days=RETENTION_DAYS), end + timedelta(days=14)
+                server, bench_url, cutoff, end + timedelta(days=14), interval
             )
     finally:
         engine.dispose()
@@ -472,10 +517,18 @@ def format_report(result: dict[str, Any]) -> str:
     ingest = result["ingest"]
     probes = sorted((int(k.split("_")[1]), v) for k, v in ingest.items() if k.startswith("probe"))
     base = probes[0][1]
-    lines.append("ingest (live rows, capture writer, binary COPY, 5,000 per transaction):")
-    for present, rate in probes:
+    lines.append(
+        "ingest of live rows (capture writer: binary COPY, 5,000 per transaction; rows/s and "
+        "the server backend's CPU per row):"
+    )
+    for present, probe in probes:
+        rate, cpu = probe["rows_per_s"], probe["server_cpu_us_per_row"]
+        cpu_text = "" if cpu is None else f", {cpu:.1f} µs CPU/row"
+        if cpu is not None and base["server_cpu_us_per_row"]:
+            cpu_text += f" ({cpu / base['server_cpu_us_per_row'] - 1:+.1%})"
         lines.append(
-            f"  {present:>12,} present: {rate:>9,.0f} rows/s  ({rate / base - 1:+.1%} vs 0)"
+            f"  {present:>12,} present: {rate:>9,.0f} rows/s "
+            f"({rate / base['rows_per_s'] - 1:+.1%} vs 0){cpu_text}"
         )
     for key in sorted(k for k in ingest if k.startswith("load_round")):
         r = ingest[key]
@@ -483,19 +536,28 @@ def format_report(result: dict[str, Any]) -> str:
             f"  load round {key[-1]} (backfill, {r['rows']:,} rows onto "
             f"{r['present_before']:,}): {r['rows_per_s']:,.0f} rows/s"
         )
-    header = "".join(f"{p:>14,}" for p in points)
-    lines.append(f"{'query (median ms)':<44}{header}   rows@N  target")
+    header = "".join(f"{p:>16,}" for p in points)
+    lines.append(f"{'query: median wall ms / server CPU ms':<40}{header}  rows@N  20 ms target")
     queries = result["checkpoints"][points[-1]]["queries"]
     for label, last in queries.items():
-        cells = "".join(
-            f"{result['checkpoints'][p]['queries'][label]['median_ms']:>14.2f}" for p in points
-        )
+        cells = ""
+        for p in points:
+            q = result["checkpoints"][p]["queries"][label]
+            cpu = "-" if q["cpu_ms"] is None else f"{q['cpu_ms']:.1f}"
+            cells += f"{q['median_ms']:>10.1f} /{cpu:>4}"
         target = ""
         if last["kind"] in ("monitoring", "review"):
-            target = "ok" if last["median_ms"] <= TARGET_MS else "> 20 ms"
+            best = min(last["median_ms"], last["cpu_ms"] or last["median_ms"])
+            target = (
+                "met"
+                if last["median_ms"] <= TARGET_MS
+                else ("met on CPU (wall > 20 ms)" if best <= TARGET_MS else "MISSED")
+            )
         elif last["kind"] == "export":
-            target = f"{last['rows'] / (last['median_ms'] / 1000):,.0f} rows/s"
-        lines.append(f"{label:<44}{cells}{last['rows']:>9}  {target}")
+            target = f"export: {last['rows'] / (last['median_ms'] / 1000):,.0f} rows/s"
+        else:
+            target = "(reference: no rollup)"
+        lines.append(f"{label:<40}{cells}{last['rows']:>8}  {target}")
     for p in points:
         c = result["checkpoints"][p]
         sz = c["sizes"]
@@ -518,18 +580,21 @@ def format_report(result: dict[str, Any]) -> str:
         f"{secs.get('copy', 0):.1f} s = {copy_rate:,.0f} rows/s, row-wise rest "
         f"{secs.get('rows', 0) * 1000:.0f} ms"
     )
-    b, a = r["sizes_before"], r["sizes_after"]
-    line = (
-        f"size on disk: before {b['total'] / 2**20:,.0f} MiB, after the drop "
-        f"{a['total'] / 2**20:,.0f} MiB"
-    )
-    if "sizes_fresh_load" in r:
-        f = r["sizes_fresh_load"]
-        line += (
-            f", a fresh load of the remaining rows {f['total'] / 2**20:,.0f} MiB "
-            f"({a['total'] / f['total'] - 1:+.1%})"
+
+    def mib(sz: dict[str, int]) -> str:
+        return (
+            f"{sz['total'] / 2**20:,.0f} MiB (table {sz['table'] / 2**20:,.0f} + indexes "
+            f"{sz['indexes'] / 2**20:,.0f}, {sz['partitions']} partitions)"
         )
-    lines.append(line)
+
+    lines.append(f"size on disk before retention: {mib(r['sizes_before'])}")
+    lines.append(f"  the partitions kept, before: {mib(r['sizes_kept_before'])}")
+    lines.append(f"  after the drop:              {mib(r['sizes_after'])}")
+    if "sizes_fresh_load" in r:
+        f, a = r["sizes_fresh_load"], r["sizes_after"]
+        lines.append(
+            f"  fresh load of those rows:    {mib(f)}: after/fresh {a['total'] / f['total']:.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -541,6 +606,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probe-rows", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-fresh", action="store_true", help="no fresh-load comparison")
+    parser.add_argument("--interval", choices=partitions.INTERVALS, default="day")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
@@ -552,6 +618,7 @@ def main(argv: list[str] | None = None) -> None:
         probe_rows=args.probe_rows,
         seed=args.seed,
         fresh=not args.skip_fresh,
+        interval=args.interval,
     )
     result["wall_s"] = time.perf_counter() - started
     print(format_report(result))

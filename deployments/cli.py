@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 from capture.errors import UserError
 from deployments import (
     cli_support,
+    commands_ab,
     commands_db,
     commands_flows,
     commands_model,
@@ -83,6 +84,7 @@ commands_flows.register(app)  # export, import-corrections, cycle, serve, demo
 commands_ops.register(app)  # report, retention, monitor, demo-traffic, simulate
 review_commands.register(app)  # review-ui, review-user, review-round (the reviewers' workbench)
 spool_commands.register(app)  # spool list / replay / discard
+commands_ab.register(app)  # candidate set / clear / show, ab (the A/B readout and decision)
 
 
 def main() -> None:

@@ -192,6 +192,14 @@ def cycle_cmd(
         ),
     ] = None,
     deploy: Annotated[bool, typer.Option("--deploy/--no-deploy")] = True,
+    deploy_mode: Annotated[
+        str,
+        typer.Option(
+            "--deploy-mode",
+            help="shadow or canary: a promoted challenger becomes the A/B candidate "
+            "(docs/AB_TESTING.md); direct: it takes all traffic now.",
+        ),
+    ] = "shadow",
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Run the weekly cycle now: inbox, training data, pairs, retrain, gate, export, deploy."""
@@ -206,7 +214,11 @@ def cycle_cmd(
     require_database(get_settings())
     from flows.weekly import weekly_cycle
 
-    result = weekly_cycle(days=days, hyperparameters=params, deploy=deploy)
+    if deploy_mode not in {"shadow", "canary", "direct"}:
+        raise OptionError(
+            f"--deploy-mode: expected shadow, canary or direct, found {deploy_mode!r}"
+        )
+    result = weekly_cycle(days=days, hyperparameters=params, deploy=deploy, deploy_mode=deploy_mode)
     if as_json:
         print_json(result.as_dict())
     else:

@@ -80,9 +80,12 @@ def demo_flow(
         again = corrections_flow(
             file=str(setup.layout.inbox_dir / "processed" / reviewed.name), home=where
         )
+        # The demo compresses a week into minutes: no production evidence for an A/B test, so
+        # a promoted challenger is deployed directly (the product default stages it in shadow).
         cycle = weekly_cycle(
             days=7,
             hyperparameters=demo_hyperparameters(seed, retrain_steps),
+            deploy_mode="direct",
             home=where,
         )
         if cycle.deployed is not None:

@@ -15,6 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from capture.errors import UserError
 from capture.model_dir import read_candidate
 from capture.settings import get_settings
 from flows.ab_check import stage_candidate_flow
@@ -72,7 +73,10 @@ def weekly_cycle(
     in the registry only, and the message says so.
     """
     if deploy_mode not in {"direct", "shadow", "canary"}:
-        raise ValueError(f"deploy_mode: expected direct, shadow or canary, found {deploy_mode!r}")
+        raise UserError(
+            f"deploy_mode: expected direct, shadow or canary, found {deploy_mode!r}; "
+            "pass one of them (docs/AB_TESTING.md)"
+        )
     run = resolve_run_settings(
         get_settings(), home=home, database_url=database_url, database_secret=database_secret
     )
