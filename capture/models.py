@@ -42,7 +42,12 @@ class Base(DeclarativeBase):
 
 
 class PromptLog(Base):
-    """One prompt that went through the NLU step: prediction, later outcome, later correction."""
+    """One prompt that went through the NLU step: prediction, later outcome, later correction.
+
+    On PostgreSQL the table is partitioned by ``created_at`` (migration 0007) and its primary
+    key is ``(id, created_at)``; SQLite keeps the plain table with primary key ``id``. Ids are
+    client-made UUIDv7s, unique in practice; statements look them up near their time
+    (``capture.statements.id_time_window``)."""
 
     __tablename__ = "nlu_prompt_logs"
     __table_args__ = (

@@ -13,7 +13,9 @@ Builders only build: nothing here executes. Inputs are validated when the statem
 
 Outcomes and corrections have ONE update statement each (:func:`update_logs`), which the
 repository runs for one row and the capture logger for a batch; :data:`OUTCOME_SET` and
-:data:`CORRECTION_SET` say which columns they set.
+:data:`CORRECTION_SET` say which columns they set. Lookups by id can be made "near the id's
+time" (``near_id_time=True``, :func:`id_time_window`), which on PostgreSQL (partitioned by
+``created_at``, migration 0007) reads one partition instead of probing all of them.
 
 The three monitoring statistics follow the design note's SQL and return identical results on
 PostgreSQL and SQLite. Given a ``cover`` planned by :mod:`capture.stats_rollup` they read the

@@ -18,7 +18,9 @@ disjoint and cover the window exactly, so the result equals the raw query's.
 
 Dirty hours are marked by triggers (migration 0004) whenever a row of an hour that may already
 be rolled up is inserted, changes a statistics column, or is deleted; :func:`refresh_prompt_stats`
-recomputes them and advances the watermark.
+recomputes them and advances the watermark. Rows removed without a trigger (a dropped partition,
+migration 0007) are accounted for by :func:`forget_removed_rows`, in the transaction that drops
+them.
 """
 
 from __future__ import annotations

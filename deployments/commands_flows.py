@@ -211,13 +211,13 @@ def cycle_cmd(
     params = parse_hyperparameters(hyperparameters)
     train_config(params)  # unknown or bad hyperparameters: refused by name, before any run
     check_days(days, "--days")
-    require_database(get_settings())
-    from flows.weekly import weekly_cycle
-
     if deploy_mode not in {"shadow", "canary", "direct"}:
         raise OptionError(
             f"--deploy-mode: expected shadow, canary or direct, found {deploy_mode!r}"
         )
+    require_database(get_settings())
+    from flows.weekly import weekly_cycle
+
     result = weekly_cycle(days=days, hyperparameters=params, deploy=deploy, deploy_mode=deploy_mode)
     if as_json:
         print_json(result.as_dict())
