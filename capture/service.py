@@ -36,13 +36,11 @@ from datetime import UTC, datetime, timedelta
 from time import time_ns
 
 import sqlalchemy.exc
-from sqlalchemy import select
 
-from capture import db
+from capture import db, statements
 from capture.ab_routing import CandidateServing
 from capture.ids import uuid7, uuid_from_int
 from capture.logger import CaptureLogger, CaptureStats, Sleep
-from capture.models import PromptLog
 from capture.repository import UnknownLogIdError
 from capture.settings import Settings, get_settings
 from capture.shadow import ShadowWorker
@@ -247,7 +245,11 @@ class NLUService:
         """True/False, or None when the database cannot be reached (checked again at write)."""
         try:
             async with db.get_engine(self.url).connect() as conn:
-                result = await conn.execute(select(PromptLog.id).where(PromptLog.id == log_id))
+                # Near the id's time first: one partition on PostgreSQL (migration 0007).
+                near = await conn.execute(statements.select_log_id(log_id, near_id_time=True))
+                if near.first() is not None:
+                    return True
+                result = await conn.execute(statements.select_log_id(log_id))
                 return result.first() is not None
         except (sqlalchemy.exc.DBAPIError, OSError, TimeoutError) as exc:
             logger.warning(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,7 +25,53 @@ def normalise_database_url(url: str) -> str:
     return url
 
 
-class Settings(BaseSettings):
+#: The default SQLite database's file name under the home.
+DATABASE_FILE = "prompt_capture.db"
+
+
+class HomeDirs:
+    """The folders of a PROMPT_CAPTURE_HOME, derived from ``home`` (``tasks.layout`` draws the
+    tree); shared by :class:`Settings` and ``tasks.layout.HomeLayout``. Nothing is created."""
+
+    __slots__ = ()
+    if TYPE_CHECKING:
+        home: Path
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.home / "work"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.home / "exports"
+
+    @property
+    def inbox_dir(self) -> Path:
+        return self.home / "inbox"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.home / "spool"
+
+    @property
+    def sqlite_url(self) -> str:
+        """The default database: an SQLite file in the home (absolute path)."""
+        return f"sqlite:///{(self.home / DATABASE_FILE).resolve()}"
+
+
+class Settings(HomeDirs, BaseSettings):
     """Everything configurable, read once from the environment (and ``.env`` if present)."""
 
     model_config = SettingsConfigDict(env_prefix="PROMPT_CAPTURE_", env_file=".env", extra="ignore")
@@ -87,27 +133,7 @@ class Settings(BaseSettings):
         """The database URL in force: the configured one, or the SQLite default under home."""
         if self.database_url:
             return self.database_url
-        return f"sqlite:///{(self.home / 'prompt_capture.db').resolve()}"
-
-    @property
-    def models_dir(self) -> Path:
-        return self.home / "models"
-
-    @property
-    def spool_dir(self) -> Path:
-        return self.home / "spool"
-
-    @property
-    def exports_dir(self) -> Path:
-        return self.home / "exports"
-
-    @property
-    def inbox_dir(self) -> Path:
-        return self.home / "inbox"
-
-    @property
-    def reports_dir(self) -> Path:
-        return self.home / "reports"
+        return self.sqlite_url
 
 
 @lru_cache(maxsize=1)

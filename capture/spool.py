@@ -376,16 +376,19 @@ class SpoolDiscard:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[bool]:
+def _locked(path: Path, busy: list[Path]) -> Iterator[bool]:
     """Hold ``path``'s segment lock for the block; yields False when a live process holds it
-    or the file is gone."""
+    (``path`` is then added to ``busy``) or the file is gone."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         yield False
         return
     try:
-        yield lock_segment(fd) and os.fstat(fd).st_nlink > 0
+        mine = lock_segment(fd) and os.fstat(fd).st_nlink > 0
+        if not mine and path.exists():
+            busy.append(path)
+        yield mine
     finally:
         os.close(fd)
 
@@ -435,10 +438,8 @@ async def replay_spool(
     busy: list[Path] = []
     try:
         for info in group.segments:
-            with _locked(info.path) as mine:
+            with _locked(info.path, busy) as mine:
                 if not mine:
-                    if info.path.exists():
-                        busy.append(info.path)
                     continue
                 applied += await applier.replay(info.path)
                 info.path.unlink()
@@ -456,10 +457,8 @@ def discard_spool(directory: Path, key: str) -> SpoolDiscard:
     segments = inserts = updates = 0
     busy: list[Path] = []
     for info in group.segments:
-        with _locked(info.path) as mine:
+        with _locked(info.path, busy) as mine:
             if not mine:
-                if info.path.exists():
-                    busy.append(info.path)
                 continue
             info.path.unlink()
         segments += 1

@@ -177,6 +177,13 @@ def select_prompt_log(log_id: uuid.UUID | str, *, near_id_time: bool = False) ->
     return _near(stmt, id_time_window(uid)) if near_id_time else stmt
 
 
+def select_log_id(log_id: uuid.UUID | str, *, near_id_time: bool = False) -> AnySelect:
+    """The id, if a row has it (``near_id_time``: as :func:`select_prompt_log`)."""
+    uid = as_uuid(log_id, "log_id")
+    stmt = select(C.id).where(C.id == uid)
+    return _near(stmt, id_time_window(uid)) if near_id_time else stmt
+
+
 def select_user_prompts(user_id: uuid.UUID | str, *, limit: int = 50) -> AnySelect:
     """A user's prompts, newest first."""
     return (

@@ -16,12 +16,15 @@ from __future__ import annotations
 import logging
 import sys
 import uuid
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
     from review_ui.settings import WorkbenchSettings
 
 logger = logging.getLogger(__name__)
@@ -29,6 +32,12 @@ logger = logging.getLogger(__name__)
 console = Console()
 review_user_app = typer.Typer(no_args_is_help=True, help="Review workbench users.")
 review_round_app = typer.Typer(no_args_is_help=True, help="Review rounds (the workbench's queues).")
+
+T = TypeVar("T")
+LoginName = Annotated[str, typer.Argument(help="Login name.")]
+PasswordStdin = Annotated[
+    bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+]
 
 
 def _fail(exc: Exception) -> NoReturn:
@@ -48,6 +57,20 @@ def _url() -> str:
     except db.DatabaseNotMigratedError as exc:
         _fail(exc)
     return url
+
+
+def _in_transaction(work: Callable[[Connection], T], *errors: type[Exception]) -> T:
+    """``work(conn)`` in one transaction on the (migrated) database; a ``UserError`` (or one of
+    ``errors``) ends the command with its message and exit code 2."""
+    from capture.db import get_sync_engine
+    from capture.errors import UserError
+
+    caught: tuple[type[Exception], ...] = (UserError, *errors)
+    try:
+        with get_sync_engine(_url()).begin() as conn:
+            return work(conn)
+    except caught as exc:
+        _fail(exc)
 
 
 def _read_password(password_stdin: bool) -> str:
@@ -108,68 +131,43 @@ def review_ui(
 
 @review_user_app.command("add")
 def user_add(
-    name: Annotated[str, typer.Argument(help="Login name.")],
+    name: LoginName,
     role: Annotated[str, typer.Option("--role", help="reviewer or admin.")] = "reviewer",
-    password_stdin: Annotated[
-        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
-    ] = False,
+    password_stdin: PasswordStdin = False,
 ) -> None:
     """Create a workbench user; the password comes from standard input."""
-    from capture.db import get_sync_engine
-    from capture.errors import UserError
     from tasks.review_users import add_user
 
     password = _read_password(password_stdin)
-    try:
-        with get_sync_engine(_url()).begin() as conn:
-            user = add_user(conn, name, role=role, password=password)
-    except UserError as exc:
-        _fail(exc)
+    user = _in_transaction(lambda conn: add_user(conn, name, role=role, password=password))
     console.print(f"review user [bold]{user.name}[/bold] ({user.role}) created")
 
 
 @review_user_app.command("passwd")
-def user_passwd(
-    name: Annotated[str, typer.Argument(help="Login name.")],
-    password_stdin: Annotated[
-        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
-    ] = False,
-) -> None:
+def user_passwd(name: LoginName, password_stdin: PasswordStdin = False) -> None:
     """Replace a user's password (read from standard input)."""
-    from capture.db import get_sync_engine
-    from capture.errors import UserError
     from tasks.review_users import set_password
 
     password = _read_password(password_stdin)
-    try:
-        with get_sync_engine(_url()).begin() as conn:
-            set_password(conn, name, password)
-    except UserError as exc:
-        _fail(exc)
+    _in_transaction(lambda conn: set_password(conn, name, password))
     console.print(f"password of [bold]{name}[/bold] replaced")
 
 
 def _set_active(name: str, active: bool) -> None:
-    from capture.db import get_sync_engine
-    from capture.errors import UserError
     from tasks.review_users import set_active
 
-    try:
-        with get_sync_engine(_url()).begin() as conn:
-            set_active(conn, name, active)
-    except UserError as exc:
-        _fail(exc)
+    _in_transaction(lambda conn: set_active(conn, name, active))
     console.print(f"review user [bold]{name}[/bold] {'enabled' if active else 'disabled'}")
 
 
 @review_user_app.command("disable")
-def user_disable(name: Annotated[str, typer.Argument(help="Login name.")]) -> None:
+def user_disable(name: LoginName) -> None:
     """Disable a user (their sessions stop working within seconds)."""
     _set_active(name, False)
 
 
 @review_user_app.command("enable")
-def user_enable(name: Annotated[str, typer.Argument(help="Login name.")]) -> None:
+def user_enable(name: LoginName) -> None:
     """Enable a disabled user."""
     _set_active(name, True)
 
@@ -263,15 +261,9 @@ def round_list() -> None:
 @review_round_app.command("close")
 def round_close(round_id: Annotated[str, typer.Argument(help="Round id (see list).")]) -> None:
     """Close a round (its remaining items leave the queue)."""
-    from capture.db import get_sync_engine
-    from capture.errors import UserError
     from tasks.review_rounds import close_round
 
-    try:
-        with get_sync_engine(_url()).begin() as conn:
-            close_round(conn, uuid.UUID(round_id))
-    except (UserError, ValueError) as exc:
-        _fail(exc)
+    _in_transaction(lambda conn: close_round(conn, uuid.UUID(round_id)), ValueError)
     console.print(f"round {round_id} closed")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -80,16 +81,8 @@ def review_export_flow(
         review_file_to_label_studio_task(export.path, models_dir=run.layout.models_dir, url=url)
     publish_review_artifact(export)
     if open_round:
-        summary = open_review_round_task(
-            url,
-            days=days,
-            confidence_threshold=confidence_threshold,
-            margin_threshold=margin_threshold,
-            limit=limit,
-            strategy=strategy,
-            seed=seed,
-            embed=embed,
-        )
+        # The round's queue is the same selection as the file's.
+        summary = open_review_round_task(url, **asdict(selection), embed=embed)
         get_run_logger().info(
             "review round %s opened: %d items (%d near-duplicates with them)",
             summary.name,

@@ -16,11 +16,9 @@ from typing import Any
 
 from capture.model_dir import (
     CANDIDATE_MODES,
-    SERVING_FILES,
     CandidatePointer,
     ModelDirError,
     check_candidate,
-    missing_files,
     read_candidate,
     write_candidate,
 )
@@ -33,7 +31,7 @@ from tasks.registry import (
     current_version,
     deploy,
     registry_lock,
-    version_dir,
+    servable_version_dir,
 )
 
 logger = logging.getLogger(__name__)
@@ -65,23 +63,12 @@ def set_candidate(
     if mode not in CANDIDATE_MODES:
         raise RegistryError(f"--mode: expected one of {', '.join(CANDIDATE_MODES)}, found {mode!r}")
     share = (DEFAULT_CANARY_SHARE if share is None else share) if mode == "canary" else 0.0
-    path = version_dir(models_dir, version)
     try:
         check_candidate(version, mode, share, models_dir / "candidate")
     except ModelDirError as exc:
         raise RegistryError(str(exc)) from exc
     with registry_lock(models_dir, timeout=lock_timeout):
-        if not path.is_dir():
-            raise RegistryError(
-                f"version {version} is not in the registry at {models_dir}; "
-                "see `prompt-capture models`"
-            )
-        missing = missing_files(path, SERVING_FILES)
-        if missing:
-            raise RegistryError(
-                f"version {version} at {path} cannot serve: missing {', '.join(missing)}; "
-                "export it to ONNX first"
-            )
+        servable_version_dir(models_dir, version)
         champion = current_version(models_dir)
         if champion == version:
             raise RegistryError(

@@ -28,12 +28,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from capture.errors import UserError
+from capture.settings import HomeDirs
 
 logger = logging.getLogger(__name__)
 
 BASE_FILES = {"train": "base_train.jsonl", "val": "base_val.jsonl", "test": "base_test.jsonl"}
 TRAINING_EXPORT_GLOB = "retraining-*.jsonl"
-DATABASE_FILE = "prompt_capture.db"
 
 
 class LayoutError(UserError, FileNotFoundError):
@@ -46,43 +46,11 @@ def stamp(now: datetime | None = None) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class HomeLayout:
-    """The folders and files of one PROMPT_CAPTURE_HOME (nothing is created by building it)."""
+class HomeLayout(HomeDirs):
+    """The folders and files of one PROMPT_CAPTURE_HOME (nothing is created by building it):
+    the folders of :class:`~capture.settings.HomeDirs` plus the files a run needs."""
 
     home: Path
-
-    @property
-    def models_dir(self) -> Path:
-        return self.home / "models"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.home / "data"
-
-    @property
-    def work_dir(self) -> Path:
-        return self.home / "work"
-
-    @property
-    def exports_dir(self) -> Path:
-        return self.home / "exports"
-
-    @property
-    def inbox_dir(self) -> Path:
-        return self.home / "inbox"
-
-    @property
-    def reports_dir(self) -> Path:
-        return self.home / "reports"
-
-    @property
-    def spool_dir(self) -> Path:
-        return self.home / "spool"
-
-    @property
-    def sqlite_url(self) -> str:
-        """The default database: an SQLite file in the home (absolute path)."""
-        return f"sqlite:///{(self.home / DATABASE_FILE).resolve()}"
 
     def base_file(self, kind: str) -> Path:
         """``home/data/base_<kind>.jsonl`` (kind: train, val, test); KeyError names the kinds."""

@@ -243,8 +243,9 @@ def history(models_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _switch(models_dir: Path, version: str, action: str) -> str | None:
-    """Point ``current`` at ``version`` and record it in the history (lock held by caller)."""
+def servable_version_dir(models_dir: Path, version: str) -> Path:
+    """The directory of registry version ``version``; ``RegistryError`` when it is not in the
+    registry or lacks a serving file (not exported to ONNX yet)."""
     path = version_dir(models_dir, version)
     if not path.is_dir():
         raise RegistryError(
@@ -257,6 +258,12 @@ def _switch(models_dir: Path, version: str, action: str) -> str | None:
             f"version {version} at {path} cannot serve: missing {', '.join(missing)}; "
             "export it to ONNX first"
         )
+    return path
+
+
+def _switch(models_dir: Path, version: str, action: str) -> str | None:
+    """Point ``current`` at ``version`` and record it in the history (lock held by caller)."""
+    path = servable_version_dir(models_dir, version)
     previous = current_version(models_dir)
     _warn_if_gated_against_another(path, previous, action)
     write_pointer(models_dir, version)

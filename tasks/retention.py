@@ -163,12 +163,11 @@ class _Progress:
 
 
 def _with_lock_retries(engine: Engine, what: str, work: Callable[[Connection], Any]) -> Any:
-    """Run ``work`` in a transaction whose table locks wait at most ``LOCK_TIMEOUT_S``; retry a
+    """Run ``work`` in a transaction (``work`` sets ``lock_timeout`` before its DDL); retry a
     lock timeout ``DDL_ATTEMPTS`` times (a long reader holds the table), then raise."""
     for attempt in range(1, DDL_ATTEMPTS + 1):
         try:
             with engine.begin() as conn:
-                partitions.set_lock_timeout(conn, LOCK_TIMEOUT_S)
                 return work(conn)
         except OperationalError as exc:
             if getattr(exc.orig, "sqlstate", None) != "55P03" or attempt == DDL_ATTEMPTS:
@@ -179,7 +178,9 @@ def _with_lock_retries(engine: Engine, what: str, work: Callable[[Connection], A
 
 
 def _detach_expired(conn: Connection, cutoff: datetime) -> list[str]:
-    conn.execute(stats_rollup.lock_stats_state())  # no refresh runs between drop and fix
+    # No refresh runs between the drop and the fix (waits for a running one, however long).
+    conn.execute(stats_rollup.lock_stats_state())
+    partitions.set_lock_timeout(conn, LOCK_TIMEOUT_S)  # the DDL must not queue for long
     detached = partitions.detach_expired(conn, cutoff)
     for partition, _ in detached:
         end = partition.end
@@ -316,6 +317,7 @@ def _maintain_partitions(
 ) -> partitions.PartitionChanges:
     """Partitions for the rows the DEFAULT partition caught (created at or after the cutoff,
     before the horizon) and for every period up to ``ahead_days`` after ``now``."""
+    partitions.set_lock_timeout(conn, LOCK_TIMEOUT_S)
     horizon = now + timedelta(days=ahead_days)
     if interval is None:
         interval = partitions.infer_interval(partitions.list_partitions(conn))

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, cast
 
 from sqlalchemy import Connection, Table, bindparam, exists, insert, select, update
@@ -303,21 +304,25 @@ def decide(
     if done.rowcount == 0:
         raise LeaseLost(f"review item {item_id} was taken or decided meanwhile")
     group_id = item.group_id if members else None
+    # The item's audit row and its members' differ only in which log/item and their priors.
+    group_audit_row = partial(
+        audit_row,
+        reviewer=reviewer,
+        action=action,
+        now=now,
+        round_id=item.round_id,
+        after=after,
+        notes=notes,
+        source=source,
+        group_id=group_id,
+        applied=final,
+    )
     rows = [
-        audit_row(
+        group_audit_row(
             decision_id=decision_id,
             log_id=item.log_id,
-            reviewer=reviewer,
-            action=action,
-            now=now,
-            round_id=item.round_id,
             item_id=item.id,
             before=before_intent(log),
-            after=after,
-            notes=notes,
-            source=source,
-            group_id=group_id,
-            applied=final,
             prior=prior_values(log) if final else (None, None, None),
         )
     ]
@@ -328,20 +333,11 @@ def decide(
         for member in members:
             mlog = member_logs[member.log_id]
             rows.append(
-                audit_row(
+                group_audit_row(
                     log_id=member.log_id,
-                    reviewer=reviewer,
-                    action=action,
-                    now=now,
-                    round_id=item.round_id,
                     item_id=member.id,
                     before=before_intent(mlog),
-                    after=after,
-                    notes=notes,
-                    source=source,
-                    group_id=group_id,
                     batch_id=decision_id,
-                    applied=final,
                     prior=prior_values(mlog) if final else (None, None, None),
                 )
             )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 from sqlalchemy import select
 
 from capture import db
+from capture.model_dir import write_pointer
 from capture.models import PromptLog
 from capture.settings import Settings
 from capture.types import Prediction
@@ -77,3 +80,30 @@ def count_rows(url: str) -> tuple[int, int]:
             select(func.count(), func.count(func.distinct(table.c.id)))
         ).one()
     return int(total), int(distinct)
+
+
+def fake_registry(root: Path, versions: tuple[str, ...] = ("1", "2")) -> Path:
+    """``root/models`` with version dirs that look deployable (empty files; loaders are fake),
+    serving the first of ``versions``; returns the models directory."""
+    models = root / "models"
+    for version in versions:
+        (models / version).mkdir(parents=True)
+        for name in ("metadata.json", "model.onnx", "tokenizer.json"):
+            (models / version / name).write_text("{}")
+    write_pointer(models, versions[0])
+    return models
+
+
+@contextmanager
+def scratch_database(server_url: str, prefix: str, *, migrated: bool = False) -> Iterator[str]:
+    """A new PostgreSQL database on ``server_url`` (named ``prefix`` plus a random suffix) for
+    the ``with`` block, empty or ``migrated`` to head; its URL. Dropped afterwards, engines
+    first."""
+    url = db.create_database(server_url, prefix)
+    try:
+        if migrated:
+            db.upgrade(url)
+        yield url
+    finally:
+        db.clear_engine_cache()
+        db.drop_database(server_url, url)

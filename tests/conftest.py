@@ -60,11 +60,10 @@ def postgres_server_url() -> str:
 @pytest.fixture(scope="session")
 def postgres_url(postgres_server_url: str) -> Iterator[str]:
     """A fresh, migrated PostgreSQL database for this test session."""
-    url = db.create_database(postgres_server_url, "pc_test")
-    db.upgrade(url)
-    yield url
-    db.clear_engine_cache()
-    db.drop_database(postgres_server_url, url)
+    from tests.capture_helpers import scratch_database
+
+    with scratch_database(postgres_server_url, "pc_test", migrated=True) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +105,23 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     get_settings.cache_clear()
     yield tmp_path / "home"
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def workbench_db(db_url: str) -> str:
+    """``db_url`` (both databases) with the logs and the review workbench tables empty."""
+    from tests.test_review_ui_support import clean_workbench_tables
+
+    clean_workbench_tables(db_url)
+    return db_url
+
+
+@pytest.fixture
+def wb_home(tmp_path: Path) -> Path:
+    """A home whose serving model (version 1) has the review workbench tests' labels."""
+    from tests.test_review_ui_support import make_home
+
+    return make_home(tmp_path / "home")
 
 
 @pytest.fixture(scope="session")

@@ -51,6 +51,8 @@ FIXTURE_RECORDS: tuple[tuple[str, str], ...] = (
     ("who sings this song", "music"),
 )
 FIXTURE_LABELS: tuple[str, ...] = ("banking", "calendar", "music", "weather")
+#: The labels of the second registry version: the fixture labels renamed (same weights).
+V2_LABELS = [f"{label}_v2" for label in FIXTURE_LABELS]
 
 _JSON_PROPS = frozenset({"labels", "oos_threshold", "temperature"})
 _lock = threading.Lock()
@@ -155,6 +157,18 @@ def clone_serving_dir(
             props[key] = json.dumps(value) if key in _JSON_PROPS else str(value)
         set_onnx_metadata(dest / "model.onnx", props)
     return dest
+
+
+def two_version_registry(exported: Path, models: Path, first: str, second: str) -> Path:
+    """``models`` (created) with version ``first`` (the exported model ``exported``) and
+    ``second`` (same weights, labels renamed to :data:`V2_LABELS`), serving ``first``."""
+    from capture.model_dir import write_pointer
+
+    models.mkdir()
+    clone_serving_dir(exported, models / first, version=first)
+    clone_serving_dir(exported, models / second, version=second, labels=V2_LABELS)
+    write_pointer(models, first)
+    return models
 
 
 def onnx_props(path: Path) -> dict[str, str]:

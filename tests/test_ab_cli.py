@@ -10,9 +10,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from capture.model_dir import write_pointer
 from deployments import commands_ab
 from deployments.cli import UserErrorGroup
+from tests.capture_helpers import fake_registry
 
 
 def app() -> typer.Typer:
@@ -28,12 +28,7 @@ def test_candidate_commands_and_readout(
 
     monkeypatch.setenv("PROMPT_CAPTURE_DATABASE_URL", sqlite_url)
     get_settings.cache_clear()
-    models = home / "models"
-    for version in ("1", "2"):
-        (models / version).mkdir(parents=True)
-        for name in ("metadata.json", "model.onnx", "tokenizer.json"):
-            (models / version / name).write_text("{}")
-    write_pointer(models, "1")
+    fake_registry(home)
     runner = CliRunner()
     result = runner.invoke(app(), ["candidate", "set", "2", "--mode", "canary", "--share", "0.2"])
     assert result.exit_code == 0, result.output

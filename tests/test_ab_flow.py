@@ -13,24 +13,13 @@ from typing import Any
 import pytest
 
 from capture.ab_routing import CandidateServing
-from capture.model_dir import write_pointer
 from capture.service import create_nlu_service
 from capture.types import Prediction
 from tasks.ab_candidate import set_candidate
 from tasks.registry import current_version, history
-from tests.capture_helpers import FixedClassifier, capture_settings
+from tests.capture_helpers import FixedClassifier, capture_settings, fake_registry
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-
-def registry(home: Path) -> Path:
-    models = home / "models"
-    for version in ("1", "2"):
-        (models / version).mkdir(parents=True)
-        for name in ("metadata.json", "model.onnx", "tokenizer.json"):
-            (models / version / name).write_text("{}")
-    write_pointer(models, "1")
-    return models
 
 
 async def canary_traffic(url: str, models: Path, home: Path, *, candidate_ok: float) -> None:
@@ -60,7 +49,7 @@ def run_flow(home: Path, url: str, **kwargs: Any) -> dict[str, Any]:
 def test_worse_canary_is_rolled_back_with_an_alert(
     sqlite_url: str, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    models = registry(home)
+    models = fake_registry(home)
     asyncio.run(canary_traffic(sqlite_url, models, home, candidate_ok=0.05))
     sent: list[str] = []
 
@@ -80,7 +69,7 @@ def test_worse_canary_is_rolled_back_with_an_alert(
 
 
 def test_better_canary_is_promoted(sqlite_url: str, home: Path) -> None:
-    models = registry(home)
+    models = fake_registry(home)
     asyncio.run(canary_traffic(sqlite_url, models, home, candidate_ok=0.95))
     result = run_flow(home, sqlite_url)
     assert result["readout"]["decision"] == "promote"
@@ -113,7 +102,7 @@ def _resume_when_paused(answer: dict[str, Any], done: threading.Event) -> None:
 def test_approval_is_asked_outside_the_lock_and_resumed_with_input(
     sqlite_url: str, home: Path
 ) -> None:
-    models = registry(home)
+    models = fake_registry(home)
     asyncio.run(canary_traffic(sqlite_url, models, home, candidate_ok=0.95))
     done = threading.Event()
     resumer = threading.Thread(
@@ -130,7 +119,7 @@ def test_approval_is_asked_outside_the_lock_and_resumed_with_input(
 
 
 def test_approval_timeout_rejects_and_the_champion_stays(sqlite_url: str, home: Path) -> None:
-    models = registry(home)
+    models = fake_registry(home)
     asyncio.run(canary_traffic(sqlite_url, models, home, candidate_ok=0.95))
     result = run_flow(home, sqlite_url, require_approval=True, approval_timeout_s=2)
     assert result["approval"]["approved"] is False
@@ -143,7 +132,7 @@ def test_stage_candidate_puts_a_published_version_under_test(home: Path) -> None
     """The weekly cycle's shadow/canary deploy step (an exported version: no export needed)."""
     from flows.ab_check import stage_candidate_flow
 
-    models = registry(home)
+    models = fake_registry(home)
     pointer = stage_candidate_flow("2", mode="canary", share=0.25, home=str(home))
     assert pointer == {"version": "2", "mode": "canary", "share": 0.25}
     assert current_version(models) == "1"

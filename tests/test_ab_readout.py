@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from capture import db
 from capture.ab_routing import CandidateServing
-from capture.model_dir import write_candidate, write_pointer
+from capture.model_dir import write_candidate
 from capture.service import create_nlu_service
 from capture.shadow import SHADOW_TABLE
 from capture.types import Prediction
@@ -32,17 +32,7 @@ from tasks.ab_decision import (
 )
 from tasks.ab_readout import ab_readout, wilson_interval
 from tasks.registry import current_version, history
-from tests.capture_helpers import FixedClassifier, capture_settings
-
-
-def registry(root: Path) -> Path:
-    models = root / "models"
-    for version in ("1", "2"):
-        (models / version).mkdir(parents=True)
-        for name in ("metadata.json", "model.onnx", "tokenizer.json"):
-            (models / version / name).write_text("{}")
-    write_pointer(models, "1")
-    return models
+from tests.capture_helpers import FixedClassifier, capture_settings, fake_registry
 
 
 def loader(candidate: FixedClassifier) -> object:
@@ -111,7 +101,7 @@ def test_shadow_decisions() -> None:
 
 
 async def test_canary_readout_per_arm(db_url: str, tmp_path: Path) -> None:
-    models = registry(tmp_path)
+    models = fake_registry(tmp_path)
     set_candidate(models, "2", mode="canary", share=0.5)
     candidate = FixedClassifier(prediction=Prediction("weather", 0.9), version="2")
     ab = CandidateServing(models, loader=loader(candidate), watch=False)  # type: ignore[arg-type]
@@ -148,7 +138,7 @@ async def test_canary_readout_per_arm(db_url: str, tmp_path: Path) -> None:
 async def test_shadow_readout_says_which_model_was_right(db_url: str, tmp_path: Path) -> None:
     with db.get_sync_engine(db_url).begin() as conn:
         conn.execute(text(f"DELETE FROM {SHADOW_TABLE}"))
-    models = registry(tmp_path)
+    models = fake_registry(tmp_path)
     set_candidate(models, "2", mode="shadow")
 
     class ByText(FixedClassifier):
@@ -181,7 +171,7 @@ async def test_shadow_readout_says_which_model_was_right(db_url: str, tmp_path: 
 
 
 def test_apply_decision_acts_only_on_the_candidate_it_read(tmp_path: Path) -> None:
-    models = registry(tmp_path)
+    models = fake_registry(tmp_path)
     (models / "3").mkdir()
     for name in ("metadata.json", "model.onnx", "tokenizer.json"):
         (models / "3" / name).write_text("{}")

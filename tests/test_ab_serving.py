@@ -22,22 +22,21 @@ from capture.model_dir import (
     ModelDirError,
     read_candidate,
     write_candidate,
-    write_pointer,
 )
 from capture.service import create_nlu_service
 from capture.shadow import SHADOW_TABLE
 from capture.types import Classifier, Prediction
 from tasks.ab_candidate import clear_candidate, promote_candidate, set_candidate
 from tasks.registry import RegistryError, current_version, history
-from tests.capture_helpers import FixedClassifier, capture_settings, fetch_rows
+from tests.capture_helpers import FixedClassifier, capture_settings, fake_registry, fetch_rows
 from tests.model_fixtures import (  # noqa: F401
     FIXTURE_LABELS,
+    V2_LABELS,
     clone_serving_dir,
     exported_model_dir,
     small_model_dir,
+    two_version_registry,
 )
-
-V2_LABELS = [f"{label}_v2" for label in FIXTURE_LABELS]
 
 
 def clean_shadow(url: str) -> None:
@@ -79,15 +78,9 @@ class BlockingClassifier:
         return Prediction("calendar_v2", 0.75)
 
 
-def fake_registry(root: Path) -> Path:
-    """A registry with version dirs 1 and 2 that look deployable (the loader is fake)."""
-    models = root / "models"
-    for version in ("1", "2", "3"):
-        (models / version).mkdir(parents=True)
-        for name in ("metadata.json", "model.onnx", "tokenizer.json"):
-            (models / version / name).write_text("{}")
-    write_pointer(models, "1")
-    return models
+def three_version_registry(root: Path) -> Path:
+    """A registry with version dirs 1, 2 and 3 that look deployable (the loader is fake)."""
+    return fake_registry(root, ("1", "2", "3"))
 
 
 # The pointer format and the registry's candidate commands.
@@ -112,7 +105,7 @@ def test_candidate_pointer_roundtrip_and_validation(tmp_path: Path) -> None:
 
 
 def test_registry_candidate_set_clear_promote(tmp_path: Path) -> None:
-    models = fake_registry(tmp_path)
+    models = three_version_registry(tmp_path)
     with pytest.raises(RegistryError, match="is the serving champion"):
         set_candidate(models, "1", mode="shadow")
     with pytest.raises(RegistryError, match="not in the registry"):
@@ -155,7 +148,7 @@ def test_sticky_share_on_10k_users() -> None:
 
 
 async def test_canary_is_sticky_per_user_and_logged(db_url: str, tmp_path: Path) -> None:
-    models = fake_registry(tmp_path)
+    models = three_version_registry(tmp_path)
     candidate_model = FixedClassifier(prediction=Prediction("calendar_v2", 0.9), version="2")
     write_candidate(models, "2", "canary", 0.3)
     ab = CandidateServing(models, loader=FakeLoader(**{"2": candidate_model}), watch=False)
@@ -193,7 +186,7 @@ async def test_canary_is_sticky_per_user_and_logged(db_url: str, tmp_path: Path)
 
 async def test_shadow_prediction_is_made_after_answering(db_url: str, tmp_path: Path) -> None:
     clean_shadow(db_url)
-    models = fake_registry(tmp_path)
+    models = three_version_registry(tmp_path)
     blocking = BlockingClassifier()
     write_candidate(models, "2", "shadow", 0.0)
     ab = CandidateServing(models, loader=FakeLoader(**{"2": blocking}), watch=False)
@@ -223,7 +216,7 @@ async def test_shadow_prediction_is_made_after_answering(db_url: str, tmp_path: 
 
 async def test_full_shadow_queue_drops_and_counts(db_url: str, tmp_path: Path) -> None:
     clean_shadow(db_url)
-    models = fake_registry(tmp_path)
+    models = three_version_registry(tmp_path)
     blocking = BlockingClassifier()
     write_candidate(models, "2", "shadow", 0.0)
     ab = CandidateServing(models, loader=FakeLoader(**{"2": blocking}), watch=False)
@@ -255,12 +248,7 @@ async def test_full_shadow_queue_drops_and_counts(db_url: str, tmp_path: Path) -
 
 @pytest.fixture
 def onnx_registry(exported_model_dir: Path, tmp_path: Path) -> Iterator[Path]:  # noqa: F811
-    models = tmp_path / "models"
-    models.mkdir()
-    clone_serving_dir(exported_model_dir, models / "1", version="1")
-    clone_serving_dir(exported_model_dir, models / "2", version="2", labels=V2_LABELS)
-    write_pointer(models, "1")
-    yield models
+    yield two_version_registry(exported_model_dir, tmp_path / "models", "1", "2")
 
 
 async def test_corrupt_candidate_never_serves(db_url: str, onnx_registry: Path) -> None:
@@ -354,7 +342,7 @@ async def test_clear_is_atomic_under_concurrent_predicts(db_url: str, onnx_regis
 
 
 def test_mode_change_keeps_the_loaded_model(tmp_path: Path) -> None:
-    models = fake_registry(tmp_path)
+    models = three_version_registry(tmp_path)
     loader = FakeLoader(**{"2": FixedClassifier(version="2")})
     write_candidate(models, "2", "shadow", 0.0)
     ab = CandidateServing(models, loader=loader, watch=False)

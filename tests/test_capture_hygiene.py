@@ -23,7 +23,7 @@ from capture.service import NLUService, create_nlu_service
 from capture.text import IntentNameError, clean_text
 from capture.types import RUNNERS_UP, Prediction
 from capture.values import truncate_text
-from tests.capture_helpers import FixedClassifier, capture_settings, fetch_rows
+from tests.capture_helpers import FixedClassifier, capture_settings, fetch_rows, scratch_database
 from tests.test_text import FREE_TEXT, INVALID_NAMES
 
 
@@ -302,13 +302,9 @@ def test_require_migrated_names_the_fix_and_creates_nothing(tmp_path: Path) -> N
 
 
 def test_require_migrated_on_a_fresh_postgres_database(postgres_server_url: str) -> None:
-    url = db.create_database(postgres_server_url, "pc_unmigrated")
-    try:
+    with scratch_database(postgres_server_url, "pc_unmigrated") as url:
         with pytest.raises(db.DatabaseNotMigratedError) as info:
             db.require_migrated(url)
         message = str(info.value)
         assert "has no schema" in message and "`prompt-capture db upgrade`" in message
         assert url.rpartition("/")[2] in message
-    finally:
-        db.clear_engine_cache()
-        db.drop_database(postgres_server_url, url)

@@ -26,13 +26,14 @@ from capture.settings import get_settings
 from capture.types import RUNNERS_UP, Classifier, Prediction
 from tests.model_fixtures import (  # noqa: F401  (fixtures)
     FIXTURE_LABELS,
+    V2_LABELS,
     base_model_path,
     clone_serving_dir,
     exported_model_dir,
     small_model_dir,
+    two_version_registry,
 )
 
-V2_LABELS = [f"{label}_v2" for label in FIXTURE_LABELS]
 PROMPTS = (
     "will it be sunny in rome tomorrow",
     "add a call with the bank manager to my calendar",
@@ -57,12 +58,7 @@ def write_pointer(models_dir: Path, version: str) -> None:
 @pytest.fixture
 def models_dir(exported_model_dir: Path, tmp_path: Path) -> Path:  # noqa: F811
     """A registry with v1 (the fixture model) and v2 (same weights, renamed labels) serving v1."""
-    models = tmp_path / "models"
-    models.mkdir()
-    clone_serving_dir(exported_model_dir, models / "v1", version="v1")
-    clone_serving_dir(exported_model_dir, models / "v2", version="v2", labels=V2_LABELS)
-    write_pointer(models, "v1")
-    return models
+    return two_version_registry(exported_model_dir, tmp_path / "models", "v1", "v2")
 
 
 # OnnxClassifier

@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import inspect
 
 from capture import db
+from tests.capture_helpers import scratch_database
 
 
 def _tables(url: str) -> set[str]:
@@ -52,14 +53,10 @@ def test_postgres_schema_has_indexes_and_trigger(postgres_url: str) -> None:
 
 
 def test_postgres_downgrade_and_upgrade_again(postgres_server_url: str) -> None:
-    url = db.create_database(postgres_server_url, "pc_mig")
-    try:
+    with scratch_database(postgres_server_url, "pc_mig") as url:
         db.upgrade(url)
         assert "nlu_prompt_logs" in _tables(url)
         db.downgrade(url, "base")
         assert "nlu_prompt_logs" not in _tables(url)
         db.upgrade(url)
         assert db.current_revision(url) == db.head_revision()
-    finally:
-        db.clear_engine_cache()
-        db.drop_database(postgres_server_url, url)

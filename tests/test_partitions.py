@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 from sqlalchemy import Connection, func, select, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from capture import db, partitions, statements, stats_rollup
@@ -29,7 +30,7 @@ from capture.rows import (
 )
 from capture.service import create_nlu_service
 from tasks.retention import run_retention, source_key
-from tests.capture_helpers import FixedClassifier, StepClock, capture_settings
+from tests.capture_helpers import FixedClassifier, StepClock, capture_settings, scratch_database
 
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
@@ -104,11 +105,8 @@ def _scanned(conn: Connection, statement: Any, params: dict[str, Any] | None = N
 @pytest.fixture(scope="module")
 def part_url(postgres_server_url: str) -> Iterator[str]:
     """A fresh, migrated database of its own (these tests create and drop partitions)."""
-    url = db.create_database(postgres_server_url, "pc_part")
-    db.upgrade(url)
-    yield url
-    db.clear_engine_cache()
-    db.drop_database(postgres_server_url, url)
+    with scratch_database(postgres_server_url, "pc_part", migrated=True) as url:
+        yield url
 
 
 @pytest.fixture
@@ -169,8 +167,7 @@ def _snapshot(url: str) -> list[tuple[Any, ...]]:
 
 
 def test_migration_converts_a_table_holding_rows_and_back(postgres_server_url: str) -> None:
-    url = db.create_database(postgres_server_url, "pc_mig7")
-    try:
+    with scratch_database(postgres_server_url, "pc_mig7") as url:
         db.upgrade(url, "0006")
         now = datetime.now(UTC)
         times = [now - i * 7 * HOUR for i in range(300)]  # 87 days back
@@ -218,14 +215,10 @@ def test_migration_converts_a_table_holding_rows_and_back(postgres_server_url: s
             assert not partitions.is_partitioned(conn)
         db.upgrade(url)
         assert _snapshot(url) == before
-    finally:
-        db.clear_engine_cache()
-        db.drop_database(postgres_server_url, url)
 
 
 def test_downgrade_refuses_two_rows_with_one_id(postgres_server_url: str) -> None:
-    url = db.create_database(postgres_server_url, "pc_mig7d")
-    try:
+    with scratch_database(postgres_server_url, "pc_mig7d") as url:
         db.upgrade(url)
         row = _rows([datetime.now(UTC)])[0]
         twin = dict(row, created_at=row["created_at"] - 3 * DAY)
@@ -233,9 +226,6 @@ def test_downgrade_refuses_two_rows_with_one_id(postgres_server_url: str) -> Non
         with pytest.raises(RuntimeError, match=f"id {row['id']} is used by more than one row"):
             db.downgrade(url, "0006")
         assert db.current_revision(url) == db.head_revision()  # rolled back
-    finally:
-        db.clear_engine_cache()
-        db.drop_database(postgres_server_url, url)
 
 
 # --------------------------------------------------------------------------- lookups by id
@@ -477,6 +467,47 @@ def test_a_crash_while_copying_a_partition_then_a_rerun(clean: str) -> None:
     result = run_retention(clean, now=now, batch_size=3)
     assert result.copied == len(expired) - 3 and result.deleted == len(expired)
     assert _count(clean, EXAMPLES) == len(expired) and _expired_tables(clean) == []
+
+
+def test_the_detach_does_not_queue_behind_a_long_reader(
+    clean: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader holding the parent makes the DETACH give up after ``lock_timeout`` (instead of
+    queueing every new query behind it) and retry; it succeeds once the reader is gone."""
+    import threading
+
+    from tasks import retention
+
+    monkeypatch.setattr(retention, "LOCK_TIMEOUT_S", 0.3)
+    rows, cutoff = _seed_old(clean)
+    reader = psycopg.connect(db.libpq_url(clean))
+    reader.execute("SELECT count(*) FROM nlu_prompt_logs")  # holds ACCESS SHARE until it ends
+    timer = threading.Timer(0.6, reader.rollback)
+    timer.start()
+    try:
+        result = run_retention(clean, now=cutoff + 90 * DAY, batch_size=50)
+    finally:
+        timer.join()
+        reader.close()
+    assert result.partitions_dropped == 6
+    assert result.copied == sum(1 for r in rows if r["created_at"] < cutoff)
+
+
+def test_a_reader_that_stays_fails_the_run_and_loses_nothing(
+    clean: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks import retention
+
+    monkeypatch.setattr(retention, "LOCK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(retention, "DDL_ATTEMPTS", 2)
+    rows, cutoff = _seed_old(clean)
+    with psycopg.connect(db.libpq_url(clean)) as reader:
+        reader.execute("SELECT count(*) FROM nlu_prompt_logs")
+        with pytest.raises(OperationalError, match="lock timeout"):
+            run_retention(clean, now=cutoff + 90 * DAY, batch_size=50)
+        reader.rollback()
+    assert _count(clean, LOGS) == len(rows) and _count(clean, EXAMPLES) == 0
+    assert _expired_tables(clean) == []
 
 
 # --------------------------------------------------------------------------- triggers, roles

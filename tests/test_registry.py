@@ -13,11 +13,10 @@ from capture.model_dir import ModelMetadata
 from tasks import registry
 
 
-def fake_model(path: Path, *, labels: tuple[str, ...] = ("a", "b"), onnx: bool = True) -> Path:
-    """A model directory with the serving files (valid metadata; the rest is not a real model)."""
-    path.mkdir(parents=True)
-    ModelMetadata(
-        version="trained-hash",
+def stub_metadata(version: str, labels: tuple[str, ...] = ("a", "b")) -> ModelMetadata:
+    """Valid metadata of a tiny stand-in model (16 tokens, 4-dim embeddings, no threshold)."""
+    return ModelMetadata(
+        version=version,
         labels=labels,
         oos_label="oos",
         oos_threshold=None,
@@ -29,7 +28,13 @@ def fake_model(path: Path, *, labels: tuple[str, ...] = ("a", "b"), onnx: bool =
         metrics={},
         max_seq_length=16,
         embedding_dim=4,
-    ).write(path)
+    )
+
+
+def fake_model(path: Path, *, labels: tuple[str, ...] = ("a", "b"), onnx: bool = True) -> Path:
+    """A model directory with the serving files (valid metadata; the rest is not a real model)."""
+    path.mkdir(parents=True)
+    stub_metadata("trained-hash", labels).write(path)
     if onnx:
         tiny_onnx(path / "model.onnx", version="trained-hash")
         (path / "tokenizer.json").write_text("{}", encoding="utf-8")

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from capture.files import write_json_atomic
-from capture.model_dir import Head, ModelMetadata
+from capture.model_dir import Head
 from tasks import registry
-from tests.test_registry import fake_model
+from tests.test_registry import fake_model, stub_metadata
 
 
 @pytest.fixture(params=[0o022, 0o027, 0o077], ids=["umask022", "umask027", "umask077"])
@@ -109,20 +109,7 @@ class FakeEncoder:
 def test_a_trained_model_directory_is_not_left_private(tmp_path: Path, umask: int) -> None:
     from tasks.train import _write_model_dir
 
-    metadata = ModelMetadata(
-        version="v",
-        labels=("a", "b"),
-        oos_label="oos",
-        oos_threshold=None,
-        temperature=1.0,
-        base_model="base",
-        parent_version=None,
-        created_at="2026-01-05T00:00:00+00:00",
-        hyperparameters={},
-        metrics={},
-        max_seq_length=16,
-        embedding_dim=4,
-    )
+    metadata = stub_metadata("v")
     head = Head(np.zeros((2, 4), np.float32), np.zeros(2, np.float32))
     out = tmp_path / "work" / "candidate-2"
     _write_model_dir(out, FakeEncoder(), head, metadata)

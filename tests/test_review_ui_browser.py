@@ -33,16 +33,9 @@ from tests.test_review_ui_support import (
     clean_workbench_tables,
     corrections,
     log_row,
-    make_home,
     make_user,
     settings_for,
 )
-
-
-@pytest.fixture
-def wb_home(tmp_path: Path) -> Path:
-    return make_home(tmp_path / "home")
-
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

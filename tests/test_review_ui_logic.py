@@ -34,26 +34,11 @@ from tests.test_review_ui_support import (
     NOW,
     PASSWORD,
     audit,
-    clean_workbench_tables,
     corrections,
-    make_home,
     make_user,
     make_users,
     seed_logs,
 )
-
-
-@pytest.fixture
-def workbench_db(db_url: str) -> str:
-    """``db_url`` (both databases) with the logs and the workbench tables empty."""
-    clean_workbench_tables(db_url)
-    return db_url
-
-
-@pytest.fixture
-def wb_home(tmp_path: Path) -> Path:
-    return make_home(tmp_path / "home")
-
 
 CATALOG = Catalog(frozenset(LABELS), "oos", "1")
 

@@ -24,24 +24,10 @@ from tests.test_review_ui_support import (
     audit,
     clean_workbench_tables,
     corrections,
-    make_home,
     make_user,
     seed_logs,
     settings_for,
 )
-
-
-@pytest.fixture
-def workbench_db(db_url: str) -> str:
-    """``db_url`` (both databases) with the logs and the workbench tables empty."""
-    clean_workbench_tables(db_url)
-    return db_url
-
-
-@pytest.fixture
-def wb_home(tmp_path: Path) -> Path:
-    return make_home(tmp_path / "home")
-
 
 CSRF = re.compile(r'name="csrf-token" content="([^"]+)"')
 

@@ -1,6 +1,6 @@
 """Shared helpers of the review workbench tests (no tests here): seeded logs, users, a catalogue.
 
-Each test module defines its fixtures from these (``workbench_db``: the ``db_url`` database,
+tests/conftest.py builds the fixtures from these (``workbench_db``: the ``db_url`` database,
 SQLite and PostgreSQL, with the workbench tables emptied too; ``wb_home``). ``seed_logs`` writes
 prompts the review selection picks (low confidence, runners-up, a conversation, exact
 duplicates); ``make_home`` writes a registry whose serving model's labels are the catalogue.

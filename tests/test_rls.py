@@ -20,6 +20,7 @@ from sqlalchemy.pool import NullPool
 
 from capture import db
 from capture import repository as repo
+from tests.capture_helpers import scratch_database
 
 APP_ROLE = "prompt_capture_app"
 PIPELINE_ROLE = "prompt_capture_pipeline"
@@ -211,43 +212,41 @@ def test_forced_rls_keeps_a_non_superuser_owner_working(postgres_server_url: str
     owner = f"pc_rls_{uuid.uuid4().hex[:8]}_owner"
     with psycopg.connect(postgres_server_url, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {owner} LOGIN CREATEROLE")
-    url = db.create_database(postgres_server_url, "pc_rls_owner")
     try:
-        with psycopg.connect(db.libpq_url(url), autocommit=True) as conn:
-            conn.execute(f"GRANT CREATE ON SCHEMA public TO {owner}")
-        owner_url = _as_role(url, owner)
-        db.upgrade(owner_url)
-        with psycopg.connect(db.libpq_url(owner_url)) as conn:
-            relowner = conn.execute(
-                "SELECT pg_get_userbyid(relowner), relforcerowsecurity FROM pg_class "
-                "WHERE oid = 'nlu_prompt_logs'::regclass"
-            ).fetchone()
-            assert relowner == (owner, True)
-            for uid in (ALICE, BOB):
-                conn.execute(
-                    "INSERT INTO nlu_prompt_logs (id, user_id, prompt, predicted_intent, "
-                    "confidence) VALUES (%s, %s, 'p', 'greet', 0.5)",
-                    (uuid.uuid4(), uid),
-                )
-            assert conn.execute("SELECT count(*) FROM nlu_prompt_logs").fetchone() == (2,)
-            conn.execute("SELECT set_config('app.user_id', %s, true)", (str(ALICE),))
-            assert conn.execute("SELECT count(*) FROM nlu_prompt_logs").fetchone() == (1,)
-            conn.commit()
-            with (
-                pytest.raises(psycopg.errors.FeatureNotSupported),
-                conn.cursor().copy("COPY nlu_prompt_logs (prompt) FROM STDIN") as copy,
-            ):
-                copy.write_row(("x",))
-            conn.rollback()
-        db.downgrade(owner_url, "0002")
-        with psycopg.connect(db.libpq_url(owner_url)) as conn:
-            assert conn.execute(
-                "SELECT relrowsecurity, relforcerowsecurity FROM pg_class "
-                "WHERE oid = 'nlu_prompt_logs'::regclass"
-            ).fetchone() == (False, False)
-            assert conn.execute("SELECT count(*) FROM pg_policy").fetchone() == (0,)
+        with scratch_database(postgres_server_url, "pc_rls_owner") as url:
+            with psycopg.connect(db.libpq_url(url), autocommit=True) as conn:
+                conn.execute(f"GRANT CREATE ON SCHEMA public TO {owner}")
+            owner_url = _as_role(url, owner)
+            db.upgrade(owner_url)
+            with psycopg.connect(db.libpq_url(owner_url)) as conn:
+                relowner = conn.execute(
+                    "SELECT pg_get_userbyid(relowner), relforcerowsecurity FROM pg_class "
+                    "WHERE oid = 'nlu_prompt_logs'::regclass"
+                ).fetchone()
+                assert relowner == (owner, True)
+                for uid in (ALICE, BOB):
+                    conn.execute(
+                        "INSERT INTO nlu_prompt_logs (id, user_id, prompt, predicted_intent, "
+                        "confidence) VALUES (%s, %s, 'p', 'greet', 0.5)",
+                        (uuid.uuid4(), uid),
+                    )
+                assert conn.execute("SELECT count(*) FROM nlu_prompt_logs").fetchone() == (2,)
+                conn.execute("SELECT set_config('app.user_id', %s, true)", (str(ALICE),))
+                assert conn.execute("SELECT count(*) FROM nlu_prompt_logs").fetchone() == (1,)
+                conn.commit()
+                with (
+                    pytest.raises(psycopg.errors.FeatureNotSupported),
+                    conn.cursor().copy("COPY nlu_prompt_logs (prompt) FROM STDIN") as copy,
+                ):
+                    copy.write_row(("x",))
+                conn.rollback()
+            db.downgrade(owner_url, "0002")
+            with psycopg.connect(db.libpq_url(owner_url)) as conn:
+                assert conn.execute(
+                    "SELECT relrowsecurity, relforcerowsecurity FROM pg_class "
+                    "WHERE oid = 'nlu_prompt_logs'::regclass"
+                ).fetchone() == (False, False)
+                assert conn.execute("SELECT count(*) FROM pg_policy").fetchone() == (0,)
     finally:
-        db.clear_engine_cache()
-        db.drop_database(postgres_server_url, url)
         with psycopg.connect(postgres_server_url, autocommit=True) as conn:
             conn.execute(f"DROP ROLE IF EXISTS {owner}")

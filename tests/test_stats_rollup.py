@@ -32,6 +32,7 @@ from capture.rows import (
     prompt_log_values,
 )
 from capture.values import floor_day, floor_hour, since_days
+from tests.capture_helpers import scratch_database
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)  # the statistics' clock (rows are days old)
 HOUR = timedelta(hours=1)
@@ -571,8 +572,7 @@ def test_migration_0004_up_and_down_on_sqlite(tmp_path: Path) -> None:
 
 
 def test_migration_0004_up_and_down_on_postgres(postgres_server_url: str) -> None:
-    url = db.create_database(postgres_server_url, "pc_mig4")
-    try:
+    with scratch_database(postgres_server_url, "pc_mig4") as url:
         db.upgrade(url)
         tables, triggers = _tables_and_triggers(url)
         assert tables >= ROLLUP_TABLES
@@ -589,9 +589,6 @@ def test_migration_0004_up_and_down_on_postgres(postgres_server_url: str) -> Non
         assert functions == 0
         db.upgrade(url)
         assert db.current_revision(url) == db.head_revision()
-    finally:
-        db.clear_engine_cache()
-        db.drop_database(postgres_server_url, url)
 
 
 def flat(output: str) -> str:

@@ -34,12 +34,14 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.helpers import grant_pipeline_tables, revoke_pipeline_tables
+from migrations.helpers import timestamp as _ts
+
 revision = "0005"
 down_revision = "0004"
 branch_labels = None
 depends_on = None
 
-PIPELINE_ROLE = "prompt_capture_pipeline"
 USERS = "review_users"
 ATTEMPTS = "review_login_attempts"
 ROUNDS = "review_rounds"
@@ -63,16 +65,8 @@ ACTIONS = (
 )
 
 
-def _is_postgres() -> bool:
-    return op.get_bind().dialect.name == "postgresql"
-
-
 def _in(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
-
-
-def _ts(name: str, *, nullable: bool = True) -> sa.Column[object]:
-    return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable)
 
 
 def _json() -> sa.types.TypeEngine[object]:
@@ -263,26 +257,12 @@ def upgrade() -> None:
         ),
     )
 
-    if _is_postgres():
-        # The workbench connects as a member of the pipeline role (docs/DATABASE.md); the
-        # online application role gets nothing here.
-        op.execute(
-            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(TABLES)} TO {PIPELINE_ROLE}"
-        )
+    # The workbench connects as a member of the pipeline role (docs/DATABASE.md); the
+    # online application role gets nothing here.
+    grant_pipeline_tables(TABLES)
 
 
 def downgrade() -> None:
-    if _is_postgres():
-        op.execute(
-            f"""
-            DO $$
-            BEGIN
-                IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{PIPELINE_ROLE}') THEN
-                    REVOKE ALL ON {", ".join(TABLES)} FROM {PIPELINE_ROLE};
-                END IF;
-            END
-            $$
-            """
-        )
+    revoke_pipeline_tables(TABLES)
     for table in reversed(TABLES):
         op.drop_table(table)

@@ -26,25 +26,19 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.helpers import grant_pipeline_tables, revoke_pipeline_tables
+from migrations.helpers import timestamp as _ts
+
 revision = "0006"
 down_revision = "0005"
 branch_labels = None
 depends_on = None
 
-PIPELINE_ROLE = "prompt_capture_pipeline"
 HOURS = "monitor_hours"
 ALERTS = "monitor_alerts"
 MARKERS = "monitor_markers"
 TABLES = (HOURS, ALERTS, MARKERS)
 ALERT_STATES = ("sending", "sent", "failed")
-
-
-def _is_postgres() -> bool:
-    return op.get_bind().dialect.name == "postgresql"
-
-
-def _ts(name: str, *, nullable: bool = True) -> sa.Column[object]:
-    return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable)
 
 
 def upgrade() -> None:
@@ -97,24 +91,10 @@ def upgrade() -> None:
         _ts("updated_at", nullable=False),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_monitor_markers")),
     )
-    if _is_postgres():
-        op.execute(
-            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(TABLES)} TO {PIPELINE_ROLE}"
-        )
+    grant_pipeline_tables(TABLES)
 
 
 def downgrade() -> None:
-    if _is_postgres():
-        op.execute(
-            f"""
-            DO $$
-            BEGIN
-                IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{PIPELINE_ROLE}') THEN
-                    REVOKE ALL ON {", ".join(TABLES)} FROM {PIPELINE_ROLE};
-                END IF;
-            END
-            $$
-            """
-        )
+    revoke_pipeline_tables(TABLES)
     for table in reversed(TABLES):
         op.drop_table(table)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.helpers import when_roles_exist
+
 revision = "0008"
 down_revision = "0007"
 branch_labels = None
@@ -27,10 +29,6 @@ depends_on = None
 TABLE = "nlu_shadow_predictions"
 APP_ROLE = "prompt_capture_app"
 PIPELINE_ROLE = "prompt_capture_pipeline"
-
-
-def _is_postgres() -> bool:
-    return op.get_bind().dialect.name == "postgresql"
 
 
 def upgrade() -> None:
@@ -53,21 +51,10 @@ def upgrade() -> None:
         TABLE,
         ["candidate_version", "log_created_at"],
     )
-    if _is_postgres():
-        op.execute(
-            f"""
-            DO $$
-            BEGIN
-                IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN
-                    GRANT INSERT ON {TABLE} TO {APP_ROLE};
-                END IF;
-                IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{PIPELINE_ROLE}') THEN
-                    GRANT SELECT, INSERT, DELETE ON {TABLE} TO {PIPELINE_ROLE};
-                END IF;
-            END
-            $$
-            """
-        )
+    when_roles_exist(
+        (APP_ROLE, f"GRANT INSERT ON {TABLE} TO {APP_ROLE}"),
+        (PIPELINE_ROLE, f"GRANT SELECT, INSERT, DELETE ON {TABLE} TO {PIPELINE_ROLE}"),
+    )
 
 
 def downgrade() -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from alembic import op
 
+from migrations.helpers import is_postgres, when_roles_exist
+
 revision = "0009"
 down_revision = "0008"
 branch_labels = None
@@ -26,10 +28,6 @@ APP_ROLE = "prompt_capture_app"
 CHECK = "ck_review_decisions_source"
 NEW = ("ui", "file", "label_studio", "api")
 OLD = ("ui", "file", "label_studio")
-
-
-def _is_postgres() -> bool:
-    return op.get_bind().dialect.name == "postgresql"
 
 
 def _in(values: tuple[str, ...]) -> str:
@@ -45,22 +43,11 @@ def _replace_check(values: tuple[str, ...]) -> None:
 
 def upgrade() -> None:
     _replace_check(NEW)
-    if _is_postgres():
+    if is_postgres():
         op.execute(f"GRANT INSERT ON {TABLE} TO {APP_ROLE}")
 
 
 def downgrade() -> None:
-    if _is_postgres():
-        op.execute(
-            f"""
-            DO $$
-            BEGIN
-                IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN
-                    REVOKE INSERT ON {TABLE} FROM {APP_ROLE};
-                END IF;
-            END
-            $$
-            """
-        )
+    when_roles_exist((APP_ROLE, f"REVOKE INSERT ON {TABLE} FROM {APP_ROLE}"))
     op.execute(f"DELETE FROM {TABLE} WHERE source = 'api'")
     _replace_check(OLD)

@@ -1,0 +1,54 @@
+"""Small pieces several migrations share (PostgreSQL grants to the pipeline role of 0003).
+
+Only for blocks that are the same in each migration that uses them: a helper here must never
+change what an applied migration runs, so change none of these once a migration calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import sqlalchemy as sa
+from alembic import op
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_ROLE = "prompt_capture_pipeline"
+
+
+def is_postgres() -> bool:
+    """True when the migration runs on PostgreSQL (grants and roles exist only there)."""
+    return op.get_bind().dialect.name == "postgresql"
+
+
+def timestamp(name: str, *, nullable: bool = True) -> sa.Column[object]:
+    """A ``timestamp with time zone`` column named ``name``."""
+    return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable)
+
+
+def grant_pipeline_tables(tables: tuple[str, ...]) -> None:
+    """PostgreSQL: the pipeline role may read and write ``tables`` (``SELECT, INSERT, UPDATE,
+    DELETE``); nothing on SQLite."""
+    if is_postgres():
+        op.execute(
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(tables)} TO {PIPELINE_ROLE}"
+        )
+
+
+def when_roles_exist(*steps: tuple[str, str]) -> None:
+    """PostgreSQL: run each ``(role, statement)`` step's statement (a GRANT or REVOKE naming
+    ``role``) only if that role exists, in one ``DO`` block; nothing on SQLite."""
+    if is_postgres():
+        checks = "".join(
+            f"\n    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN"
+            f"\n        {statement};"
+            "\n    END IF;"
+            for role, statement in steps
+        )
+        op.execute(f"DO $$\nBEGIN{checks}\nEND\n$$")
+
+
+def revoke_pipeline_tables(tables: tuple[str, ...]) -> None:
+    """PostgreSQL: undo :func:`grant_pipeline_tables` (when the pipeline role still exists);
+    nothing on SQLite."""
+    when_roles_exist((PIPELINE_ROLE, f"REVOKE ALL ON {', '.join(tables)} FROM {PIPELINE_ROLE}"))
