@@ -249,29 +249,58 @@ def _drop_expired_partitions(
 ) -> None:
     with engine.connect() as conn:
         left = partitions.list_expired_tables(conn)  # a run that stopped after detaching
+    for name in left:
+        _copy_and_drop(
+            engine,
+            name,
+            batch_size=batch_size,
+            before_commit=before_commit,
+            before_drop=before_drop,
+            progress=progress,
+        )
     started = time.perf_counter()
     detached = _with_lock_retries(engine, "detach", lambda conn: _detach_expired(conn, cutoff))
     progress.took("detach", started)
-    for name in [*left, *detached]:
-        started = time.perf_counter()
-        rows = _copy_expired_table(
-            engine, name, batch_size=batch_size, before_commit=before_commit, progress=progress
-        )
-        progress.took("copy", started)
-        if before_drop is not None:
-            before_drop(name)
-        dropping = time.perf_counter()
-        with engine.begin() as conn:
-            partitions.drop_expired_table(conn, name)
-        progress.took("drop", dropping)
-        progress.deleted += rows
-        progress.dropped += 1
-        logger.info(
-            "retention: partition %s (%d rows) copied and dropped in %.1f s",
+    for name in detached:
+        _copy_and_drop(
+            engine,
             name,
-            rows,
-            time.perf_counter() - started,
+            batch_size=batch_size,
+            before_commit=before_commit,
+            before_drop=before_drop,
+            progress=progress,
         )
+
+
+def _copy_and_drop(
+    engine: Engine,
+    name: str,
+    *,
+    batch_size: int,
+    before_commit: BeforeCommit | None,
+    before_drop: BeforeDrop | None,
+    progress: _Progress,
+) -> None:
+    """Copy a detached partition into the training store, then drop it."""
+    started = time.perf_counter()
+    rows = _copy_expired_table(
+        engine, name, batch_size=batch_size, before_commit=before_commit, progress=progress
+    )
+    progress.took("copy", started)
+    if before_drop is not None:
+        before_drop(name)
+    dropping = time.perf_counter()
+    with engine.begin() as conn:
+        partitions.drop_expired_table(conn, name)
+    progress.took("drop", dropping)
+    progress.deleted += rows
+    progress.dropped += 1
+    logger.info(
+        "retention: partition %s (%d rows) copied and dropped in %.1f s",
+        name,
+        rows,
+        time.perf_counter() - started,
+    )
 
 
 def _delete_rows(
