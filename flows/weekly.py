@@ -69,8 +69,8 @@ def weekly_cycle(
     ``deploy_mode`` (docs/AB_TESTING.md): ``shadow`` (default) or ``canary`` puts a promoted
     challenger under test as the registry's candidate (``canary_share`` of users for a canary)
     and the hourly ab-check flow promotes or rolls it back; ``direct`` deploys it at once (as
-    before, for small teams). When a candidate is still under test, the challenger is published
-    in the registry only, and the message says so.
+    before, for small teams; also whenever nothing serves yet). When a candidate is still under
+    test, the challenger is published in the registry only, and the message says so.
     """
     if deploy_mode not in {"direct", "shadow", "canary"}:
         raise UserError(
@@ -114,7 +114,9 @@ def weekly_cycle(
         )
         deployed = None
         ab_note = None
-        if retrain.promote and deploy and deploy_mode == "direct":
+        # With nothing serving there is no champion to test a candidate beside: deploy.
+        direct = deploy_mode == "direct" or retrain.champion_version is None
+        if retrain.promote and deploy and direct:
             deployed = deploy_flow(retrain.version, quantize=quantize, home=where)
         elif retrain.promote and deploy:
             under_test = read_candidate(run.layout.models_dir)

@@ -92,6 +92,9 @@ class LoopSettings:
             "max_intent_drop": self.max_intent_drop,
             "min_support": self.min_support,
             "deploy": True,
+            # The simulator compares review strategies week by week: a promoted challenger
+            # serves next week's traffic directly (an A/B test needs real workflow outcomes).
+            "deploy_mode": "direct",
             "quantize": self.quantize,
         }
 
