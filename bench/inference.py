@@ -22,6 +22,14 @@ the bundled all-MiniLM-L6-v2 with a logistic-regression head (C=10) fit on froze
 
 Targets (issue 3): p50 >= 12x faster than torch, batch-64 throughput >= 4x, agreement >= 99%.
 A section with the date, the command and the table is appended to bench/RESULTS.md.
+
+``--fast-path`` adds the cascade (issue 17): ``tasks.fast_path.build_fast_path`` on the int8
+export (head fitted on the ``--data`` train split, threshold on its val split), served by
+``OnnxClassifier(..., fast_path=True)`` and timed in the same rounds. Its quality is measured on
+the test split only (val fitted the threshold): top-1 agreement of the served intent with the
+int8 model alone (one prompt at a time), and the share of prompts the fast path answers.
+Targets: p50 >= 25x torch, agreement with int8 >= 99.5%, p99 <= int8 p99 + 10%. Run it once per
+domain (``--data .../clinc150 --model DIR``, ``--data .../hwu64 --model DIR``).
 """
 
 from __future__ import annotations
@@ -64,6 +72,10 @@ BATCH = 64
 TARGET_P50 = 12.0
 TARGET_THROUGHPUT = 4.0
 TARGET_AGREEMENT = 0.99
+TARGET_CASCADE_P50 = 25.0
+TARGET_CASCADE_AGREEMENT = 0.995
+TARGET_CASCADE_P99 = 1.10  # times the int8 model's p99
+CASCADE = "cascade (fast path + int8)"
 # A pause before each backend's turn: the previous backend's worker threads (torch's OpenMP pool,
 # ONNX Runtime's intra-op pool) spin for a while after their last task and would take the cores
 # from the next backend.
@@ -297,6 +309,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ("onnx fp32", fp32_dir, fp32_report),
         (f"onnx int8 (per-channel, {int8_report.int8_recipe})", int8_dir, int8_report),
     )
+    cascade = build_cascade(args, data, int8_dir, untimed_threads) if args.fast_path else None
 
     # Quality does not depend on the thread count: measured once.
     quality: dict[str, dict[str, float | None]] = {
@@ -315,6 +328,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "agreement_single_in_scope": float(np.mean((single == ref_top)[in_scope])),
             "size_mb": report.published_size_bytes / 1e6,
         }
+    if cascade is not None:
+        cascade_quality(
+            cascade,
+            data,
+            texts=texts,
+            ref_top=ref_top,
+            gold_index=gold_index,
+            in_scope=in_scope,
+            threads=untimed_threads,
+        )
+        quality[CASCADE] = cascade.pop("quality")
 
     runs = []
     for threads in args.threads:
@@ -337,6 +361,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, directory, _ in onnx_models:
             classifier = OnnxClassifier(directory, threads=threads)
             backends.append(Backend(name, classifier.predict, classifier.predict_batch))
+        keys = ["torch", *(m[0] for m in onnx_models)]
+        if cascade is not None:
+            served = OnnxClassifier(int8_dir, threads=threads, fast_path=True)
+            backends.append(Backend(CASCADE, served.predict, served.predict_batch))
+            keys.append(CASCADE)
         results = timed_rounds(
             backends,
             timing_texts,
@@ -344,7 +373,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             n_batches=args.n_batches,
             rounds=args.rounds,
         )
-        for timing, key in zip(results, ("torch", *(m[0] for m in onnx_models)), strict=True):
+        for timing, key in zip(results, keys, strict=True):
             for field, value in quality[key].items():
                 setattr(timing, field, value)
         base = results[0]
@@ -389,8 +418,89 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "runs": runs,
         "work_dir": str(work),
+        "data": data.name,
+        "cascade": cascade,
     }
     return summary
+
+
+def build_cascade(
+    args: argparse.Namespace, data: Path, int8_dir: Path, threads: int
+) -> dict[str, Any]:
+    """Build the fast path of the int8 export (train split: head; val split: threshold)."""
+    from tasks.fast_path import build_fast_path
+
+    logger.info("fast path: distilling and fitting on %s", data)
+    report = build_fast_path(
+        int8_dir,
+        [r["text"] for r in read_jsonl(data / "train.jsonl")],
+        [r["text"] for r in read_jsonl(data / "val.jsonl")],
+        threads=threads,
+    )
+    logger.info("fast path: %s", report.reason)
+    if not report.published:
+        raise SystemExit(f"fast path not published: {report.reason}")
+    return {"build": report.to_dict()}
+
+
+def cascade_quality(
+    cascade: dict[str, Any],
+    data: Path,
+    *,
+    texts: list[str],
+    ref_top: np.ndarray,
+    gold_index: np.ndarray,
+    in_scope: np.ndarray,
+    threads: int,
+) -> None:
+    """Agreement with torch (as the other rows), and on the test split: agreement of the
+    served intent with the int8 model alone and the share answered by the fast path."""
+    from capture.classifier import OnnxClassifier
+
+    int8_dir = Path(cascade["build"]["model_dir"])
+    alone = OnnxClassifier(int8_dir, threads=threads)
+    served = OnnxClassifier(int8_dir, threads=threads, fast_path=True)
+    fast = served.fast_path
+    assert fast is not None
+    labels = list(served.labels)
+
+    def top(prediction_intent: str, runners: tuple[tuple[str, float], ...]) -> int:
+        # The label the prediction ranks first (an OOS decision ranks its best in-scope label).
+        if prediction_intent in labels:
+            return labels.index(prediction_intent)
+        return labels.index(runners[0][0]) if runners and runners[0][0] in labels else -1
+
+    single = np.array([top(p.intent, p.secondary_intents) for p in map(served.predict, texts)])
+    batched = np.array(
+        [
+            top(p.intent, p.secondary_intents)
+            for i in range(0, len(texts), BATCH)
+            for p in served.predict_batch(texts[i : i + BATCH])
+        ]
+    )
+    test = [r["text"] for r in read_jsonl(data / "test.jsonl")]
+    answered = [fast.predict(t) is not None for t in test]
+    agree = [served.predict(t).intent == alone.predict(t).intent for t in test]
+    n_answered = sum(answered)
+    cascade["test"] = {
+        "n": len(test),
+        "agreement_with_int8": float(np.mean(agree)),
+        "share_answered": n_answered / len(test),
+        "agreement_answered": (
+            sum(a for a, f in zip(agree, answered, strict=True) if f) / n_answered
+            if n_answered
+            else None
+        ),
+        "threshold": fast.threshold,
+    }
+    cascade["quality"] = {
+        "agreement": float(np.mean(batched == ref_top)),
+        "agreement_single": float(np.mean(single == ref_top)),
+        "agreement_single_in_scope": float(np.mean((single == ref_top)[in_scope])),
+        "accuracy": float(np.mean(single[in_scope] == gold_index[in_scope])),
+        "size_mb": sum((int8_dir / name).stat().st_size for name in ("model.onnx", "fast_path.npz"))
+        / 1e6,
+    }
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -415,8 +525,47 @@ def table(run: dict[str, Any]) -> str:
     return f"{run['threads']} thread(s):\n\n" + head + "\n".join(rows) + "\n"
 
 
+def cascade_verdicts(run: dict[str, Any], cascade: dict[str, Any]) -> str:
+    rows = {r["name"]: r for r in run["results"]}
+    if CASCADE not in rows:
+        return ""
+    served, int8 = rows[CASCADE], run["results"][2]
+    test = cascade["test"]
+    p99_ratio = served["p99_ms"] / int8["p99_ms"]
+    checks = [
+        (
+            "cascade p50 speed-up",
+            served["p50_speedup"] >= TARGET_CASCADE_P50,
+            f"{served['p50_speedup']:.1f}x (target >= {TARGET_CASCADE_P50:g}x)",
+        ),
+        (
+            "cascade top-1 agreement with int8 (test, single prompts)",
+            test["agreement_with_int8"] >= TARGET_CASCADE_AGREEMENT,
+            f"{test['agreement_with_int8']:.2%} on {test['n']} (target >= "
+            f"{TARGET_CASCADE_AGREEMENT:.1%})",
+        ),
+        (
+            "cascade p99 / int8 p99",
+            p99_ratio <= TARGET_CASCADE_P99,
+            f"{p99_ratio:.2f} ({served['p99_ms']:.2f} vs {int8['p99_ms']:.2f} ms; target <= "
+            f"{TARGET_CASCADE_P99:.2f})",
+        ),
+    ]
+    lines = [
+        f"- {run['threads']} thread(s), {name}: {shown}: {'met' if ok else 'NOT met'}"
+        for name, ok, shown in checks
+    ]
+    answered = test["agreement_answered"]
+    lines.append(
+        f"- share answered by the fast path (test): {test['share_answered']:.1%} at threshold "
+        f"{test['threshold']:.4f}; agreement on the answered share "
+        f"{fmt(answered, '.2%')}"
+    )
+    return "\n".join(lines)
+
+
 def verdicts(run: dict[str, Any]) -> str:
-    int8 = run["results"][-1]
+    int8 = run["results"][2]
     checks = [
         ("int8 p50 speed-up", int8["p50_speedup"], TARGET_P50, f"{int8['p50_speedup']:.1f}x"),
         (
@@ -451,11 +600,18 @@ def append_results(summary: dict[str, Any]) -> None:
         f"Threads: {', '.join(map(str, summary['threads']))} intra-op thread(s), the same for "
         f"every backend; {summary['n_single']} single prompts and {summary['n_batches']} batches "
         f"of {BATCH} per backend, in {summary['rounds']} interleaved rounds; "
-        f"agreement/accuracy on {summary['n_agreement']} CLINC150 val+test texts.  \n"
+        f"agreement/accuracy on {summary['n_agreement']} {summary['data']} val+test texts.  \n"
         f"Machine: {summary['cpu']}, load average {load} (shared); "
         f"torch {summary['versions']['torch']}, onnxruntime "
         f"{summary['versions']['onnxruntime']}.\n\n"
-        + "\n".join(table(run) + "\n" + verdicts(run) + "\n" for run in summary["runs"])
+        + "\n".join(
+            table(run)
+            + "\n"
+            + verdicts(run)
+            + "\n"
+            + (cascade_verdicts(run, summary["cascade"]) + "\n" if summary["cascade"] else "")
+            for run in summary["runs"]
+        )
     )
     with RESULTS.open("a", encoding="utf-8") as handle:
         handle.write(section)
@@ -464,7 +620,9 @@ def append_results(summary: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a trained model directory (default: build one)")
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="CLINC150 directory")
+    parser.add_argument(
+        "--data", default=str(DEFAULT_DATA), help="dataset directory (train/val/test.jsonl)"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -483,19 +641,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--work", default=str(REPO / "bench" / "out" / "inference"))
     parser.add_argument("--json", help="also write the summary as JSON here")
     parser.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument(
+        "--fast-path", action="store_true", help="add the cascade row (fast path + int8)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger().setLevel(logging.WARNING)  # quantize_dynamic logs per tensor at INFO
-    for name in ("bench.inference", "tasks.export_onnx"):
+    for name in ("bench.inference", "tasks.export_onnx", "tasks.fast_path"):
         logging.getLogger(name).setLevel(logging.INFO)
 
     summary = run(args)
     for timed in summary["runs"]:
         print(table(timed))
         print(verdicts(timed))
+        if summary["cascade"]:
+            print(cascade_verdicts(timed, summary["cascade"]))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     if not args.no_results:

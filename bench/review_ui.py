@@ -20,7 +20,6 @@ response start, measured inside the server process), so client-side time is excl
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import random
@@ -46,6 +45,7 @@ from capture.ids import uuid7
 from capture.models import PromptLog
 from capture.values import as_real
 from tasks.review_tables import items, rounds, users
+from tests.test_review_ui_support import make_home
 
 logger = logging.getLogger(__name__)
 
@@ -56,28 +56,6 @@ TARGET_MS = 30.0
 CHUNK = 5_000
 CSRF = re.compile(r'name="csrf-token" content="([^"]+)"')
 TIMING = re.compile(r"handler;dur=([0-9.]+)")
-
-
-def write_home(home: Path) -> None:
-    """A registry whose serving model has the 151 labels (the workbench's catalogue)."""
-    model = home / "models" / "1"
-    model.mkdir(parents=True, exist_ok=True)
-    meta: dict[str, Any] = {
-        "version": "1",
-        "labels": LABELS,
-        "oos_label": "oos",
-        "oos_threshold": None,
-        "temperature": 1.0,
-        "base_model": "bench",
-        "parent_version": None,
-        "created_at": "2026-11-20T00:00:00+00:00",
-        "hyperparameters": {},
-        "metrics": {},
-        "max_seq_length": 64,
-        "embedding_dim": 8,
-    }
-    (model / "metadata.json").write_text(json.dumps(meta), encoding="utf-8")
-    (home / "models" / "current").write_text("1\n", encoding="utf-8")
 
 
 def seed(url: str, n_prompts: int, n_reviewers: int) -> uuid.UUID:
@@ -219,7 +197,7 @@ def run(url: str, label: str, args: argparse.Namespace) -> dict[str, Any]:
     db.upgrade(url)
     round_id = seed(url, args.prompts, args.reviewers)
     home = Path(tempfile.mkdtemp(prefix="bench-review-ui-"))
-    write_home(home)
+    make_home(home, tuple(LABELS))  # the serving model's 151 labels: the workbench's catalogue
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "bench.review_ui", "--serve", url, str(home), str(port)],

@@ -86,13 +86,20 @@ def make_route(pointer: CandidatePointer, classifier: Classifier) -> CandidateRo
     return CandidateRoute(pointer, classifier, salt, threshold)
 
 
+@dataclass(frozen=True, slots=True)
+class OnnxLoader:
+    """Loads a candidate directory as serving does (:class:`OnnxClassifier`, ``threads``
+    intra-op threads). A plain picklable object, so a shadow worker process can rebuild it."""
+
+    threads: int = 1
+
+    def __call__(self, path: Path) -> Classifier:
+        return OnnxClassifier(path, threads=self.threads, top_k=1 + RUNNERS_UP)
+
+
 def onnx_loader(threads: int = 1) -> Loader:
-    """Load a candidate directory as serving does (:class:`OnnxClassifier`)."""
-
-    def load(path: Path) -> Classifier:
-        return OnnxClassifier(path, threads=threads, top_k=1 + RUNNERS_UP)
-
-    return load
+    """Load a candidate directory as serving does (:class:`OnnxLoader`)."""
+    return OnnxLoader(threads)
 
 
 class CandidateServing:
@@ -117,7 +124,7 @@ class CandidateServing:
             raise ValueError(f"interval_s: expected > 0, found {interval_s}")
         self.models_dir = Path(models_dir)
         self.interval_s = interval_s
-        self._loader = loader or onnx_loader()
+        self.loader: Loader = loader or onnx_loader()
         self._clock = clock
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -178,7 +185,7 @@ class CandidateServing:
                 return not current.pointer.same_route(pointer)
             self.route = None  # the old candidate stops serving before the new one loads
             try:
-                classifier = self._loader(self.models_dir / pointer.version)
+                classifier = self.loader(self.models_dir / pointer.version)
             except (ModelLoadError, ModelDirError, OSError) as exc:
                 self._fail(pointer, str(exc))
                 return current is not None

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from capture.errors import UserError
+from capture.fast_path import FastPath
 from capture.model_dir import (
     EMBEDDINGS,
     INPUT_NAMES,
@@ -117,6 +118,7 @@ class OnnxClassifier:
         threads: int = 1,
         top_k: int = 1 + RUNNERS_UP,  # the intent and the runners-up the service logs
         sub_batch: int = SUB_BATCH,
+        fast_path: bool = False,
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads: expected >= 1, found {threads}")
@@ -142,6 +144,8 @@ class OnnxClassifier:
         self._check_model_metadata()
         self._tokenizer = self._load_tokenizer()
         self._smoke_test()
+        # The cascade (capture.fast_path): None when off or when the directory has none.
+        self.fast_path = self._load_fast_path(meta) if fast_path else None
 
     def __repr__(self) -> str:
         return (
@@ -240,6 +244,20 @@ class OnnxClassifier:
             raise ModelLoadError(f"{path}: truncation is not configured; re-export the model")
         return tokenizer
 
+    def _load_fast_path(self, meta: OnnxMetadata) -> FastPath | None:
+        """The directory's fast path, checked against ``model.onnx``'s metadata (None without
+        one); a malformed one or one fitted to another model is a ``ModelLoadError``."""
+        path = self.model_dir / METADATA_FILE
+        if not path.exists():
+            return None
+        try:
+            fast = FastPath.load(self.model_dir, meta, top_k=self.top_k)
+        except (ModelDirError, OSError) as exc:
+            raise _load_error(exc, path) from exc
+        if fast is not None:
+            logger.info("%s: fast path %r in front of %s", self.model_dir, fast, MODEL_FILE)
+        return fast
+
     def _smoke_test(self) -> None:
         path = self.model_dir / MODEL_FILE
         try:
@@ -318,10 +336,21 @@ class OnnxClassifier:
         return self._run(texts, (EMBEDDINGS,))[0]
 
     def predict(self, text: str) -> Prediction:
+        if self.fast_path is not None:  # the cascade: a confident fast answer, else the model
+            answer = self.fast_path.predict(text)
+            if answer is not None:
+                return answer
         return self._to_prediction(self.predict_proba([text])[0])
 
     def predict_batch(self, texts: Sequence[str]) -> list[Prediction]:
-        return [self._to_prediction(row) for row in self.predict_proba(texts)]
+        if self.fast_path is None:
+            return [self._to_prediction(row) for row in self.predict_proba(texts)]
+        answers = self.fast_path.predict_batch(texts)
+        rest = [i for i, answer in enumerate(answers) if answer is None]
+        if rest:
+            for i, row in zip(rest, self.predict_proba([texts[i] for i in rest]), strict=True):
+                answers[i] = self._to_prediction(row)
+        return [answer for answer in answers if answer is not None]
 
     def _to_prediction(self, row: np.ndarray) -> Prediction:
         """The top intent and ``top_k - 1`` runners-up (``top_k`` ranked intents in all).
@@ -381,12 +410,14 @@ class HotReloadingClassifier:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], object] | None = None,
         watch: bool = True,
+        fast_path: bool = False,
     ) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s: expected > 0, found {interval_s}")
         self.models_dir = Path(models_dir)
         self.threads = threads
         self.top_k = top_k
+        self.fast_path = fast_path  # serve each version's fast path when it has one
         self.interval_s = interval_s
         self._clock = clock
         self._stop = threading.Event()
@@ -468,7 +499,12 @@ class HotReloadingClassifier:
         return pointer
 
     def _load(self, version: str) -> OnnxClassifier:
-        return OnnxClassifier(self.models_dir / version, threads=self.threads, top_k=self.top_k)
+        return OnnxClassifier(
+            self.models_dir / version,
+            threads=self.threads,
+            top_k=self.top_k,
+            fast_path=self.fast_path,
+        )
 
     def reload_now(self) -> bool:
         """Check ``current`` once, synchronously; True when a new model was swapped in."""
@@ -552,4 +588,5 @@ def load_serving_classifier(
         threads=settings.onnx_threads,
         interval_s=settings.reload_interval_s,
         watch=watch,
+        fast_path=settings.fast_path,
     )

@@ -8,6 +8,9 @@ A model directory (docs/ARCHITECTURE.md, "The model directory")::
       head.npz        Head: W (n_labels x dim, float32), b (n_labels,); logits = emb @ W.T + b
       model.onnx      after export: the serving graph; its metadata_props are OnnxMetadata
       tokenizer.json  after export: the serving tokenizer
+      fast_path.npz   optional, after export: the fast path (FastPathTables), described by the
+                      ``fast_path`` section of metadata.json (FastPathMetadata); a directory
+                      without it is valid and serves with the ONNX model alone
 
 and the registry's serving pointer ``models_dir/current`` (one line naming the serving version),
 read and written by :func:`read_pointer` / :func:`write_pointer`.
@@ -46,6 +49,7 @@ ENCODER_DIR = "encoder"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 POINTER_FILE = "current"
+FAST_PATH_FILE = "fast_path.npz"
 # What training writes, and what a directory needs to be exported or loaded with torch.
 TRAINED_FILES = (METADATA_FILE, HEAD_FILE, ENCODER_DIR)
 # What a registry version needs to serve (deploy refuses a version without them).
@@ -219,6 +223,8 @@ class ModelMetadata:
     max_seq_length: int
     embedding_dim: int
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # The optional ``fast_path`` section (None: the directory has no fast path).
+    fast_path: FastPathMetadata | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: Path) -> ModelMetadata:
@@ -228,6 +234,7 @@ class ModelMetadata:
         """
         fields = _Fields(data, source, kind="field", fix=_FIX_METADATA)
         known = {name for name in cls.__dataclass_fields__ if name != "extra"}
+        section = data.get("fast_path")
         return cls(
             **fields.decision(),
             base_model=fields.text("base_model"),
@@ -238,6 +245,7 @@ class ModelMetadata:
             max_seq_length=fields.positive_int("max_seq_length"),
             embedding_dim=fields.positive_int("embedding_dim"),
             extra={key: value for key, value in data.items() if key not in known},
+            fast_path=None if section is None else FastPathMetadata.from_dict(section, source),
         )
 
     @classmethod
@@ -250,8 +258,9 @@ class ModelMetadata:
         """The JSON object of ``metadata.json`` (``extra`` keys included)."""
         out: dict[str, Any] = dict(self.extra)
         for name in self.__dataclass_fields__:
-            if name != "extra":
+            if name not in ("extra", "fast_path"):
                 out[name] = getattr(self, name)
+        out["fast_path"] = None if self.fast_path is None else self.fast_path.to_dict()
         out["labels"] = list(self.labels)
         out["hyperparameters"] = dict(self.hyperparameters)
         out["metrics"] = dict(self.metrics)
@@ -359,6 +368,167 @@ class Head:
         buffer = io.BytesIO()
         np.savez(buffer, W=self.weight.astype(np.float32), b=self.bias.astype(np.float32))
         return write_bytes_atomic(Path(model_dir) / HEAD_FILE, buffer.getvalue())
+
+
+# The fast path (capture.fast_path serves it, tasks.fast_path builds it).
+
+_FIX_FAST_PATH = (
+    "build the fast path again (tasks.fast_path.build_fast_path) or delete fast_path.npz and the "
+    "fast_path section of metadata.json to serve without it"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FastPathMetadata:
+    """The ``fast_path`` section of ``metadata.json``: a static-embedding model with a linear
+    head in front of ``model.onnx`` (a cascade), whose arrays are in ``fast_path.npz``
+    (:class:`FastPathTables`).
+
+    A prompt's ``model.onnx`` tokens (``tokenizer.json``, no special tokens) index rows of the
+    static table; their mean, L2-normalised, goes through the head and a softmax over
+    ``labels``: the served model's labels, plus its ``oos_label`` last when that is not one of
+    them (the fast path imitates the full model's decisions, out-of-scope included). The fast
+    path answers when its top probability is at least ``threshold``; otherwise ``model.onnx``
+    does. ``teacher_version`` is the model whose decisions it was fitted to: serving refuses a
+    fast path fitted to another version. ``metrics`` holds what the build measured (agreement
+    and share answered on validation), ``hyperparameters`` how it was built.
+    """
+
+    labels: tuple[str, ...]
+    threshold: float
+    embedding_dim: int
+    vocab_size: int
+    teacher_version: str
+    teacher_quantization: str
+    created_at: str
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    hyperparameters: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: object, source: Path) -> FastPathMetadata:
+        """The section ``data`` of ``source``, checked field by field; raises
+        ``ModelDirError`` naming the field."""
+        if not isinstance(data, dict):
+            raise ModelDirError(
+                f"{source}: field 'fast_path' must be a JSON object or absent, found "
+                f"{_short(data)}; {_FIX_FAST_PATH}"
+            )
+        fields = _Fields(data, source, kind="fast_path field", fix=_FIX_FAST_PATH)
+        threshold = fields.get("threshold", "a number in (0, 1]")
+        if not _is_number(threshold) or not 0.0 < threshold <= 1.0:
+            fields.fail("threshold", "a number in (0, 1]", threshold)
+        return cls(
+            labels=fields.labels(),
+            threshold=float(threshold),
+            embedding_dim=fields.positive_int("embedding_dim"),
+            vocab_size=fields.positive_int("vocab_size"),
+            teacher_version=fields.text("teacher_version"),
+            teacher_quantization=fields.text("teacher_quantization"),
+            created_at=fields.timestamp("created_at"),
+            metrics=fields.mapping("metrics") if "metrics" in data else {},
+            hyperparameters=(
+                fields.mapping("hyperparameters") if "hyperparameters" in data else {}
+            ),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of the section."""
+        return {
+            "labels": list(self.labels),
+            "threshold": self.threshold,
+            "embedding_dim": self.embedding_dim,
+            "vocab_size": self.vocab_size,
+            "teacher_version": self.teacher_version,
+            "teacher_quantization": self.teacher_quantization,
+            "created_at": self.created_at,
+            "metrics": dict(self.metrics),
+            "hyperparameters": dict(self.hyperparameters),
+        }
+
+    def check_against(self, metadata: ModelMetadata | OnnxMetadata, source: Path) -> None:
+        """Raise ``ModelDirError`` unless this fast path belongs to the model ``metadata``
+        describes: fitted to its version, over its labels (plus its ``oos_label`` last)."""
+        expected = fast_path_labels(metadata.labels, metadata.oos_label)
+        if self.labels != expected:
+            raise ModelDirError(
+                f"{source}: fast_path field 'labels' ({len(self.labels)}) must be the model's "
+                f"{len(metadata.labels)} labels{'' if expected == metadata.labels else ' + oos'}"
+                f" in order; the fast path belongs to another model: {_FIX_FAST_PATH}"
+            )
+        quantization = getattr(metadata, "quantization", self.teacher_quantization)
+        if self.teacher_quantization != quantization:
+            raise ModelDirError(
+                f"{source}: fast_path field 'teacher_quantization' must be the quantization of "
+                f"{MODEL_FILE}, {quantization!r}, found {self.teacher_quantization!r}; the model "
+                f"was exported again after the fast path was built: {_FIX_FAST_PATH}"
+            )
+        if self.teacher_version != metadata.version:
+            raise ModelDirError(
+                f"{source}: fast_path field 'teacher_version' must be the model's version "
+                f"{metadata.version!r}, found {self.teacher_version!r}; the fast path imitates "
+                f"another model: {_FIX_FAST_PATH}"
+            )
+
+
+def fast_path_labels(labels: tuple[str, ...], oos_label: str) -> tuple[str, ...]:
+    """The fast path's classes for a model with ``labels``: its decisions (``oos_label`` last
+    when the model reaches it only through its threshold)."""
+    return labels if oos_label in labels else (*labels, oos_label)
+
+
+@dataclass(frozen=True, slots=True)
+class FastPathTables:
+    """``fast_path.npz``: ``embeddings`` (vocab_size x dim; stored float16, read as float32),
+    one static row per token id, and the head ``weight`` (n_labels x dim) and ``bias``
+    (n_labels,): ``logits = normalise(mean(embeddings[ids])) @ weight.T + bias``."""
+
+    embeddings: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray
+
+    @classmethod
+    def read(cls, model_dir: Path, section: FastPathMetadata) -> FastPathTables:
+        """``model_dir/fast_path.npz`` checked against ``section`` (shapes, finite values);
+        raises ``ModelDirError``."""
+        path = Path(model_dir) / FAST_PATH_FILE
+        if not path.is_file():
+            raise ModelDirError(
+                f"{path}: missing, but {METADATA_FILE} has a fast_path section; {_FIX_FAST_PATH}"
+            )
+        try:
+            with np.load(path) as arrays:
+                embeddings = np.asarray(arrays["embeddings"], dtype=np.float32)
+                weight = np.asarray(arrays["W"], dtype=np.float32)
+                bias = np.asarray(arrays["b"], dtype=np.float32)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise ModelDirError(
+                f"{path}: expected an .npz with arrays embeddings, W and b ({exc}); "
+                f"{_FIX_FAST_PATH}"
+            ) from exc
+        n, dim = len(section.labels), section.embedding_dim
+        expected = {"embeddings": (section.vocab_size, dim), "W": (n, dim), "b": (n,)}
+        found = {"embeddings": embeddings.shape, "W": weight.shape, "b": bias.shape}
+        if found != expected:
+            raise ModelDirError(
+                f"{path}: expected shapes {expected} (from the fast_path section of "
+                f"{METADATA_FILE}), found {found}; {_FIX_FAST_PATH}"
+            )
+        for name, array in (("embeddings", embeddings), ("W", weight), ("b", bias)):
+            if not np.all(np.isfinite(array)):
+                raise ModelDirError(f"{path}: array {name} has non-finite values; {_FIX_FAST_PATH}")
+        return cls(embeddings, weight, bias)
+
+    def write(self, model_dir: Path) -> Path:
+        """Write ``model_dir/fast_path.npz`` atomically (the table as float16); returns its
+        path. Write it before the metadata section that describes it."""
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            embeddings=self.embeddings.astype(np.float16),
+            W=self.weight.astype(np.float32),
+            b=self.bias.astype(np.float32),
+        )
+        return write_bytes_atomic(Path(model_dir) / FAST_PATH_FILE, buffer.getvalue())
 
 
 def require_files(model_dir: Path, names: tuple[str, ...] = TRAINED_FILES) -> None:

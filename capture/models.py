@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import date, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     SmallInteger,
+    Table,
     Text,
     Uuid,
     func,
@@ -107,6 +108,11 @@ class TrainingExample(Base):
     created_at: Mapped[datetime] = mapped_column(
         Timestamp, nullable=False, server_default=func.now()
     )
+
+
+#: The two tables as SQLAlchemy Core tables, for the statement builders and the tasks' queries.
+PROMPT_LOGS = cast(Table, PromptLog.__table__)
+TRAINING_EXAMPLES = cast(Table, TrainingExample.__table__)
 
 
 # --------------------------------------------------------------------------- monitoring rollup

@@ -27,7 +27,6 @@ from typing import Any, Final
 from sqlalchemy import (
     CheckConstraint,
     Column,
-    DateTime,
     Float,
     Index,
     Insert,
@@ -46,7 +45,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from capture.models import NAMING_CONVENTION
+from capture.models import NAMING_CONVENTION, Timestamp
 from capture.statements import AnySelect
 from capture.values import to_utc
 
@@ -61,7 +60,7 @@ ALERT_STATES: Final = (SENDING, SENT, FAILED)
 WEEKLY_CYCLE_SUCCESS: Final = "weekly_cycle_success"
 
 METADATA = MetaData(naming_convention=NAMING_CONVENTION)
-_TS = DateTime(timezone=True)
+_TS = Timestamp
 
 HOURS = Table(
     "monitor_hours",

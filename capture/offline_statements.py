@@ -31,13 +31,12 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import date, datetime
-from typing import Any, Self, cast
+from typing import Any, Self
 
 from sqlalchemy import (
     CompoundSelect,
     Date,
     Insert,
-    Table,
     case,
     delete,
     false,
@@ -53,14 +52,14 @@ from sqlalchemy.sql.dml import ReturningDelete
 from sqlalchemy.sql.expression import ColumnElement, FunctionElement
 
 from capture.errors import UserError
-from capture.models import TrainingExample
+from capture.models import TRAINING_EXAMPLES
 from capture.statements import TABLE, AnySelect, C
 from capture.types import check_confidence
 from capture.values import MAX_WINDOW_DAYS, as_real, since_days, to_utc
 
 logger = logging.getLogger(__name__)
 
-EXAMPLES = cast(Table, TrainingExample.__table__)
+EXAMPLES = TRAINING_EXAMPLES
 
 #: Ids per ``IN (...)`` list of :func:`select_logs_by_id` (SQLite binds at most 32k variables).
 ID_CHUNK = 500

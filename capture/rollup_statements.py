@@ -30,9 +30,9 @@ from sqlalchemy.sql.expression import ColumnElement
 
 from capture.dialect_sql import confidence_tenths
 from capture.models import (
+    PROMPT_LOGS,
     TENTHS,
     TENTHS_COLUMNS,
-    PromptLog,
     PromptStatsDaily,
     PromptStatsDirty,
     PromptStatsHourly,
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TABLE = cast(Table, PromptLog.__table__)
+TABLE = PROMPT_LOGS
 C = TABLE.c
 #: The monitoring rollup (migration 0004), filled by :mod:`capture.stats_rollup`.
 HOURLY = cast(Table, PromptStatsHourly.__table__)

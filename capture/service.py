@@ -334,7 +334,9 @@ def create_nlu_service(
     ``version`` attribute (read per call, so a hot-reloading classifier is followed).
     ``clock`` (created_at) and ``sleep`` (reconnect backoff) are injectable for tests.
     ``candidate``: the A/B candidate under test (canary answers a sticky share; shadow is
-    predicted after answering by a :class:`capture.shadow.ShadowWorker`; docs/AB_TESTING.md).
+    predicted after answering by a :class:`capture.shadow.ShadowWorker`, in a worker process of
+    its own; docs/AB_TESTING.md). A program that serves a shadow candidate must guard its entry
+    point with ``if __name__ == "__main__":`` (the worker process is started by *spawn*).
     """
     settings = settings or get_settings()
     resolved = db.database_url(url) if url else settings.resolved_database_url

@@ -104,6 +104,12 @@ class Settings(HomeDirs, BaseSettings):
         description="Serving threads: intra-op for one prompt, sub-batches side by side.",
     )
     reload_interval_s: float = Field(default=2.0, gt=0, description="How often to check `current`.")
+    fast_path: bool = Field(
+        default=False,
+        description="The cascade (capture/fast_path.py): the weekly cycle builds a static-"
+        "embedding fast path beside each exported model, and serving answers from it when it is "
+        "confident, the ONNX model otherwise (bench/RESULTS.md, 'Fast path').",
+    )
     review_confidence_threshold: float = Field(default=0.7, ge=0, le=1)
     # PostgreSQL: nlu_prompt_logs is partitioned by created_at (migration 0007).
     partition_interval: PartitionInterval = Field(

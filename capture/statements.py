@@ -37,12 +37,11 @@ import logging
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import (
     Insert,
     Select,
-    Table,
     TextClause,
     Update,
     bindparam,
@@ -61,7 +60,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from capture import rollup_statements as _rollup
 from capture.dialect_sql import confidence_tenths
 from capture.ids import uuid7_time_ms
-from capture.models import PromptLog
+from capture.models import PROMPT_LOGS
 from capture.rollup_statements import (
     checked_cover,
     rollup_confidence_distribution,
@@ -82,7 +81,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TABLE = cast(Table, PromptLog.__table__)
+TABLE = PROMPT_LOGS
 C = TABLE.c
 #: The monitoring rollup's tables and measures (:mod:`capture.rollup_statements`).
 HOURLY, DAILY, STATS_STATE, DIRTY = (

@@ -4,12 +4,15 @@ and the learning-loop simulator share.
 :func:`send_traffic` sends labelled prompts through a real :class:`capture.service.NLUService`
 (classifier, capture logger, database) and records a simulated workflow outcome for each: a
 prompt routed to the wrong intent fails with probability ``fail_if_wrong``, a correctly routed
-one with ``fail_if_right`` (a flaky downstream). :func:`score_classifier` is top-1 accuracy of a
-classifier's ``predict_batch`` on labelled prompts. Nothing here imports Prefect or torch.
+one with ``fail_if_right`` (a flaky downstream). :func:`run_traffic` is the whole run the demo
+and the simulator make: a new service, a week of stamped prompts, everything committed.
+:func:`score_classifier` is top-1 accuracy of a classifier's ``predict_batch`` on labelled
+prompts. Nothing here imports Prefect or torch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import uuid
@@ -18,7 +21,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from capture.service import NLUService
+from capture import db
+from capture.service import NLUService, create_nlu_service
+from capture.settings import Settings
 from capture.values import utc_now
 
 logger = logging.getLogger(__name__)
@@ -226,6 +231,47 @@ async def send_traffic(
         failed=failed,
         model_version=None if version is None else str(version),
     )
+
+
+def run_traffic(
+    classifier: Any,
+    prompts: Sequence[Labelled],
+    *,
+    start: datetime,
+    end: datetime,
+    users: int,
+    rng: random.Random,
+    outcome: OutcomeRule,
+    url: str,
+    settings: Settings,
+) -> TrafficResult:
+    """Send ``prompts`` through a new NLU service (``classifier``, the database ``url``,
+    ``settings``) with :func:`send_traffic`: from ``users`` simulated users (drawn from ``rng``),
+    each prompt the first message of a new conversation, stamped evenly across ``[start, end)``
+    (:func:`spread_times`) by a :class:`SteppedClock`, with ``outcome``'s simulated workflow
+    results. Runs its own event loop; returns once everything is committed, the service is
+    closed and the database engine's connections are released (the next event loop opens its
+    own)."""
+    sessions = single_message_sessions(make_users(users, rng), rng)
+    times = spread_times(len(prompts), start, end)
+    clock = SteppedClock(start)
+
+    async def run() -> TrafficResult:
+        service = create_nlu_service(classifier, url=url, settings=settings, clock=clock)
+        try:
+            async with service:
+                return await send_traffic(
+                    service, prompts, sessions=sessions, outcome=outcome, clock=clock, times=times
+                )
+        finally:
+            await db.get_engine(url).dispose()
+
+    return asyncio.run(run())
+
+
+def score_version(classifier: Any, prompts: Sequence[Labelled]) -> tuple[float, str]:
+    """:func:`score_classifier` on ``prompts`` and the version of ``classifier`` scored."""
+    return score_classifier(classifier, prompts), str(classifier.version)
 
 
 def score_classifier(classifier: Any, prompts: Sequence[Labelled], *, batch: int = 128) -> float:

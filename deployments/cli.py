@@ -79,9 +79,9 @@ def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug lo
 
 
 commands_db.register(app)  # db upgrade / downgrade / current / refresh-stats
-commands_model.register(app)  # train, evaluate, convert-to-pairs, models, rollback
+commands_model.register(app)  # train, evaluate, export-onnx, models, deploy, rollback
 commands_flows.register(app)  # export, import-corrections, cycle, serve, demo
-commands_ops.register(app)  # report, retention, monitor, demo-traffic, simulate
+commands_ops.register(app)  # init, report, retention, monitor, demo-traffic, simulate
 review_commands.register(app)  # review-ui, review-user, review-round (the reviewers' workbench)
 spool_commands.register(app)  # spool list / replay / discard
 commands_ab.register(app)  # candidate set / clear / show, ab (the A/B readout and decision)

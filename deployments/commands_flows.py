@@ -215,7 +215,11 @@ def cycle_cmd(
         raise OptionError(
             f"--deploy-mode: expected shadow, canary or direct, found {deploy_mode!r}"
         )
-    require_database(get_settings())
+    settings = get_settings()
+    from tasks.layout import HomeLayout
+
+    HomeLayout(settings.home).require_registry()  # as the flow, first; but before Prefect
+    require_database(settings)
     from flows.weekly import weekly_cycle
 
     result = weekly_cycle(days=days, hyperparameters=params, deploy=deploy, deploy_mode=deploy_mode)

@@ -1,15 +1,19 @@
 """``prompt-capture`` commands on model directories and the registry: train, evaluate,
-convert-to-pairs, models, rollback. They run without Prefect."""
+export-onnx, convert-to-pairs, models, deploy, rollback. They run without Prefect (no flow
+run, no API server)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from deployments.cli_support import OptionError, console, print_json
+from deployments.cli_support import OptionError, console, print_json, require_file
+
+if TYPE_CHECKING:
+    from tasks.deploy import DeployResult
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +39,19 @@ def train_cmd(
         ),
     ] = None,
     max_pairs: Annotated[
-        int | None, typer.Option("--max-pairs", help="Pair budget (default ~n).")
+        int | None,
+        typer.Option(
+            "--max-pairs", help="Fine-tune on the texts of at most this many pairs (default: all)."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", help="Cap on optimiser steps (quick runs).")
     ] = None,
+    device: Annotated[
+        str,
+        typer.Option("--device", help="auto (CUDA when available, else CPU), cpu or cuda."),
+    ] = "auto",
     pairs: Annotated[
         Path | None, typer.Option("--pairs", help="Extra pairs JSONL from `convert-to-pairs`.")
     ] = None,
@@ -53,7 +64,12 @@ def train_cmd(
     train_rows = load_records(train)
     val_rows = load_records(val, min_labels=1) if val is not None else None
     extra = read_pairs(pairs) if pairs is not None else None
-    config = TrainConfig(seed=seed, max_pairs=max_pairs, max_steps=max_steps)
+    config = TrainConfig(
+        seed=seed,
+        max_pairs=max_pairs,
+        max_steps=max_steps,
+        device=device,  # type: ignore[arg-type]
+    )
     result = train_model(
         train_rows, val_rows, output, config=config, base_model=base_model, extra_pairs=extra
     )
@@ -82,24 +98,117 @@ def evaluate_cmd(
     """Score a model directory: accuracy, macro-F1, ECE, in-scope accuracy, OOS recall."""
     import json
 
+    from capture.settings import get_settings
     from tasks.evaluate import evaluate_model
     from tasks.records import load_records
 
     if backend not in ("auto", "torch", "onnx"):
         raise OptionError(f"--backend: expected auto, torch or onnx, found {backend!r}")
     rows = load_records(data, min_labels=1)
-    report = evaluate_model(model, rows, backend=backend)  # type: ignore[arg-type]
+    settings = get_settings()  # latency as the service would serve: its threads, fast path
+    report = evaluate_model(
+        model,
+        rows,
+        backend=backend,  # type: ignore[arg-type]
+        serving_threads=settings.onnx_threads,
+        fast_path=settings.fast_path,
+    )
     if as_json:
         typer.echo(json.dumps(report.to_dict(details=False)))
         return
     console.print(
         f"n={report.n} accuracy={report.accuracy:.4f} macro_f1={report.macro_f1:.4f} "
         f"ece={report.ece:.4f} in_scope_accuracy={report.in_scope_accuracy} "
-        f"oos_recall={report.oos_recall} latency_ms_p50={report.latency_ms_p50} "
-        f"({report.backend})"
+        f"oos_recall={report.oos_recall} ({report.backend})"
     )
+    if report.latency_ms_p50 is not None and report.latency_ms_p99 is not None:
+        source = report.latency_source or ""
+        if source.startswith("temporary"):
+            source += ", deleted: the directory has no model.onnx (`prompt-capture export-onnx`)"
+        console.print(
+            f"serving latency: p50 {report.latency_ms_p50:.2f} ms, p99 "
+            f"{report.latency_ms_p99:.2f} ms, 1 prompt at a time ({source})"
+        )
     for true, pred, count in report.confusions[:5]:
         console.print(f"  confused {true} -> {pred}: {count}")
+
+
+def export_onnx_cmd(
+    *,
+    model: Annotated[Path, typer.Option("--model", help="Trained model directory.")],
+    fp32: Annotated[
+        bool, typer.Option("--fp32", help="Publish the fp32 graph: no int8 quantisation.")
+    ] = False,
+    val: Annotated[
+        Path | None,
+        typer.Option(
+            "--val",
+            help="Labelled JSONL whose texts are the parity check's (default: built-in prompts).",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the export report.")] = False,
+) -> None:
+    """Export a model directory to ONNX for serving (int8 when it passes the parity gate).
+
+    Writes model.onnx and tokenizer.json into the directory and the export report under
+    "export" in its metrics.json (with PROMPT_CAPTURE_FAST_PATH on, the fast path too, as the
+    deploy flow builds it). A registry version that serves keeps its file.
+    """
+    from rich.markup import escape
+
+    from capture.model_dir import MODEL_FILE, TOKENIZER_FILE
+    from capture.settings import get_settings
+    from tasks.deploy import METRICS_FILE, export_model
+
+    if not model.is_dir():
+        raise OptionError(
+            f"--model {model}: no such directory; pass a model directory written by "
+            "`prompt-capture train`"
+        )
+    settings = get_settings()
+    done = export_model(
+        model,
+        quantize=not fp32,
+        validation_data=require_file(val, "--val") if val is not None else None,
+        models_dir=settings.models_dir,
+        settings=settings,
+    )
+    report, fast = done.onnx, done.fast_path
+    if as_json:
+        print_json(
+            {"export": report.to_dict(), "fast_path": fast.to_dict() if fast is not None else None}
+        )
+        return
+    quantization = f", {report.int8_recipe}" if report.int8_recipe else ""
+    console.print(
+        f"exported version [bold]{report.version}[/bold] to ONNX {report.published}"
+        f"{quantization} in {report.seconds:.0f}s"
+    )
+    for path, what in (
+        (model / MODEL_FILE, f"{report.published_size_bytes / 1e6:.1f} MB"),
+        (model / TOKENIZER_FILE, "the serving tokenizer"),
+        (model / METRICS_FILE, 'this report, under "export"'),
+    ):
+        console.print(f"  wrote {path} ({what})", markup=False, highlight=False, soft_wrap=True)
+    console.print(
+        f"  parity with the torch model on {report.n_validation} texts: top-1 agreement "
+        f"{report.agreement:.4f}, max prob diff {report.max_abs_prob_diff:.2e} "
+        f"(fp32 graph: {report.fp32_agreement:.4f}, {report.fp32_max_abs_prob_diff:.2e})"
+    )
+    if fp32:
+        console.print("  int8 not tried (--fp32)")
+    elif report.fallback_reason:
+        console.print(f"  [yellow]int8 not published:[/] {escape(report.fallback_reason)}")
+    else:
+        console.print(
+            f"  int8 parity gate passed: agreement {report.int8_agreement:.4f} >= "
+            f"{report.min_agreement}"
+        )
+    if fast is not None:
+        state = "built" if fast.published else "not built"
+        console.print(
+            f"  fast path {state}: {escape(fast.reason)}", highlight=False, soft_wrap=True
+        )
 
 
 def convert_to_pairs_cmd(
@@ -175,6 +284,33 @@ def models_cmd(
     console.print(table)
 
 
+def deploy_cmd(
+    version: Annotated[str, typer.Argument(help="Registry version to serve (exported to ONNX).")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Deploy even while an A/B candidate is under test.")
+    ] = False,
+    allow_rejected: Annotated[
+        bool, typer.Option("--allow-rejected", help="Deploy a version the gate rejected.")
+    ] = False,
+) -> None:
+    """Serve VERSION (atomic switch; running services hot-reload): rollback's forward twin.
+
+    Refused while an A/B candidate is under test unless --force. A version without model.onnx
+    is refused: export it first with `prompt-capture export-onnx --model DIR`.
+    """
+    from capture.settings import get_settings
+    from tasks.deploy import switch_serving
+
+    result = switch_serving(
+        get_settings().models_dir,
+        version,
+        action="deploy",
+        force=force,
+        allow_rejected=allow_rejected,
+    )
+    _print_switch(result)
+
+
 def rollback_cmd(
     to: Annotated[
         str | None, typer.Option("--to", help="Version to serve (default: the previous one).")
@@ -182,16 +318,31 @@ def rollback_cmd(
 ) -> None:
     """Serve the previous good version again (atomic switch; running services hot-reload)."""
     from capture.settings import get_settings
-    from tasks.registry import rollback
+    from tasks.deploy import switch_serving
 
-    previous, now = rollback(get_settings().models_dir, to)
-    console.print(f"now serving version [bold]{now}[/bold] (was {previous})")
+    _print_switch(switch_serving(get_settings().models_dir, to, action="rollback"))
+
+
+def _print_switch(result: DeployResult) -> None:
+    if result.previous == result.version:
+        console.print(f"version [bold]{result.version}[/bold] serves already; nothing changed")
+    else:
+        console.print(f"now serving version [bold]{result.version}[/bold] (was {result.previous})")
+    if result.candidate_cleared is not None:
+        console.print(f"candidate {result.candidate_cleared} is no longer under test: it serves")
+    if result.candidate_kept is not None:
+        console.print(
+            f"[yellow]candidate {result.candidate_kept} stays under test[/], now beside "
+            f"version {result.version}"
+        )
 
 
 def register(app: typer.Typer) -> None:
     """Add the model and registry commands to ``app``."""
     app.command("train")(train_cmd)
     app.command("evaluate")(evaluate_cmd)
+    app.command("export-onnx")(export_onnx_cmd)
     app.command("convert-to-pairs")(convert_to_pairs_cmd)
     app.command("models")(models_cmd)
+    app.command("deploy")(deploy_cmd)
     app.command("rollback")(rollback_cmd)

@@ -1,4 +1,4 @@
-"""``prompt-capture`` commands for operating and studying the loop: report, retention,
+"""``prompt-capture`` commands for operating and studying the loop: init, report, retention,
 monitor, demo-traffic and simulate."""
 
 from __future__ import annotations
@@ -24,6 +24,41 @@ if TYPE_CHECKING:
     from capture.demo_traffic import DemoTrafficReport
 
 logger = logging.getLogger(__name__)
+
+
+def init_cmd(
+    *,
+    home: Annotated[
+        Path | None,
+        typer.Option("--home", help="The home to set up (default: PROMPT_CAPTURE_HOME)."),
+    ] = None,
+) -> None:
+    """Set up a PROMPT_CAPTURE_HOME: the folder and its (empty) model registry. The flows that
+    read or change the registry refuse a home without one; run this once on the shared home.
+    Changes nothing in a home that is set up already."""
+    from capture.settings import get_settings
+    from tasks.layout import HomeLayout
+    from tasks.registry import versions
+
+    layout = HomeLayout((home or get_settings().home).resolve())
+    existed = layout.models_dir.is_dir()
+    layout.create_registry()
+    found = versions(layout.models_dir)
+    print_json(
+        {
+            "home": str(layout.home),
+            "registry": str(layout.models_dir),
+            "created": not existed,
+            "versions": found,
+            "next": (
+                "prompt-capture db upgrade; put base_train.jsonl, base_val.jsonl and "
+                f"base_test.jsonl into {layout.data_dir}; the first weekly cycle "
+                "(`prompt-capture cycle`) trains, gates and deploys version 1"
+            )
+            if not found
+            else "",
+        }
+    )
 
 
 def report_cmd(
@@ -82,7 +117,8 @@ def retention_cmd(
     work, run once here without Prefect)."""
     from capture.settings import get_settings
 
-    url = require_database(get_settings())
+    settings = get_settings()
+    url = require_database(settings)
     from tasks.retention import run_retention
 
     result = run_retention(
@@ -90,6 +126,8 @@ def retention_cmd(
         retention_days=days,
         batch_size=batch_size,
         now=parse_now(now),
+        # as the daily flow: new partitions get the configured width
+        partition_interval=settings.partition_interval,
     )
     print_json(result.as_dict())
 
@@ -143,8 +181,10 @@ def demo_traffic_cmd(
 ) -> None:
     """Send demo prompts through the NLU service, record outcomes, print the monitoring stats.
 
-    The prompts are the traffic part of the packaged demo dataset; the classifier is the
-    keyword classifier fitted on its train part. Workflows of a wrong intent usually fail.
+    The prompts are the traffic part of the packaged demo dataset, spread over --users
+    simulated users. The registry's serving model answers when one is deployed under
+    PROMPT_CAPTURE_HOME (and its A/B candidate, when one is set); the keyword classifier fitted
+    on the train part only when none is. Workflows of a wrong intent usually fail.
     """
     import asyncio
 
@@ -274,6 +314,7 @@ def simulate_cmd(
 
 def register(app: typer.Typer) -> None:
     """Add the operating and simulation commands to ``app``."""
+    app.command("init")(init_cmd)
     app.command("report")(report_cmd)
     app.command("retention")(retention_cmd)
     app.command("monitor")(monitor_cmd)

@@ -208,6 +208,7 @@ def round_open(
     """Open a review round filled by the review selection (as `export --mode review`)."""
     from capture.errors import UserError
     from capture.settings import get_settings
+    from tasks.review_export import ReviewSelection
     from tasks.review_rounds import open_review_round
 
     embed = None
@@ -223,12 +224,14 @@ def round_open(
         summary = open_review_round(
             _url(),
             name=name,
-            limit=limit,
-            days=days,
-            strategy=strategy,
-            confidence_threshold=confidence_threshold,
+            selection=ReviewSelection(
+                days=days,
+                confidence_threshold=confidence_threshold,
+                limit=limit,
+                strategy=strategy,
+                seed=seed,
+            ),
             double_review_share=double_review_share,
-            seed=seed,
             embed=embed,
         )
     except (UserError, ValueError) as exc:

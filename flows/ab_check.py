@@ -105,7 +105,7 @@ def ab_check_flow(
     run_logger = get_run_logger()
     settings = get_settings()
     run = resolve_run_settings(settings, home=home, database_url=database_url)
-    models_dir = run.layout.models_dir
+    models_dir = run.require_registry()  # a home nobody set up fails at once
     readout = ab_readout(
         run.database_url,
         models_dir,
@@ -159,14 +159,18 @@ def stage_candidate_flow(
     weekly cycle). Returns the candidate pointer as a dict."""
     from tasks.ab_candidate import set_candidate
     from tasks.deploy import choose_version, export_for_serving
+    from tasks.fast_path import fast_path_for_serving
     from tasks.registry import is_deployable, registry_lock
 
-    layout = resolve_run_settings(get_settings(), home=home).layout
+    run = resolve_run_settings(get_settings(), home=home)
+    run.require_registry()
+    layout = run.layout
     with registry_lock(layout.models_dir):
         target = choose_version(layout.models_dir, version, allow_rejected=False)
         if not is_deployable(target):
             validation = layout.optional_file(validation_data, "val")
             export_for_serving(target, quantize=quantize, validation_data=validation)
+            fast_path_for_serving(target, settings=get_settings(), validation_data=validation)
         pointer = set_candidate(
             layout.models_dir, target.name, mode=mode, share=share, reason="weekly cycle"
         )

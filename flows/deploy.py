@@ -20,6 +20,7 @@ from tasks.deploy import (
     export_for_serving,
     serving_card_markdown,
 )
+from tasks.fast_path import fast_path_for_serving
 from tasks.registry import (
     deploy_task,
     is_deployable,
@@ -46,7 +47,9 @@ def deploy_flow(
     holds the texts of the int8 parity check; ``home`` defaults to PROMPT_CAPTURE_HOME. Holds the
     registry lock from choosing the version to the switch."""
     run_logger = get_run_logger()
-    layout = resolve_run_settings(get_settings(), home=home).layout
+    run = resolve_run_settings(get_settings(), home=home)
+    run.require_registry()  # never a new, empty registry in a home nobody set up
+    layout = run.layout
     # Held from choosing the version to the switch (re-entered inside the weekly cycle).
     with registry_lock(layout.models_dir):
         target = choose_version(layout.models_dir, version, allow_rejected=allow_rejected)
@@ -60,6 +63,7 @@ def deploy_flow(
                 export.published,
                 export.agreement,
             )
+            fast_path_for_serving(target, settings=get_settings(), validation_data=validation)
         previous = deploy_task(layout.models_dir, target.name)
     run_logger.info("now serving version %s (was %s)", target.name, previous)
     result = DeployResult(version=target.name, previous=previous, model_dir=target, export=export)
@@ -72,7 +76,9 @@ def rollback_flow(to: str | None = None, home: str | None = None) -> DeployResul
     """Serve ``to`` (default: the newest deployable, not rejected version older than the
     current one); ``home`` defaults to PROMPT_CAPTURE_HOME. ``tasks.registry.rollback`` holds
     the registry lock."""
-    layout = resolve_run_settings(get_settings(), home=home).layout
+    run = resolve_run_settings(get_settings(), home=home)
+    run.require_registry()  # never a new, empty registry in a home nobody set up
+    layout = run.layout
     previous, now = rollback_task(layout.models_dir, to)
     get_run_logger().info("rolled back from version %s to %s", previous, now)
     result = DeployResult(

@@ -56,7 +56,9 @@ def retrain_flow(
     the export's ``.holdout.jsonl``. ``home`` defaults to PROMPT_CAPTURE_HOME. Holds the
     registry lock from choosing the version to publishing it.
     """
-    layout = resolve_run_settings(get_settings(), home=home).layout
+    run = resolve_run_settings(get_settings(), home=home)
+    run.require_registry()  # never a new, empty registry in a home nobody set up
+    layout = run.layout
     rules = GateRules(
         max_overall_drop=max_overall_drop, max_intent_drop=max_intent_drop, min_support=min_support
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -82,7 +81,7 @@ def review_export_flow(
     publish_review_artifact(export)
     if open_round:
         # The round's queue is the same selection as the file's.
-        summary = open_review_round_task(url, **asdict(selection), embed=embed)
+        summary = open_review_round_task(url, selection=selection, embed=embed)
         get_run_logger().info(
             "review round %s opened: %d items (%d near-duplicates with them)",
             summary.name,

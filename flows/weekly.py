@@ -80,6 +80,9 @@ def weekly_cycle(
     run = resolve_run_settings(
         get_settings(), home=home, database_url=database_url, database_secret=database_secret
     )
+    # A home nobody set up (or not the shared one) fails first: its SQLite file is missing too,
+    # and "run db upgrade" would be the wrong fix there.
+    run.require_registry()
     run.require_database()  # before the lock: an unmigrated database fails at once
     where = str(run.home)  # subflows get this home and the database parameters given here
     # One run at a time changes the registry: the challenger's version is reserved, trained,

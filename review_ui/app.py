@@ -46,6 +46,7 @@ from review_ui.security import (
 from review_ui.settings import WorkbenchSettings
 from review_ui.state import Clock, Workbench, utc_now
 from tasks.review_decide import settle
+from tasks.review_export import ReviewSelection
 from tasks.review_progress import disagreements, round_agreement, round_progress
 from tasks.review_proposals import accept_proposal, list_proposals, reject_proposal
 from tasks.review_rounds import close_round, list_rounds, open_round
@@ -211,9 +212,7 @@ def admin_open_round(
             conn,
             name=name.strip() or None,
             created_by=user.id,
-            days=days,
-            limit=limit,
-            strategy=strategy,
+            selection=ReviewSelection(days=days, limit=limit, strategy=strategy),
             double_review_share=share,
             now=wb.clock(),
         )

@@ -14,6 +14,11 @@ returns an :class:`ABReadout`:
 - per intent (the answered intent) with at least ``min_support`` outcomes in each arm;
 - the decision of :mod:`tasks.ab_decision` for the mode.
 
+:func:`ab_tests` reads every test from ``history.jsonl`` (from a ``candidate-set`` to the next
+candidate action: promote, rollback, expired, reject, clear, or another ``candidate-set``), and
+:func:`readout_of` reads one of them over its own window: the HTML report shows the tests that
+overlap its window with the same numbers (:mod:`tasks.report_figures`).
+
 Everything is aggregated in the database (GROUP BY), so the readout costs one scan of the
 window whatever the traffic.
 """
@@ -135,6 +140,8 @@ class ABReadout:
     guardrail: bool = False
     test: dict[str, Any] = field(default_factory=dict)
     plan: dict[str, Any] = field(default_factory=dict)
+    until: str | None = None  # None: still under test (the readout runs to now)
+    ended: bool = False  # True: ``decision`` is how the test ended (history), not a reading
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +150,8 @@ class ABReadout:
             "mode": self.mode,
             "share": self.share,
             "since": self.since,
+            "until": self.until,
+            "ended": self.ended,
             "days": round(self.days, 3),
             "arms": [a.to_dict() for a in (self.champion_arm, self.candidate_arm) if a],
             "shadow": self.shadow.to_dict(),
@@ -163,9 +172,11 @@ class ABReadout:
             "",
             f"Mode **{self.mode}**"
             + (f", share {self.share:.1%}" if self.mode == "canary" else "")
-            + f", since {self.since} ({self.days:.1f} days).",
+            + f", since {self.since}"
+            + (f" until {self.until}" if self.until else "")
+            + f" ({self.days:.1f} days).",
             "",
-            f"**Decision: {self.decision}**: {self.reason}",
+            f"**{'Ended' if self.ended else 'Decision'}: {self.decision}**: {self.reason}",
             "",
             "| arm | version | prompts | users | outcomes | success rate (95% CI) | "
             "correction rate |",
@@ -202,19 +213,109 @@ class ABReadout:
         return "\n".join(lines)
 
 
+#: History actions that end a test; the decision shown for an ended test is the action's name.
+END_ACTIONS = {
+    "candidate-promote": "promote",
+    "candidate-rollback": "rollback",
+    "candidate-expired": "expired",
+    "candidate-reject": "reject",
+    "candidate-clear": "cleared",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ABTest:
+    """One candidate's time under test, read from ``history.jsonl``: from its ``candidate-set``
+    (``since``) to the action that ended it (``until``, ``ended_by``; None: still under test)."""
+
+    candidate: str
+    champion: str | None
+    mode: str
+    share: float
+    since: datetime | None
+    until: datetime | None = None
+    ended_by: str | None = None
+    end_reason: str | None = None
+
+    def overlaps(self, start: datetime, end: datetime) -> bool:
+        """True when the test ran at some moment of ``[start, end]``."""
+        began = self.since is None or self.since <= end
+        return began and (self.until is None or self.until >= start)
+
+
+def _history_time(row: dict[str, Any]) -> datetime | None:
+    try:
+        at = datetime.fromisoformat(str(row["at"]))
+    except (KeyError, ValueError):
+        return None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def ab_tests(models_dir: Path) -> list[ABTest]:
+    """Every test in the registry's history, oldest first (the last one may still run).
+
+    A ``candidate-set`` starts a test and ends the one before it (a shadow candidate moving on to
+    a canary starts a new test: a canary's evidence counts from then); ``candidate-promote``,
+    ``-rollback``, ``-expired``, ``-reject`` and ``-clear`` end it."""
+    tests: list[ABTest] = []
+    open_: ABTest | None = None
+    for row in history(models_dir):
+        action = str(row.get("action", ""))
+        at = _history_time(row)
+        if action == "candidate-set":
+            if open_ is not None:
+                moved = "go-canary" if row.get("version") == open_.candidate else "replaced"
+                tests.append(_ended(open_, at, moved, row.get("reason")))
+            open_ = ABTest(
+                candidate=str(row.get("version")),
+                champion=None if row.get("champion") is None else str(row.get("champion")),
+                mode=str(row.get("mode", "shadow")),
+                share=float(row.get("share") or 0.0),
+                since=at,
+            )
+        elif action in END_ACTIONS and open_ is not None:
+            tests.append(_ended(open_, at, END_ACTIONS[action], row.get("reason")))
+            open_ = None
+    if open_ is not None:
+        tests.append(open_)
+    return tests
+
+
+def _ended(test: ABTest, at: datetime | None, how: str, reason: Any) -> ABTest:
+    return ABTest(
+        test.candidate,
+        test.champion,
+        test.mode,
+        test.share,
+        test.since,
+        until=at,
+        ended_by=how,
+        end_reason=None if reason is None else str(reason),
+    )
+
+
 def _since(models_dir: Path, pointer: CandidatePointer) -> datetime | None:
     """When the candidate was set (the last ``candidate-set`` of its version)."""
     for row in reversed(history(models_dir)):
         if row.get("action") == "candidate-set" and row.get("version") == pointer.version:
-            try:
-                at = datetime.fromisoformat(str(row["at"]))
-            except (KeyError, ValueError):
-                return None
-            return at if at.tzinfo else at.replace(tzinfo=UTC)
+            return _history_time(row)
     return None
 
 
-def _arm_rows(url: str, versions: list[str], since: datetime | None) -> list[sa.Row[Any]]:
+def _window(
+    column: sa.ColumnElement[Any], since: datetime | None, until: datetime | None
+) -> list[sa.ColumnElement[bool]]:
+    out = []
+    if since is not None:
+        out.append(column >= since)
+    if until is not None:
+        out.append(column < until)
+    return out
+
+
+def _arm_rows(
+    url: str, versions: list[str], since: datetime | None, until: datetime | None
+) -> list[sa.Row[Any]]:
     log = PromptLog.__table__
     success = sa.case((log.c.was_successful.is_(True), 1), else_=0)
     outcome = sa.case((log.c.was_successful.is_not(None), 1), else_=0)
@@ -224,32 +325,34 @@ def _arm_rows(url: str, versions: list[str], since: datetime | None) -> list[sa.
             log.c.model_version,
             log.c.predicted_intent,
             sa.func.count().label("prompts"),
-            sa.func.count(sa.distinct(log.c.user_id)).label("users"),
             sa.func.sum(outcome).label("outcomes"),
             sa.func.sum(success).label("successes"),
             sa.func.sum(corrected).label("corrections"),
         )
-        .where(log.c.model_version.in_(versions))
+        .where(log.c.model_version.in_(versions), *_window(log.c.created_at, since, until))
         .group_by(log.c.model_version, log.c.predicted_intent)
     )
-    if since is not None:
-        stmt = stmt.where(log.c.created_at >= since)
     with db.get_sync_engine(url).connect() as conn:
         return list(conn.execute(stmt))
 
 
-def _users(url: str, version: str, since: datetime | None) -> int:
+def _users(
+    url: str, versions: list[str], since: datetime | None, until: datetime | None
+) -> dict[str, int]:
+    """Distinct users per answering version (one scan for both arms)."""
     log = PromptLog.__table__
-    stmt = sa.select(sa.func.count(sa.distinct(log.c.user_id))).where(
-        log.c.model_version == version
+    stmt = (
+        sa.select(log.c.model_version, sa.func.count(sa.distinct(log.c.user_id)))
+        .where(log.c.model_version.in_(versions), *_window(log.c.created_at, since, until))
+        .group_by(log.c.model_version)
     )
-    if since is not None:
-        stmt = stmt.where(log.c.created_at >= since)
     with db.get_sync_engine(url).connect() as conn:
-        return int(conn.execute(stmt).scalar_one() or 0)
+        return {str(version): int(n or 0) for version, n in conn.execute(stmt)}
 
 
-def _shadow(url: str, candidate: str) -> ShadowEvidence:
+def _shadow(
+    url: str, candidate: str, since: datetime | None, until: datetime | None
+) -> ShadowEvidence:
     log, shadow = PromptLog.__table__, shadow_predictions
     stmt = (
         sa.select(
@@ -260,7 +363,10 @@ def _shadow(url: str, candidate: str) -> ShadowEvidence:
             sa.func.count().label("n"),
         )
         .select_from(shadow.join(log, log.c.id == shadow.c.log_id))
-        .where(shadow.c.candidate_version == candidate)
+        .where(
+            shadow.c.candidate_version == candidate,
+            *_window(shadow.c.log_created_at, since, until),
+        )
         .group_by(
             log.c.predicted_intent,
             shadow.c.predicted_intent,
@@ -289,6 +395,40 @@ def _shadow(url: str, candidate: str) -> ShadowEvidence:
     return ShadowEvidence(**counts)
 
 
+def select_shadow_disagreements(
+    *, since: datetime | None, until: datetime | None
+) -> sa.Select[Any]:
+    """Uncorrected prompts created in ``(since, until]`` that a shadow candidate predicted as
+    another intent than the answered one, oldest first: the review candidates' columns
+    (``tasks.review_select.ReviewCandidate.from_row``) plus ``shadow_intent``. A prompt
+    shadowed by several candidates comes once per disagreeing candidate."""
+    log, shadow = PromptLog.__table__, shadow_predictions
+    stmt = (
+        sa.select(
+            log.c.id,
+            log.c.prompt,
+            log.c.predicted_intent,
+            log.c.confidence,
+            log.c.secondary_intents,
+            log.c.was_successful,
+            log.c.created_at,
+            shadow.c.predicted_intent.label("shadow_intent"),
+        )
+        .select_from(shadow.join(log, log.c.id == shadow.c.log_id))
+        .where(
+            log.c.corrected_intent.is_(None),
+            shadow.c.predicted_intent != log.c.predicted_intent,
+        )
+        .order_by(log.c.created_at, log.c.id)
+    )
+    for column in (log.c.created_at, shadow.c.log_created_at):  # the shadow side prunes early
+        if since is not None:
+            stmt = stmt.where(column > since)
+        if until is not None:
+            stmt = stmt.where(column <= until)
+    return stmt
+
+
 def ab_readout(
     url: str | None,
     models_dir: Path,
@@ -300,17 +440,36 @@ def ab_readout(
     """The readout of the candidate named by ``models_dir/candidate`` against the champion
     ``models_dir/current``, from the database ``url`` (default: the settings'), with the
     decision for its mode. No candidate: a readout with ``decision`` ``none``."""
-    plan = plan or ABPlan()
-    url = db.database_url(url)
     pointer = read_candidate(models_dir)
     champion = current_version(models_dir)
     if pointer is None:
         return ABReadout(None, champion, None, None, None, 0.0, None, None, ShadowEvidence())
-    since = _since(models_dir, pointer)
+    test = ABTest(
+        pointer.version, champion, pointer.mode, pointer.share, _since(models_dir, pointer)
+    )
+    return readout_of(url, test, plan=plan, min_support=min_support, now=now)
+
+
+def readout_of(
+    url: str | None,
+    test: ABTest,
+    *,
+    plan: ABPlan | None = None,
+    min_support: int = MIN_SUPPORT,
+    now: datetime | None = None,
+) -> ABReadout:
+    """The readout of one test over its window (``test.since`` to ``test.until``, or to now).
+
+    A test still running gets the decision the ab-check would take now; an ended one shows how
+    it ended (``test.ended_by``: promote, rollback, expired, reject, cleared, go-canary,
+    replaced) with the reason recorded in the history."""
+    plan = plan or ABPlan()
+    url = db.database_url(url)
+    since, until, champion = test.since, test.until, test.champion
     now = now or datetime.now(UTC)
-    days = (now - since).total_seconds() / 86400 if since else 0.0
-    versions = [v for v in (champion, pointer.version) if v is not None]
-    rows = _arm_rows(url, versions, since)
+    days = ((until or now) - since).total_seconds() / 86400 if since else 0.0
+    versions = [v for v in (champion, test.candidate) if v is not None]
+    rows = _arm_rows(url, versions, since, until)
     arms: dict[str, dict[str, int]] = {
         v: {"prompts": 0, "outcomes": 0, "successes": 0, "corrections": 0} for v in versions
     }
@@ -324,28 +483,31 @@ def ab_readout(
             int(row.successes or 0),
             int(row.outcomes or 0),
         )
+    users = _users(url, versions, since, until)
 
     def arm(name: str, version: str | None) -> ArmStats | None:
         if version is None:
             return None
-        return ArmStats(name, version, users=_users(url, version, since), **arms[version])
+        return ArmStats(name, version, users=users.get(version, 0), **arms[version])
 
-    champion_arm, candidate_arm = arm("champion", champion), arm("candidate", pointer.version)
+    champion_arm, candidate_arm = arm("champion", champion), arm("candidate", test.candidate)
     for intent, per_version in sorted(by_intent.items()):
         if all(per_version.get(v, (0, 0))[1] >= min_support for v in versions):
-            for name, version in (("champion", champion), ("candidate", pointer.version)):
-                s, n = per_version[version or ""]
+            for name, version in (("champion", champion), ("candidate", test.candidate)):
+                if version is None:  # a test recorded without its champion
+                    continue
+                s, n = per_version[version]
                 per_intent.append(
                     {"intent": intent, "arm": name, "outcomes": n, "success_rate": s / n}
                 )
-    shadow = _shadow(url, pointer.version)
+    shadow = _shadow(url, test.candidate, since, until)
     guardrail = False
-    test: dict[str, Any] = {}
-    if pointer.mode == "canary" and champion_arm and candidate_arm:
+    result: dict[str, Any] = {}
+    if test.mode == "canary" and champion_arm and candidate_arm:
         a = (champion_arm.successes, champion_arm.outcomes)
         b = (candidate_arm.successes, candidate_arm.outcomes)
-        result = canary_decision(a, b, plan=plan, days=days)
-        decision, reason, test = result.decision, result.reason, result.to_dict()
+        reading = canary_decision(a, b, plan=plan, days=days)
+        decision, reason, result = reading.decision, reading.reason, reading.to_dict()
         guardrail = guardrail_tripped(a, b, plan)
         if guardrail and decision != "rollback":
             decision, reason = "rollback", "guardrail: failure rate significantly higher"
@@ -357,11 +519,13 @@ def ab_readout(
             shadow.champion_right,
             plan,
         )
+    if test.ended_by is not None:  # what happened, not what the evidence would say today
+        decision, reason = test.ended_by, test.end_reason or "no reason recorded"
     return ABReadout(
-        candidate=pointer.version,
+        candidate=test.candidate,
         champion=champion,
-        mode=pointer.mode,
-        share=pointer.share,
+        mode=test.mode,
+        share=test.share,
         since=since.isoformat() if since else None,
         days=days,
         champion_arm=champion_arm,
@@ -371,6 +535,8 @@ def ab_readout(
         decision=decision,
         reason=reason,
         guardrail=guardrail,
-        test=test,
+        test=result,
         plan=plan.to_dict(),
+        until=until.isoformat() if until else None,
+        ended=test.ended_by is not None,
     )

@@ -110,13 +110,29 @@ class ImportResult:
         return {"file": self.file, **counts, "rejected": [str(p) for p in self.rejected]}
 
 
-def _fetch_logs(conn: Connection, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Any]:
+def fetch_logs(conn: Connection, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Any]:
+    """``{id: row}`` of the logs among ``ids`` (``capture.offline_statements.select_logs_by_id``:
+    the columns a correction's audit row records as before / prior), in chunks."""
     found: dict[uuid.UUID, Any] = {}
     unique = list(dict.fromkeys(ids))
     for start in range(0, len(unique), ID_CHUNK):
         for row in conn.execute(select_logs_by_id(unique[start : start + ID_CHUNK])):
             found[row.id] = row
     return found
+
+
+def write_correction(
+    conn: Connection, log_id: uuid.UUID, intent: str, notes: str | None, at: datetime
+) -> None:
+    """Set the correction of the log ``log_id`` (``corrected_intent``, ``correction_notes``,
+    ``corrected_at`` and ``updated_at`` = ``at``) with the shared update statement
+    (``capture.statements.update_correction``): the one write of a correction, for the file
+    import and the review workbench alike."""
+    conn.execute(
+        statements.update_correction(
+            log_id, corrected_intent=intent, correction_notes=notes, corrected_at=at
+        )
+    )
 
 
 def known_intents(conn: Connection) -> set[str]:
@@ -264,7 +280,7 @@ def import_corrections(
     result.rejected.extend(problems)
     try:
         with get_sync_engine(database_url(url)).begin() as conn:
-            logs = _fetch_logs(conn, (c.log_id for c in corrections))
+            logs = fetch_logs(conn, (c.log_id for c in corrections))
             allowed = catalog if catalog is not None else intent_catalog(conn, models_dir)
             checked, problems = _validate(corrections, logs, allowed, allow_new_intent)
             result.rejected.extend(problems)
@@ -314,14 +330,7 @@ def _apply(
         changes.append(c)
     audit: list[dict[str, Any]] = []
     for c in changes:
-        conn.execute(
-            statements.update_correction(
-                c.log_id,
-                corrected_intent=c.corrected_intent,
-                correction_notes=c.notes,
-                corrected_at=stamp,
-            )
-        )
+        write_correction(conn, c.log_id, c.corrected_intent, c.notes, stamp)
         log = logs[c.log_id]
         before = log.corrected_intent or log.predicted_intent
         audit.append(
@@ -437,6 +446,6 @@ def validate_correction_rows(
     "not reviewed" and dropped) and the problems by row (1-based); writes nothing.
     """
     corrections, _not_reviewed, problems = corrections_from_rows(enumerate(rows, start=1))
-    logs = _fetch_logs(conn, (c.log_id for c in corrections))
+    logs = fetch_logs(conn, (c.log_id for c in corrections))
     checked, more = _validate(corrections, logs, catalog, allow_new_intent)
     return checked, sorted(problems + more, key=lambda p: p.row)

@@ -12,7 +12,6 @@ The traffic, the reviewer and the accuracy scoring are the harness the simulator
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Iterator
@@ -27,17 +26,7 @@ from prefect.cache_policies import NO_CACHE
 
 from capture.errors import UserError
 from capture.settings import Settings
-from capture.traffic import (
-    LabelledPrompt,
-    OutcomeRule,
-    SteppedClock,
-    TrafficResult,
-    make_users,
-    score_classifier,
-    send_traffic,
-    single_message_sessions,
-    spread_times,
-)
+from capture.traffic import LabelledPrompt, OutcomeRule, TrafficResult, run_traffic, score_version
 from tasks.corrections import ImportResult
 from tasks.deploy import DeployResult
 from tasks.layout import HomeLayout
@@ -149,6 +138,7 @@ def prepare_demo(requested_home: Path, *, seed: int, settings: Settings) -> Demo
     url = demo_database(settings, layout)
     check_demo_database(url)
     db.upgrade(url)
+    layout.create_registry()  # the flows refuse a home without one (tasks.layout)
     splits = split_demo_dataset(load_demo_dataset(), seed=seed)
     parts = {
         kind: tuple(LabelledPrompt.of(rows))
@@ -191,7 +181,7 @@ def hot_reloading_classifier(models_dir: Path) -> Iterator[Any]:
 @task(cache_policy=NO_CACHE, name="demo-accuracy")
 def accuracy(classifier: Any, prompts: tuple[LabelledPrompt, ...]) -> tuple[float, str]:
     """Top-1 accuracy of the serving classifier on ``prompts`` and the version scored."""
-    return score_classifier(classifier, prompts), str(classifier.version)
+    return score_version(classifier, prompts)
 
 
 @task(cache_policy=NO_CACHE, name="demo-traffic")
@@ -202,32 +192,22 @@ def send_week_of_traffic(
     stamped across the week before now; a wrong intent makes the simulated workflow fail."""
     import random
 
-    from capture.service import create_nlu_service
-
-    rng = random.Random(seed)
     end = datetime.now(UTC)
-    times = spread_times(len(prompts), end - WEEK + WINDOW_MARGIN, end)
-    clock = SteppedClock(times[0] if times else end)
-
-    async def run() -> TrafficResult:
-        service = create_nlu_service(
-            classifier, url=settings.resolved_database_url, settings=settings, clock=clock
-        )
-        async with service:
-            return await send_traffic(
-                service,
-                prompts,
-                sessions=single_message_sessions(make_users(DEMO_USERS, rng), rng),
-                outcome=OutcomeRule(
-                    fail_if_wrong=1.0,
-                    fail_if_right=0.0,
-                    error="simulated: the user wanted another workflow",
-                ),
-                clock=clock,
-                times=times,
-            )
-
-    result = asyncio.run(run())
+    result = run_traffic(
+        classifier,
+        prompts,
+        start=end - WEEK + WINDOW_MARGIN,
+        end=end,
+        users=DEMO_USERS,
+        rng=random.Random(seed),
+        outcome=OutcomeRule(
+            fail_if_wrong=1.0,
+            fail_if_right=0.0,
+            error="simulated: the user wanted another workflow",
+        ),
+        url=settings.resolved_database_url,
+        settings=settings,
+    )
     get_run_logger().info(
         "3. traffic: %d prompts through the NLU service (model %s); %d workflows failed "
         "(wrong intent)",

@@ -4,13 +4,18 @@ in-scope accuracy and out-of-scope recall, plus champion/challenger comparison.
 Metrics are computed from predicted probabilities (in the ``labels`` order of the model's
 metadata, ``capture.model_dir.ModelMetadata``). ``TorchModel`` is the torch-side predictor of a
 model directory (the reference the ONNX export is checked against).
+
+:func:`evaluate_model` also reports the serving latency of what the directory would serve: its
+``model.onnx``, or, when it has none, a temporary ONNX export (:func:`serving_latency`) made in a
+temporary folder, measured and deleted; ``latency_source`` says which.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import statistics
+import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -22,7 +27,14 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 
 from capture.errors import UserError
-from capture.model_dir import ENCODER_DIR, MODEL_FILE, ModelMetadata, read_trained
+from capture.model_dir import (
+    ENCODER_DIR,
+    MODEL_FILE,
+    QUANTIZATION_NONE,
+    TOKENIZER_FILE,
+    ModelMetadata,
+    read_trained,
+)
 from capture.types import Prediction
 from tasks.records import Record
 
@@ -32,6 +44,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ECE_BINS = 15
+#: Single-prompt predictions timed for the latency figures (after 5 warm-up calls).
+LATENCY_SAMPLES = 200
+#: At most this many evaluation texts are the parity texts of a temporary export.
+TEMPORARY_EXPORT_TEXTS = 200
 
 
 class ProbabilityPredictor(Protocol):
@@ -204,6 +220,11 @@ class EvalReport:
     per_intent: dict[str, IntentScore] = field(default_factory=dict)
     confusions: list[tuple[str, str, int]] = field(default_factory=list)
     latency_ms_p50: float | None = None
+    latency_ms_p99: float | None = None
+    #: What the latency was measured on: ``model.onnx (int8)`` / ``model.onnx (fp32)``, or
+    #: ``temporary int8 export`` / ``temporary fp32 export`` (made, measured, deleted) when the
+    #: directory has no ``model.onnx``; None when no latency was measured.
+    latency_source: str | None = None
     backend: str = "torch"
 
     def to_dict(self, *, details: bool = True) -> dict[str, Any]:
@@ -329,10 +350,13 @@ def encode_texts(
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             chunk = [texts[i] for i in order[start : start + batch_size]]
-            features = model.preprocess(chunk)
+            features = {
+                k: v.to(model.device) if hasattr(v, "to") else v
+                for k, v in model.preprocess(chunk).items()
+            }
             emb = model(features)["sentence_embedding"]
             emb = torch.nn.functional.normalize(emb, dim=-1)
-            out.append(emb.float().numpy())
+            out.append(emb.float().cpu().numpy())
     model.train(was_training)
     stacked = np.concatenate(out)
     result = np.empty_like(stacked)
@@ -429,13 +453,26 @@ def _warn_unknown_labels(model_dir: Path, meta: ModelMetadata, records: Sequence
         )
 
 
-def _onnx_predictor(model_dir: Path) -> Any:
+def _onnx_predictor(model_dir: Path, **serving: Any) -> Any:
     from capture.classifier import OnnxClassifier
 
-    return OnnxClassifier(model_dir)
+    return OnnxClassifier(model_dir, **serving)
 
 
-def _measure_latency(predict_one: Any, texts: Sequence[str], n: int = 200) -> float:
+@dataclass(frozen=True, slots=True)
+class Latency:
+    """Single-prompt ``predict`` latency of a serving model (milliseconds) and what was timed."""
+
+    p50_ms: float
+    p99_ms: float
+    source: str
+
+
+def _measure_latency(
+    predict_one: Any, texts: Sequence[str], n: int = LATENCY_SAMPLES
+) -> tuple[float, float]:
+    """(p50, p99) in milliseconds of ``predict_one`` over ``n`` prompts cycled from ``texts``
+    (at most ten passes over them), after five warm-up calls."""
     sample = [texts[i % len(texts)] for i in range(min(n, max(len(texts), 1) * 10))]
     for text in sample[:5]:
         predict_one(text)  # warm-up
@@ -444,7 +481,59 @@ def _measure_latency(predict_one: Any, texts: Sequence[str], n: int = 200) -> fl
         t0 = time.perf_counter()
         predict_one(text)
         times.append((time.perf_counter() - t0) * 1000.0)
-    return float(statistics.median(times))
+    p50, p99 = np.percentile(np.array(times), [50, 99])
+    return float(p50), float(p99)
+
+
+def _published(classifier: Any) -> str:
+    kind = "fp32" if classifier.quantization == QUANTIZATION_NONE else "int8"
+    return kind + (" + fast path" if getattr(classifier, "fast_path", None) else "")
+
+
+def serving_latency(
+    model_dir: str | os.PathLike[str],
+    texts: Sequence[str],
+    *,
+    threads: int = 1,
+    fast_path: bool = False,
+) -> Latency:
+    """The single-prompt latency of what ``model_dir`` would serve, timed on ``texts`` with an
+    ``OnnxClassifier`` set up as serving sets it up (``threads``; ``fast_path``: the cascade in
+    front when the directory has one; the settings' ``onnx_threads`` and ``fast_path``).
+
+    With ``model.onnx``: that file. Without: a temporary export (``tasks.export_onnx.
+    export_onnx``, int8 with its parity gate on the first :data:`TEMPORARY_EXPORT_TEXTS` texts,
+    else fp32) in a temporary folder that links to the directory's files, so the directory is
+    never written; the folder is deleted after timing. Raises ``ExportError`` / ``ModelDirError``
+    when the directory can neither serve nor be exported.
+    """
+    d = Path(model_dir)
+    serving = {"threads": threads, "fast_path": fast_path} if fast_path else {"threads": threads}
+    if (d / MODEL_FILE).exists():
+        model = _onnx_predictor(d, **serving)
+        p50, p99 = _measure_latency(model.predict, texts)
+        return Latency(p50, p99, f"{MODEL_FILE} ({_published(model)})")
+    from tasks.export_onnx import export_onnx
+
+    scratch = Path(tempfile.mkdtemp(prefix="prompt-capture-latency-"))
+    try:
+        work = scratch / d.name
+        work.mkdir()
+        for entry in d.iterdir():
+            if entry.name not in (MODEL_FILE, TOKENIZER_FILE) and not entry.name.startswith("."):
+                (work / entry.name).symlink_to(entry.resolve(), entry.is_dir())
+        logger.info("%s has no %s: timing a temporary export", d, MODEL_FILE)
+        report = export_onnx(work, validation_texts=list(texts[:TEMPORARY_EXPORT_TEXTS]))
+        model = _onnx_predictor(work, **serving)
+        p50, p99 = _measure_latency(model.predict, texts)
+        published = _published(model)
+        del model
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # links are removed, never followed
+    logger.info(
+        "timed a temporary %s export of %s (%d texts checked)", published, d, report.n_validation
+    )
+    return Latency(p50, p99, f"temporary {published} export")
 
 
 def evaluate_model(
@@ -454,13 +543,18 @@ def evaluate_model(
     predictor: ProbabilityPredictor | None = None,
     backend: Literal["auto", "torch", "onnx"] = "auto",
     measure_latency: bool = True,
+    serving_threads: int = 1,
+    fast_path: bool = False,
 ) -> EvalReport:
     """Score the model in ``model_dir`` on ``records``.
 
     ``predictor`` (anything with ``labels`` and ``predict_proba``) overrides the backend choice.
     ``backend="auto"`` uses ``model.onnx`` (``capture.classifier.OnnxClassifier``) when the
-    directory has one and the torch model otherwise; with ONNX, ``latency_ms_p50`` is the median
-    single-prompt ``predict`` latency over about 200 prompts. Raises
+    directory has one and the torch model otherwise. Whatever scores, ``measure_latency``
+    reports what would serve (:func:`serving_latency`): ``latency_ms_p50`` / ``latency_ms_p99``
+    of single-prompt ``predict`` over about 200 prompts with ``serving_threads`` and the
+    ``fast_path`` cascade as the settings would serve, and ``latency_source`` (a temporary
+    export when the directory has no ``model.onnx``; none for a custom ``predictor``). Raises
     ``capture.model_dir.ModelDirError`` when the directory's metadata is missing or malformed,
     :class:`EvaluationError` for no records or an unknown ``backend``. Labels the model does not
     know are scored (every such row is an error) and named in a warning.
@@ -474,19 +568,18 @@ def evaluate_model(
         )
     meta = ModelMetadata.read(d)
     texts = [r.text for r in records]
-    latency: float | None = None
+    latency: Latency | None = None
     used = "custom"
     if predictor is None:
         use_onnx = backend == "onnx" or (backend == "auto" and (d / MODEL_FILE).exists())
+        # Loaded before timing: a directory that cannot score fails, naming the user's
+        # directory, before any temporary export.
         if use_onnx:
-            onnx_model = _onnx_predictor(d)
-            if measure_latency:
-                latency = _measure_latency(onnx_model.predict, texts)
-            predictor = onnx_model
-            used = "onnx"
+            predictor, used = _onnx_predictor(d), "onnx"
         else:
-            predictor = TorchModel.load(d)
-            used = "torch"
+            predictor, used = TorchModel.load(d), "torch"
+        if measure_latency:
+            latency = serving_latency(d, texts, threads=serving_threads, fast_path=fast_path)
     _warn_unknown_labels(d, meta, records)
     probs = np.asarray(predictor.predict_proba(texts), dtype=np.float64)
     labels = list(predictor.labels)
@@ -506,7 +599,14 @@ def evaluate_model(
         report.macro_f1,
         report.ece,
     )
-    return EvalReport(**{**report.__dict__, "latency_ms_p50": latency, "backend": used})
+    timing: dict[str, Any] = {}
+    if latency is not None:
+        timing = {
+            "latency_ms_p50": latency.p50_ms,
+            "latency_ms_p99": latency.p99_ms,
+            "latency_source": latency.source,
+        }
+    return EvalReport(**{**report.__dict__, **timing, "backend": used})
 
 
 @dataclass(frozen=True)

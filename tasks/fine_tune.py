@@ -1,5 +1,6 @@
-"""The torch fine-tuning loop of ``tasks.train``: batches of distinct intents, AdamW with a linear
-warm-up and decay, and the joint loss (cosine-head cross-entropy + MultipleNegativesRankingLoss).
+"""The torch fine-tuning loop of ``tasks.train``: single-text batches, a cosine classifier head
+trained with cross-entropy, AdamW with a linear warm-up and decay, the word-embedding matrix
+frozen.
 
 torch is imported inside the functions only; the hyperparameters are ``tasks.train.TrainConfig``.
 """
@@ -15,8 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.pairs import Pair
-
 if TYPE_CHECKING:
     import torch
 
@@ -25,57 +24,50 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias")
+_WORD_EMBEDDINGS = "word_embeddings"
+_BUCKET_BATCHES = 16  # texts are sorted by length within chunks of this many batches
 
 
-def distinct_label_batches(
-    pairs: Sequence[Pair], batch_size: int, rng: random.Random
-) -> list[list[Pair]]:
-    """Shuffle ``pairs`` into batches where no two pairs share a label (a batch is cut short
-    when fewer labels are left than ``batch_size``)."""
-    pending = list(pairs)
-    rng.shuffle(pending)
-    batches: list[list[Pair]] = []
-    while pending:
-        batch: list[Pair] = []
-        used: set[str] = set()
-        rest: list[Pair] = []
-        for pair in pending:
-            if len(batch) < batch_size and pair.label not in used:
-                batch.append(pair)
-                used.add(pair.label)
-            else:
-                rest.append(pair)
-        batches.append(batch)
-        pending = rest
-    return batches
+def epochs_for(n_texts: int, n_labels: int, config: TrainConfig) -> float:
+    """Passes over the training texts. The few-shot rule: every intent gets at least
+    ``few_shot_epochs * few_shot_examples`` example-passes, so with ``few_shot_examples`` (8)
+    or fewer texts per intent on average it is ``few_shot_epochs`` (8) passes, with 16 it is 4,
+    and from 32 per intent on it is ``epochs`` (2)."""
+    per_intent = n_texts / max(n_labels, 1)
+    wanted = config.few_shot_epochs * config.few_shot_examples / max(per_intent, 1e-9)
+    return min(config.few_shot_epochs, max(config.epochs, wanted))
 
 
-def epoch_batches(
-    pairs: Sequence[Pair], config: TrainConfig, steps: int, seed: int
-) -> list[list[Pair]]:
-    """``steps`` batches, reshuffling the pairs each pass."""
-    rng = random.Random(seed)
-    out: list[list[Pair]] = []
-    while len(out) < steps:
-        # Cheap greedy packing; full batches first (the short tail batches go last).
-        epoch = distinct_label_batches(pairs, config.batch_size, rng)
-        epoch.sort(key=len, reverse=True)
-        full = [b for b in epoch if len(b) >= min(config.batch_size, 2)]
-        if not full:
-            raise ValueError("cannot form a batch of two pairs: need at least two intents")
-        rng.shuffle(full)
-        out.extend(full)
-    return out[:steps]
-
-
-def plan_steps(n_pairs: int, config: TrainConfig) -> int:
-    """Optimiser steps: ``epochs`` passes over the pairs, at least ``min_steps``, at most
-    ``max_steps``."""
-    per_epoch = math.ceil(n_pairs / config.batch_size)
-    steps = max(config.min_steps, math.ceil(per_epoch * config.epochs))
+def plan_steps(n_texts: int, n_labels: int, config: TrainConfig) -> int:
+    """Optimiser steps: :func:`epochs_for` passes over ``n_texts`` texts in batches of
+    ``batch_size``, at least ``min_steps``, at most ``max_steps``."""
+    per_epoch = math.ceil(n_texts / config.batch_size)
+    steps = max(config.min_steps, math.ceil(per_epoch * epochs_for(n_texts, n_labels, config)))
     if config.max_steps is not None:
         steps = min(steps, config.max_steps)
     return max(steps, 1)
+
+
+def text_batches(
+    texts: Sequence[str], batch_size: int, steps: int, rng: random.Random
+) -> list[list[int]]:
+    """``steps`` batches of text indices: each pass is a fresh permutation, sorted by length
+    within chunks of 16 batches (less padding), the batches of a pass shuffled; batches of one
+    text are dropped (a one-row batch gives no useful gradient)."""
+    if len(texts) < 2:
+        raise ValueError("cannot form a batch: need at least two training texts")
+    out: list[list[int]] = []
+    chunk = batch_size * _BUCKET_BATCHES
+    while len(out) < steps:
+        order = list(range(len(texts)))
+        rng.shuffle(order)
+        epoch: list[list[int]] = []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start : start + chunk], key=lambda i: len(texts[i]))
+            epoch += [part[k : k + batch_size] for k in range(0, len(part), batch_size)]
+        rng.shuffle(epoch)
+        out += [b for b in epoch if len(b) >= 2]
+    return out[:steps]
 
 
 def seed_everything(seed: int) -> None:
@@ -93,14 +85,27 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def trainable_parameters(encoder: Any, config: TrainConfig) -> list[tuple[str, Any]]:
+    """The encoder's (name, parameter) pairs that are trained; with ``freeze_word_embeddings``
+    the word-embedding matrix is frozen (``requires_grad`` off): half of MiniLM's weights, so
+    less work per step, and vocabulary missing from the training data keeps its pretrained
+    geometry."""
+    named = []
+    for name, param in encoder.named_parameters():
+        if config.freeze_word_embeddings and _WORD_EMBEDDINGS in name:
+            param.requires_grad_(False)
+            continue
+        named.append((name, param))
+    return named
+
+
 def _optimizer(
-    encoder: Any, head: torch.nn.Parameter, config: TrainConfig, steps: int
+    named: list[tuple[str, Any]], head: torch.nn.Parameter, config: TrainConfig, steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (no weight decay on biases and layer norms; the head at its own learning rate) and
     a linear warm-up over ``warmup_ratio`` of the steps, then a linear decay to 0."""
     import torch
 
-    named = list(encoder.named_parameters())
     groups = [
         {
             "params": [p for n, p in named if not any(k in n for k in _NO_DECAY)],
@@ -125,78 +130,42 @@ def _optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def _batch_loss(
-    encoder: Any,
-    head: torch.nn.Parameter,
-    batch: Sequence[Pair],
-    *,
-    label_index: dict[str, int],
-    config: TrainConfig,
-    oos_label: str,
-) -> torch.Tensor:
-    """The loss of one batch: cross-entropy of anchors and positives against the cosine head
-    (``ce``) plus in-batch-negatives ranking of anchors against positives (``mnrl``, in-scope
-    pairs only; hard negatives join the candidates when every pair has one)."""
-    import torch
-    import torch.nn.functional as F
-
-    use_ce = config.loss in ("ce", "ce+mnrl")
-    use_mnrl = config.loss in ("mnrl", "ce+mnrl")
-    texts = [p.anchor for p in batch] + [p.positive for p in batch]
-    with_neg = use_mnrl and all(p.negative is not None for p in batch)
-    if with_neg:
-        texts += [str(p.negative) for p in batch]
-    features = encoder.preprocess(texts)
-    emb = F.normalize(encoder(features)["sentence_embedding"], dim=-1)
-    m = len(batch)
-    loss = torch.zeros(())
-    if use_ce:
-        targets = torch.tensor([label_index[p.label] for p in batch] * 2)
-        logits = config.scale * emb[: 2 * m] @ F.normalize(head, dim=-1).T
-        loss = loss + F.cross_entropy(logits, targets)
-    if use_mnrl:
-        keep = torch.tensor([p.label != oos_label for p in batch])
-        if int(keep.sum()) >= 2:
-            anchors = emb[:m][keep]
-            candidates = emb[m : 2 * m][keep]
-            if with_neg:
-                candidates = torch.cat([candidates, emb[2 * m :][keep]])
-            sims = config.scale * anchors @ candidates.T
-            target = torch.arange(anchors.shape[0])
-            loss = loss + F.cross_entropy(sims, target)
-    return loss
-
-
 def fine_tune(
     encoder: Any,
     *,
-    pairs: Sequence[Pair],
-    label_index: dict[str, int],
+    texts: Sequence[str],
+    y: np.ndarray,
     centroids: np.ndarray,
     config: TrainConfig,
     steps: int,
+    device: str,
     progress: bool,
-    oos_label: str,
 ) -> tuple[np.ndarray, list[dict[str, float]]]:
-    """Train ``encoder`` in place for ``steps`` batches jointly with a cosine head started at
-    ``centroids`` (n_labels x dim); returns the head (rows L2-normalised, float32) and the loss
-    history (one entry per ``log_every`` steps: step, mean loss, elapsed seconds)."""
+    """Train ``encoder`` (already on ``device``) in place for ``steps`` batches of single texts
+    with cross-entropy against a cosine head (``scale`` x cosine to each class row) started at
+    ``centroids`` (n_labels x dim); returns the head (rows L2-normalised, float32, CPU) and the
+    loss history (one entry per ``log_every`` steps: step, mean loss, elapsed seconds)."""
     import torch
     import torch.nn.functional as F
 
     encoder.train()
-    head = torch.nn.Parameter(torch.tensor(centroids, dtype=torch.float32))
-    optimizer, scheduler = _optimizer(encoder, head, config, steps)
-    batches = epoch_batches(pairs, config, steps, config.seed)
+    named = trainable_parameters(encoder, config)
+    head = torch.nn.Parameter(torch.tensor(centroids, dtype=torch.float32, device=device))
+    optimizer, scheduler = _optimizer(named, head, config, steps)
+    targets = torch.tensor(y, dtype=torch.long, device=device)
+    batches = text_batches(texts, config.batch_size, steps, random.Random(config.seed))
+    params = [p for _, p in named]
     history: list[dict[str, float]] = []
     start = time.perf_counter()
     running = 0.0
     for step, batch in enumerate(batches):
-        loss = _batch_loss(
-            encoder, head, batch, label_index=label_index, config=config, oos_label=oos_label
-        )
+        features = encoder.preprocess([texts[i] for i in batch])
+        features = {k: v.to(device) if hasattr(v, "to") else v for k, v in features.items()}
+        emb = F.normalize(encoder(features)["sentence_embedding"], dim=-1)
+        logits = config.scale * emb @ F.normalize(head, dim=-1).T
+        loss = F.cross_entropy(logits, targets[batch], label_smoothing=config.label_smoothing)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -217,5 +186,5 @@ def fine_tune(
                 )
             running = 0.0
     encoder.eval()
-    trained = F.normalize(head.detach(), dim=-1).numpy().astype(np.float32)
+    trained = F.normalize(head.detach(), dim=-1).cpu().numpy().astype(np.float32)
     return trained, history

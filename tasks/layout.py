@@ -18,6 +18,13 @@ The base files hold the base data set of the first model (written by ``prompt-ca
 or copied there by whoever trained the first model): the training data export adds
 ``base_train`` so the model does not forget, retraining calibrates on ``base_val``, and the gate
 scores both models on ``base_test`` plus the held-out corrected prompts.
+
+A home is *set up* when it holds the registry folder ``models/``: ``prompt-capture init`` and
+the demo create it (:meth:`HomeLayout.create_registry`). The flows that read or change the
+registry (weekly cycle, retrain, deploy, rollback, ab-check) refuse a home without one
+(:meth:`HomeLayout.require_registry`) instead of starting a new, empty registry where nobody
+looks: a worker on another machine whose PROMPT_CAPTURE_HOME is unset or not mounted fails at
+once, naming the home and the fix.
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ class LayoutError(UserError, FileNotFoundError):
     """A file the run needs is not where it was said to be; the message names it and the fix."""
 
 
+class HomeNotSetUpError(LayoutError):
+    """The run's home holds no registry (``models/``): a home nobody set up, or the wrong one."""
+
+
 def stamp(now: datetime | None = None) -> str:
     """A file-name-safe UTC timestamp, e.g. ``20260312T020000Z``."""
     return (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
@@ -51,6 +62,32 @@ class HomeLayout(HomeDirs):
     the folders of :class:`~capture.settings.HomeDirs` plus the files a run needs."""
 
     home: Path
+
+    def require_registry(self) -> Path:
+        """``models_dir`` when the home holds the registry folder; else raise
+        :class:`HomeNotSetUpError` naming the home and the fix (nothing is created)."""
+        if self.models_dir.is_dir():
+            return self.models_dir
+        if not self.home.exists():
+            found = f"{self.home} does not exist"
+        elif self.home.is_dir():
+            found = f"{self.home} holds no model registry ({self.models_dir.name}/ is missing)"
+        else:
+            found = f"{self.home} is not a folder"
+        raise HomeNotSetUpError(
+            f"PROMPT_CAPTURE_HOME: {found}, so this flow would start a new, empty registry "
+            "there; point PROMPT_CAPTURE_HOME (or the flow's `home` parameter) at the home "
+            "every worker and serving process shares (a shared filesystem; README, 'A worker "
+            "on another machine'), or create one with `prompt-capture init` or "
+            "`prompt-capture demo`"
+        )
+
+    def create_registry(self) -> Path:
+        """Create the home and its (empty) registry folder if missing; returns ``models_dir``.
+        Shared like every registry folder (the umask's mode: a serving process may run as
+        another Unix user)."""
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        return self.models_dir
 
     def base_file(self, kind: str) -> Path:
         """``home/data/base_<kind>.jsonl`` (kind: train, val, test); KeyError names the kinds."""

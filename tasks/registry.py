@@ -256,7 +256,7 @@ def servable_version_dir(models_dir: Path, version: str) -> Path:
     if missing:
         raise RegistryError(
             f"version {version} at {path} cannot serve: missing {', '.join(missing)}; "
-            "export it to ONNX first"
+            f"export it to ONNX first: `prompt-capture export-onnx --model {path}`"
         )
     return path
 

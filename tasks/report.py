@@ -110,7 +110,8 @@ def _markdown_headline(data: ReportData) -> str:
 
 
 def render_markdown(data: ReportData) -> str:
-    """The report's figures as markdown tables (for the Prefect UI)."""
+    """The report's figures as markdown tables (for the Prefect UI), then the readout of each
+    A/B test that ran in the window."""
     tables = [
         _markdown_table(
             "Confidence histogram",
@@ -162,7 +163,8 @@ def render_markdown(data: ReportData) -> str:
             ],
         ),
     ]
-    return "\n".join([_markdown_headline(data), *tables])
+    readouts = [readout.to_markdown() + "\n" for readout in data.ab]  # A/B tests in the window
+    return "\n".join([_markdown_headline(data), *tables, *readouts])
 
 
 def intent_table(data: ReportData) -> list[dict[str, Any]]:

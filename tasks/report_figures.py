@@ -9,7 +9,10 @@ future, e.g. by a client with a wrong clock, is not counted):
 - workflow success rate by intent (``select_success_rate_by_intent``),
 - per UTC day: prompts, low-confidence prompts, corrections, outcomes, failures
   (``capture.offline_statements.select_daily_counts``); the window's totals are their sum,
-- model versions with their evaluation accuracy (the registry under ``models_dir``).
+- model versions with their evaluation accuracy (the registry under ``models_dir``),
+- the A/B tests of a candidate that ran during the window (``history.jsonl``), each read by
+  :func:`tasks.ab_readout.readout_of` over its own time under test (the one readout the
+  ab-check flow and ``prompt-capture ab`` use), newest first.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from capture.rows import (
     map_success_rate,
 )
 from capture.values import to_utc, utc_now
+from tasks.ab_readout import ABReadout, ab_tests, readout_of
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +76,8 @@ class ReportData:
     success: list[IntentSuccessRate]
     daily: list[DailyCounts]
     models: list[ModelPoint] = field(default_factory=list)
+    #: Readouts of the A/B tests that overlap the window, newest first (empty: none ran).
+    ab: list[ABReadout] = field(default_factory=list)
 
     @property
     def overall(self) -> WindowCounts:
@@ -208,6 +214,7 @@ def collect_report_data(
     since = window_start(generated_at, days)
     assert since is not None
     until = generated_at  # the window ends now: rows dated in the future are not counted
+    registry = models_dir if models_dir is not None else settings.models_dir
     with Session(get_sync_engine(database_url(url))) as session:
         confidence = [
             map_confidence_bucket(r)
@@ -242,5 +249,16 @@ def collect_report_data(
         intents=intents,
         success=success,
         daily=daily,
-        models=model_history(models_dir if models_dir is not None else settings.models_dir),
+        models=model_history(registry),
+        ab=ab_in_window(url, registry, since=since, until=until),
     )
+
+
+def ab_in_window(
+    url: str | None, models_dir: Path, *, since: datetime, until: datetime
+) -> list[ABReadout]:
+    """Readouts of the A/B tests in the registry's history that ran at some moment of
+    ``[since, until]``, newest first; a running test is read up to now, with the decision the
+    ab-check would take at ``until``."""
+    tests = [t for t in ab_tests(models_dir) if t.overlaps(since, until)]
+    return [readout_of(url, test, now=until) for test in reversed(tests)]

@@ -2,10 +2,11 @@
 
 :func:`build_page` turns :class:`~tasks.report_figures.ReportData` into a :class:`Page` — the
 headline cards and six sections (``confidence``, ``intents``, ``success``, ``corrections``,
-``low-confidence``, ``models``), each a list of blocks: a note, a plot, a table, or an "empty"
-message. ``tasks/templates/report.html.j2`` lays the page out (inline CSS); the plots are inline
-base64 PNGs, so the file loads nothing from the network. Autoescape is on: every text from the
-database (intent names) is escaped by the template.
+``low-confidence``, ``models``), then one section ``ab-1``, ``ab-2``, … per A/B test that ran in
+the window (newest first; none when no candidate was under test), each a list of blocks: a
+note, a plot, a table, or an "empty" message. ``tasks/templates/report.html.j2`` lays the page
+out (inline CSS); the plots are inline base64 PNGs, so the file loads nothing from the network.
+Autoescape is on: every text from the database (intent names) is escaped by the template.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jinja2
 
+from tasks.ab_readout import MIN_SUPPORT, ABReadout, ArmStats
 from tasks.report_figures import ReportData, number_text, percent_text, share_text
 from tasks.report_plots import (
     ORANGE,
@@ -306,11 +308,154 @@ def _models_section(data: ReportData) -> Section:
     return Section("models", "Model versions", note, [plot, table])
 
 
+def _ci_text(arm: ArmStats) -> str:
+    low, high = arm.success_ci
+    return "–" if arm.outcomes == 0 else f"[{percent_text(low)}, {percent_text(high)}]"
+
+
+def _arms_table(readout: ABReadout, n: int) -> Table:
+    arms = [a for a in (readout.champion_arm, readout.candidate_arm) if a is not None]
+    return Table(
+        f"ab-arms-{n}",
+        [
+            "arm",
+            "version",
+            "prompts",
+            "users",
+            "outcomes",
+            "success rate",
+            "95% CI",
+            "correction rate",
+        ],
+        [
+            (
+                a.arm,
+                a.version,
+                a.prompts,
+                a.users,
+                a.outcomes,
+                share_text(a.successes, a.outcomes),
+                _ci_text(a),
+                share_text(a.corrections, a.prompts),
+            )
+            for a in arms
+        ],
+    )
+
+
+def _shadow_block(readout: ABReadout, n: int) -> Block:
+    s = readout.shadow
+    if not s.compared:
+        return Empty("No shadow predictions were logged for this candidate in its window.")
+    disagreements = s.compared - s.agreements
+    return Table(
+        f"ab-shadow-{n}",
+        ["shadow evidence", "prompts", "share"],
+        [
+            ("compared (candidate predicted after the champion answered)", s.compared, "100.0%"),
+            ("agreed with the champion", s.agreements, share_text(s.agreements, s.compared)),
+            ("disagreed", disagreements, share_text(disagreements, s.compared)),
+            (
+                "disagreements later corrected",
+                s.disagreements_corrected,
+                share_text(s.disagreements_corrected, disagreements),
+            ),
+            (
+                "… corrected to the candidate's intent (candidate right)",
+                s.candidate_right,
+                share_text(s.candidate_right, s.disagreements_corrected),
+            ),
+            (
+                "… corrected to the champion's intent (champion right)",
+                s.champion_right,
+                share_text(s.champion_right, s.disagreements_corrected),
+            ),
+            (
+                "… corrected to another intent (neither right)",
+                s.neither_right,
+                share_text(s.neither_right, s.disagreements_corrected),
+            ),
+            (
+                "disagreements whose workflow failed, uncorrected (champion wrong)",
+                s.disagreements_failed_uncorrected,
+                share_text(s.disagreements_failed_uncorrected, disagreements),
+            ),
+        ],
+    )
+
+
+def _intent_block(readout: ABReadout, n: int) -> Block:
+    by_intent: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in readout.per_intent:
+        by_intent.setdefault(str(row["intent"]), {})[str(row["arm"])] = row
+    if not by_intent:
+        return Empty(
+            f"No answered intent has {MIN_SUPPORT} workflow outcomes in each arm yet: no "
+            "per-intent comparison."
+        )
+    rows = []
+    for intent, arms in sorted(by_intent.items()):
+        cells: list[object] = [intent]
+        for arm in ("champion", "candidate"):
+            stats = arms.get(arm)
+            rate = None if stats is None else float(stats["success_rate"])
+            cells += ["–" if stats is None else stats["outcomes"], percent_text(rate)]
+        rows.append(tuple(cells))
+    return Table(
+        f"ab-intent-{n}",
+        [
+            "answered intent",
+            "champion outcomes",
+            "champion success",
+            "candidate outcomes",
+            "candidate success",
+        ],
+        rows,
+    )
+
+
+def _ab_section(readout: ABReadout, n: int) -> Section:
+    """One A/B test: its window, arms, shadow evidence, per-intent breakdown and decision."""
+    mode = readout.mode or "?"
+    if mode == "canary" and readout.share is not None:
+        mode += f" ({readout.share:.0%} of users)"
+    since = (readout.since or "unknown")[:16].replace("T", " ")
+    until = (
+        readout.until[:16].replace("T", " ") + " UTC" if readout.until else "now (still under test)"
+    )
+    note = f"Mode {mode}, from {since} UTC to {until} ({readout.days:.1f} days)."
+    verb = "Ended" if readout.ended else "Decision the ab-check takes now"
+    blocks: list[Block] = [
+        Note(f"{verb}: {readout.decision} — {readout.reason}."),
+        _arms_table(readout, n),
+    ]
+    test = readout.test
+    if test.get("difference") is not None:
+        blocks.append(
+            Note(
+                "Success rate, candidate − champion: "
+                f"{100 * test['difference']:+.2f} points; always-valid (mSPRT) interval "
+                f"[{100 * test['lower']:+.2f}, {100 * test['upper']:+.2f}] points, promotion "
+                f"needs its lower end above −{100 * readout.plan.get('margin', 0.01):g}."
+            )
+        )
+    if readout.guardrail:
+        blocks.append(
+            Note("Guardrail tripped: the candidate's failure rate is significantly higher.")
+        )
+    if readout.mode == "shadow" or readout.shadow.compared:
+        blocks.append(_shadow_block(readout, n))
+    blocks.append(_intent_block(readout, n))
+    title = f"A/B test: candidate v{readout.candidate} vs champion v{readout.champion}"
+    return Section(f"ab-{n}", title, note, blocks)
+
+
 # --------------------------------------------------------------------------- page
 
 
 def build_page(data: ReportData, *, top_intents: int = 25) -> Page:
-    """The report's content: headline cards and six sections (plots drawn here)."""
+    """The report's content: headline cards, six sections (plots drawn here) and one per A/B
+    test in the window."""
     window = f"{_span(data)} ({data.since:%Y-%m-%d %H:%M} – {data.generated_at:%Y-%m-%d %H:%M} UTC)"
     return Page(
         date=f"{data.generated_at:%Y-%m-%d}",
@@ -324,6 +469,7 @@ def build_page(data: ReportData, *, top_intents: int = 25) -> Page:
             _corrections_section(data),
             _low_confidence_section(data),
             _models_section(data),
+            *(_ab_section(readout, n) for n, readout in enumerate(data.ab, start=1)),
         ],
     )
 

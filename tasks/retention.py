@@ -16,7 +16,13 @@ PostgreSQL, run by the table owner (migration 0007 partitions the table by ``cre
    partition caught) are removed row-wise as below; run the flow shortly after a partition
    boundary (00:00 UTC for daily partitions) and that is a few minutes of rows;
 4. partitions for rows the DEFAULT partition caught (created at or after the cutoff) are created
-   and the rows moved into them, and partitions are created ``ahead_days`` ahead of now.
+   and the rows moved into them, and partitions are created ``ahead_days`` ahead of now;
+5. the partitioned parent is analyzed (``ANALYZE nlu_prompt_logs``): autovacuum analyzes the
+   partitions but never the parent, whose statistics the planner uses above them and which the
+   dropped and created partitions just changed (no lock that blocks readers or writers).
+
+Shadow predictions (production A/B, migration 0008; no foreign key to the logs) of logs created
+before the cutoff are deleted after the logs, in batches (:func:`delete_expired_shadow`).
 
 Row-wise (SQLite; a non-owner role; step 3), batch by batch and each batch in ONE transaction:
 ``DELETE ... RETURNING`` (the copy is made from exactly the row version removed), then the insert.
@@ -42,8 +48,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta
+from functools import partial
 from typing import Any
 
+import sqlalchemy as sa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from sqlalchemy import Connection, Engine
@@ -63,6 +71,7 @@ from capture.offline_statements import (
 )
 from capture.rows import RetrainingRow, map_retraining_row
 from capture.settings import PartitionInterval
+from capture.shadow import shadow_predictions
 from capture.values import to_utc, utc_now
 from tasks.anonymise import scrub_pii
 
@@ -96,8 +105,12 @@ class RetentionResult:
     partitions_dropped: int = 0
     partitions_created: int = 0
     moved_from_default: int = 0
-    #: Wall seconds per step (``detach``, ``copy``, ``drop``, ``rows``, ``create``); logged and
-    #: read by ``bench/scale.py``, not part of :meth:`as_dict` (it varies from run to run).
+    #: Rows of ``nlu_shadow_predictions`` (production A/B, migration 0008) whose log was created
+    #: before the cutoff, deleted with their logs (:func:`delete_expired_shadow`).
+    shadow_deleted: int = 0
+    #: Wall seconds per step (``detach``, ``copy``, ``drop``, ``rows``, ``create``,
+    #: ``analyze``); logged and read by ``bench/scale.py``, not part of :meth:`as_dict` (it
+    #: varies from run to run).
     seconds: dict[str, float] = field(default_factory=dict, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -247,29 +260,23 @@ def _drop_expired_partitions(
     before_drop: BeforeDrop | None,
     progress: _Progress,
 ) -> None:
+    copy_and_drop = partial(
+        _copy_and_drop,
+        engine,
+        batch_size=batch_size,
+        before_commit=before_commit,
+        before_drop=before_drop,
+        progress=progress,
+    )
     with engine.connect() as conn:
         left = partitions.list_expired_tables(conn)  # a run that stopped after detaching
     for name in left:
-        _copy_and_drop(
-            engine,
-            name,
-            batch_size=batch_size,
-            before_commit=before_commit,
-            before_drop=before_drop,
-            progress=progress,
-        )
+        copy_and_drop(name)
     started = time.perf_counter()
     detached = _with_lock_retries(engine, "detach", lambda conn: _detach_expired(conn, cutoff))
     progress.took("detach", started)
     for name in detached:
-        _copy_and_drop(
-            engine,
-            name,
-            batch_size=batch_size,
-            before_commit=before_commit,
-            before_drop=before_drop,
-            progress=progress,
-        )
+        copy_and_drop(name)
 
 
 def _copy_and_drop(
@@ -356,6 +363,36 @@ def _maintain_partitions(
     )
 
 
+def _analyze_parent(engine: Engine) -> None:
+    """``ANALYZE`` the partitioned parent (step 5 of the module docstring). On PostgreSQL
+    before 18 it samples every partition on the way (there is no ``ANALYZE ONLY``); it takes
+    SHARE UPDATE EXCLUSIVE locks, which block no reader, writer or refresh."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"ANALYZE {partitions.PARENT}")
+
+
+def delete_expired_shadow(engine: Engine, cutoff: datetime, *, batch_size: int) -> int:
+    """Delete the shadow predictions of logs created before ``cutoff`` (the shadow table has no
+    foreign key, so dropped log partitions leave them behind), ``batch_size`` log ids per
+    transaction, oldest first; returns the rows deleted. A shadow row carries its log's
+    ``created_at`` (``log_created_at``), so it expires exactly with its log."""
+    shadow = shadow_predictions
+    expired = (
+        sa.select(shadow.c.log_id)
+        .where(shadow.c.log_created_at < cutoff)
+        .order_by(shadow.c.log_created_at)
+        .limit(batch_size)
+    )
+    statement = sa.delete(shadow).where(shadow.c.log_id.in_(expired.scalar_subquery()))
+    deleted = 0
+    while True:
+        with engine.begin() as conn:
+            n = max(int(conn.execute(statement).rowcount), 0)
+        deleted += n
+        if n == 0:
+            return deleted
+
+
 def run_retention(
     url: str | None = None,
     *,
@@ -420,6 +457,9 @@ def run_retention(
         progress=progress,
     )
     progress.took("rows", started)
+    started = time.perf_counter()
+    shadow_deleted = delete_expired_shadow(engine, cutoff, batch_size=batch_size)
+    progress.took("shadow", started)
     if manage:
         started = time.perf_counter()
         changes = _with_lock_retries(
@@ -435,6 +475,9 @@ def run_retention(
         )
         progress.took("create", started)
         progress.created, progress.moved = len(changes.created), changes.moved_rows
+        started = time.perf_counter()
+        _analyze_parent(engine)
+        progress.took("analyze", started)
     result = RetentionResult(
         cutoff=cutoff,
         copied=progress.copied,
@@ -443,17 +486,20 @@ def run_retention(
         partitions_dropped=progress.dropped,
         partitions_created=progress.created,
         moved_from_default=progress.moved,
+        shadow_deleted=shadow_deleted,
         seconds=progress.seconds,
     )
     logger.info(
         "retention done: %d raw logs deleted (%d partitions dropped), %d copied to the training "
-        "store, %d batches; %d partitions created, %d rows moved out of the DEFAULT partition",
+        "store, %d batches; %d partitions created, %d rows moved out of the DEFAULT partition; "
+        "%d shadow predictions deleted",
         result.deleted,
         result.partitions_dropped,
         result.copied,
         result.batches,
         result.partitions_created,
         result.moved_from_default,
+        result.shadow_deleted,
     )
     return result
 

@@ -13,7 +13,8 @@ decision is **final**:
 
 A group decision (``group=True``) records the same decision for every collapsed near-duplicate
 of the item (one audit row each, with the group id) and corrects them together. Every
-correction passes ``tasks.corrections.validate_correction_rows`` — the file import's rules.
+correction passes ``tasks.corrections.validate_correction_rows`` — the file import's rules — and
+is written by ``tasks.corrections.write_correction``, the file import's update.
 """
 
 from __future__ import annotations
@@ -24,16 +25,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, exists, insert, select, update
+from sqlalchemy import Connection, bindparam, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from capture.ids import uuid7
-from capture.models import PromptLog
+from capture.models import PROMPT_LOGS
+from capture.review_audit import prior_of
 from capture.values import from_db_datetime
-from tasks.corrections import validate_correction_rows
-from tasks.review_queue import DEFAULT_LEASE, Catalog, audit_row, clean_notes
+from tasks.corrections import fetch_logs, validate_correction_rows, write_correction
+from tasks.review_queue import DEFAULT_LEASE, Catalog, audit_row, clean_notes, item_audit_row
 from tasks.review_tables import (
     LABEL_ACTIONS,
     LeaseLost,
@@ -47,7 +49,7 @@ from tasks.review_users import ReviewUser
 
 logger = logging.getLogger(__name__)
 
-_LOGS = cast(Table, PromptLog.__table__)
+_LOGS = PROMPT_LOGS
 _UNDO = decisions.alias("undo_rows")
 
 
@@ -127,31 +129,6 @@ def validate_decision(
         shown = "; ".join(str(p) for p in problems[:3])
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise ReviewError(f"the correction was refused: {shown}{more}")
-
-
-def fetch_logs(conn: Connection, log_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Any]:
-    stmt = select(
-        _LOGS.c.id,
-        _LOGS.c.predicted_intent,
-        _LOGS.c.corrected_intent,
-        _LOGS.c.correction_notes,
-        _LOGS.c.corrected_at,
-    ).where(_LOGS.c.id.in_(list(log_ids)))
-    return {row.id: row for row in conn.execute(stmt)}
-
-
-def apply_correction(
-    conn: Connection, log_id: uuid.UUID, intent: str, notes: str | None, now: datetime
-) -> None:
-    conn.execute(
-        update(_LOGS)
-        .where(_LOGS.c.id == log_id)
-        .values(corrected_intent=intent, correction_notes=notes, corrected_at=now)
-    )
-
-
-def prior_values(log: Any) -> tuple[str | None, str | None, datetime | None]:
-    return (log.corrected_intent, log.correction_notes, log.corrected_at)
 
 
 def before_intent(log: Any) -> str:
@@ -323,11 +300,11 @@ def decide(
             log_id=item.log_id,
             item_id=item.id,
             before=before_intent(log),
-            prior=prior_values(log) if final else (None, None, None),
+            prior=prior_of(log) if final else (None, None, None),
         )
     ]
     if final:
-        apply_correction(conn, item.log_id, after, final_notes, now)
+        write_correction(conn, item.log_id, after, final_notes, now)
     if members:
         member_logs = fetch_logs(conn, [m.log_id for m in members])
         for member in members:
@@ -338,11 +315,11 @@ def decide(
                     item_id=member.id,
                     before=before_intent(mlog),
                     batch_id=decision_id,
-                    prior=prior_values(mlog) if final else (None, None, None),
+                    prior=prior_of(mlog) if final else (None, None, None),
                 )
             )
             if final:
-                apply_correction(conn, member.log_id, after, notes, now)
+                write_correction(conn, member.log_id, after, notes, now)
         if final:
             conn.execute(
                 update(items)
@@ -531,23 +508,18 @@ def settle(
     )
     if done.rowcount == 0:
         raise ReviewError(f"review item {item_id} was settled meanwhile")
-    conn.execute(
-        insert(decisions).values(
-            audit_row(
-                decision_id=decision_id,
-                log_id=item.log_id,
-                reviewer=admin,
-                action="settle",
-                now=now,
-                round_id=item.round_id,
-                item_id=item.id,
-                before=before_intent(log),
-                after=name,
-                notes=notes,
-                applied=True,
-                prior=prior_values(log),
-            )
-        )
+    audit = item_audit_row(
+        item,
+        admin,
+        "settle",
+        now,
+        decision_id=decision_id,
+        before=before_intent(log),
+        after=name,
+        notes=notes,
+        applied=True,
+        prior=prior_of(log),
     )
-    apply_correction(conn, item.log_id, name, notes, now)
+    conn.execute(insert(decisions).values(audit))
+    write_correction(conn, item.log_id, name, notes, now)
     return DecisionResult(decision_id, item.id, item.round_id, "settle", name, "done", True)

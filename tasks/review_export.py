@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypedDict
@@ -32,6 +32,7 @@ from capture.offline_statements import (
     window_start,
 )
 from capture.values import from_db_datetime, to_utc
+from tasks.ab_readout import select_shadow_disagreements
 from tasks.retry import io_task
 from tasks.review_file import REVIEW_FIELDS, ReviewRow, write_review_file
 from tasks.review_select import (
@@ -92,6 +93,19 @@ class ReviewSelection:
         """The arguments of ``tasks.review_select.select_for_review`` this selection fixes."""
         return {"strategy": self.strategy, "limit": self.limit, "seed": self.seed}
 
+    def candidates(
+        self, conn: Connection, *, now: datetime
+    ) -> list[tuple[ReviewCandidate, list[str]]]:
+        """:func:`fetch_candidates` of this selection's window and thresholds, ending at
+        ``now``: what the review file and a review round select from."""
+        return fetch_candidates(
+            conn,
+            days=self.days,
+            confidence_threshold=self.confidence_threshold,
+            margin_threshold=self.margin_threshold,
+            now=now,
+        )
+
 
 class Ranking(TypedDict):
     strategy: str
@@ -142,7 +156,8 @@ def fetch_candidates(
 ) -> list[tuple[ReviewCandidate, list[str]]]:
     """Uncorrected prompts of the window (the last ``days`` days ending at ``now``; rows dated
     after ``now`` are left out) that fail, are unsure, or nearly tie, oldest first, each with
-    its :func:`candidate_reasons`."""
+    its :func:`candidate_reasons`; then those a shadow candidate disagreed on (reason
+    ``shadow-disagreement``, ``shadow_intent`` set; docs/AB_TESTING.md)."""
     # margin >= 2 * confidence - 1, so a margin below m needs confidence below (1 + m) / 2.
     stmt = select_review_candidates(
         confidence_below=max(confidence_threshold, (1.0 + margin_threshold) / 2.0),
@@ -159,6 +174,20 @@ def fetch_candidates(
         )
         if reasons:
             out.append((candidate, reasons))
+    # Production A/B: prompts a shadow candidate disagreed on are candidates too (flagged
+    # ``shadow-disagreement``); select_for_review spends part of the budget on them first.
+    index = {str(c.id): k for k, (c, _) in enumerate(out)}
+    for row in conn.execute(
+        select_shadow_disagreements(since=window_start(now, days), until=now)
+    ).mappings():
+        candidate = ReviewCandidate.from_row(dict(row))
+        k = index.get(str(candidate.id))
+        if k is None:
+            index[str(candidate.id)] = len(out)
+            out.append((candidate, ["shadow-disagreement"]))
+        elif out[k][0].shadow_intent is None:
+            flagged = replace(out[k][0], shadow_intent=candidate.shadow_intent)
+            out[k] = (flagged, [*out[k][1], "shadow-disagreement"])
     return out
 
 
@@ -207,13 +236,7 @@ def export_review(
         )
     now = to_utc(now or datetime.now(UTC), "now")
     with get_sync_engine(database_url(url)).connect() as conn:
-        found = fetch_candidates(
-            conn,
-            days=selection.days,
-            confidence_threshold=selection.confidence_threshold,
-            margin_threshold=selection.margin_threshold,
-            now=now,
-        )
+        found = selection.candidates(conn, now=now)
     candidates = [c for c, _ in found]
     selected = select_for_review(candidates, embed=embed, **selection.ranking())
     write_review_file(output, [review_row(c) for c in selected])

@@ -19,18 +19,18 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Connection, Table, case, func, select
+from sqlalchemy import Connection, case, func, select
 
-from capture.models import PromptLog
+from capture.models import PROMPT_LOGS
 from tasks.anonymise import scrub_pii
 from tasks.review_decide import live
 from tasks.review_tables import LABEL_ACTIONS, decisions, items
 
 logger = logging.getLogger(__name__)
 
-_LOGS = cast(Table, PromptLog.__table__)
+_LOGS = PROMPT_LOGS
 
 
 def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> float | None:

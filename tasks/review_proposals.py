@@ -14,17 +14,10 @@ from typing import Any
 from sqlalchemy import Connection, insert, select, update
 
 from capture.ids import uuid7
-from tasks.review_decide import (
-    apply_correction,
-    before_intent,
-    fetch_logs,
-    live,
-    merge_notes,
-    prior_values,
-    require_admin,
-    validate_decision,
-)
-from tasks.review_queue import audit_row
+from capture.review_audit import prior_of
+from tasks.corrections import fetch_logs, write_correction
+from tasks.review_decide import before_intent, live, merge_notes, require_admin, validate_decision
+from tasks.review_queue import audit_row, item_audit_row
 from tasks.review_tables import ReviewError, decisions, items, proposals
 from tasks.review_users import ReviewUser
 
@@ -101,10 +94,10 @@ def accept_proposal(conn: Connection, intent: str, admin: ReviewUser, *, now: da
                     group_id=item.group_id if members else None,
                     batch_id=None if index == 0 else accept_id,
                     applied=True,
-                    prior=prior_values(log),
+                    prior=prior_of(log),
                 )
             )
-            apply_correction(conn, log_id, intent, notes, now)
+            write_correction(conn, log_id, intent, notes, now)
             corrected += 1
         conn.execute(insert(decisions), rows)
         conn.execute(
@@ -124,20 +117,8 @@ def reject_proposal(conn: Connection, intent: str, admin: ReviewUser, *, now: da
     _set_proposal(conn, intent, "rejected", admin, now)
     waiting = _proposal_items(conn, intent)
     for item in waiting:
-        conn.execute(
-            insert(decisions).values(
-                audit_row(
-                    log_id=item.log_id,
-                    reviewer=admin,
-                    action="reject_proposal",
-                    now=now,
-                    round_id=item.round_id,
-                    item_id=item.id,
-                    before=intent,
-                    after=None,
-                )
-            )
-        )
+        audit = item_audit_row(item, admin, "reject_proposal", now, before=intent, after=None)
+        conn.execute(insert(decisions).values(audit))
     if waiting:
         conn.execute(
             update(items)

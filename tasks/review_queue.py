@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, bindparam, exists, func, insert, or_, select, update
 
 from capture.model_dir import METADATA_FILE, ModelMetadata
-from capture.models import PromptLog
+from capture.models import PROMPT_LOGS
 from capture.review_audit import audit_values
 from capture.values import from_db_datetime, from_real, parse_secondary_intents
 from tasks.anonymise import scrub_pii
@@ -32,7 +32,7 @@ from tasks.review_users import ReviewUser
 
 logger = logging.getLogger(__name__)
 
-_LOGS = PromptLog.__table__
+_LOGS = PROMPT_LOGS
 DEFAULT_LEASE = timedelta(minutes=10)
 DEFAULT_OOS_LABEL = "oos"
 N_ALTERNATIVES = 3
@@ -323,6 +323,23 @@ def audit_row(
     )
 
 
+def item_audit_row(
+    item: Any, reviewer: ReviewUser, action: str, now: datetime, **more: Any
+) -> dict[str, Any]:
+    """:func:`audit_row` of ``reviewer``'s ``action`` on the queue item ``item`` (a
+    ``review_round_items`` row with ``id``, ``round_id`` and ``log_id``); ``more`` are the
+    other :func:`audit_row` fields (before, after, notes, ...)."""
+    return audit_row(
+        log_id=item.log_id,
+        reviewer=reviewer,
+        action=action,
+        now=now,
+        round_id=item.round_id,
+        item_id=item.id,
+        **more,
+    )
+
+
 def _held_item(conn: Connection, item_id: uuid.UUID, reviewer: ReviewUser) -> Any:
     row = conn.execute(
         select(
@@ -362,18 +379,7 @@ def skip(conn: Connection, item_id: uuid.UUID, reviewer: ReviewUser, *, now: dat
     )
     if done.rowcount == 0:
         raise LeaseLost(f"review item {item_id} is no longer yours")
-    conn.execute(
-        insert(decisions).values(
-            audit_row(
-                log_id=row.log_id,
-                reviewer=reviewer,
-                action="skip",
-                now=now,
-                round_id=row.round_id,
-                item_id=item_id,
-            )
-        )
-    )
+    conn.execute(insert(decisions).values(item_audit_row(row, reviewer, "skip", now)))
     return uuid.UUID(str(row.round_id))
 
 
@@ -386,18 +392,10 @@ def add_note(
     if notes is None:
         raise ReviewError("note: expected some text, found nothing")
     row = conn.execute(
-        select(items.c.round_id, items.c.log_id).where(items.c.id == item_id)
+        select(items.c.id, items.c.round_id, items.c.log_id).where(items.c.id == item_id)
     ).first()
     if row is None:
         raise ReviewError(f"review item {item_id} is unknown")
-    values = audit_row(
-        log_id=row.log_id,
-        reviewer=reviewer,
-        action="note",
-        now=now,
-        round_id=row.round_id,
-        item_id=item_id,
-        notes=notes,
-    )
+    values = item_audit_row(row, reviewer, "note", now, notes=notes)
     conn.execute(insert(decisions).values(values))
     return uuid.UUID(str(values["id"]))

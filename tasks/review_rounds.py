@@ -26,12 +26,11 @@ from sqlalchemy import Connection, and_, case, func, insert, select, update
 
 from capture.db import database_url, get_sync_engine
 from capture.ids import uuid7
-from capture.models import PromptLog
+from capture.models import PROMPT_LOGS
 from capture.values import from_db_datetime
 from tasks.retry import io_task
-from tasks.review_export import fetch_candidates
+from tasks.review_export import ReviewSelection
 from tasks.review_select import (
-    DEFAULT_STRATEGY,
     ReviewCandidate,
     normalise_prompt,
     select_for_review,
@@ -40,7 +39,7 @@ from tasks.review_tables import ReviewError, items, rounds
 
 logger = logging.getLogger(__name__)
 
-_LOGS = PromptLog.__table__
+_LOGS = PROMPT_LOGS
 _CHUNK = 2_000
 _EMBED_CHUNK = 256
 DEFAULT_DOUBLE_REVIEW_SHARE = 0.1
@@ -165,12 +164,7 @@ def open_round(
     *,
     name: str | None = None,
     created_by: uuid.UUID | None = None,
-    days: int | None = 7,
-    confidence_threshold: float = 0.7,
-    margin_threshold: float = 0.15,
-    limit: int = 200,
-    strategy: str = DEFAULT_STRATEGY,
-    seed: int = 0,
+    selection: ReviewSelection | None = None,
     double_review_share: float = DEFAULT_DOUBLE_REVIEW_SHARE,
     dedupe_threshold: float = 0.95,
     embed: EmbedFn | None = None,
@@ -178,45 +172,35 @@ def open_round(
 ) -> RoundSummary:
     """Open a round whose queue is this week's review selection; returns its summary.
 
-    The parameters are those of ``tasks.review_export.export_review`` (window ``days``,
-    thresholds, budget ``limit``, ``strategy``, ``seed``, ``embed`` for cosine near-duplicates)
-    plus ``double_review_share`` (0-1, of the selected prompts) and ``created_by`` (the admin's
-    user id; None for a flow or the CLI). Runs in the caller's transaction (the caller commits).
-    Raises :class:`ReviewError` for a bad share, ``ValueError`` for bad selection parameters.
+    ``selection`` is the review export's (``tasks.review_export.ReviewSelection``: window,
+    thresholds, budget, strategy, seed; default: its defaults; a bad value is refused when it
+    is built), ``embed`` for cosine near-duplicates as there; ``double_review_share`` (0-1, of
+    the selected prompts) and ``created_by`` (the admin's user id; None for a flow or the CLI).
+    Runs in the caller's transaction (the caller commits). Raises :class:`ReviewError` for a bad
+    share.
     An empty selection still opens an (empty) round.
     """
     share = _check_share(double_review_share)
     now = now or datetime.now(UTC)
-    if not 0.0 <= confidence_threshold <= 1.0:
-        raise ReviewError(
-            f"confidence_threshold: expected a number in [0, 1], found {confidence_threshold!r}"
-        )
+    selection = selection or ReviewSelection()
     queued = _queued_elsewhere(conn)
-    found = fetch_candidates(
-        conn,
-        days=days,
-        confidence_threshold=confidence_threshold,
-        margin_threshold=margin_threshold,
-        now=now,
-    )
+    found = selection.candidates(conn, now=now)
     candidates = [c for c, _ in found if str(c.id) not in queued]
     embeddings = _embed_all(embed, [c.prompt for c in candidates]) if embed else None
     selected = select_for_review(
         candidates,
-        strategy=strategy,
-        limit=limit,
-        seed=seed,
+        **selection.ranking(),
         embeddings=embeddings,
         dedupe_threshold=dedupe_threshold,
     )
     groups = (
         group_duplicates(candidates, selected, embeddings=embeddings, threshold=dedupe_threshold)
-        if strategy != "random"
+        if selection.strategy != "random"
         else {str(c.id): [] for c in selected}
     )
     singles = [i for i, c in enumerate(selected) if not groups[str(c.id)]]
     n_double = min(len(singles), round(share * len(selected)))
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(selection.seed)
     double = {singles[i] for i in rng.permutation(len(singles))[:n_double].tolist()}
     neighbours = conversation_neighbours(conn, [uuid.UUID(str(c.id)) for c in selected])
 
@@ -227,14 +211,14 @@ def open_round(
             id=round_id,
             name=title,
             status="open",
-            strategy=strategy,
-            budget=limit,
+            strategy=selection.strategy,
+            budget=selection.limit,
             double_review_share=share,
             params={
-                "days": days,
-                "confidence_threshold": confidence_threshold,
-                "margin_threshold": margin_threshold,
-                "seed": seed,
+                "days": selection.days,
+                "confidence_threshold": selection.confidence_threshold,
+                "margin_threshold": selection.margin_threshold,
+                "seed": selection.seed,
                 "dedupe_threshold": dedupe_threshold,
                 "embeddings": embed is not None,
                 "candidates": len(candidates),

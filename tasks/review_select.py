@@ -10,6 +10,14 @@ Strategies (``STRATEGIES``):
   about ``pool_factor`` × ``limit`` uncertain prompts is clustered with spherical k-means into
   ``limit`` clusters and the most uncertain prompt of each cluster is taken.
 
+Shadow disagreements first (production A/B, docs/AB_TESTING.md): when a shadow candidate
+predicted a logged prompt (``ReviewCandidate.shadow_intent``) and disagreed with the champion's
+answer, a human label on that prompt says which model was right, the evidence the shadow
+decision reads. Up to ``shadow_share`` of the budget (default :data:`DEFAULT_SHADOW_SHARE`,
+half) goes first to those prompts, in the strategy's own priority order (random: a seeded
+sample of them); the rest of the budget is spent by the strategy on everything left (which may
+include more disagreements). Without shadow predictions the selection is unchanged.
+
 Every strategy but ``random`` collapses near-duplicates so a batch does not spend the budget on
 the same question asked twice: prompts equal after normalisation (case, punctuation, spacing) are
 always collapsed, and when embeddings are available (``embeddings`` or ``embed``) so are prompts
@@ -41,6 +49,8 @@ STRATEGIES: tuple[str, ...] = ("random", "threshold", "margin", "failed-first", 
 # threshold and margin are within noise of each other (seed ranges overlap); threshold has the
 # higher mean and is the spec's rule, so it is the default.
 DEFAULT_STRATEGY = "threshold"
+#: The share of the review budget that shadow disagreements may take first (see above).
+DEFAULT_SHADOW_SHARE = 0.5
 
 EmbedFn = Callable[[Sequence[str]], np.ndarray]
 
@@ -64,6 +74,13 @@ class ReviewCandidate:
     secondary_intents: tuple[tuple[str, float], ...] = ()
     was_successful: bool | None = None
     created_at: datetime | None = None
+    #: The shadow candidate's intent for this prompt (None: no shadow prediction).
+    shadow_intent: str | None = None
+
+    @property
+    def shadow_disagrees(self) -> bool:
+        """True when a shadow candidate predicted another intent than the answered one."""
+        return self.shadow_intent is not None and self.shadow_intent != self.predicted_intent
 
     @property
     def margin(self) -> float:
@@ -93,6 +110,7 @@ class ReviewCandidate:
             ),
             was_successful=row.get("was_successful"),
             created_at=row.get("created_at"),
+            shadow_intent=row.get("shadow_intent"),
         )
 
 
@@ -313,8 +331,9 @@ def _diverse(
     vectors: _Vectors,
     deduper: _Deduper,
     pool_factor: int,
+    exclude: frozenset[int] = frozenset(),
 ) -> list[int]:
-    order = _order(candidates, "diverse")
+    order = [i for i in _order(candidates, "diverse") if i not in exclude]
     # The pool: the most uncertain prompts, exact duplicates dropped before clustering.
     seen: set[str] = set()
     pool: list[int] = []
@@ -357,8 +376,12 @@ def select_for_review(
     embed: EmbedFn | None = None,
     dedupe_threshold: float = 0.95,
     pool_factor: int = 5,
+    shadow_share: float = DEFAULT_SHADOW_SHARE,
 ) -> list[ReviewCandidate]:
     """Pick at most ``limit`` candidates to review with ``strategy``, in review priority order.
+
+    Up to ``ceil(shadow_share * limit)`` of them are shadow disagreements, taken first (module
+    docstring); ``shadow_share`` 0 turns that off.
 
     ``embeddings`` (one row per candidate, in order) or ``embed`` (prompts -> array) enable the
     cosine near-duplicate collapse; ``diverse`` needs one of them. The same inputs and ``seed``
@@ -372,6 +395,10 @@ def select_for_review(
             f"dedupe_threshold: expected a cosine similarity in (0, 1], found {dedupe_threshold!r}"
         )
     check_count(pool_factor, "pool_factor")
+    if not 0.0 <= shadow_share <= 1.0:
+        raise ParameterError(
+            f"shadow_share: expected a share of the budget in [0, 1], found {shadow_share!r}"
+        )
     items = list(candidates)
     vectors = _Vectors(items, embeddings, embed)
     if strategy == "diverse" and not vectors.available:
@@ -381,21 +408,42 @@ def select_for_review(
         )
     if limit == 0 or not items:
         return []
+    disagree = [i for i, c in enumerate(items) if c.shadow_disagrees]
+    quota = min(len(disagree), math.ceil(shadow_share * limit))
     if strategy == "random":
         rng = np.random.default_rng(seed)
-        picked = rng.permutation(len(items))[:limit]
-        return [items[i] for i in picked.tolist()]
+        if not quota:  # no shadow predictions: the plain seeded sample
+            return [items[i] for i in rng.permutation(len(items))[:limit].tolist()]
+        sampled = [disagree[i] for i in rng.permutation(len(disagree))[:quota].tolist()]
+        seen = set(sampled)
+        rest = [i for i in rng.permutation(len(items)).tolist() if i not in seen]
+        return [items[i] for i in sampled + rest[: limit - len(sampled)]]
     deduper = _Deduper(vectors if vectors.available else None, dedupe_threshold)
-    if strategy == "diverse":
+    # Shadow disagreements first, in the strategy's priority order (docstring).
+    order = _order(items, strategy)
+    flagged = set(disagree)
+    first = _take_in_order(items, [i for i in order if i in flagged], quota, deduper)
+    taken = frozenset(first)
+    if len(first) >= limit:
+        chosen: list[int] = []
+    elif strategy == "diverse":
         chosen = _diverse(
             items,
-            limit=limit,
+            limit=limit - len(first),
             seed=seed,
             vectors=vectors,
             deduper=deduper,
             pool_factor=pool_factor,
+            exclude=taken,
         )
     else:
-        chosen = _take_in_order(items, _order(items, strategy), limit, deduper)
-    logger.debug("selected %d of %d candidates with %s", len(chosen), len(items), strategy)
-    return [items[i] for i in chosen]
+        rest = [i for i in order if i not in taken]
+        chosen = _take_in_order(items, rest, limit - len(first), deduper)
+    logger.debug(
+        "selected %d of %d candidates with %s (%d shadow disagreements first)",
+        len(first) + len(chosen),
+        len(items),
+        strategy,
+        len(first),
+    )
+    return [items[i] for i in first + chosen]

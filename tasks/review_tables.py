@@ -25,11 +25,9 @@ import logging
 from typing import Final
 
 from sqlalchemy import (
-    JSON,
     Boolean,
     CheckConstraint,
     Column,
-    DateTime,
     Float,
     ForeignKey,
     Index,
@@ -43,10 +41,9 @@ from sqlalchemy import (
     false,
     true,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 
 from capture.errors import UserError
-from capture.models import NAMING_CONVENTION
+from capture.models import NAMING_CONVENTION, JsonB, Timestamp
 from capture.review_audit import AUDIT_SOURCES
 
 logger = logging.getLogger(__name__)
@@ -87,11 +84,10 @@ class NotInCatalog(ReviewError):
 
 
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
-_Json = JSON().with_variant(JSONB(), "postgresql")
 
 
 def _ts(name: str, *, nullable: bool = True) -> Column[object]:
-    return Column(name, DateTime(timezone=True), nullable=nullable)
+    return Column(name, Timestamp, nullable=nullable)
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -132,7 +128,7 @@ rounds = Table(
     Column("strategy", Text, nullable=False),
     Column("budget", Integer, nullable=False),
     Column("double_review_share", Float, nullable=False),
-    Column("params", _Json, nullable=False),
+    Column("params", JsonB, nullable=False),
     Column("created_by", Uuid, ForeignKey("review_users.id"), nullable=True),
     _ts("created_at", nullable=False),
     _ts("closed_at"),

@@ -61,6 +61,14 @@ class RunSettings:
 
         return db.require_migrated(self.database_url)
 
+    def require_registry(self) -> Path:
+        """The home's registry folder (``models/``), or :class:`tasks.layout.HomeNotSetUpError`
+        (a ``UserError`` naming the home and the fix) when the home holds none: called at the
+        entry of every flow that reads or changes the registry, so a worker whose
+        PROMPT_CAPTURE_HOME is unset or not the shared one fails at once instead of starting a
+        new, empty registry (:meth:`tasks.layout.HomeLayout.require_registry`)."""
+        return self.layout.require_registry()
+
 
 def has_password(url: str) -> bool:
     """True when the SQLAlchemy URL ``url`` carries a password (``user:secret@host``)."""

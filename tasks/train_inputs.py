@@ -3,12 +3,9 @@
 Every refusal is a ``UserError`` (one line and exit code 2 in the CLI, never retried by Prefect)
 that names the real cause and the fix:
 
-* :class:`TrainingDataError` — fewer than two labels; fewer than two intents with
-  :data:`tasks.pairs.MIN_EXAMPLES_PER_INTENT` distinct examples (fine-tuning packs pairs of
-  *different* intents into a batch, so it needs pairs of at least two), naming every intent
-  short of the minimum with its count; a pair budget (``max_pairs``) or a pairs file that covers
-  fewer than two intents;
-* :class:`TrainConfigError` — a hyperparameter out of range;
+* :class:`TrainingDataError` — fewer than two labels; a pair budget (``max_pairs``) or a pairs
+  file that covers fewer than two intents;
+* :class:`TrainConfigError` — a hyperparameter out of range, or ``device='cuda'`` without CUDA;
 * :class:`TrainOutputError` — an output directory that is not empty;
 * :class:`BaseModelError` — a base model that is not a model directory.
 """
@@ -24,7 +21,7 @@ from typing import TYPE_CHECKING
 from capture.errors import UserError
 from capture.model_dir import ENCODER_DIR, METADATA_FILE, ModelMetadata
 from tasks.evaluate import bundled_base_model
-from tasks.pairs import MIN_EXAMPLES_PER_INTENT, Pair, group_by_label, pairable_labels
+from tasks.pairs import MIN_EXAMPLES_PER_INTENT, Pair, build_pairs
 from tasks.records import Record
 
 if TYPE_CHECKING:
@@ -99,74 +96,94 @@ def _named(items: Sequence[str]) -> str:
     return shown + (f" and {len(items) - _MAX_NAMED} more" if len(items) > _MAX_NAMED else "")
 
 
-def check_pairs_possible(
+def resolve_device(device: str) -> str:
+    """The torch device to fine-tune and embed on: ``auto`` is ``cuda`` when
+    ``torch.cuda.is_available()``, else ``cpu``; ``cuda`` when CUDA is unavailable raises
+    :class:`TrainConfigError` naming the fix."""
+    import torch
+
+    available = torch.cuda.is_available()
+    if device == "auto":
+        return "cuda" if available else "cpu"
+    if device == "cuda" and not available:
+        build = torch.version.cuda or "none (a CPU-only build)"
+        raise TrainConfigError(
+            f"device: 'cuda' was asked but torch.cuda.is_available() is False (torch "
+            f"{torch.__version__}, CUDA {build}); use device 'auto' or 'cpu', or install a "
+            "CUDA build of torch on a machine with a visible GPU"
+        )
+    return device
+
+
+def training_texts(
     rows: Sequence[Record],
     labels: Sequence[str],
     config: TrainConfig,
     *,
     pairs: Sequence[Pair] | None,
     extra_pairs: Sequence[Pair] | None,
-) -> None:
-    """Refuse, naming the real cause, data whose pairs cannot fill a batch of two intents (a
-    batch holds pairs of distinct intents, so fine-tuning needs pairs of at least two); warn
-    about intents that get no pair (the head still learns them, the encoder does not)."""
+) -> list[Record]:
+    """The labelled texts the encoder is fine-tuned on (one cross-entropy example each).
+
+    Every training row by default. With ``pairs`` (the weekly cycle's budgeted pairs file) or a
+    ``max_pairs`` budget, the distinct texts of those pairs instead, so a retrain costs the
+    budget, not the size of the training data. The texts of ``extra_pairs`` are added. Pairs of
+    labels not in ``labels`` are left out (with a warning for ``extra_pairs``).
+
+    Raises :class:`TrainingDataError` when the pairs (or the budget) cover fewer than two
+    intents: fine-tuning on one intent's texts would pull every text towards that intent.
+    """
     known = set(labels)
-    extra_labels = {p.label for p in extra_pairs or () if p.label in known}
-    if extra_pairs and len(extra_labels) < len({p.label for p in extra_pairs}):
+    extra = [p for p in extra_pairs or () if p.label in known]
+    if extra_pairs and len(extra) < len(extra_pairs):
         unknown = sorted({p.label for p in extra_pairs} - known)
         logger.warning(
             "extra pairs: %d of %d pairs have labels not in the training data (%s); they are "
             "left out",
-            sum(p.label not in known for p in extra_pairs),
+            len(extra_pairs) - len(extra),
             len(extra_pairs),
             _named(unknown),
         )
     if pairs is not None:
-        covered = sorted({p.label for p in pairs if p.label in known} | extra_labels)
-        if not covered:
+        chosen = [p for p in pairs if p.label in known]
+        if not chosen and not extra:
             raise TrainingDataError(
                 f"pairs: expected pairs whose labels occur in the training data, found none of "
                 f"{len(pairs)}; rebuild the pairs from this training file"
             )
-        if len(covered) < 2:
-            raise TrainingDataError(
-                f"pairs: the pairs cover {len(covered)} intent ({_named(covered)}) of the "
-                f"{len(labels)} in the training data; a training batch holds pairs of different "
-                "intents, so at least 2 intents need pairs: rebuild the pairs from a file with "
-                f"at least {MIN_EXAMPLES_PER_INTENT} distinct examples of 2 or more intents"
-            )
-        return
-    groups = group_by_label(rows)
-    pairable = pairable_labels(groups)
-    short = [f"{label} ({len(groups[label])})" for label in labels if label not in pairable]
-    if len(set(pairable) | extra_labels) < 2:
-        raise TrainingDataError(
-            f"training data: too few examples per intent to form pairs (two different texts of "
-            f"the same intent): an intent needs at least {MIN_EXAMPLES_PER_INTENT} distinct "
-            f"examples, and at least 2 intents need them; {len(pairable)} of {len(labels)} "
-            f"intents have enough. Intents with fewer than {MIN_EXAMPLES_PER_INTENT} distinct "
-            f"examples (count): {_named(short)}. Add examples so that at least 2 intents (best: "
-            f"every intent) have {MIN_EXAMPLES_PER_INTENT} or more distinct texts"
-        )
-    budget = pair_budget(rows, labels, config)
-    if budget < 2 and len(extra_labels) < 2:
-        raise TrainingDataError(
-            f"max_pairs: a budget of {budget} pair(s) covers at most {budget} intent; a "
-            "training batch holds pairs of different intents, so at least 2 are needed: set "
-            "max_pairs to 2 or more (or leave it unset: about one pair per example)"
-        )
-    if short:
-        logger.warning(
-            "intents with fewer than %d distinct examples get no pairs (the head learns them, "
-            "the encoder does not): %s; add examples",
-            MIN_EXAMPLES_PER_INTENT,
-            _named(short),
-        )
-
-
-def pair_budget(rows: Sequence[Record], labels: Sequence[str], config: TrainConfig) -> int:
-    """How many pairs to build: ``max_pairs``, else ``pairs_per_example`` per row (at least
-    one per label)."""
+        texts = _pair_texts([*chosen, *extra])
+        _check_two_intents(texts, len(labels), "pairs")
+        return texts
     if config.max_pairs is not None:
-        return config.max_pairs
-    return max(round(config.pairs_per_example * len(rows)), len(labels))
+        budget = build_pairs(rows, max_pairs=config.max_pairs, seed=config.seed)
+        texts = _pair_texts([*budget, *extra])
+        if len({r.label for r in texts}) < 2:
+            raise TrainingDataError(
+                f"max_pairs: a budget of {config.max_pairs} pair(s) of same-intent texts covers "
+                f"{len({p.label for p in budget})} intent(s); fine-tuning needs the texts of at "
+                "least 2 intents: set max_pairs to 2 or more (or leave it unset: every training "
+                "example is used)"
+            )
+        return texts
+    return [*rows, *_pair_texts(extra)]
+
+
+def _pair_texts(pairs: Sequence[Pair]) -> list[Record]:
+    """The distinct (text, label) of the anchors and positives of ``pairs``, in order."""
+    seen: dict[tuple[str, str], None] = {}
+    for p in pairs:
+        seen.setdefault((p.anchor, p.label))
+        seen.setdefault((p.positive, p.label))
+    return [Record(text, label) for text, label in seen]
+
+
+def _check_two_intents(texts: Sequence[Record], n_labels: int, what: str) -> None:
+    covered = sorted({r.label for r in texts})
+    if len(covered) < 2:
+        raise TrainingDataError(
+            f"{what}: the pairs cover {len(covered)} intent ({_named(covered)}) of the "
+            f"{n_labels} in the training data; fine-tuning on the texts of one intent would "
+            "pull every text towards it, so at least 2 intents need pairs: rebuild the pairs "
+            f"from a file with at least {MIN_EXAMPLES_PER_INTENT} distinct examples of 2 or more "
+            "intents"
+        )

@@ -9,6 +9,7 @@ skipped locally, and FAIL when ``CI`` or ``PROMPT_CAPTURE_REQUIRE_POSTGRES`` is 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -114,6 +115,15 @@ def workbench_db(db_url: str) -> str:
 
     clean_workbench_tables(db_url)
     return db_url
+
+
+@pytest.fixture
+def three_logs(db_url: str) -> list[uuid.UUID]:
+    """The corrections tests' three logged prompts (``tests.cycle_helpers.THREE_LOGS``) in
+    ``db_url``'s database: their ids."""
+    from tests.cycle_helpers import THREE_LOGS, insert_logs
+
+    return insert_logs(db_url, THREE_LOGS)
 
 
 @pytest.fixture

@@ -1,10 +1,13 @@
-"""Helpers of the weekly-cycle tests: prompt log rows written straight to the database."""
+"""Helpers of the weekly-cycle tests: prompt log rows written straight to the database, and
+corrections files as reviewers' tools write them."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
@@ -70,3 +73,37 @@ def corrections_in_db(url: str) -> dict[uuid.UUID, tuple[str | None, str | None]
     with db.get_sync_engine(url).connect() as conn:
         rows = conn.execute(select(T.c.id, T.c.corrected_intent, T.c.correction_notes))
         return {r.id: (r.corrected_intent, r.correction_notes) for r in rows}
+
+
+#: Three logged prompts whose predictions (``music_play``, ``scheduling``, ``calendar_event``) are
+#: the intents the database knows; ``weather`` is new to it (the ``three_logs`` fixture).
+THREE_LOGS = [
+    Log("play something by queen", "music_play", 0.5),
+    Log("will it rain tomorrow", "scheduling", 0.4),
+    Log("is it raining", "calendar_event", 0.4),
+]
+
+
+def correction_row(
+    log_id: object, corrected: str, notes: str = "", prompt: str = "p"
+) -> dict[str, Any]:
+    """One row of a reviewed review file: ``log_id`` corrected to ``corrected``."""
+    return {
+        "id": str(log_id),
+        "prompt": prompt,
+        "predicted_intent": "scheduling",
+        "confidence": 0.5,
+        "created_at": "2026-11-20T10:00:00+00:00",
+        "corrected_intent": corrected,
+        "notes": notes,
+    }
+
+
+def write_list(path: Path, rows: list[Any], *, bom: bool = False, crlf: bool = False) -> Path:
+    """``rows`` as a JSON list file (ASCII escapes such as ``"\\u0000"``, as tools write them),
+    optionally with a UTF-8 byte-order mark and CRLF line ends."""
+    text = json.dumps(rows, indent=2)
+    if crlf:
+        text = text.replace("\n", "\r\n")
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    return path

@@ -18,6 +18,8 @@ from capture.types import Prediction
 from tasks.ab_candidate import set_candidate
 from tasks.registry import current_version, history
 from tests.capture_helpers import FixedClassifier, capture_settings, fake_registry
+from tests.model_fixtures import exported_model_dir, small_model_dir  # noqa: F401  (fixtures)
+from tests.test_flows import champion_dir, serving  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -137,3 +139,59 @@ def test_stage_candidate_puts_a_published_version_under_test(home: Path) -> None
     assert pointer == {"version": "2", "mode": "canary", "share": 0.25}
     assert current_version(models) == "1"
     assert history(models)[-1]["reason"] == "weekly cycle"
+
+
+# The weekly cycle's shadow/canary deploy step, with a real (tiny) training run.
+
+
+@pytest.mark.slow
+def test_weekly_cycle_stages_the_challenger_as_candidate_then_publishes_only(
+    db_url: str,
+    home: Path,
+    serving: Path,  # noqa: F811  (the fixture)
+) -> None:
+    """deploy_mode defaults to shadow: a promoted challenger becomes the shadow candidate (the
+    champion keeps serving); the next cycle, finding it still under test, publishes its
+    challenger in the registry only and says so."""
+    from capture.model_dir import read_candidate
+    from flows.weekly import weekly_cycle
+    from tests.test_flows import LABELS, TINY, jsonl
+    from tests.tiny_data import INTENTS
+
+    jsonl(
+        home / "data" / "base_train.jsonl", [(t, lab) for lab in LABELS for t in INTENTS[lab][:8]]
+    )
+    params: dict[str, Any] = {
+        "days": 30,
+        "hyperparameters": TINY,
+        "min_support": 3,
+        "max_overall_drop": 1.0,  # the gate promotes: this test is about the deploy step
+        "max_intent_drop": 1.0,
+        "quantize": False,
+        "database_url": db_url,
+    }
+    first = weekly_cycle(**params)
+    assert first.retrain.promote and first.retrain.version == "2"
+    assert first.deployed is None  # not deployed: staged
+    assert current_version(serving) == "1"
+    pointer = read_candidate(serving)
+    assert pointer is not None and (pointer.version, pointer.mode) == ("2", "shadow")
+    assert (serving / "2" / "model.onnx").exists()  # exported for serving by the stage step
+    assert "put under test as the shadow candidate beside version 1" in first.message
+    staged = [row for row in history(serving) if row["action"] == "candidate-set"]
+    assert [(r["version"], r["mode"], r["reason"]) for r in staged] == [
+        ("2", "shadow", "weekly cycle")
+    ]
+
+    second = weekly_cycle(**params)
+    assert second.retrain.promote and second.retrain.version == "3"
+    assert second.deployed is None
+    assert (
+        "challenger 3 promoted by the gate and published in the registry only: candidate 2 is "
+        "still under test (shadow)"
+    ) in second.message
+    assert (serving / "3" / "metadata.json").exists()  # published
+    assert current_version(serving) == "1"
+    pointer = read_candidate(serving)
+    assert pointer is not None and pointer.version == "2"  # the test goes on untouched
+    assert [r["action"] for r in history(serving)].count("candidate-set") == 1

@@ -31,7 +31,8 @@ class Case:
     id: str
     args: Callable[[Path], list[str]]  # the work folder -> the command line
     expect: str  # in the error line
-    database: str = "migrated"  # migrated | unmigrated (an empty SQLite file) | missing
+    # migrated | unmigrated (an empty SQLite file) | missing | no-registry (a home without models/)
+    database: str = "migrated"
 
 
 def files(work: Path) -> dict[str, str]:
@@ -136,7 +137,11 @@ UNMIGRATED = [
     Case(f"{name}-no-database", args, UPGRADE, database="missing")
     for name, args in READS_THE_DATABASE[:2]
 ]
-CASES = MISTAKES + UNMIGRATED
+# A flow that needs the registry refuses a home that holds none (before the database check).
+NO_REGISTRY = [
+    Case("cycle-no-registry", cmd("cycle"), "prompt-capture init", database="no-registry")
+]
+CASES = MISTAKES + UNMIGRATED + NO_REGISTRY
 
 
 def prepare(work: Path, database: str, migrated: Path) -> dict[str, str]:
@@ -144,6 +149,8 @@ def prepare(work: Path, database: str, migrated: Path) -> dict[str, str]:
     environment of its command."""
     home = work / "home"
     home.mkdir(parents=True)
+    if database != "no-registry":
+        (home / "models").mkdir()  # a set-up home (`prompt-capture init`)
     full = work / "full"
     full.mkdir()
     (full / "something.txt").write_text("x", encoding="utf-8")

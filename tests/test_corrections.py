@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tasks.corrections import (
     file_away_task,
@@ -16,37 +13,10 @@ from tasks.corrections import (
     parse_corrections,
 )
 from tests.cycle_helpers import Log, corrections_in_db, insert_logs
+from tests.cycle_helpers import correction_row as row
+from tests.cycle_helpers import write_list as review_file
 
 CATALOG = {"scheduling", "calendar_event", "weather"}
-
-
-def review_file(path: Path, rows: list[Any]) -> Path:
-    path.write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    return path
-
-
-def row(log_id: object, corrected: str, notes: str = "", prompt: str = "p") -> dict[str, Any]:
-    return {
-        "id": str(log_id),
-        "prompt": prompt,
-        "predicted_intent": "scheduling",
-        "confidence": 0.5,
-        "created_at": "2026-11-20T10:00:00+00:00",
-        "corrected_intent": corrected,
-        "notes": notes,
-    }
-
-
-@pytest.fixture
-def three_logs(db_url: str) -> list[Any]:
-    return insert_logs(
-        db_url,
-        [
-            Log("book time for my essay", "scheduling", 0.55),
-            Log("put the concert on my calendar", "scheduling", 0.6),
-            Log("is it raining", "calendar_event", 0.4),
-        ],
-    )
 
 
 def test_a_good_file_is_applied_and_reimport_changes_nothing(

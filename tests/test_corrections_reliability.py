@@ -15,39 +15,19 @@ from sqlalchemy import text
 from capture.db import get_sync_engine
 from capture.text import clean_notes
 from tasks.corrections import ImportResult, RowProblem, import_corrections, import_summary_markdown
-from tests.cycle_helpers import Log, corrections_in_db, insert_logs
-from tests.test_corrections import row
+from tests.cycle_helpers import Log, corrections_in_db, insert_logs, write_list
+from tests.cycle_helpers import correction_row as row
 
 CATALOG = {"music_play", "weather", "scheduling"}
-
-
-def write_list(path: Path, rows: list[Any], *, bom: bool = False, crlf: bool = False) -> Path:
-    text = json.dumps(rows, indent=2)  # ASCII escapes ("\u0000", "\ud83d"), as tools write them
-    if crlf:
-        text = text.replace("\n", "\r\n")
-    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
-    return path
-
-
-@pytest.fixture
-def logs(db_url: str) -> list[Any]:
-    return insert_logs(
-        db_url,
-        [
-            Log("play something by queen", "music_play", 0.5),
-            Log("will it rain tomorrow", "scheduling", 0.4),
-            Log("wake me at seven", "scheduling", 0.6),
-        ],
-    )
 
 
 # --------------------------------------------------------------------------- case 1: files
 
 
 def test_case_1_a_bom_file_applies_like_the_same_file_without_it(
-    db_url: str, logs: list[Any], tmp_path: Path
+    db_url: str, three_logs: list[Any], tmp_path: Path
 ) -> None:
-    a, b, _ = logs
+    a, b, _ = three_logs
     rows = [row(a, "music_play"), row(b, "weather", "it was about rain")]
     with_bom = import_corrections(
         write_list(tmp_path / "bom.json", rows, bom=True, crlf=True), url=db_url, catalog=CATALOG
@@ -71,11 +51,11 @@ def test_case_1_a_bom_file_applies_like_the_same_file_without_it(
     ],
 )
 def test_an_unreadable_file_is_one_file_level_message(
-    db_url: str, logs: list[Any], tmp_path: Path, data: bytes | str, found: str
+    db_url: str, three_logs: list[Any], tmp_path: Path, data: bytes | str, found: str
 ) -> None:
     path = tmp_path / "reviewed.json"
     if data == "utf16":
-        path.write_bytes(json.dumps([row(logs[0], "weather")]).encode("utf-16"))
+        path.write_bytes(json.dumps([row(three_logs[0], "weather")]).encode("utf-16"))
     else:
         assert isinstance(data, bytes)
         path.write_bytes(data)
@@ -104,9 +84,9 @@ NOTES = [
 
 @pytest.mark.parametrize(("notes", "stored"), [c[1:] for c in NOTES], ids=[c[0] for c in NOTES])
 def test_cases_2_3_notes_are_stored_clean_on_both_databases(
-    db_url: str, logs: list[Any], tmp_path: Path, notes: str, stored: str | None
+    db_url: str, three_logs: list[Any], tmp_path: Path, notes: str, stored: str | None
 ) -> None:
-    a = logs[0]
+    a = three_logs[0]
     path = write_list(tmp_path / "notes.json", [row(a, "music_play", notes)])
     result = import_corrections(path, url=db_url, catalog=CATALOG)
     assert result.ok and result.applied == 1, result.reasons()
@@ -118,9 +98,9 @@ def test_cases_2_3_notes_are_stored_clean_on_both_databases(
 
 
 def test_a_lone_surrogate_in_an_intent_or_id_is_a_row_problem_with_a_printable_reason(
-    db_url: str, logs: list[Any], tmp_path: Path
+    db_url: str, three_logs: list[Any], tmp_path: Path
 ) -> None:
-    a, b, _ = logs
+    a, b, _ = three_logs
     path = write_list(
         tmp_path / "broken.json",
         [row(a, "weather\ud83d"), {**row(b, "weather"), "id": "\ud83d-not-an-id"}],
@@ -133,6 +113,15 @@ def test_a_lone_surrogate_in_an_intent_or_id_is_a_row_problem_with_a_printable_r
 
 
 # --------------------------------------------------------------------------- case 4: intents
+
+
+def refused_new_intent(db_url: str, log_id: Any, tmp_path: Path, intent: str) -> str:
+    """Import one row correcting ``log_id`` to ``intent`` with new intents allowed: the row's
+    ``corrected_intent`` must be refused; returns the message."""
+    path = write_list(tmp_path / "new.json", [row(log_id, intent)])
+    result = import_corrections(path, url=db_url, catalog=CATALOG, allow_new_intent=True)
+    assert [(p.row, p.field) for p in result.rejected] == [(1, "corrected_intent")]
+    return result.rejected[0].message
 
 
 @pytest.mark.parametrize(
@@ -149,14 +138,11 @@ def test_a_lone_surrogate_in_an_intent_or_id_is_a_row_problem_with_a_printable_r
     ],
 )
 def test_case_4_allow_new_intent_refuses_a_name_that_only_looks_new(
-    db_url: str, logs: list[Any], tmp_path: Path, intent: str, existing: str
+    db_url: str, three_logs: list[Any], tmp_path: Path, intent: str, existing: str
 ) -> None:
-    path = write_list(tmp_path / "new.json", [row(logs[0], intent)])
-    result = import_corrections(path, url=db_url, catalog=CATALOG, allow_new_intent=True)
-    assert [(p.row, p.field) for p in result.rejected] == [(1, "corrected_intent")]
-    message = result.rejected[0].message
+    message = refused_new_intent(db_url, three_logs[0], tmp_path, intent)
     assert f"differs from the existing intent {existing!r} only by case" in message
-    assert corrections_in_db(db_url)[logs[0]] == (None, None)
+    assert corrections_in_db(db_url)[three_logs[0]] == (None, None)
 
 
 @pytest.mark.parametrize(
@@ -171,18 +157,15 @@ def test_case_4_allow_new_intent_refuses_a_name_that_only_looks_new(
     ],
 )
 def test_case_4_a_new_intent_must_have_the_documented_form(
-    db_url: str, logs: list[Any], tmp_path: Path, intent: str, needle: str
+    db_url: str, three_logs: list[Any], tmp_path: Path, intent: str, needle: str
 ) -> None:
-    path = write_list(tmp_path / "new.json", [row(logs[0], intent)])
-    result = import_corrections(path, url=db_url, catalog=CATALOG, allow_new_intent=True)
-    assert [(p.row, p.field) for p in result.rejected] == [(1, "corrected_intent")]
-    assert needle in result.rejected[0].message
+    assert needle in refused_new_intent(db_url, three_logs[0], tmp_path, intent)
 
 
 def test_case_4_a_genuinely_new_intent_and_known_ones_with_spaces_are_accepted(
-    db_url: str, logs: list[Any], tmp_path: Path
+    db_url: str, three_logs: list[Any], tmp_path: Path
 ) -> None:
-    a, b, _ = logs
+    a, b, _ = three_logs
     path = write_list(tmp_path / "new.json", [row(a, " homework_help\t"), row(b, "weather \n")])
     without_flag = import_corrections(path, url=db_url, catalog=CATALOG)
     assert [p.row for p in without_flag.rejected] == [1]
@@ -197,9 +180,9 @@ def test_case_4_a_genuinely_new_intent_and_known_ones_with_spaces_are_accepted(
 
 
 def test_case_5_same_id_with_different_notes_is_reported_on_both_rows(
-    db_url: str, logs: list[Any], tmp_path: Path
+    db_url: str, three_logs: list[Any], tmp_path: Path
 ) -> None:
-    a, b, _ = logs
+    a, b, _ = three_logs
     path = write_list(
         tmp_path / "twice.json",
         [row(a, "music_play", "first reviewer"), row(b, "weather"), row(a, "music_play", "second")],
@@ -212,9 +195,9 @@ def test_case_5_same_id_with_different_notes_is_reported_on_both_rows(
 
 
 def test_case_5_same_id_with_different_intents_is_reported_on_both_rows(
-    db_url: str, logs: list[Any], tmp_path: Path
+    db_url: str, three_logs: list[Any], tmp_path: Path
 ) -> None:
-    a = logs[0]
+    a = three_logs[0]
     path = write_list(tmp_path / "twice.json", [row(a, "music_play"), row(a, "weather")])
     result = import_corrections(path, url=db_url, catalog=CATALOG)
     assert [(p.row, p.field) for p in result.rejected] == [
@@ -227,9 +210,9 @@ def test_case_5_same_id_with_different_intents_is_reported_on_both_rows(
 
 
 def test_case_5_the_same_answer_twice_is_applied_once(
-    db_url: str, logs: list[Any], tmp_path: Path
+    db_url: str, three_logs: list[Any], tmp_path: Path
 ) -> None:
-    a = logs[0]
+    a = three_logs[0]
     # The same answer, once with surrounding whitespace: equal once cleaned.
     path = write_list(
         tmp_path / "twice.json", [row(a, "music_play", "same"), row(a, " music_play", "same ")]
@@ -243,11 +226,11 @@ def test_case_5_the_same_answer_twice_is_applied_once(
 
 
 def test_inbox_a_bad_file_is_rejected_with_its_reason_and_the_others_are_applied(
-    prefect_harness: None, db_url: str, logs: list[Any], tmp_path: Path
+    prefect_harness: None, db_url: str, three_logs: list[Any], tmp_path: Path
 ) -> None:
     from flows.corrections import corrections_flow
 
-    a, b, c = logs
+    a, b, c = three_logs
     home = tmp_path / "home"
     inbox = home / "inbox"
     inbox.mkdir(parents=True)

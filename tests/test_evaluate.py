@@ -151,7 +151,11 @@ def test_convert_to_pairs_cli(tmp_path: Path) -> None:
     assert {r["label"] for r in rows} == set(INTENTS)
 
 
-def test_cli_train_then_evaluate_json(tmp_path: Path) -> None:
+def test_cli_train_then_evaluate_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train through the CLI, then ``evaluate --json`` on the new directory, which has no
+    model.onnx: the serving latency comes from a temporary export, deleted afterwards."""
+    import tempfile
+
     train, val, test = split()
     runner = CliRunner()
     model = tmp_path / "model"
@@ -176,15 +180,24 @@ def test_cli_train_then_evaluate_json(tmp_path: Path) -> None:
     assert meta["hyperparameters"]["seed"] == 1 and meta["hyperparameters"]["max_steps"] == 4
 
     data = write_jsonl(tmp_path / "test.jsonl", test)
+    before = sorted(p.name for p in model.iterdir())
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     result = runner.invoke(app, ["evaluate", "--model", str(model), "--data", str(data), "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)  # exactly one JSON object on stdout
     for key in ("accuracy", "macro_f1", "ece", "in_scope_accuracy", "oos_recall", "n"):
         assert isinstance(out[key], float | int), key
-    assert out["n"] == len(test) and out["latency_ms_p50"] is None and out["backend"] == "torch"
+    assert out["n"] == len(test) and out["backend"] == "torch"
     assert out["in_scope_accuracy"] >= 0.5  # 6 intents: chance is 1/6
+    # Serving latency of what would serve: a temporary export, made, timed and deleted.
+    assert out["latency_source"] in ("temporary int8 export", "temporary fp32 export")
+    assert 0 < out["latency_ms_p50"] <= out["latency_ms_p99"]
+    assert sorted(p.name for p in model.iterdir()) == before  # the directory was not written
+    assert list(scratch.iterdir()) == []  # the temporary export is gone
 
-    report = evaluate_model(model, [r for r in test if r.label != "oos"])
+    report = evaluate_model(model, [r for r in test if r.label != "oos"], measure_latency=False)
     assert report.oos_recall is None and report.n == 6
 
     class Constant:
@@ -206,9 +219,12 @@ def test_evaluate_uses_the_onnx_model_when_exported(exported_model_dir: Path) ->
 
     rows = [Record(text, label) for text, label in FIXTURE_RECORDS]
     onnx = evaluate_model(exported_model_dir, rows)
-    assert onnx.backend == "onnx"
-    assert onnx.latency_ms_p50 is not None and onnx.latency_ms_p50 > 0
+    assert onnx.backend == "onnx" and onnx.latency_source == "model.onnx (int8)"
+    assert onnx.latency_ms_p50 is not None and onnx.latency_ms_p99 is not None
+    assert 0 < onnx.latency_ms_p50 <= onnx.latency_ms_p99
+    # Scored with torch, timed on what would serve: the directory's model.onnx.
     torch_report = evaluate_model(exported_model_dir, rows, backend="torch")
-    assert torch_report.backend == "torch" and torch_report.latency_ms_p50 is None
+    assert torch_report.backend == "torch" and torch_report.latency_source == "model.onnx (int8)"
+    assert torch_report.latency_ms_p50 is not None and torch_report.latency_ms_p50 > 0
     assert onnx.n == torch_report.n == len(rows)
     assert abs(onnx.accuracy - torch_report.accuracy) <= 1 / len(rows)

@@ -28,9 +28,7 @@ from tasks.input_files import (
     read_json_rows,
     read_text_file,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+from tests import REPO, SHARED_DATASETS
 
 ROWS: list[dict[str, Any]] = [
     {
@@ -79,32 +77,31 @@ def _file_error(path: Path, **kwargs: Any) -> str:
 
 # ----------------------------------------------------------------------------- readable files
 
+
+ENCODING_FOUND = {b"": "utf-8", b"\xef\xbb\xbf": "utf-8 with BOM"}
+
+
+def encodings(
+    label: str, name: str, text: str, layout: str
+) -> list[tuple[str, str, bytes, str, str]]:
+    """The readable cases of ``text``: UTF-8, with a byte-order mark, with CRLF line ends, and
+    with both — (case, file name, bytes, layout, encoding found)."""
+    bom, crlf = b"\xef\xbb\xbf", text.replace("\n", "\r\n")
+    variants = [
+        ("UTF-8", b"", text),
+        ("UTF-8-BOM", bom, text),
+        ("CRLF", b"", crlf),
+        ("UTF-8-BOM CRLF", bom, crlf),
+    ]
+    return [
+        (f"{case} {label}", name, start + body.encode("utf-8"), layout, ENCODING_FOUND[start])
+        for case, start, body in variants
+    ]
+
+
 READABLE = [
-    ("UTF-8 list", "r.json", LIST_TEXT.encode("utf-8"), "list", "utf-8"),
-    (
-        "UTF-8-BOM list",
-        "r.json",
-        b"\xef\xbb\xbf" + LIST_TEXT.encode("utf-8"),
-        "list",
-        "utf-8 with BOM",
-    ),
-    ("CRLF list", "r.json", LIST_TEXT.replace("\n", "\r\n").encode("utf-8"), "list", "utf-8"),
-    (
-        "UTF-8-BOM CRLF list",
-        "r.json",
-        b"\xef\xbb\xbf" + LIST_TEXT.replace("\n", "\r\n").encode("utf-8"),
-        "list",
-        "utf-8 with BOM",
-    ),
-    ("UTF-8 JSONL", "r.jsonl", JSONL_TEXT.encode("utf-8"), "jsonl", "utf-8"),
-    (
-        "UTF-8-BOM JSONL",
-        "r.jsonl",
-        b"\xef\xbb\xbf" + JSONL_TEXT.encode("utf-8"),
-        "jsonl",
-        "utf-8 with BOM",
-    ),
-    ("CRLF JSONL", "r.jsonl", JSONL_TEXT.replace("\n", "\r\n").encode("utf-8"), "jsonl", "utf-8"),
+    *encodings("list", "r.json", LIST_TEXT, "list"),
+    *encodings("JSONL", "r.jsonl", JSONL_TEXT, "jsonl"),
     (
         "JSONL without final newline",
         "r.jsonl",

@@ -127,6 +127,7 @@ def test_a_flow_on_an_unmigrated_database_fails_once_with_the_fix(
     sqlite3.connect(path).close()
     url = f"sqlite:///{path}"
     run: Any = review_export_flow if flow_name == "review" else weekly_cycle
+    (tmp_path / "home" / "models").mkdir(parents=True)  # a set-up home (tasks.layout)
     state = run(home=str(tmp_path / "home"), database_url=url, return_state=True)
     assert state.is_failed()
     assert "prompt-capture db upgrade" in (state.message or "")

@@ -600,3 +600,66 @@ def test_id_time_windows() -> None:
         [Outcome(_id_at(at), True, None, None, at), Outcome(uuid.uuid4(), True, None, None, at)]
     )
     assert [len(g) for g in groups] == [1] and len(others) == 1
+
+
+def _parent_created_at_bounds(url: str) -> list[datetime] | None:
+    """The planner's histogram of the parent's ``created_at`` (its inherited statistics)."""
+    with db.get_sync_engine(url).connect() as conn:
+        found = conn.execute(
+            text(
+                "SELECT histogram_bounds::text::timestamptz[] FROM pg_stats "
+                "WHERE tablename = 'nlu_prompt_logs' AND attname = 'created_at' AND inherited"
+            )
+        ).scalar_one_or_none()
+    return list(found) if found is not None else None
+
+
+def test_retention_analyzes_the_parent_after_its_partitions_change(clean: str) -> None:
+    """Autovacuum never analyzes a partitioned parent: the retention run does, after it dropped
+    and created partitions, so the planner's statistics describe the rows that are left."""
+    rows, cutoff = _seed_old(clean)
+    kept = sorted(r["created_at"] for r in rows if r["created_at"] >= cutoff)
+    with db.get_sync_engine(clean).begin() as conn:
+        conn.exec_driver_sql("ANALYZE nlu_prompt_logs")  # statistics of every row, expired too
+    before = _parent_created_at_bounds(clean)
+    assert before is not None and before[0] == min(r["created_at"] for r in rows) < kept[0]
+    result = run_retention(clean, now=cutoff + 90 * DAY, batch_size=100)
+    assert result.partitions_dropped == 6 and "analyze" in result.seconds
+    after = _parent_created_at_bounds(clean)
+    assert after is not None and (after[0], after[-1]) == (kept[0], kept[-1])
+
+
+def test_the_retention_command_creates_partitions_of_the_configured_width(
+    clean: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`prompt-capture retention` passes PROMPT_CAPTURE_PARTITION_INTERVAL on, as the daily
+    flow does: with `week`, the partitions it creates ahead of now are weeks, whatever the
+    width of the newest partition."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from capture.settings import get_settings
+    from deployments.cli import app
+
+    now = datetime(2031, 1, 6, 9, tzinfo=UTC)  # a Monday, past every partition of this database
+    monkeypatch.setenv("PROMPT_CAPTURE_DATABASE_URL", clean)
+    monkeypatch.setenv("PROMPT_CAPTURE_PARTITION_INTERVAL", "week")
+    get_settings.cache_clear()
+    try:
+        # 20 years: nothing has expired, so nothing else in this database is dropped
+        done = CliRunner().invoke(app, ["retention", "--days", "7300", "--now", now.isoformat()])
+        assert done.exit_code == 0, done.output
+        assert json.loads(done.output)["partitions_created"] == 3  # now + 14 days: 3 weeks
+        with db.get_sync_engine(clean).connect() as conn:
+            new = [p for p in partitions.list_partitions(conn) if p.start and p.start >= now - DAY]
+        assert [(p.start, p.end) for p in new] == [
+            (now.replace(hour=0) + k * 7 * DAY, now.replace(hour=0) + (k + 1) * 7 * DAY)
+            for k in range(3)
+        ]
+    finally:
+        get_settings.cache_clear()
+        with db.get_sync_engine(clean).begin() as conn:
+            for p in partitions.list_partitions(conn):
+                if p.start and p.start >= now - DAY:
+                    conn.exec_driver_sql(f"DROP TABLE {p.name}")

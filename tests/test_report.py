@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from capture.settings import get_settings
 from capture.values import as_real
+from tasks.ab_readout import wilson_interval
 from tasks.report import (
     ARTIFACT_KEY,
     ARTIFACT_TABLE_KEY,
@@ -269,3 +270,181 @@ def test_publish_monitoring_artifact(prefect_harness: None, seeded: dict[str, An
     assert markdown is not None and table is not None
     assert "## Intent distribution" in str(markdown.data)
     assert "book_meeting" in str(table.data)
+
+
+# --------------------------------------------------------------------------- A/B tests
+
+
+def _history(models_dir: Path, rows: list[dict[str, Any]]) -> None:
+    import json
+
+    lines = "".join(json.dumps(row) + "\n" for row in rows)
+    (models_dir / "history.jsonl").write_text(lines, encoding="utf-8")
+
+
+def _ab_traffic(url: str) -> dict[str, Any]:
+    """A shadow phase of candidate 4 beside champion 3 (6 to 4 days ago), then a canary of 4
+    at 50 % (4 days ago to now): log rows, outcomes, corrections and shadow predictions."""
+    import uuid
+
+    from sqlalchemy import insert, text
+
+    from capture.db import get_sync_engine
+    from capture.ids import uuid7
+    from capture.shadow import SHADOW_TABLE, shadow_predictions
+
+    shadow_rows: list[dict[str, Any]] = []
+    logs: list[dict[str, Any]] = []
+
+    def log(i: int, created: Any, version: str, intent: str, **extra: Any) -> dict[str, Any]:
+        row = {
+            "id": uuid7(),
+            "user_id": uuid.UUID(int=i + 1),
+            "prompt": f"ab prompt {i}",
+            "predicted_intent": intent,
+            "confidence": 0.9,
+            "corrected_intent": None,
+            "was_successful": None,
+            "workflow_type": intent,
+            "model_version": version,
+            "created_at": created,
+            "updated_at": created,
+            **extra,
+        }
+        logs.append(row)
+        return row
+
+    # Shadow: 200 prompts answered by 3; the candidate agrees on 150. Of the 50 disagreements,
+    # 20 are corrected to the candidate's intent, 10 to the champion's, 5 to a third one, 8
+    # failed uncorrected and 7 have no evidence.
+    for i in range(200):
+        created = NOW - timedelta(days=6) + timedelta(minutes=10 * i)
+        shadow_intent = "book_meeting" if i < 150 else "cancel_meeting"
+        extra: dict[str, Any] = {"was_successful": True}
+        if 150 <= i < 170:
+            extra = {"corrected_intent": "cancel_meeting"}
+        elif 170 <= i < 180:
+            extra = {"corrected_intent": "book_meeting"}
+        elif 180 <= i < 185:
+            extra = {"corrected_intent": "set_reminder"}
+        elif 185 <= i < 193:
+            extra = {"was_successful": False}
+        elif i >= 193:
+            extra = {}
+        row = log(i, created, "3", "book_meeting", **extra)
+        shadow_rows.append(
+            {
+                "log_id": row["id"],
+                "log_created_at": created,
+                "candidate_version": "4",
+                "champion_version": "3",
+                "predicted_intent": shadow_intent,
+                "confidence": 0.8,
+                "predicted_at": created,
+            }
+        )
+    # Canary: 1,000 prompts, every other one answered by the candidate; the champion's
+    # workflows succeed 9 in 10, the candidate's 7 in 10; every 25th prompt is corrected.
+    for i in range(1000):
+        created = NOW - timedelta(days=4) + timedelta(minutes=5 * i + 1)
+        version = "4" if i % 2 else "3"
+        k = i // 2
+        ok = (k % 10) != 0 if version == "3" else (k % 10) < 7
+        intent = "check_weather" if k % 3 == 0 else "book_meeting"
+        corrected = "set_reminder" if i % 25 == 0 else None
+        log(1000 + i, created, version, intent, was_successful=ok, corrected_intent=corrected)
+    with get_sync_engine(url).begin() as conn:
+        conn.execute(text(f"DELETE FROM {SHADOW_TABLE}"))
+    insert_logs(url, logs)
+    with get_sync_engine(url).begin() as conn:
+        conn.execute(insert(shadow_predictions), shadow_rows)
+    return {"logs": logs}
+
+
+def test_ab_tests_in_the_window_get_a_section_each(db_url: str, tmp_path: Path) -> None:
+    models_dir = tmp_path / "models"
+    write_registry(models_dir)
+    at = {k: (NOW - timedelta(days=d)).isoformat() for k, d in (("old", 30), ("gone", 25))}
+    _history(
+        models_dir,
+        [
+            # Before the 7-day window: not shown.
+            {"at": at["old"], "action": "candidate-set", "version": "2", "mode": "shadow",
+             "share": 0.0, "champion": "1"},
+            {"at": at["gone"], "action": "candidate-clear", "version": "2", "reason": "old"},
+            {"at": (NOW - timedelta(days=6)).isoformat(), "action": "candidate-set",
+             "version": "4", "mode": "shadow", "share": 0.0, "champion": "3"},
+            {"at": (NOW - timedelta(days=4)).isoformat(), "action": "candidate-set",
+             "version": "4", "mode": "canary", "share": 0.5, "champion": "3",
+             "reason": "agrees with the champion on 75.0% of prompts"},
+        ],
+    )  # fmt: skip
+    logs = _ab_traffic(db_url)["logs"]
+    output = tmp_path / "ab.html"
+    data = write_report(output, db_url, days=7, models_dir=models_dir, now=NOW)
+    parser = _parse(output)
+    assert parser.sections == [*SECTIONS, "ab-1", "ab-2"]
+    text = " ".join(" ".join(parser.text).split())
+
+    # ab-1: the canary, still under test. Per arm: prompts, users, outcomes, success rate with
+    # its Wilson interval, correction rate, all from the rows.
+    canary = [r for r in logs if r["created_at"] >= NOW - timedelta(days=4)]
+    expected = []
+    for arm, version in (("champion", "3"), ("candidate", "4")):
+        rows = [r for r in canary if r["model_version"] == version]
+        wins = sum(bool(r["was_successful"]) for r in rows)
+        fixed = sum(r["corrected_intent"] is not None for r in rows)
+        low, high = wilson_interval(wins, len(rows))
+        expected.append(
+            [arm, version, str(len(rows)), str(len(rows)), str(len(rows)),
+             _pct(wins, len(rows)), f"[{100 * low:.1f}%, {100 * high:.1f}%]",
+             _pct(fixed, len(rows))]
+        )  # fmt: skip
+    assert _rows(parser, "ab-arms-1") == expected
+    assert expected[0][5] == "90.0%" and expected[1][5] == "70.0%"
+    # The decision the hourly ab-check takes now: 20 points worse is significantly worse.
+    assert "candidate v4 vs champion v3" in text
+    assert "Mode canary (50% of users)" in text
+    assert "Decision the ab-check takes now: rollback — significantly worse" in text
+    assert "Success rate, candidate − champion: -20.00 points" in text
+    # Per answered intent, both arms with their support.
+    per_intent = {r[0]: r[1:] for r in _rows(parser, "ab-intent-1")}
+    for intent in ("book_meeting", "check_weather"):
+        cells = []
+        for version in ("3", "4"):
+            rows = [r for r in canary if r["model_version"] == version]
+            rows = [r for r in rows if r["predicted_intent"] == intent]
+            cells += [str(len(rows)), _pct(sum(bool(r["was_successful"]) for r in rows), len(rows))]
+        assert per_intent[intent] == cells
+    assert "ab-shadow-1" not in parser.tables  # a canary has no shadow predictions
+
+    # ab-2: the shadow phase, ended when it moved on to the canary.
+    assert "Ended: go-canary — agrees with the champion on 75.0% of prompts." in text
+    low, high = wilson_interval(150, 158)  # 150 successes, 8 failures; 35 corrected
+    assert _rows(parser, "ab-arms-2") == [
+        [
+            "champion",
+            "3",
+            "200",
+            "200",
+            "158",
+            "94.9%",
+            f"[{100 * low:.1f}%, {100 * high:.1f}%]",
+            "17.5%",
+        ],
+        ["candidate", "4", "0", "0", "0", "–", "–", "–"],
+    ]
+    assert _rows(parser, "ab-shadow-2") == [
+        ["compared (candidate predicted after the champion answered)", "200", "100.0%"],
+        ["agreed with the champion", "150", "75.0%"],
+        ["disagreed", "50", "25.0%"],
+        ["disagreements later corrected", "35", "70.0%"],
+        ["… corrected to the candidate's intent (candidate right)", "20", "57.1%"],
+        ["… corrected to the champion's intent (champion right)", "10", "28.6%"],
+        ["… corrected to another intent (neither right)", "5", "14.3%"],
+        ["disagreements whose workflow failed, uncorrected (champion wrong)", "8", "16.0%"],
+    ]
+    # The same readouts in the markdown artifact.
+    markdown = render_markdown(data)
+    assert "## A/B readout: candidate 4 vs champion 3" in markdown
+    assert "**Decision: rollback**" in markdown and "**Ended: go-canary**" in markdown

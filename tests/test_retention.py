@@ -218,6 +218,7 @@ def test_retention_cli(sqlite_url: str, home: Path, monkeypatch: pytest.MonkeyPa
         "partitions_dropped": 0,
         "partitions_created": 0,
         "moved_from_default": 0,
+        "shadow_deleted": 0,
     }
     bad = CliRunner().invoke(app, ["retention", "--days", "0"])
     assert bad.exit_code == 2
@@ -254,3 +255,39 @@ def test_retention_as_the_pipeline_role_under_row_level_security(
     assert (result.copied, result.deleted, result.batches) == (9, 9, 3)
     assert _count(postgres_url, LOGS) == 2
     assert _count(postgres_url, EXAMPLES) == 9
+
+
+def test_shadow_predictions_expire_with_their_logs(db_url: str) -> None:
+    """Production A/B (migration 0008): shadow rows of logs older than the cutoff are deleted,
+    those of kept logs stay, and so do the logs' own counts."""
+    from sqlalchemy import text
+
+    from capture.shadow import SHADOW_TABLE, shadow_predictions
+
+    seeded = _seed(db_url, n_old=7, n_new=3)
+    shadow = [
+        {
+            "log_id": row["id"],
+            "log_created_at": row["created_at"],
+            "candidate_version": version,
+            "champion_version": "3",
+            "predicted_intent": "cancel",
+            "confidence": 0.5,
+            "predicted_at": row["created_at"],
+        }
+        for row in seeded
+        for version in ("4", "5")  # two candidates shadowed each prompt
+    ]
+    # A shadow row whose log is already gone (no foreign key): expires all the same.
+    orphan = {**shadow[0], "log_id": uuid7(), "candidate_version": "4"}
+    with get_sync_engine(db_url).begin() as conn:
+        conn.execute(text(f"DELETE FROM {SHADOW_TABLE}"))
+        conn.execute(insert(shadow_predictions), [*shadow, orphan])
+    result = run_retention(db_url, now=NOW, batch_size=3)
+    assert (result.deleted, result.shadow_deleted) == (7, 7 * 2 + 1)
+    assert result.as_dict()["shadow_deleted"] == 15
+    with get_sync_engine(db_url).connect() as conn:
+        kept = conn.execute(select(shadow_predictions.c.log_id)).scalars().all()
+    assert sorted(map(str, kept)) == sorted(str(r["id"]) for r in seeded[7:] for _ in (4, 5))
+    again = run_retention(db_url, now=NOW, batch_size=3)
+    assert again.shadow_deleted == 0 and _count(db_url, shadow_predictions) == 6

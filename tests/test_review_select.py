@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,3 +244,137 @@ def test_from_row_accepts_both_stored_formats() -> None:
 def test_default_strategy_is_a_strategy() -> None:
     assert DEFAULT_STRATEGY in STRATEGIES
     assert set(STRATEGIES) == {"random", "threshold", "margin", "failed-first", "diverse"}
+
+
+# Shadow disagreements (production A/B, docs/AB_TESTING.md).
+
+
+def shadowed(cid: str, conf: float, shadow: str | None) -> ReviewCandidate:
+    return ReviewCandidate(
+        id=cid,
+        prompt=f"prompt {cid}",
+        predicted_intent="top",
+        confidence=conf,
+        shadow_intent=shadow,
+    )
+
+
+# Uncertain prompts u1 (.1) .. u6 (.6); confident ones the shadow candidate disagreed on (d85,
+# d90, d95); one it agreed with (agree, .05: first by confidence, but no disagreement).
+SHADOWED = [
+    *(shadowed(f"u{i}", i / 10, None) for i in range(1, 7)),
+    shadowed("d95", 0.95, "other"),
+    shadowed("d85", 0.85, "other"),
+    shadowed("d90", 0.9, "other"),
+    shadowed("agree", 0.05, "top"),
+]
+
+
+def test_shadow_disagreements_come_first_within_their_share() -> None:
+    # Budget 4, default share 0.5: two disagreements first (in threshold order), then the rest.
+    assert ids(select_for_review(SHADOWED, strategy="threshold", limit=4)) == [
+        "d85",
+        "d90",
+        "agree",
+        "u1",
+    ]
+    # The whole budget may go to them; all three come first, then the strategy.
+    all_in = select_for_review(SHADOWED, strategy="threshold", limit=5, shadow_share=1.0)
+    assert ids(all_in) == ["d85", "d90", "d95", "agree", "u1"]
+    # Off: the plain threshold order.
+    off = select_for_review(SHADOWED, strategy="threshold", limit=4, shadow_share=0.0)
+    assert ids(off) == ["agree", "u1", "u2", "u3"]
+    # An odd budget rounds the share up; margin and failed-first keep the rule.
+    assert ids(select_for_review(SHADOWED, strategy="margin", limit=3))[:2] == ["d85", "d90"]
+    assert ids(select_for_review(SHADOWED, strategy="failed-first", limit=1)) == ["d85"]
+    with pytest.raises(ValueError, match=r"shadow_share: expected a share of the budget"):
+        select_for_review(SHADOWED, strategy="threshold", limit=2, shadow_share=1.5)
+
+
+def test_random_and_diverse_take_disagreements_first_too() -> None:
+    picked = ids(select_for_review(SHADOWED, strategy="random", limit=4, seed=3))
+    assert set(picked[:2]) <= {"d85", "d90", "d95"} and len(set(picked)) == 4
+    vectors = np.eye(10)[: len(SHADOWED)]
+    diverse = ids(select_for_review(SHADOWED, strategy="diverse", limit=4, embeddings=vectors))
+    assert diverse[:2] == ["d85", "d90"] and len(set(diverse)) == 4
+    assert not {"d85", "d90"} & set(diverse[2:])
+
+
+def _shadow_rows(url: str, rows: list[tuple[uuid.UUID, str]]) -> None:
+    from datetime import UTC, datetime
+
+    from sqlalchemy import insert, select, text
+
+    from capture import db
+    from capture.models import PromptLog
+    from capture.shadow import SHADOW_TABLE, shadow_predictions
+
+    log = PromptLog.__table__
+    with db.get_sync_engine(url).begin() as conn:
+        conn.execute(text(f"DELETE FROM {SHADOW_TABLE}"))
+        found = conn.execute(
+            select(log.c.id, log.c.created_at).where(log.c.id.in_([i for i, _ in rows]))
+        )
+        created = {log_id: at for log_id, at in found}
+        conn.execute(
+            insert(shadow_predictions),
+            [
+                {
+                    "log_id": log_id,
+                    "log_created_at": created[log_id],
+                    "candidate_version": "2",
+                    "champion_version": "1",
+                    "predicted_intent": intent,
+                    "confidence": 0.7,
+                    "predicted_at": datetime.now(UTC),
+                }
+                for log_id, intent in rows
+            ],
+        )
+
+
+def test_review_export_favours_shadow_disagreements(db_url: str, tmp_path: Path) -> None:
+    """On both databases: confident prompts the shadow candidate disagreed on are exported, and
+    first; a corrected one, an agreeing one and one outside the window are not."""
+    from tasks.review_export import ReviewSelection, export_review
+    from tasks.review_file import read_review_file
+    from tests.cycle_helpers import Log, insert_logs
+
+    logs = [Log(f"unsure {i}", "music", 0.1 + i / 20) for i in range(6)]  # uncertain
+    logs += [
+        Log("confident a", "banking", 0.97),  # shadow: weather
+        Log("confident b", "banking", 0.96),  # shadow: weather
+        Log("confident c", "banking", 0.98),  # shadow: weather
+        Log("confident agreed", "banking", 0.99),  # shadow: banking
+        Log("confident corrected", "banking", 0.95, corrected="weather"),  # shadow: weather
+        Log("confident but old", "banking", 0.95, age_days=20),  # shadow: weather
+        Log("confident unshadowed", "banking", 0.95),
+    ]
+    ids_ = insert_logs(db_url, logs)
+    by_prompt = dict(zip([log.prompt for log in logs], ids_, strict=True))
+    _shadow_rows(
+        db_url,
+        [(by_prompt[f"confident {k}"], "weather") for k in ("a", "b", "c", "corrected", "but old")]
+        + [(by_prompt["confident agreed"], "banking")],
+    )
+    export = export_review(tmp_path / "review.json", ReviewSelection(days=7, limit=4), url=db_url)
+    assert export.n_candidates == 6 + 3  # the uncertain ones and three disagreements
+    chosen = [c.prompt for c in export.selected]
+    # Two of the four places go to disagreements first, the least confident first.
+    assert chosen == ["confident b", "confident a", "unsure 0", "unsure 1"]
+    assert export.reasons == {"shadow-disagreement": 2, "low-confidence": 2}
+    assert [r.prompt for r in read_review_file(tmp_path / "review.json")] == chosen
+    # Without a budget limit every disagreement is included.
+    everything = export_review(
+        tmp_path / "all.json", ReviewSelection(days=7, limit=100), url=db_url
+    )
+    assert {"confident a", "confident b", "confident c"} <= {c.prompt for c in everything.selected}
+
+
+def test_a_budget_taken_by_disagreements_alone() -> None:
+    vectors = np.eye(10)[: len(SHADOWED)]
+    for strategy in ("threshold", "diverse"):
+        picked = select_for_review(
+            SHADOWED, strategy=strategy, limit=2, shadow_share=1.0, embeddings=vectors
+        )
+        assert ids(picked) == ["d85", "d90"]

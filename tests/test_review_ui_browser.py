@@ -23,6 +23,7 @@ from sqlalchemy import insert, select
 
 from capture import db
 from review_ui.server import running_server
+from tasks.review_export import ReviewSelection
 from tasks.review_rounds import open_round
 from tasks.review_tables import items
 from tests.test_review_ui_support import (
@@ -159,7 +160,7 @@ def test_reviewer_session_in_chromium(
         conn.exec_driver_sql("DELETE FROM nlu_prompt_logs")
     logs = _seed(url)
     with db.get_sync_engine(url).begin() as conn:
-        open_round(conn, now=NOW, limit=10, double_review_share=0.0)
+        open_round(conn, now=NOW, selection=ReviewSelection(limit=10), double_review_share=0.0)
     make_user(url, "alice")
     make_user(url, "bob")
     item = {key: _item_of(url, logs[key]) for key in ("A", "B", "C", "E", "F")}

@@ -17,6 +17,7 @@ from sqlalchemy.pool import NullPool
 
 from capture import db
 from tasks.review_decide import decide, settle, undo_last
+from tasks.review_export import ReviewSelection
 from tasks.review_progress import (
     agreement_from_pairs,
     cohen_kappa,
@@ -43,9 +44,10 @@ from tests.test_review_ui_support import (
 CATALOG = Catalog(frozenset(LABELS), "oos", "1")
 
 
-def _open(url: str, **kw: Any) -> uuid.UUID:
+def _open(url: str, *, limit: int = 200, seed: int = 0, **kw: Any) -> uuid.UUID:
+    selection = ReviewSelection(limit=limit, seed=seed)
     with db.get_sync_engine(url).begin() as conn:
-        return open_round(conn, now=NOW, **kw).id
+        return open_round(conn, now=NOW, selection=selection, **kw).id
 
 
 def _claim(url: str, round_id: uuid.UUID, user: ReviewUser, now=NOW) -> uuid.UUID | None:

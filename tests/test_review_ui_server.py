@@ -16,6 +16,7 @@ from sqlalchemy import func, make_url, select
 
 from capture import db
 from review_ui.server import running_server
+from tasks.review_export import ReviewSelection
 from tasks.review_rounds import open_round
 from tasks.review_tables import rounds
 from tests.test_review_ui_support import (
@@ -34,7 +35,9 @@ CSRF = re.compile(r'name="csrf-token" content="([^"]+)"')
 
 def _open_round(url: str, share: float = 0.0) -> uuid.UUID:
     with db.get_sync_engine(url).begin() as conn:
-        return open_round(conn, now=NOW, limit=100, double_review_share=share).id
+        return open_round(
+            conn, now=NOW, selection=ReviewSelection(limit=100), double_review_share=share
+        ).id
 
 
 def _csrf(client: httpx.Client, path: str = "/login") -> str:

@@ -8,7 +8,6 @@ duplicates); ``make_home`` writes a registry whose serving model's labels are th
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,11 +17,13 @@ from typing import Any, cast
 from sqlalchemy import Table, delete, insert, select
 
 from capture import db
+from capture.model_dir import write_pointer
 from capture.models import PromptLog
 from capture.values import as_real
 from review_ui.settings import WorkbenchSettings
 from tasks.review_tables import TABLES, decisions
 from tasks.review_users import ReviewUser, add_user
+from tests.test_registry import stub_metadata
 
 LOGS = cast(Table, PromptLog.__table__)
 LABELS = ("banking", "calendar", "music", "weather", "oos")
@@ -41,26 +42,8 @@ def make_home(root: Path, labels: tuple[str, ...] = LABELS) -> Path:
     """A PROMPT_CAPTURE_HOME whose serving model (version 1) has ``labels``."""
     model = root / "models" / "1"
     model.mkdir(parents=True, exist_ok=True)
-    (model / "metadata.json").write_text(
-        json.dumps(
-            {
-                "version": "1",
-                "labels": list(labels),
-                "oos_label": "oos",
-                "oos_threshold": None,
-                "temperature": 1.0,
-                "base_model": "fixture",
-                "parent_version": None,
-                "created_at": "2026-11-20T00:00:00+00:00",
-                "hyperparameters": {},
-                "metrics": {},
-                "max_seq_length": 64,
-                "embedding_dim": 8,
-            }
-        ),
-        encoding="utf-8",
-    )
-    (root / "models" / "current").write_text("1\n", encoding="utf-8")
+    stub_metadata("1", tuple(labels)).write(model)
+    write_pointer(root / "models", "1")
     return root
 
 

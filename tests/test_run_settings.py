@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 
 from capture.errors import UserError
 from capture.settings import Settings
-from tasks.layout import HomeLayout, LayoutError
+from tasks.layout import HomeLayout, HomeNotSetUpError, LayoutError
 from tasks.run_settings import (
     DatabaseSettingError,
     configured_database_url,
@@ -109,3 +110,92 @@ def test_the_cli_turns_a_user_error_into_one_line_and_exit_code_2() -> None:
     )
     bug = CliRunner().invoke(other, ["fail", "bug"])
     assert bug.exit_code == 1 and isinstance(bug.exception, RuntimeError)  # keeps its traceback
+
+
+def test_a_home_without_a_registry_is_refused_with_the_fix(tmp_path: Path) -> None:
+    missing = HomeLayout(tmp_path / "not-mounted")
+    with pytest.raises(HomeNotSetUpError) as raised:
+        missing.require_registry()
+    message = str(raised.value)
+    assert f"{tmp_path / 'not-mounted'} does not exist" in message
+    assert "prompt-capture init" in message and "PROMPT_CAPTURE_HOME" in message
+    assert isinstance(raised.value, UserError) and not missing.home.exists()  # nothing created
+    empty = HomeLayout(tmp_path / "empty")
+    empty.home.mkdir()
+    with pytest.raises(HomeNotSetUpError, match=r"empty holds no model registry \(models/"):
+        empty.require_registry()
+    assert empty.create_registry() == empty.models_dir == empty.require_registry()
+    assert empty.create_registry() == empty.models_dir  # again: nothing changes
+    run = resolve_run_settings(settings(tmp_path), home=str(empty.home))
+    assert run.require_registry() == empty.models_dir
+
+
+REGISTRY_FLOWS = ["weekly-cycle", "retrain", "deploy", "rollback", "ab-check", "stage-candidate"]
+
+
+def run_registry_flow(name: str, home: Path, url: str) -> Any:
+    from flows.ab_check import ab_check_flow, stage_candidate_flow
+    from flows.deploy import deploy_flow, rollback_flow
+    from flows.retrain import retrain_flow
+    from flows.weekly import weekly_cycle
+
+    where = str(home)
+    if name == "weekly-cycle":
+        return weekly_cycle(home=where, database_url=url, return_state=True)
+    if name == "retrain":
+        return retrain_flow(home=where, return_state=True)
+    if name == "deploy":
+        return deploy_flow(home=where, return_state=True)
+    if name == "rollback":
+        return rollback_flow(home=where, return_state=True)
+    if name == "ab-check":
+        return ab_check_flow(home=where, database_url=url, return_state=True)
+    return stage_candidate_flow("1", home=where, return_state=True)
+
+
+@pytest.mark.parametrize("name", REGISTRY_FLOWS)
+def test_a_flow_on_a_home_nobody_set_up_fails_and_creates_nothing(
+    name: str, db_url: str, tmp_path: Path, prefect_harness: None
+) -> None:
+    """A worker whose PROMPT_CAPTURE_HOME is unset or not the shared one: the run fails at its
+    entry naming the home and the fix, and no new, empty registry appears there."""
+    home = tmp_path / "worker-home"
+    state = run_registry_flow(name, home, db_url)
+    assert state.is_failed()
+    assert f"PROMPT_CAPTURE_HOME: {home} does not exist" in (state.message or "")
+    assert "prompt-capture init" in (state.message or "")
+    assert not home.exists()
+    home.mkdir()
+    (home / "data").mkdir()  # a home with files, but no registry
+    state = run_registry_flow(name, home, db_url)
+    assert state.is_failed() and "holds no model registry" in (state.message or "")
+    assert sorted(p.name for p in home.iterdir()) == ["data"]
+
+
+def test_init_sets_up_the_home_and_the_cycle_refuses_one_without(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from capture.settings import get_settings
+    from deployments.cli import app
+
+    home = tmp_path / "shared-home"
+    monkeypatch.setenv("PROMPT_CAPTURE_HOME", str(home))
+    monkeypatch.setenv("PROMPT_CAPTURE_DATABASE_URL", sqlite_url)
+    get_settings.cache_clear()
+    try:
+        refused = CliRunner().invoke(app, ["cycle"])
+        assert refused.exit_code == 2
+        (line,) = refused.output.strip().splitlines()
+        assert line.startswith(f"error: PROMPT_CAPTURE_HOME: {home} does not exist")
+        assert "prompt-capture init" in line and not home.exists()
+        created = CliRunner().invoke(app, ["init"])
+        assert created.exit_code == 0, created.output
+        first = json.loads(created.output)
+        assert (first["home"], first["created"], first["versions"]) == (str(home), True, [])
+        assert "base_train.jsonl" in first["next"] and (home / "models").is_dir()
+        again = json.loads(CliRunner().invoke(app, ["init", "--home", str(home)]).output)
+        assert again["created"] is False
+    finally:
+        get_settings.cache_clear()

@@ -32,9 +32,7 @@ from capture.text import (
     is_invisible,
     visible,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+from tests import REPO, SHARED_DATASETS
 
 # ----------------------------------------------------------------------------- free text
 

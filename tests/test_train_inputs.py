@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from tasks.pairs import Pair
 from tasks.records import Record
 from tasks.train import TrainConfig, TrainingDataError, train_model
+from tasks.train_inputs import training_texts
 from tests.test_registry import fake_model
 
 
@@ -26,19 +28,34 @@ THREE_SINGLES = records(
     [("will it rain", "weather"), ("play jazz", "music"), ("my balance", "banking")]
 )
 GOOD = records([(f"{lab} {i}", lab) for lab in ("weather", "music", "banking") for i in range(4)])
-TOO_FEW = (
-    "training data: too few examples per intent to form pairs (two different texts of the same "
-    "intent): an intent needs at least 2 distinct examples, and at least 2 intents need them; "
-    "{enough} of {total} intents have enough. Intents with fewer than 2 distinct examples "
-    "(count): {short}. Add examples so that at least 2 intents (best: every intent) have 2 or "
-    "more distinct texts"
-)
 RECORDS_EXPECTED = 'expected UTF-8 JSON Lines, one {"text": ..., "label": ...} object per line'
 PAIRS_EXPECTED = (
     'expected JSON Lines of pair objects {"anchor", "positive", "label"} (optionally '
     '"negative", "negative_label"), as `prompt-capture convert-to-pairs` writes them'
 )
 MODEL_FILES = "metadata.json, head.npz, encoder"
+MALFORMED = (
+    "malformed.jsonl:13: malformed JSON (Expecting value at column 24): "
+    '\'{"text": "x", "label":\'; expected one JSON object per line'
+)
+
+
+def empty_file(kind: str, expected: str) -> str:
+    """The message for ``empty.jsonl`` read as a ``kind`` (records, pairs) file."""
+    return (
+        f"empty.jsonl: cannot read this {kind} file: found an empty file (0 bytes), {expected}; "
+        "was it saved or copied completely? write or export it again"
+    )
+
+
+def csv_file(kind: str, expected: str) -> str:
+    """The message for ``table.csv`` read as a ``kind`` (records, pairs) file."""
+    return (
+        f"table.csv: cannot read this {kind} file: found CSV (comma-separated values) with "
+        f"header 'text,label', {expected}; a spreadsheet's CSV export cannot be read; keep the "
+        "file as JSON (edit it in a text editor) or convert the table to JSON"
+    )
+
 
 FILES: dict[str, str | bytes] = {
     "three.jsonl": THREE_SINGLES,
@@ -70,23 +87,6 @@ FILES: dict[str, str | bytes] = {
 
 # (command line without --output, the one-line message after "error: ")
 CASES: dict[str, tuple[list[str], str]] = {
-    # the case of the issue: the real cause is too few examples per intent, not too few intents
-    "three intents, one example each": (
-        ["train", "--train", "three.jsonl"],
-        TOO_FEW.format(enough=0, total=3, short="banking (1), music (1), weather (1)"),
-    ),
-    "the same with a BOM and CRLF": (
-        ["train", "--train", "bom-crlf.jsonl"],
-        TOO_FEW.format(enough=0, total=3, short="banking (1), music (1), weather (1)"),
-    ),
-    "duplicates are one example": (
-        ["train", "--train", "dups.jsonl"],
-        TOO_FEW.format(enough=0, total=2, short="music (1), weather (1)"),
-    ),
-    "only one intent can form pairs": (
-        ["train", "--train", "one-pairable.jsonl"],
-        TOO_FEW.format(enough=1, total=3, short="banking (1), music (1)"),
-    ),
     "one intent": (
         ["train", "--train", "one-label.jsonl"],
         "one-label.jsonl: expected at least 2 distinct labels, found 1 (['weather']); a "
@@ -94,8 +94,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     ),
     "empty file": (
         ["train", "--train", "empty.jsonl"],
-        f"empty.jsonl: cannot read this records file: found an empty file (0 bytes), "
-        f"{RECORDS_EXPECTED}; was it saved or copied completely? write or export it again",
+        empty_file("records", RECORDS_EXPECTED),
     ),
     "whitespace only": (
         ["train", "--train", "blank.jsonl"],
@@ -118,8 +117,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     ),
     "a malformed line": (
         ["train", "--train", "malformed.jsonl"],
-        "malformed.jsonl:13: malformed JSON (Expecting value at column 24): "
-        '\'{"text": "x", "label":\'; expected one JSON object per line',
+        MALFORMED,
     ),
     "one object over several lines": (
         ["train", "--train", "object.json"],
@@ -143,9 +141,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     ),
     "CSV": (
         ["train", "--train", "table.csv"],
-        "table.csv: cannot read this records file: found CSV (comma-separated values) with "
-        f"header 'text,label', {RECORDS_EXPECTED}; a spreadsheet's CSV export cannot be read; "
-        "keep the file as JSON (edit it in a text editor) or convert the table to JSON",
+        csv_file("records", RECORDS_EXPECTED),
     ),
     "an HTML error page": (
         ["train", "--train", "page.html"],
@@ -155,9 +151,19 @@ CASES: dict[str, tuple[list[str], str]] = {
     ),
     "a pair budget of one": (
         ["train", "--train", "good.jsonl", "--max-pairs", "1"],
-        "max_pairs: a budget of 1 pair(s) covers at most 1 intent; a training batch holds pairs "
-        "of different intents, so at least 2 are needed: set max_pairs to 2 or more (or leave "
-        "it unset: about one pair per example)",
+        "max_pairs: a budget of 1 pair(s) of same-intent texts covers 1 intent(s); fine-tuning "
+        "needs the texts of at least 2 intents: set max_pairs to 2 or more (or leave it unset: "
+        "every training example is used)",
+    ),
+    "an unknown device": (
+        ["train", "--train", "good.jsonl", "--device", "gpu"],
+        "device: expected 'auto', 'cpu' or 'cuda', found 'gpu'",
+    ),
+    "cuda on a machine without CUDA": (
+        ["train", "--train", "good.jsonl", "--device", "cuda"],
+        "device: 'cuda' was asked but torch.cuda.is_available() is False (torch "
+        f"{torch.__version__}, CUDA {torch.version.cuda or 'none (a CPU-only build)'}); use "
+        "device 'auto' or 'cpu', or install a CUDA build of torch on a machine with a visible GPU",
     ),
     "an output directory that is not empty": (
         ["train", "--train", "good.jsonl", "--output", "busy"],
@@ -175,9 +181,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     ),
     "a CSV pairs file": (
         ["train", "--train", "good.jsonl", "--pairs", "table.csv"],
-        "table.csv: cannot read this pairs file: found CSV (comma-separated values) with header "
-        f"'text,label', {PAIRS_EXPECTED}; a spreadsheet's CSV export cannot be read; keep the "
-        "file as JSON (edit it in a text editor) or convert the table to JSON",
+        csv_file("pairs", PAIRS_EXPECTED),
     ),
     "a pair without a positive": (
         ["train", "--train", "good.jsonl", "--pairs", "no-positive.jsonl"],
@@ -188,13 +192,11 @@ CASES: dict[str, tuple[list[str], str]] = {
     ),
     "an empty pairs file": (
         ["train", "--train", "good.jsonl", "--pairs", "empty.jsonl"],
-        f"empty.jsonl: cannot read this pairs file: found an empty file (0 bytes), "
-        f"{PAIRS_EXPECTED}; was it saved or copied completely? write or export it again",
+        empty_file("pairs", PAIRS_EXPECTED),
     ),
     "a malformed validation file": (
         ["train", "--train", "good.jsonl", "--val", "malformed.jsonl"],
-        "malformed.jsonl:13: malformed JSON (Expecting value at column 24): "
-        '\'{"text": "x", "label":\'; expected one JSON object per line',
+        MALFORMED,
     ),
     "evaluate: not a model directory": (
         ["evaluate", "--model", "no-model", "--data", "good.jsonl"],
@@ -213,10 +215,12 @@ CASES: dict[str, tuple[list[str], str]] = {
     ),
     "evaluate: empty data": (
         ["evaluate", "--model", "metadata-only", "--data", "empty.jsonl"],
-        f"empty.jsonl: cannot read this records file: found an empty file (0 bytes), "
-        f"{RECORDS_EXPECTED}; was it saved or copied completely? write or export it again",
+        empty_file("records", RECORDS_EXPECTED),
     ),
 }
+
+if torch.cuda.is_available():  # the refusal is for machines without CUDA
+    del CASES["cuda on a machine without CUDA"]
 
 
 @pytest.fixture(scope="module")
@@ -254,25 +258,48 @@ def test_bad_inputs_get_one_line_naming_the_real_cause(
 
 
 def test_the_same_checks_hold_for_train_model_and_given_pairs(tmp_path: Path) -> None:
-    singles = [Record("will it rain", "weather"), Record("play jazz", "music")]
-    with pytest.raises(TrainingDataError, match=r"weather \(1\)"):
-        train_model(singles, None, tmp_path / "a", progress=False)
     rows = [Record(f"{lab} {i}", lab) for lab in ("weather", "music") for i in range(3)]
     one_intent = [Pair("weather 0", "weather 1", "weather")]
     with pytest.raises(TrainingDataError) as info:
         train_model(rows, None, tmp_path / "b", pairs=one_intent, progress=False)
     assert str(info.value) == (
-        "pairs: the pairs cover 1 intent (weather) of the 2 in the training data; a training "
-        "batch holds pairs of different intents, so at least 2 intents need pairs: rebuild the "
-        "pairs from a file with at least 2 distinct examples of 2 or more intents"
+        "pairs: the pairs cover 1 intent (weather) of the 2 in the training data; fine-tuning "
+        "on the texts of one intent would pull every text towards it, so at least 2 intents "
+        "need pairs: rebuild the pairs from a file with at least 2 distinct examples of 2 or "
+        "more intents"
     )
     with pytest.raises(TrainingDataError, match="found none of 1"):
         train_model(rows, None, tmp_path / "c", pairs=[Pair("x", "y", "nope")], progress=False)
+    with pytest.raises(TrainingDataError, match="max_pairs: a budget of 0 pair"):
+        train_model(rows, None, tmp_path / "d", config=TrainConfig(max_pairs=0), progress=False)
     assert not any(tmp_path.iterdir())
 
 
+def test_training_texts_are_the_rows_or_the_texts_of_the_pairs() -> None:
+    rows = [Record(f"{lab} {i}", lab) for lab in ("weather", "music") for i in range(3)]
+    labels = ["music", "weather"]
+    extra = [Pair("rain?", "snow?", "weather"), Pair("a", "b", "unknown")]
+    config = TrainConfig()
+    assert training_texts(rows, labels, config, pairs=None, extra_pairs=None) == rows
+    assert training_texts(rows, labels, config, pairs=None, extra_pairs=extra) == [
+        *rows,
+        Record("rain?", "weather"),
+        Record("snow?", "weather"),
+    ]
+    given = [Pair("weather 0", "weather 1", "weather"), Pair("music 0", "weather 0", "music")]
+    assert training_texts(rows, labels, config, pairs=given, extra_pairs=None) == [
+        Record("weather 0", "weather"),
+        Record("weather 1", "weather"),
+        Record("music 0", "music"),
+        Record("weather 0", "music"),
+    ]
+    budget = training_texts(rows, labels, TrainConfig(max_pairs=2), pairs=None, extra_pairs=None)
+    assert len(budget) == 4 and {r.label for r in budget} == {"music", "weather"}
+    assert all(r in rows for r in budget)
+
+
 def test_validation_log_prints_closed_set_accuracy_as_a_number(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The training log once printed closed-set accuracy with ``%.4s`` (a cut string)."""
     from tasks import train
@@ -280,15 +307,14 @@ def test_validation_log_prints_closed_set_accuracy_as_a_number(
     labels = ["a", "b", "oos"]
     val = [Record("a1", "a"), Record("a2", "a"), Record("b1", "b"), Record("o1", "oos")]
     emb = np.eye(3, dtype=np.float32)[[0, 0, 1, 2]]
-    monkeypatch.setattr(train, "encode_texts", lambda encoder, texts: emb[: len(texts)])
     W = np.eye(3, dtype=np.float32) * 5
     caplog.set_level(logging.INFO, logger="tasks.train")
     train._calibrate(
-        None,
+        "logreg",
         val,
+        emb,
         W,
         np.zeros(3, np.float32),
-        cos_head=np.eye(3, dtype=np.float32),
         labels=labels,
         config=TrainConfig(),
     )

@@ -31,6 +31,8 @@ Create Date: 2026-11-27
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -69,7 +71,16 @@ def _in(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
 
-def _json() -> sa.types.TypeEngine[object]:
+def _fk(
+    table: str, column: str, parent: str, *, ondelete: str | None = None
+) -> sa.ForeignKeyConstraint:
+    """``table.column`` references ``parent.id``; named ``fk_<table>_<column>_<parent>``."""
+    return sa.ForeignKeyConstraint(
+        [column], [f"{parent}.id"], name=op.f(f"fk_{table}_{column}_{parent}"), ondelete=ondelete
+    )
+
+
+def _json() -> sa.types.TypeEngine[Any]:
     from sqlalchemy.dialects.postgresql import JSONB
 
     return sa.JSON().with_variant(JSONB(), "postgresql")
@@ -114,9 +125,7 @@ def upgrade() -> None:
         _ts("created_at", nullable=False),
         _ts("closed_at"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_review_rounds")),
-        sa.ForeignKeyConstraint(
-            ["created_by"], [f"{USERS}.id"], name=op.f("fk_review_rounds_created_by_review_users")
-        ),
+        _fk(ROUNDS, "created_by", USERS),
         sa.CheckConstraint(_in("status", ("open", "closed")), name=op.f("ck_review_rounds_status")),
         sa.CheckConstraint(
             "double_review_share >= 0 AND double_review_share <= 1",
@@ -145,17 +154,8 @@ def upgrade() -> None:
         sa.Column("final_decision_id", sa.Uuid(), nullable=True),
         _ts("decided_at"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_review_round_items")),
-        sa.ForeignKeyConstraint(
-            ["round_id"],
-            [f"{ROUNDS}.id"],
-            name=op.f("fk_review_round_items_round_id_review_rounds"),
-            ondelete="CASCADE",
-        ),
-        sa.ForeignKeyConstraint(
-            ["lease_owner"],
-            [f"{USERS}.id"],
-            name=op.f("fk_review_round_items_lease_owner_review_users"),
-        ),
+        _fk(ITEMS, "round_id", ROUNDS, ondelete="CASCADE"),
+        _fk(ITEMS, "lease_owner", USERS),
         sa.UniqueConstraint("round_id", "log_id", name="uq_review_round_items_round_id_log_id"),
         sa.CheckConstraint(_in("state", ITEM_STATES), name=op.f("ck_review_round_items_state")),
         sa.CheckConstraint(
@@ -191,24 +191,10 @@ def upgrade() -> None:
         _ts("prior_corrected_at"),
         _ts("created_at", nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_review_decisions")),
-        sa.ForeignKeyConstraint(
-            ["round_id"], [f"{ROUNDS}.id"], name=op.f("fk_review_decisions_round_id_review_rounds")
-        ),
-        sa.ForeignKeyConstraint(
-            ["item_id"],
-            [f"{ITEMS}.id"],
-            name=op.f("fk_review_decisions_item_id_review_round_items"),
-        ),
-        sa.ForeignKeyConstraint(
-            ["reviewer_id"],
-            [f"{USERS}.id"],
-            name=op.f("fk_review_decisions_reviewer_id_review_users"),
-        ),
-        sa.ForeignKeyConstraint(
-            ["undoes"],
-            [f"{DECISIONS}.id"],
-            name=op.f("fk_review_decisions_undoes_review_decisions"),
-        ),
+        _fk(DECISIONS, "round_id", ROUNDS),
+        _fk(DECISIONS, "item_id", ITEMS),
+        _fk(DECISIONS, "reviewer_id", USERS),
+        _fk(DECISIONS, "undoes", DECISIONS),
         sa.CheckConstraint(_in("action", ACTIONS), name=op.f("ck_review_decisions_action")),
         sa.CheckConstraint(
             _in("source", ("ui", "file", "label_studio")), name=op.f("ck_review_decisions_source")
@@ -236,21 +222,9 @@ def upgrade() -> None:
         _ts("decided_at"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_review_intent_proposals")),
         sa.UniqueConstraint("intent", name=op.f("uq_review_intent_proposals_intent")),
-        sa.ForeignKeyConstraint(
-            ["round_id"],
-            [f"{ROUNDS}.id"],
-            name=op.f("fk_review_intent_proposals_round_id_review_rounds"),
-        ),
-        sa.ForeignKeyConstraint(
-            ["proposed_by"],
-            [f"{USERS}.id"],
-            name=op.f("fk_review_intent_proposals_proposed_by_review_users"),
-        ),
-        sa.ForeignKeyConstraint(
-            ["decided_by"],
-            [f"{USERS}.id"],
-            name=op.f("fk_review_intent_proposals_decided_by_review_users"),
-        ),
+        _fk(PROPOSALS, "round_id", ROUNDS),
+        _fk(PROPOSALS, "proposed_by", USERS),
+        _fk(PROPOSALS, "decided_by", USERS),
         sa.CheckConstraint(
             _in("status", ("proposed", "accepted", "rejected")),
             name=op.f("ck_review_intent_proposals_status"),

@@ -160,6 +160,7 @@ def prepare_space(
     else:
         url = HomeLayout(home).sqlite_url
     db.upgrade(url)
+    HomeLayout(home).create_registry()  # the flows refuse a home without one (tasks.layout)
     secret = _save_secret(name, url) if has_password(url) else None
     logger.info("run %s: home %s, database %s", name, home, redacted(url))
     return RunSpace(

@@ -7,7 +7,6 @@ The simulated clock puts week ``w`` at ``start + w × 7 days``, so the productio
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 from collections.abc import Sequence
@@ -19,17 +18,7 @@ from typing import TYPE_CHECKING
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from capture import db
-from capture.traffic import (
-    OutcomeRule,
-    SteppedClock,
-    TrafficResult,
-    make_users,
-    score_classifier,
-    send_traffic,
-    single_message_sessions,
-    spread_times,
-)
+from capture.traffic import OutcomeRule, TrafficResult, run_traffic, score_version
 from tasks.records import Record
 from tasks.review_export import ReviewSelection, export_review
 from tasks.reviewer import fill_review_file
@@ -78,35 +67,22 @@ def send_week(
     classifier) into the run's database, with simulated workflow outcomes, stamped across the
     simulated week; returns when everything is committed."""
     classifier = require_serving(space)
-    rng = random.Random(f"{seed}-{week}-users")
-    users = make_users(loop.users, rng)
     begin = start + WEEK * (week - 1)
-    times = spread_times(len(records), begin, begin + WEEK)  # strictly inside the week
-    clock = SteppedClock(begin)
-    outcome = OutcomeRule(
-        fail_if_wrong=loop.fail_if_wrong, fail_if_right=loop.fail_if_right, seed=seed * 1000 + week
+    return run_traffic(
+        classifier,
+        records,
+        start=begin,
+        end=begin + WEEK,  # the prompts are stamped strictly inside the week
+        users=loop.users,
+        rng=random.Random(f"{seed}-{week}-users"),
+        outcome=OutcomeRule(
+            fail_if_wrong=loop.fail_if_wrong,
+            fail_if_right=loop.fail_if_right,
+            seed=seed * 1000 + week,
+        ),
+        url=space.database_url,
+        settings=space.settings,
     )
-
-    async def run() -> TrafficResult:
-        from capture.service import create_nlu_service
-
-        service = create_nlu_service(
-            classifier, url=space.database_url, settings=space.settings, clock=clock
-        )
-        try:
-            async with service:
-                return await send_traffic(
-                    service,
-                    records,
-                    sessions=single_message_sessions(users, rng),
-                    outcome=outcome,
-                    clock=clock,
-                    times=times,
-                )
-        finally:
-            await db.get_engine(space.database_url).dispose()
-
-    return asyncio.run(run())
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +141,7 @@ def review_week(
 
 def evaluate_serving(space: RunSpace, test: Sequence[Record]) -> tuple[float, str]:
     """Accuracy of the serving ONNX model on ``test`` and its version."""
-    classifier = require_serving(space)
-    return score_classifier(classifier, test), str(classifier.version)
+    return score_version(require_serving(space), test)
 
 
 def initial_row(
