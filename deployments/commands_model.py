@@ -158,7 +158,8 @@ def export_onnx_cmd(
 
     from capture.model_dir import MODEL_FILE, TOKENIZER_FILE
     from capture.settings import get_settings
-    from tasks.deploy import METRICS_FILE, export_model
+    from tasks.deploy import export_model
+    from tasks.retrain import METRICS_FILE
 
     if not model.is_dir():
         raise OptionError(

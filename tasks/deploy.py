@@ -13,7 +13,6 @@ and stage-candidate flows through :func:`export_for_serving`).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from capture.files import write_json_atomic
 from capture.model_dir import MODEL_FILE, CandidatePointer, ModelDirError, read_candidate
 from tasks.ab_candidate import clear_candidate
 from tasks.export_onnx import ExportReport, export_onnx
@@ -41,14 +39,13 @@ from tasks.registry import (
     version_dir,
     versions,
 )
-from tasks.retrain import CARD_FILE
+from tasks.retrain import CARD_FILE, record_metrics
 
 if TYPE_CHECKING:
     from capture.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
 EXPORT_KEY = "export"  # where metrics.json records the export report
 #: The artifact key of the card of the model that serves now (a new version of it on every
 #: deploy and rollback; the challengers' cards are under ``model-card``).
@@ -175,12 +172,7 @@ def _export_and_record(
     model_dir: Path, *, quantize: bool, validation_texts: Sequence[str] | None
 ) -> ExportReport:
     report = export_onnx(model_dir, quantize=quantize, validation_texts=validation_texts)
-    metrics_path = model_dir / METRICS_FILE
-    metrics: dict[str, Any] = (
-        json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
-    )
-    metrics[EXPORT_KEY] = report.to_dict()
-    write_json_atomic(metrics_path, metrics)
+    record_metrics(model_dir, EXPORT_KEY, report.to_dict())
     return report
 
 

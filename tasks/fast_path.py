@@ -44,7 +44,6 @@ from prefect.cache_policies import NO_CACHE
 
 from capture.errors import UserError
 from capture.fast_path import FastPath
-from capture.files import write_json_atomic
 from capture.model_dir import (
     ENCODER_DIR,
     SERVING_FILES,
@@ -56,6 +55,8 @@ from capture.model_dir import (
     missing_files,
 )
 from tasks.records import load_records
+from tasks.retrain import TRAINING_FILE, record_metrics
+from tasks.train import fit_logreg_head
 
 if TYPE_CHECKING:
     from capture.classifier import OnnxClassifier
@@ -63,9 +64,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
 METRICS_KEY = "fast_path"  # where metrics.json records the build report
-TRAINING_FILE = "training.json"  # the registry's record of the training data (tasks.retrain)
 
 
 class FastPathError(UserError, ValueError):
@@ -195,30 +194,6 @@ def teacher_decisions(classifier: OnnxClassifier, texts: Sequence[str]) -> list[
     return out
 
 
-def fit_head(
-    embeddings: np.ndarray, targets: np.ndarray, n_labels: int, *, c: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Multinomial L2 logistic regression; (W, b) over all ``n_labels`` classes (a class no
-    target names gets bias -1e4: it never wins)."""
-    from sklearn.linear_model import LogisticRegression
-
-    weight = np.zeros((n_labels, embeddings.shape[1]), dtype=np.float32)
-    bias = np.full(n_labels, -1e4, dtype=np.float32)
-    classes = np.unique(targets)
-    if len(classes) == 1:
-        bias[classes[0]] = 0.0
-        return weight, bias
-    clf = LogisticRegression(C=c, max_iter=500, random_state=seed)
-    clf.fit(embeddings, targets)
-    fitted = clf.classes_.astype(int)
-    if len(fitted) == 2:  # sklearn returns one row for binary problems
-        weight[fitted[1]], bias[fitted[1]] = clf.coef_[0] / 2, clf.intercept_[0] / 2
-        weight[fitted[0]], bias[fitted[0]] = -clf.coef_[0] / 2, -clf.intercept_[0] / 2
-    else:
-        weight[fitted], bias[fitted] = clf.coef_, clf.intercept_
-    return weight, bias
-
-
 def fit_threshold(
     confidence: np.ndarray, agree: np.ndarray, target: float
 ) -> tuple[float, int] | None:
@@ -330,7 +305,9 @@ def build_fast_path(
     best: tuple[int, float, float, np.ndarray, np.ndarray] | None = None
     candidates: list[dict[str, float | None]] = []
     for c in config.head_c:
-        weight, bias = fit_head(x_train, y_train, len(labels), c=c, seed=config.seed)
+        weight, bias = fit_logreg_head(
+            x_train, y_train, len(labels), c=c, seed=config.seed, max_iter=500
+        )
         probs = _fast_path(table, weight, bias, section, model_dir).predict_proba(val)
         fitted = fit_threshold(
             probs.max(axis=1), probs.argmax(axis=1) == y_val, config.target_agreement
@@ -448,12 +425,7 @@ def fast_path_for_serving(
     except UserError as exc:
         logger.warning("%s serves without a fast path: %s", model_dir.name, exc)
         return None
-    metrics_path = model_dir / METRICS_FILE
-    metrics: dict[str, Any] = (
-        json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
-    )
-    metrics[METRICS_KEY] = report.to_dict()
-    write_json_atomic(metrics_path, metrics)
+    record_metrics(model_dir, METRICS_KEY, report.to_dict())
     if not report.published:
         logger.warning("%s serves without a fast path: %s", model_dir.name, report.reason)
     return report

@@ -9,6 +9,7 @@ and metrics stay inspectable; only a promoted one is exported and deployed (``ta
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 from collections.abc import Mapping
@@ -44,6 +45,16 @@ CARD_FILE, METRICS_FILE, TRAINING_FILE, GATE_FILE = (
     "training.json",
     "gate.json",
 )
+
+
+def record_metrics(model_dir: Path, key: str, section: Mapping[str, Any]) -> None:
+    """Set one ``key`` of a version's ``metrics.json`` (created when missing) to ``section``,
+    keeping the other keys; written atomically. Used by the export and fast-path steps."""
+    path = model_dir / METRICS_FILE
+    metrics: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    metrics[key] = dict(section)
+    write_json_atomic(path, metrics)
+
 
 # Per evaluation set name: (champion report or None when nothing serves, challenger report).
 Scores = dict[str, tuple[EvalReport | None, EvalReport]]

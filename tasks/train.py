@@ -202,15 +202,27 @@ class CandidateHead:
 
 
 def fit_logreg_head(
-    embeddings: np.ndarray, y: np.ndarray, n_labels: int, *, c: float, seed: int
+    embeddings: np.ndarray,
+    y: np.ndarray,
+    n_labels: int,
+    *,
+    c: float,
+    seed: int,
+    max_iter: int = 300,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Multinomial L2 logistic regression; returns (W, b) for all ``n_labels`` classes."""
+    """Multinomial L2 logistic regression on ``embeddings`` (n, dim) with class ids ``y`` (n,);
+    returns (W (n_labels, dim), b (n_labels,)) float32 for all ``n_labels`` classes. A class
+    absent from ``y`` gets bias -1e4 (it never wins); a single class present always wins."""
     from sklearn.linear_model import LogisticRegression
 
-    clf = LogisticRegression(C=c, max_iter=300, random_state=seed)
-    clf.fit(embeddings, y)
     W = np.zeros((n_labels, embeddings.shape[1]), dtype=np.float32)
-    b = np.full(n_labels, -1e4, dtype=np.float32)  # a class absent from training never wins
+    b = np.full(n_labels, -1e4, dtype=np.float32)
+    present = np.unique(y)
+    if len(present) == 1:
+        b[int(present[0])] = 0.0
+        return W, b
+    clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
+    clf.fit(embeddings, y)
     classes = clf.classes_.astype(int)
     if len(classes) == 2:  # sklearn returns one row for binary problems
         W[classes[1]], b[classes[1]] = clf.coef_[0] / 2, clf.intercept_[0] / 2
