@@ -166,18 +166,32 @@ def alembic_config(url: str | None = None) -> Config:
     return config
 
 
-def upgrade(url: str | None = None, revision: str = "head") -> None:
-    """Apply migrations up to ``revision``."""
-    from alembic import command
+class MigrationRevisionError(UserError, ValueError):
+    """Alembic refused the target revision (unknown, or the wrong direction)."""
 
-    command.upgrade(alembic_config(url), revision)
+
+def _migrate(direction: str, url: str | None, revision: str) -> None:
+    from alembic import command
+    from alembic.util import CommandError
+
+    try:
+        getattr(command, direction)(alembic_config(url), revision)
+    except CommandError as exc:
+        raise MigrationRevisionError(
+            f"db {direction} {revision}: {exc}; pass a revision such as head, base or one "
+            f"`prompt-capture db current` shows (revisions: migrations/versions/)"
+        ) from None
+
+
+def upgrade(url: str | None = None, revision: str = "head") -> None:
+    """Apply migrations up to ``revision`` (:class:`MigrationRevisionError`: Alembic refused it)."""
+    _migrate("upgrade", url, revision)
 
 
 def downgrade(url: str | None = None, revision: str = "base") -> None:
-    """Revert migrations down to ``revision``."""
-    from alembic import command
-
-    command.downgrade(alembic_config(url), revision)
+    """Revert migrations down to ``revision`` (:class:`MigrationRevisionError`: Alembic refused
+    it)."""
+    _migrate("downgrade", url, revision)
 
 
 def head_revision() -> str | None:

@@ -6,8 +6,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from capture.errors import UserError
+
+ENV_PREFIX = "PROMPT_CAPTURE_"
+#: The database backends this project runs on (the URL's scheme, before any ``+driver``).
+DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 Durability = Literal["buffered", "spool", "fsync"]
 PartitionInterval = Literal["day", "week"]
@@ -23,6 +29,52 @@ def normalise_database_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]
     return url
+
+
+class SettingsError(UserError, ValueError):
+    """A ``PROMPT_CAPTURE_*`` variable (environment or ``.env``) holds a value the settings
+    refuse; the message names the variable, what was found and what is allowed."""
+
+
+def home_problem(home: Path) -> str | None:
+    """Why ``home`` cannot be a PROMPT_CAPTURE_HOME (it exists and is not a folder), or None."""
+    if home.exists() and not home.is_dir():
+        return "is a file, not a folder; pass a folder (it is created if missing)"
+    return None
+
+
+def database_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be the database URL (not a URL, or a backend this project does not
+    run on), or None."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        return "is not a database URL"
+    if backend not in DATABASE_BACKENDS:
+        return f"backend {backend!r} is not supported"
+    return None
+
+
+def _settings_error(exc: ValidationError) -> SettingsError:
+    """One message for every refused variable: name, value found (a database URL without its
+    password), what is allowed, and the fix."""
+    problems = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else ""
+        variable = f"{ENV_PREFIX}{name.upper()}"
+        found = error.get("input")
+        if name == "database_url" and isinstance(found, str):
+            from capture.db import display_url  # lazy: capture.db imports this module
+
+            found = display_url(found)
+        message = str(error["msg"]).removeprefix("Value error, ")
+        problems.append(f"{variable}: found {found!r}; {message}")
+    return SettingsError(
+        "; ".join(problems) + " (fix or unset the variable, in the environment or .env)"
+    )
 
 
 #: The default SQLite database's file name under the home.
@@ -74,7 +126,7 @@ class HomeDirs:
 class Settings(HomeDirs, BaseSettings):
     """Everything configurable, read once from the environment (and ``.env`` if present)."""
 
-    model_config = SettingsConfigDict(env_prefix="PROMPT_CAPTURE_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore")
 
     home: Path = Field(
         default=Path(".prompt-capture"),
@@ -125,7 +177,22 @@ class Settings(HomeDirs, BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _normalise(cls, value: str) -> str:
-        return normalise_database_url(value)
+        url = normalise_database_url(value)
+        problem = database_url_problem(url) if url else None
+        if problem is not None:
+            raise ValueError(
+                f"{problem}: expected sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE "
+                "(or empty: an SQLite file under PROMPT_CAPTURE_HOME)"
+            )
+        return url
+
+    @field_validator("home")
+    @classmethod
+    def _a_folder(cls, value: Path) -> Path:
+        problem = home_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
     def for_run(self, home: Path, database_url: str) -> Settings:
         """A copy with ``home`` and ``database_url`` replaced (one flow run's home and database:
@@ -144,5 +211,9 @@ class Settings(HomeDirs, BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings (read on first use, never at import time)."""
-    return Settings()
+    """The process-wide settings (read on first use, never at import time); a variable they
+    refuse raises :class:`SettingsError` (one message naming it)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise _settings_error(exc) from None

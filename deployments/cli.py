@@ -5,7 +5,8 @@ modules are imported inside each command. Every user-fixable error is a
 :class:`capture.errors.UserError`: :class:`UserErrorGroup` turns one raised anywhere under a
 command (a bad option, a malformed file, a flow's task) into one line on stderr and exit code 2,
 and so does an option value typer cannot take (``--count 0``, ``--limit abc``, a missing
-required option); any other exception keeps its traceback.
+required option) and a database that refuses the connection (``cli_support.user_error_from``:
+the URL without its password); any other exception keeps its traceback.
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ class UserErrorGroup(TyperGroup):
             raise typer.Exit(code=USER_ERROR_EXIT_CODE) from None
         except typer.BadParameter as exc:
             report_bad_parameter(exc)
+            raise typer.Exit(code=USER_ERROR_EXIT_CODE) from None
+        except Exception as exc:
+            user_error = cli_support.user_error_from(exc)  # a database nobody can connect to
+            if user_error is None:
+                raise
+            report_user_error(user_error)
             raise typer.Exit(code=USER_ERROR_EXIT_CODE) from None
 
 

@@ -90,6 +90,42 @@ def require_database(settings: Settings) -> str:
     return db.require_migrated(settings.resolved_database_url)
 
 
+class DatabaseUnreachableError(UserError, ConnectionError):
+    """The configured database refused the connection (wrong URL, server down)."""
+
+
+def user_error_from(exc: Exception) -> UserError | None:
+    """The :class:`UserError` an exception that reached the CLI stands for, or None (a bug or an
+    I/O failure mid-command: it keeps its traceback). Only a failed connection to the configured
+    database qualifies (SQLAlchemy's ``OperationalError`` / ``InterfaceError`` with no statement):
+    the message names the URL, without its password, and the fix."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    if not isinstance(exc, OperationalError | InterfaceError) or exc.statement is not None:
+        return None
+    from capture.db import display_url, sync_url
+    from capture.settings import get_settings
+
+    url = display_url(sync_url(get_settings().resolved_database_url))
+    reason = " ".join(str(exc.orig if exc.orig is not None else exc).split("\n")[0].split())
+    return DatabaseUnreachableError(
+        f"database {url}: cannot connect ({reason[:200]}); check PROMPT_CAPTURE_DATABASE_URL "
+        "(host, port, user, database name) and that the server is running"
+    )
+
+
+def require_model_dir(path: Path, option: str) -> Path:
+    """``path`` when it is a directory; else :class:`OptionError` naming ``option`` (a model
+    directory is a folder written by ``prompt-capture train``)."""
+    if not path.is_dir():
+        found = "is a file" if path.exists() else "no such directory"
+        raise OptionError(
+            f"{option} {path}: {found}; pass a model directory written by `prompt-capture train`"
+            " (e.g. PROMPT_CAPTURE_HOME/models/<version>)"
+        )
+    return path
+
+
 def require_file(path: Path, option: str) -> Path:
     """``path`` when it is an existing file; else :class:`OptionError` naming ``option``."""
     if path.is_dir():

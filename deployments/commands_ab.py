@@ -29,15 +29,38 @@ def candidate_set_cmd(
     ] = "shadow",
     share: Annotated[
         float | None,
-        typer.Option("--share", help="Canary: share of users answered by it, in [0, 1]."),
+        typer.Option(
+            "--share",
+            help="Canary only: share of users it answers, > 0 and <= 1 (default: 0.1).",
+        ),
     ] = None,
 ) -> None:
-    """Put VERSION under test; running services pick it up within their reload interval."""
-    from capture.settings import get_settings
-    from tasks.ab_candidate import set_candidate
+    """Put VERSION under test; running services pick it up within their reload interval.
 
-    pointer = set_candidate(get_settings().models_dir, version, mode=mode, share=share)
+    The same command again changes nothing (the test keeps its start); a new --share for the
+    canary under test keeps its start; another version or shadow -> canary starts a new test.
+    """
+    from capture.model_dir import ModelDirError
+    from capture.settings import get_settings
+    from tasks.ab_candidate import candidate, set_candidate
+    from tasks.ab_readout import ab_tests
+
+    models_dir = get_settings().models_dir
+    try:
+        before = candidate(models_dir) if models_dir.is_dir() else None
+    except ModelDirError:
+        before = None  # a malformed pointer is replaced
+    pointer = set_candidate(models_dir, version, mode=mode, share=share)
     extra = f", share {pointer.share:.1%} of users" if pointer.mode == "canary" else ""
+    if pointer == before:  # the same file: nothing was written
+        tests = ab_tests(models_dir)
+        since = tests[-1].since if tests and tests[-1].until is None else None
+        console.print(
+            f"candidate [bold]{pointer.version}[/bold] is already under test in "
+            f"{pointer.mode}{extra}, since {since.isoformat() if since else 'an unknown time'}; "
+            "nothing changed"
+        )
+        return
     console.print(f"candidate [bold]{pointer.version}[/bold] under test in {pointer.mode}{extra}")
 
 

@@ -158,6 +158,12 @@ def import_corrections_cmd(
     if file is not None:
         require_file(file, "FILE")
     require_database(get_settings())
+    if file is not None:  # a refused file is one line, before any flow run
+        from tasks.corrections import check_corrections_file
+
+        check_corrections_file(
+            file, allow_new_intent=allow_new_intent, models_dir=get_settings().models_dir
+        )
     from flows.corrections import corrections_flow
     from tasks.corrections import importing_user
 

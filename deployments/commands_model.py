@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from deployments.cli_support import OptionError, console, print_json, require_file
+from deployments.cli_support import (
+    OptionError,
+    console,
+    print_json,
+    require_file,
+    require_model_dir,
+)
 
 if TYPE_CHECKING:
     from tasks.deploy import DeployResult
@@ -104,6 +110,7 @@ def evaluate_cmd(
 
     if backend not in ("auto", "torch", "onnx"):
         raise OptionError(f"--backend: expected auto, torch or onnx, found {backend!r}")
+    require_model_dir(model, "--model")
     rows = load_records(data, min_labels=1)
     settings = get_settings()  # latency as the service would serve: its threads, fast path
     report = evaluate_model(
@@ -161,11 +168,7 @@ def export_onnx_cmd(
     from tasks.deploy import export_model
     from tasks.retrain import METRICS_FILE
 
-    if not model.is_dir():
-        raise OptionError(
-            f"--model {model}: no such directory; pass a model directory written by "
-            "`prompt-capture train`"
-        )
+    require_model_dir(model, "--model")
     settings = get_settings()
     done = export_model(
         model,

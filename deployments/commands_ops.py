@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from deployments.cli_support import (
+    OptionError,
     console,
     parse_hyperparameters,
     parse_now,
@@ -36,10 +37,12 @@ def init_cmd(
     """Set up a PROMPT_CAPTURE_HOME: the folder and its (empty) model registry. The flows that
     read or change the registry refuse a home without one; run this once on the shared home.
     Changes nothing in a home that is set up already."""
-    from capture.settings import get_settings
+    from capture.settings import get_settings, home_problem
     from tasks.layout import HomeLayout
     from tasks.registry import versions
 
+    if home is not None and (problem := home_problem(home)) is not None:
+        raise OptionError(f"--home {home}: {problem}")
     layout = HomeLayout((home or get_settings().home).resolve())
     existed = layout.models_dir.is_dir()
     layout.create_registry()

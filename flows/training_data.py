@@ -43,6 +43,7 @@ def training_data_flow(
         days=days,
         min_confidence=min_confidence,
         base_data=run.layout.optional_file(base_data, "train"),
+        base_default=run.layout.base_file("train"),
         include_store=include_store,
         holdout_fraction=holdout_fraction,
     )

@@ -3,7 +3,11 @@
 ``models_dir/candidate`` (format: :func:`capture.model_dir.read_candidate`) names the version
 under test beside ``current``; every change here holds the ONE registry lock
 (:func:`tasks.registry_lock.registry_lock`, re-entrant) and is recorded in ``history.jsonl``
-(actions ``candidate-set``, ``candidate-clear``, ``candidate-rollback``, ``candidate-promote``).
+(actions ``candidate-set``, ``candidate-share``, ``candidate-clear``, ``candidate-rollback``,
+``candidate-promote``). A ``candidate-set`` starts a test (its evidence counts from then); setting
+the same candidate again changes nothing, and a canary's new share (``candidate-share``) keeps
+its test and start. Every change refuses a models_dir that does not exist
+(:class:`tasks.registry.NoRegistryError`): nothing here creates a registry.
 Running services pick the change up within their reload interval (:class:`capture.ab_routing.
 CandidateServing`); clearing is one unlink, so a service sees the candidate or none.
 """
@@ -31,6 +35,7 @@ from tasks.registry import (
     current_version,
     deploy,
     registry_lock,
+    require_registry_dir,
     servable_version_dir,
 )
 
@@ -54,19 +59,25 @@ def set_candidate(
     reason: str | None = None,
 ) -> CandidatePointer:
     """Put ``version`` under test in ``mode`` (``shadow`` or ``canary``); ``share`` is the canary's
-    share of users in [0, 1] (default 0.1; shadow stores 0). Returns the pointer as written.
+    share of users, > 0 and <= 1 (default :data:`DEFAULT_CANARY_SHARE`; shadow takes none and
+    stores 0). Returns the pointer as it is.
 
-    Raises ``RegistryError`` when the version is not in the registry, cannot serve (missing
-    ONNX files), or is the serving champion; ``ModelDirError`` for a bad mode or share;
-    ``RegistryBusyError`` when another run holds the lock.
+    The same version, mode and share again changes nothing (no history line: the test and its
+    start stay). A new share for the canary under test is recorded as ``candidate-share`` and
+    keeps the test's start; any other change (another version, shadow -> canary) is a
+    ``candidate-set``: a new test whose evidence counts from now.
+
+    Raises ``RegistryError`` for a bad mode or share (naming ``--mode``/``--share``), when the
+    version is not in the registry, cannot serve (missing ONNX files), or is the serving
+    champion; ``NoRegistryError`` when ``models_dir`` does not exist; ``RegistryBusyError``
+    when another run holds the lock.
     """
-    if mode not in CANDIDATE_MODES:
-        raise RegistryError(f"--mode: expected one of {', '.join(CANDIDATE_MODES)}, found {mode!r}")
-    share = (DEFAULT_CANARY_SHARE if share is None else share) if mode == "canary" else 0.0
+    share = check_mode_and_share(mode, share)
     try:
         check_candidate(version, mode, share, models_dir / "candidate")
     except ModelDirError as exc:
         raise RegistryError(str(exc)) from exc
+    require_registry_dir(models_dir, "candidate set")
     with registry_lock(models_dir, timeout=lock_timeout):
         servable_version_dir(models_dir, version)
         champion = current_version(models_dir)
@@ -80,12 +91,16 @@ def set_candidate(
                 "candidate beside it"
             )
         before = read_candidate(models_dir)
+        same_test = before is not None and (before.version, before.mode) == (version, mode)
+        if same_test and before is not None and before.share == share:
+            logger.info("candidate %s is already under test (%s): nothing changed", version, mode)
+            return before
         write_candidate(models_dir, version, mode, share)
         _append_history(
             models_dir,
             {
                 "at": _now(),
-                "action": "candidate-set",
+                "action": "candidate-share" if same_test else "candidate-set",
                 "version": version,
                 "mode": mode,
                 "share": share,
@@ -102,6 +117,30 @@ def set_candidate(
         return pointer
 
 
+def check_mode_and_share(mode: str, share: float | None) -> float:
+    """The share to store for ``mode`` (``--share`` given or None): a canary's is > 0 and <= 1
+    (default :data:`DEFAULT_CANARY_SHARE`); shadow takes none (0). Raises ``RegistryError``
+    naming ``--mode`` or ``--share``."""
+    if mode not in CANDIDATE_MODES:
+        raise RegistryError(f"--mode: expected one of {', '.join(CANDIDATE_MODES)}, found {mode!r}")
+    if mode != "canary":
+        if share is not None:
+            raise RegistryError(
+                f"--share: applies to --mode canary only (a shadow candidate answers nobody), "
+                f"found --share {share:g} with --mode {mode}; drop --share or use --mode canary"
+            )
+        return 0.0
+    if share is None:
+        return DEFAULT_CANARY_SHARE
+    number = isinstance(share, int | float) and not isinstance(share, bool)
+    if not number or not 0.0 < share <= 1.0:
+        raise RegistryError(
+            "--share: expected the canary's share of users, a number > 0 and <= 1 (0.1 = 10%), "
+            f"found {f'{share:g}' if number else repr(share)}"
+        )
+    return float(share)
+
+
 def clear_candidate(
     models_dir: Path,
     *,
@@ -111,7 +150,9 @@ def clear_candidate(
 ) -> CandidatePointer | None:
     """Stop testing the candidate (the champion takes all traffic); returns what was cleared
     (None: there was no candidate). ``action`` names it in the history (``candidate-rollback``
-    for a rollback decided by the A/B check)."""
+    for a rollback decided by the A/B check). Raises ``NoRegistryError`` when ``models_dir``
+    does not exist."""
+    require_registry_dir(models_dir, "candidate clear")
     with registry_lock(models_dir, timeout=lock_timeout):
         try:
             before = read_candidate(models_dir)

@@ -25,6 +25,7 @@ window whatever the traffic.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -255,7 +256,8 @@ def ab_tests(models_dir: Path) -> list[ABTest]:
     """Every test in the registry's history, oldest first (the last one may still run).
 
     A ``candidate-set`` starts a test and ends the one before it (a shadow candidate moving on to
-    a canary starts a new test: a canary's evidence counts from then); ``candidate-promote``,
+    a canary starts a new test: a canary's evidence counts from then; a ``candidate-share``, the
+    canary's new share, keeps it); ``candidate-promote``,
     ``-rollback``, ``-expired``, ``-reject`` and ``-clear`` end it."""
     tests: list[ABTest] = []
     open_: ABTest | None = None
@@ -273,6 +275,9 @@ def ab_tests(models_dir: Path) -> list[ABTest]:
                 share=float(row.get("share") or 0.0),
                 since=at,
             )
+        elif action == "candidate-share" and open_ is not None:
+            # a canary's new share keeps its test and start (tasks.ab_candidate.set_candidate)
+            open_ = dataclasses.replace(open_, share=float(row.get("share") or 0.0))
         elif action in END_ACTIONS and open_ is not None:
             tests.append(_ended(open_, at, END_ACTIONS[action], row.get("reason")))
             open_ = None

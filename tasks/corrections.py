@@ -51,6 +51,7 @@ from tasks.retry import io_task
 from tasks.review_file import (
     MAX_NOTES_CHARS,
     Correction,
+    ReviewFileError,
     RowProblem,
     corrections_from_rows,
     parse_corrections,
@@ -64,6 +65,7 @@ __all__ = [
     "Correction",
     "ImportResult",
     "RowProblem",
+    "check_corrections_file",
     "file_away",
     "file_away_task",
     "import_corrections",
@@ -244,6 +246,33 @@ def _validate(
     problems.extend(conflicts)
     problems.extend(_prompt_conflicts(known, logs, {p.row for p in conflicts}))
     return checked, sorted(problems, key=lambda p: p.row)
+
+
+def check_corrections_file(
+    path: Path,
+    *,
+    url: str | None = None,
+    allow_new_intent: bool = False,
+    models_dir: Path | None = None,
+) -> None:
+    """Before an import is started: the checks of :func:`import_corrections` that need no write
+    (the file reads, its rows parse, each id is a logged prompt, each intent is in the catalogue
+    unless ``allow_new_intent``, no id or prompt gets two answers). Raises
+    :class:`ReviewFileError` (a ``UserError``: one message naming the file, the first refused
+    row and field, how many more, and the fix) when any fails; writes nothing."""
+    corrections, _not_reviewed, problems, _source = read_corrections_file(path)
+    if not problems:
+        with get_sync_engine(database_url(url)).connect() as conn:
+            logs = fetch_logs(conn, (c.log_id for c in corrections))
+            _checked, problems = _validate(
+                corrections, logs, intent_catalog(conn, models_dir), allow_new_intent
+            )
+    if not problems:
+        return
+    first = min(problems, key=lambda p: p.row)
+    where = f"{path}: {first.message}" if first.row == 0 else f"{path}, {first}"
+    more = f" (and {len(problems) - 1} more refused rows)" if len(problems) > 1 else ""
+    raise ReviewFileError(f"{where}{more}; nothing was imported: fix the file and import it again")
 
 
 class _RefusedValueError(Exception):

@@ -35,6 +35,7 @@ from tasks.registry import (
     deploy,
     gate_status,
     registry_lock,
+    require_registry_dir,
     rollback,
     version_dir,
     versions,
@@ -269,14 +270,10 @@ def switch_serving(
       cleared in the same hold (``candidate-promote`` for a deploy, ``candidate-clear`` for a
       rollback, in ``history.jsonl``): a version cannot be champion and candidate at once.
 
-    Raises ``tasks.registry.RegistryError`` (the message names the fix; also when
-    ``models_dir`` does not exist, which is never created here) or ``RegistryBusyError``.
+    Raises ``tasks.registry.RegistryError`` (the message names the fix), ``NoRegistryError``
+    when ``models_dir`` does not exist (never created here) or ``RegistryBusyError``.
     """
-    if not Path(models_dir).is_dir():  # the lock would create it: a new, empty registry
-        raise RegistryError(
-            f"{action}: there is no registry at {models_dir}; point PROMPT_CAPTURE_HOME at the "
-            "home that holds the models (`prompt-capture models` lists them)"
-        )
+    require_registry_dir(models_dir, action)  # never a new, empty registry
     with registry_lock(models_dir, timeout=lock_timeout):
         under_test = _candidate_under_test(models_dir, action)
         if action == "rollback":

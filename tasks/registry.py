@@ -52,9 +52,11 @@ from capture.model_dir import (
 )
 from tasks.registry_lock import (
     DEFAULT_LOCK_TIMEOUT_S,
+    NoRegistryError,
     RegistryBusyError,
     holds_registry_lock,
     registry_lock,
+    require_registry_dir,
 )
 from tasks.retry import io_task
 
@@ -65,6 +67,7 @@ __all__ = [
     "DEFAULT_LOCK_TIMEOUT_S",
     "HISTORY_FILE",
     "ModelEntry",
+    "NoRegistryError",
     "RegistryBusyError",
     "RegistryError",
     "current_model_dir",
@@ -82,6 +85,7 @@ __all__ = [
     "publish",
     "publish_task",
     "registry_lock",
+    "require_registry_dir",
     "rollback",
     "rollback_task",
     "share_tree",

@@ -21,6 +21,11 @@ every :data:`WAIT_LOG_INTERVAL_S`, and after ``timeout`` seconds fails with
 Never hold it while a run waits for a person (``pause_flow_run`` / ``suspend_flow_run`` / an
 input form): review happens before the weekly cycle, never inside one of these runs.
 
+The lock never creates the registry: when ``models_dir`` is not a folder it raises
+:class:`NoRegistryError` (only ``prompt-capture init``, the demo and the simulator create one, by
+``tasks.layout.HomeLayout.create_registry``), so a command run against the wrong or an unset
+home fails instead of leaving a new, empty ``models/`` that later commands would accept.
+
 The lock is ``models_dir/.registry.lock``, an ``flock`` by :mod:`filelock` (the kernel releases it
 when its process dies, so a crash never leaves it held). While held, the file holds the holder
 as JSON; it is left in place (empty) on release so every waiter locks the same file.
@@ -64,14 +69,32 @@ class RegistryBusyError(UserError, RuntimeError):
     names the holder (pid, host, run, since) and the fix."""
 
 
+class NoRegistryError(UserError, FileNotFoundError):
+    """The registry folder does not exist: the home is not set up, or is the wrong one; the
+    message names the folder and the fix (nothing is created)."""
+
+
+def require_registry_dir(models_dir: Path, action: str | None = None) -> Path:
+    """``models_dir`` when it is a folder; else raise :class:`NoRegistryError`, its message
+    prefixed with ``action`` (the command, e.g. ``deploy``) when given."""
+    models_dir = Path(models_dir)
+    if models_dir.is_dir():
+        return models_dir
+    prefix = f"{action}: " if action else ""
+    raise NoRegistryError(
+        f"{prefix}there is no registry at {models_dir}; point PROMPT_CAPTURE_HOME at the home "
+        "that holds the models (`prompt-capture models` lists them), or set up a new home "
+        "with `prompt-capture init`"
+    )
+
+
 def lock_path(models_dir: Path) -> Path:
     """Where the registry lock of ``models_dir`` lives."""
     return Path(models_dir) / LOCK_FILE
 
 
 def _lock_for(models_dir: Path) -> FileLock:
-    path = lock_path(models_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = lock_path(require_registry_dir(models_dir))  # never creates the registry
     resolved = str(path.resolve())
     key = (os.getpid(), resolved)
     with _locks_guard:
@@ -154,7 +177,9 @@ def _say(level: int, message: str, *args: object) -> None:
 
 
 def holds_registry_lock(models_dir: Path) -> bool:
-    """Whether this thread holds the registry lock of ``models_dir``."""
+    """Whether this thread holds the registry lock of ``models_dir`` (False: no registry)."""
+    if not Path(models_dir).is_dir():
+        return False
     return _lock_for(models_dir).is_locked
 
 
@@ -169,6 +194,7 @@ def registry_lock(
     waits up to ``timeout`` seconds (logging whom it waits for), then raises
     :class:`RegistryBusyError`. ``run`` names this run in the holder record (default: the
     Prefect flow run, or the command line). Never wait for a person inside the block.
+    Raises :class:`NoRegistryError` when ``models_dir`` is not a folder (never created here).
     """
     models_dir = Path(models_dir)
     lock = _lock_for(models_dir)

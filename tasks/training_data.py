@@ -229,6 +229,9 @@ def merge_rows(
     return train, holdout, dropped
 
 
+_BASE_DEFAULT = "PROMPT_CAPTURE_HOME/data/base_train.jsonl"
+
+
 def export_training_data(
     output: Path,
     *,
@@ -240,6 +243,7 @@ def export_training_data(
     holdout_fraction: float = 0.2,
     holdout_output: Path | None = None,
     now: datetime | None = None,
+    base_default: Path | None = None,
 ) -> TrainingDataExport:
     """Write the retraining JSONL to ``output`` and the held-out corrected prompts next to it
     (:mod:`tasks.training_file`'s format; both 0600).
@@ -249,7 +253,8 @@ def export_training_data(
 
     Raises ``ParameterError`` for ``days``, ``min_confidence`` or ``holdout_fraction`` out of
     range and ``RecordsError`` for a bad ``base_data`` file, before the database is read;
-    :class:`NoTrainingDataError` when nothing is left to train on. All are ``UserError``s.
+    :class:`NoTrainingDataError` when nothing is left to train on, naming ``base_default`` (the
+    base file the flow reads when ``base_data`` is not given). All are ``UserError``s.
     """
     if check_fraction(holdout_fraction, "holdout_fraction") == 1.0:
         raise ParameterError(
@@ -269,7 +274,8 @@ def export_training_data(
         raise NoTrainingDataError(
             "no training data: the logs hold no corrections or high-confidence predictions "
             f"(min_confidence {min_confidence}) in the window and no base set was given; "
-            "pass base_data or widen --days"
+            f"put the base training set at {base_default or _BASE_DEFAULT} (read by default), "
+            "or name another file with the flow parameter base_data, or widen --days"
         )
     holdout_output = holdout_output or holdout_path_for(output)
     sha = write_training_file(output, train)

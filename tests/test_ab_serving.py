@@ -110,8 +110,10 @@ def test_registry_candidate_set_clear_promote(tmp_path: Path) -> None:
     (models / "3" / "model.onnx").unlink()
     with pytest.raises(RegistryError, match=r"cannot serve: missing model\.onnx"):
         set_candidate(models, "3", mode="canary")
-    pointer = set_candidate(models, "2", mode="shadow", share=0.5)
-    assert (pointer.mode, pointer.share) == ("shadow", 0.0)  # shadow answers nobody
+    with pytest.raises(RegistryError, match="--share: applies to --mode canary only"):
+        set_candidate(models, "2", mode="shadow", share=0.5)  # shadow answers nobody
+    pointer = set_candidate(models, "2", mode="shadow")
+    assert (pointer.mode, pointer.share) == ("shadow", 0.0)
     pointer = set_candidate(models, "2", mode="canary")
     assert pointer.share == 0.1
     cleared = clear_candidate(models, reason="test")

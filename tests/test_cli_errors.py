@@ -33,6 +33,8 @@ class Case:
     expect: str  # in the error line
     # migrated | unmigrated (an empty SQLite file) | missing | no-registry (a home without models/)
     database: str = "migrated"
+    env: Callable[[Path], dict[str, str]] | None = None  # the work folder -> variables to set
+    absent: str = "\x00"  # never in the output (a password)
 
 
 def files(work: Path) -> dict[str, str]:
@@ -41,6 +43,10 @@ def files(work: Path) -> dict[str, str]:
         "full_dir": str(work / "full"),
         "missing": str(work / "missing.jsonl"),
         "reviewed": str(work / "reviewed.json"),
+        "a_file": str(work / "a-file"),
+        "not_json": str(work / "not-json.json"),
+        "bad_id": str(work / "bad-id.json"),
+        "unknown_id": str(work / "unknown-id.json"),
     }
 
 
@@ -141,7 +147,72 @@ UNMIGRATED = [
 NO_REGISTRY = [
     Case("cycle-no-registry", cmd("cycle"), "prompt-capture init", database="no-registry")
 ]
-CASES = MISTAKES + UNMIGRATED + NO_REGISTRY
+
+
+def env(**values: str | Callable[[Path], str]) -> Callable[[Path], dict[str, str]]:
+    return lambda work: {
+        f"PROMPT_CAPTURE_{k.upper()}": v(work) if callable(v) else v for k, v in values.items()
+    }
+
+
+REFUSED = "postgresql://nobody:s3cret@127.0.0.1:1/x"  # nothing listens on port 1
+# A setting, the database or the home is wrong: the one line names the variable (and the URL
+# without its password), before anything retries.
+SETUP = [
+    Case(
+        "env-durability-bogus",
+        cmd("models"),
+        "PROMPT_CAPTURE_DURABILITY: found 'bogus'",
+        env=env(durability="bogus"),
+    ),
+    Case(
+        "env-batch-size-text",
+        cmd("db", "current"),
+        "PROMPT_CAPTURE_BATCH_SIZE: found 'abc'",
+        env=env(batch_size="abc"),
+    ),
+    Case(
+        "env-database-url-bogus",
+        cmd("demo-traffic", "--count", "1"),
+        "PROMPT_CAPTURE_DATABASE_URL",
+        env=env(database_url="bogus://user:s3cret@x"),
+        absent="s3cret",
+    ),
+    *(
+        Case(
+            f"database-refused-{'-'.join(a for a in args if not a.startswith('-'))}",
+            cmd(*args),
+            "postgresql+psycopg://nobody@127.0.0.1:1/x: cannot connect",
+            env=env(database_url=REFUSED),
+            absent="s3cret",
+        )
+        for args in (["db", "current"], ["db", "upgrade"], ["demo-traffic", "--count", "1"])
+    ),
+    Case("home-a-file-models", cmd("models"), "PROMPT_CAPTURE_HOME", env=env(home=f("a_file"))),
+    Case(
+        "home-a-file-db-upgrade",
+        cmd("db", "upgrade"),
+        "is a file, not a folder",
+        env=env(home=f("a_file")),
+    ),
+    Case("init-home-a-file", cmd("init", "--home", f("a_file")), "--home"),
+    Case(
+        "evaluate-model-a-file",
+        cmd("evaluate", "--model", f("records"), "--data", f("records")),
+        "--model",
+    ),
+    Case("db-downgrade-unknown", cmd("db", "downgrade", "zzz"), "'zzz'"),
+    Case("import-not-json", cmd("import-corrections", f("not_json")), "not JSON rows"),
+    Case(
+        "import-bad-id", cmd("import-corrections", f("bad_id")), "row 1 (id '999999'), field 'id'"
+    ),
+    Case(
+        "import-unknown-id",
+        cmd("import-corrections", f("unknown_id")),
+        "no logged prompt has this id",
+    ),
+]
+CASES = MISTAKES + UNMIGRATED + NO_REGISTRY + SETUP
 
 
 def prepare(work: Path, database: str, migrated: Path) -> dict[str, str]:
@@ -161,6 +232,15 @@ def prepare(work: Path, database: str, migrated: Path) -> dict[str, str]:
         encoding="utf-8",
     )
     (work / "reviewed.json").write_text("[]", encoding="utf-8")
+    (work / "a-file").write_text("not a folder", encoding="utf-8")
+    (work / "not-json.json").write_text("not json\n", encoding="utf-8")
+    (work / "bad-id.json").write_text(
+        json.dumps([{"id": 999999, "corrected_intent": "x"}]), encoding="utf-8"
+    )
+    (work / "unknown-id.json").write_text(
+        json.dumps([{"id": "9b2f4c1e-1111-2222-3333-444455556666", "corrected_intent": "x"}]),
+        encoding="utf-8",
+    )
     path = home / "prompt_capture.db"
     if database == "migrated":
         shutil.copyfile(migrated, path)
@@ -190,7 +270,11 @@ def outcomes(
     root = tmp_path_factory.mktemp("cli-errors")
     migrated = root / "migrated.db"
     db.upgrade(f"sqlite:///{migrated}")
-    envs = {case.id: prepare(root / case.id, case.database, migrated) for case in CASES}
+    envs = {
+        case.id: prepare(root / case.id, case.database, migrated)
+        | (case.env(root / case.id) if case.env else {})
+        for case in CASES
+    }
     with ThreadPoolExecutor(max_workers=2) as pool:
         done = pool.map(lambda case: run_case(case, root / case.id, envs[case.id]), CASES)
         return {case.id: result for case, result in zip(CASES, done, strict=True)}
@@ -208,4 +292,5 @@ def test_a_user_error_is_one_line_and_exit_code_2(
     assert lines[0].startswith("error: "), shown
     assert case.expect in lines[0], shown
     assert "Traceback" not in result.stderr + result.stdout, shown
+    assert case.absent not in result.stderr + result.stdout, shown
     assert "Retrying" not in result.stderr and "temporary server" not in result.stderr, shown

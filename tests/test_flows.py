@@ -17,6 +17,7 @@ import pytest
 
 from capture.files import write_json_atomic
 from tasks import registry
+from tasks.layout import HomeLayout
 from tests.cycle_helpers import Log, corrections_in_db, insert_logs
 from tests.model_fixtures import (  # noqa: F401  (fixtures)
     FIXTURE_RECORDS,
@@ -56,7 +57,7 @@ def champion_dir(exported_model_dir: Path, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture
 def serving(home: Path, champion_dir: Path) -> Path:
     """A registry under the test's home with the champion deployed as version 1."""
-    models = home / "models"
+    models = HomeLayout(home).create_registry()  # as `prompt-capture init`; the lock never does
     registry.publish(champion_dir, models, version="1")
     registry.deploy(models, "1")
     data = home / "data"
@@ -355,7 +356,7 @@ def test_cli_export_and_import_corrections(
         r["corrected_intent"] = "banking" if r["id"] == str(ids[0]) else "musik"  # a typo
     review_path.write_text(json.dumps(rows), encoding="utf-8")
     rejected = runner.invoke(app, ["import-corrections", str(review_path)])
-    assert rejected.exit_code == 1
+    assert rejected.exit_code == 2  # a UserError: one line, nothing imported
     assert "'musik' is not a known intent" in rejected.output
     assert corrections_in_db(db_url)[ids[0]] == (None, None)
     for r in rows:

@@ -11,6 +11,7 @@ import pytest
 from capture.files import write_json_atomic
 from capture.model_dir import ModelMetadata
 from tasks import registry
+from tasks.layout import HomeLayout
 
 
 def stub_metadata(version: str, labels: tuple[str, ...] = ("a", "b")) -> ModelMetadata:
@@ -65,7 +66,7 @@ def onnx_version(path: Path) -> str:
 
 
 def test_versions_count_up_and_publish_records_the_version(tmp_path: Path) -> None:
-    models = tmp_path / "models"
+    models = HomeLayout(tmp_path).create_registry()  # the lock never creates it
     assert registry.versions(models) == []
     assert registry.next_version(models) == "1"
     target = registry.publish(
@@ -92,7 +93,7 @@ def test_versions_count_up_and_publish_records_the_version(tmp_path: Path) -> No
 
 
 def test_deploy_switches_current_and_refuses_unexported_versions(tmp_path: Path) -> None:
-    models = tmp_path / "models"
+    models = HomeLayout(tmp_path).create_registry()  # the lock never creates it
     registry.publish(fake_model(tmp_path / "m1"), models)
     registry.publish(fake_model(tmp_path / "m2", onnx=False), models)
     assert registry.current_version(models) is None
@@ -118,7 +119,7 @@ def test_deploy_switches_current_and_refuses_unexported_versions(tmp_path: Path)
 
 
 def test_rollback_goes_to_the_previous_good_version(tmp_path: Path) -> None:
-    models = tmp_path / "models"
+    models = HomeLayout(tmp_path).create_registry()  # the lock never creates it
     for i in (1, 2, 3, 4):
         registry.publish(fake_model(tmp_path / f"m{i}"), models)
     write_json_atomic(models / "3" / "gate.json", {"promote": False})
@@ -141,7 +142,7 @@ def test_rollback_goes_to_the_previous_good_version(tmp_path: Path) -> None:
 
 
 def test_list_models_reports_serving_gate_and_metrics(tmp_path: Path) -> None:
-    models = tmp_path / "models"
+    models = HomeLayout(tmp_path).create_registry()  # the lock never creates it
     registry.publish(fake_model(tmp_path / "m1"), models, metrics={"accuracy": 0.8})
     registry.publish(fake_model(tmp_path / "m2", onnx=False), models)
     write_json_atomic(models / "2" / "gate.json", {"promote": False})
@@ -161,7 +162,7 @@ def test_list_models_reports_serving_gate_and_metrics(tmp_path: Path) -> None:
 
 
 def test_readers_never_see_a_partial_pointer(tmp_path: Path) -> None:
-    models = tmp_path / "models"
+    models = HomeLayout(tmp_path).create_registry()  # the lock never creates it
     for i in (1, 2):
         registry.publish(fake_model(tmp_path / f"m{i}"), models)
     registry.deploy(models, "1")
@@ -187,7 +188,7 @@ def test_readers_never_see_a_partial_pointer(tmp_path: Path) -> None:
 def test_history_is_rewritten_whole_and_survives_a_torn_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    models = tmp_path / "models"
+    models = HomeLayout(tmp_path).create_registry()  # the lock never creates it
     registry.publish(fake_model(tmp_path / "m1"), models)
     registry.deploy(models, "1")
     with (models / "history.jsonl").open("a", encoding="utf-8") as handle:

@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
+from capture.errors import UserError
 from tasks import registry
+from tasks.layout import HomeLayout
 from tasks.registry_lock import (
     LOCK_FILE,
     RegistryBusyError,
@@ -96,7 +98,7 @@ def children(tmp_path: Path) -> Any:
 
 
 def test_reentrant_in_one_thread_and_exclusive_across_threads(tmp_path: Path) -> None:
-    models = tmp_path / "models"
+    models = HomeLayout(tmp_path).create_registry()  # the lock never creates it
     seen: dict[str, Any] = {}
     with registry_lock(models, run="outer") as outer:
         with registry_lock(models, timeout=0) as inner:  # re-entered: no wait
@@ -125,7 +127,7 @@ def test_reentrant_in_one_thread_and_exclusive_across_threads(tmp_path: Path) ->
 
 
 def test_registry_changes_take_the_lock(tmp_path: Path) -> None:
-    models = tmp_path / "models"
+    models = HomeLayout(tmp_path).create_registry()  # the lock never creates it
     registry.publish(fake_model(tmp_path / "m1"), models)
     registry.publish(fake_model(tmp_path / "m2"), models)
     busy: list[str] = []
@@ -163,7 +165,7 @@ def test_registry_changes_take_the_lock(tmp_path: Path) -> None:
 def test_a_second_process_waits_says_for_whom_and_times_out_clearly(
     tmp_path: Path, children: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    models = tmp_path / "models"
+    models = HomeLayout(tmp_path).create_registry()  # the lock never creates it
     kids = children()
     kids.start("hold", "holder", models, 4.0)
     kids.release()
@@ -194,7 +196,7 @@ def test_a_second_process_waits_says_for_whom_and_times_out_clearly(
 
 
 def test_two_processes_never_hold_the_lock_at_once(tmp_path: Path, children: Any) -> None:
-    models = tmp_path / "models"
+    models = HomeLayout(tmp_path).create_registry()  # the lock never creates it
     kids = children()
     for name in ("a", "b"):
         kids.start("hold", name, models, 1.0)
@@ -208,7 +210,7 @@ def test_two_processes_never_hold_the_lock_at_once(tmp_path: Path, children: Any
 def test_concurrent_deploys_and_rollbacks_keep_pointer_and_history_consistent(
     tmp_path: Path, children: Any
 ) -> None:
-    models = tmp_path / "models"
+    models = HomeLayout(tmp_path).create_registry()  # the lock never creates it
     for i in (1, 2, 3):
         registry.publish(fake_model(tmp_path / f"m{i}"), models)
     registry.deploy(models, "1")
@@ -236,7 +238,7 @@ def test_subflows_and_tasks_of_a_run_reenter_its_lock(tmp_path: Path) -> None:
     retrain and deploy subflows re-enter the lock it holds instead of waiting for it."""
     from prefect import flow, task
 
-    models = tmp_path / "models"
+    models = HomeLayout(tmp_path).create_registry()  # the lock never creates it
     registry.publish(fake_model(tmp_path / "m1"), models)
 
     @task
@@ -293,7 +295,7 @@ def test_two_weekly_cycles_at_once_train_distinct_versions_each_gated_against_wh
         )
 
     home = tmp_path / "home"
-    models = home / "models"
+    models = HomeLayout(home).create_registry()
     champion = clone_serving_dir(
         exported_model_dir, tmp_path / "champion" / "1", version="1", include_encoder=True
     )
@@ -338,3 +340,24 @@ def test_two_weekly_cycles_at_once_train_distinct_versions_each_gated_against_wh
         assert logs.count("is busy: waiting") == 1  # the second cycle said whom it waited for
     except AssertionError as exc:  # say what the children did
         raise AssertionError(f"{exc}\n--- the cycles' logs ---\n{logs[-8000:]}") from exc
+
+
+def test_the_lock_never_creates_the_registry(tmp_path: Path) -> None:
+    from tasks.ab_candidate import clear_candidate, set_candidate
+
+    models = tmp_path / "home" / "models"
+    attempts: list[Any] = [
+        lambda: registry_lock(models, timeout=0).__enter__(),
+        lambda: registry.publish(fake_model(tmp_path / "m1"), models),
+        lambda: registry.deploy(models, "1"),
+        lambda: registry.rollback(models),
+        lambda: set_candidate(models, "1"),
+        lambda: clear_candidate(models),
+    ]
+    for attempt in attempts:
+        with pytest.raises(registry.NoRegistryError, match="there is no registry at") as info:
+            attempt()
+        assert str(models) in str(info.value) and "`prompt-capture init`" in str(info.value)
+        assert isinstance(info.value, UserError)
+    assert not (tmp_path / "home").exists()  # deploy and the flows still refuse this home
+    assert not registry.holds_registry_lock(models)

@@ -128,9 +128,17 @@ def test_the_holdout_is_fixed_by_the_text_and_never_trained_on(db_url: str, tmp_
 
 
 def test_empty_data_is_an_error_naming_the_fix(db_url: str, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no training data"):
+    with pytest.raises(ValueError, match="no training data") as info:
         export_training_data_task.fn(tmp_path / "x.jsonl", url=db_url)
     assert not (tmp_path / "x.jsonl").exists()
+    # the CLI user's fix (the base file in the home) and the flow's (its parameter base_data)
+    assert "put the base training set at PROMPT_CAPTURE_HOME/data/base_train.jsonl" in str(
+        info.value
+    )
+    assert "the flow parameter base_data" in str(info.value) and "widen --days" in str(info.value)
+    base = tmp_path / "home" / "data" / "base_train.jsonl"
+    with pytest.raises(ValueError, match=f"put the base training set at {base} "):
+        export_training_data_task.fn(tmp_path / "x.jsonl", url=db_url, base_default=base)
 
 
 def test_merge_prefers_corrections_then_base_then_predictions() -> None:
