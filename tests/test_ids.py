@@ -64,7 +64,6 @@ def test_random_bits_differ_and_span_the_pool_refill() -> None:
     assert len(set(randoms)) == len(randoms)  # 62 random bits: collisions are negligible
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_forked_child_does_not_repeat_the_parents_ids() -> None:
     generate = Uuid7Generator()
     generate.next_int(NOW_NS)  # the pool is filled before the fork
