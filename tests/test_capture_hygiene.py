@@ -209,6 +209,7 @@ def test_truncation_agrees_with_unicode_grapheme_clusters() -> None:
     """Against the ``regex`` module's ``\\X`` (extended grapheme clusters; a test dependency): every
     cut of these strings ends on a cluster boundary (apart from a single over-long cluster)."""
     import regex
+
     samples = [
         "ab " + FAMILY + "cd " + FLAG_GB * 3 + " q\u0301 \U0001f44b\U0001f3fd ok",
         "\u0928\u092e\u0938\u094d\u0924\u0947 \u0dc1\u0dca\u200d\u0dbb\u0dd3 \u05e9\u05b8\u05c1",
