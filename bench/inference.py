@@ -48,7 +48,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,13 +85,22 @@ SETTLE_S = 0.5
 TURN_WARMUP = 10
 
 
-@dataclass
+@dataclass(frozen=True)
 class Timing:
+    """A backend's single-prompt latencies (ms) and batch-64 throughput, as timed."""
+
     name: str
     p50_ms: float
     p99_ms: float
     mean_ms: float
     batch_texts_per_s: float
+
+
+@dataclass(frozen=True)
+class Quality:
+    """A backend's top-1 agreement with the torch model (batched, single prompts, single prompts
+    with an in-scope gold label), in-scope accuracy and size; ``None`` where not measured."""
+
     agreement: float | None = None
     agreement_single: float | None = None
     agreement_single_in_scope: float | None = None
@@ -312,24 +321,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cascade = build_cascade(args, data, int8_dir, untimed_threads) if args.fast_path else None
 
     # Quality does not depend on the thread count: measured once.
-    quality: dict[str, dict[str, float | None]] = {
-        "torch": {"accuracy": float(np.mean(ref_top[in_scope] == gold_index[in_scope]))}
-    }
+    quality = {"torch": Quality(accuracy=float(np.mean(ref_top[in_scope] == gold_index[in_scope])))}
     for name, directory, report in onnx_models:
         classifier = OnnxClassifier(directory, threads=untimed_threads)
         probs = np.concatenate(
             [classifier.predict_proba(texts[i : i + BATCH]) for i in range(0, len(texts), BATCH)]
         )
         single = np.array([int(classifier.predict_proba([t])[0].argmax()) for t in texts])
-        quality[name] = {
-            "agreement": float(np.mean(probs.argmax(axis=1) == ref_top)),
-            "accuracy": float(np.mean(probs.argmax(axis=1)[in_scope] == gold_index[in_scope])),
-            "agreement_single": float(np.mean(single == ref_top)),
-            "agreement_single_in_scope": float(np.mean((single == ref_top)[in_scope])),
-            "size_mb": report.published_size_bytes / 1e6,
-        }
+        quality[name] = Quality(
+            agreement=float(np.mean(probs.argmax(axis=1) == ref_top)),
+            accuracy=float(np.mean(probs.argmax(axis=1)[in_scope] == gold_index[in_scope])),
+            agreement_single=float(np.mean(single == ref_top)),
+            agreement_single_in_scope=float(np.mean((single == ref_top)[in_scope])),
+            size_mb=report.published_size_bytes / 1e6,
+        )
     if cascade is not None:
-        cascade_quality(
+        quality[CASCADE] = cascade_quality(
             cascade,
             data,
             texts=texts,
@@ -338,7 +345,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             in_scope=in_scope,
             threads=untimed_threads,
         )
-        quality[CASCADE] = cascade.pop("quality")
 
     runs = []
     for threads in args.threads:
@@ -373,20 +379,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             n_batches=args.n_batches,
             rounds=args.rounds,
         )
-        for timing, key in zip(results, keys, strict=True):
-            for field, value in quality[key].items():
-                setattr(timing, field, value)
         base = results[0]
         runs.append(
             {
                 "threads": threads,
                 "results": [
                     {
-                        **t.__dict__,
+                        **asdict(t),
+                        **asdict(quality[key]),
                         "p50_speedup": base.p50_ms / t.p50_ms,
                         "throughput_ratio": t.batch_texts_per_s / base.batch_texts_per_s,
                     }
-                    for t in results
+                    for t, key in zip(results, keys, strict=True)
                 ],
             }
         )
@@ -452,9 +456,10 @@ def cascade_quality(
     gold_index: np.ndarray,
     in_scope: np.ndarray,
     threads: int,
-) -> None:
-    """Agreement with torch (as the other rows), and on the test split: agreement of the
-    served intent with the int8 model alone and the share answered by the fast path."""
+) -> Quality:
+    """Agreement with torch (as the other rows), returned; and in ``cascade["test"]``, on the
+    test split: agreement of the served intent with the int8 model alone and the share answered
+    by the fast path."""
     from capture.classifier import OnnxClassifier
 
     int8_dir = Path(cascade["build"]["model_dir"])
@@ -493,14 +498,14 @@ def cascade_quality(
         ),
         "threshold": fast.threshold,
     }
-    cascade["quality"] = {
-        "agreement": float(np.mean(batched == ref_top)),
-        "agreement_single": float(np.mean(single == ref_top)),
-        "agreement_single_in_scope": float(np.mean((single == ref_top)[in_scope])),
-        "accuracy": float(np.mean(single[in_scope] == gold_index[in_scope])),
-        "size_mb": sum((int8_dir / name).stat().st_size for name in ("model.onnx", "fast_path.npz"))
+    return Quality(
+        agreement=float(np.mean(batched == ref_top)),
+        agreement_single=float(np.mean(single == ref_top)),
+        agreement_single_in_scope=float(np.mean((single == ref_top)[in_scope])),
+        accuracy=float(np.mean(single[in_scope] == gold_index[in_scope])),
+        size_mb=sum((int8_dir / name).stat().st_size for name in ("model.onnx", "fast_path.npz"))
         / 1e6,
-    }
+    )
 
 
 def fmt(value: float | None, spec: str) -> str:

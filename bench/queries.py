@@ -511,12 +511,19 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def server_parser(description: str, *, rows: int, repeats: int) -> argparse.ArgumentParser:
+    """The options of a benchmark on a database of its own on a PostgreSQL server (this one and
+    bench/scale.py): the server, how many rows, how many timed runs, the data's seed."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--url", default=None, help="PostgreSQL server URL (any database on it)")
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--rows", type=int, default=rows)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = server_parser(__doc__.splitlines()[0], rows=1_000_000, repeats=15)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     results = run(args.url, rows=args.rows, repeats=args.repeats, seed=args.seed)

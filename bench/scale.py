@@ -30,7 +30,6 @@ Targets (issue 16): ingest at N within 10% of ingest at 0; every monitoring / re
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -48,13 +47,19 @@ from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from bench.queries import _backend_cpu_ms, _schedstat_ns, rollup_runner
+from bench.queries import (
+    ROLLUP_CASES,
+    _backend_cpu_ms,
+    _schedstat_ns,
+    rollup_runner,
+    server_parser,
+)
 from bench.scale_data import RowMaker, round_chunks
 from capture import db, offline_statements, partitions, statements, stats_rollup
 from capture.copy_writer import PostgresWriter
 from capture.settings import PartitionInterval, normalise_database_url
 from capture.spool_format import INSERT, Op
-from capture.values import floor_day, floor_hour
+from capture.values import floor_day, floor_hour, since_days
 from tasks.retention import run_retention
 
 logger = logging.getLogger(__name__)
@@ -147,26 +152,10 @@ def cases(
     hour = floor_hour(data_end) - timedelta(hours=1)
     s = statements
     out: list[tuple[str, str, Runner]] = [
-        (
-            "monitoring",
-            "confidence_distribution(7d)",
-            rollup_runner(s.select_confidence_distribution, week),
-        ),
-        (
-            "monitoring",
-            "intent_distribution(7d)",
-            rollup_runner(s.select_intent_distribution, week),
-        ),
-        (
-            "monitoring",
-            "success_rate_by_intent(7d)",
-            rollup_runner(s.select_success_rate_by_intent, week),
-        ),
-        (
-            "monitoring",
-            "success_rate_by_intent(all)",
-            rollup_runner(s.select_success_rate_by_intent, None),
-        ),
+        ("monitoring", label, rollup_runner(builder, since_days(now, days)))
+        for label, builder, days in ROLLUP_CASES
+    ]
+    out += [
         (
             "monitoring",
             "monitor: intent counts, last hour",
@@ -510,12 +499,8 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", default=None, help="PostgreSQL server URL (any database on it)")
-    parser.add_argument("--rows", type=int, default=20_000_000)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser = server_parser(__doc__.splitlines()[0], rows=20_000_000, repeats=7)
     parser.add_argument("--probe-rows", type=int, default=100_000)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-fresh", action="store_true", help="no fresh-load comparison")
     parser.add_argument("--interval", choices=partitions.INTERVALS, default="day")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results")

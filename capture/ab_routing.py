@@ -30,6 +30,7 @@ from typing import Any
 
 from capture.classifier import ModelLoadError, OnnxClassifier
 from capture.model_dir import CANDIDATE_FILE, CandidatePointer, ModelDirError, read_candidate
+from capture.pointer_watch import PointerWatch
 from capture.types import RUNNERS_UP, Classifier
 
 logger = logging.getLogger(__name__)
@@ -68,10 +69,6 @@ class CandidateRoute:
     def version(self) -> str:
         return self.pointer.version
 
-    @property
-    def mode(self) -> str:
-        return self.pointer.mode
-
     def answers(self, user: bytes | None, conversation: bytes | None) -> bool:
         """True when this canary answers the prompt of ``user`` / ``conversation``."""
         key = user if user is not None else conversation
@@ -102,7 +99,7 @@ def onnx_loader(threads: int = 1) -> Loader:
     return OnnxLoader(threads)
 
 
-class CandidateServing:
+class CandidateServing(PointerWatch):
     """The candidate under test, as ``models_dir/candidate`` names it; reloaded in the background.
 
     ``route`` is None (champion only) or the current :class:`CandidateRoute`; the request path
@@ -120,14 +117,9 @@ class CandidateServing:
         watch: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if interval_s <= 0:
-            raise ValueError(f"interval_s: expected > 0, found {interval_s}")
-        self.models_dir = Path(models_dir)
-        self.interval_s = interval_s
+        super().__init__(models_dir, interval_s=interval_s, clock=clock)
         self.loader: Loader = loader or onnx_loader()
-        self._clock = clock
         self._lock = threading.Lock()
-        self._stop = threading.Event()
         self.route: CandidateRoute | None = None
         self._seen: CandidatePointer | None = None
         self._failed: CandidatePointer | None = None
@@ -135,12 +127,8 @@ class CandidateServing:
         self.failed_loads = 0
         self.last_error: str | None = None
         self.reload_now()
-        self._thread: threading.Thread | None = None
         if watch:
-            self._thread = threading.Thread(
-                target=self._watch, name="candidate-hot-reload", daemon=True
-            )
-            self._thread.start()
+            self._start_watch("candidate-hot-reload")
 
     @property
     def version(self) -> str | None:
@@ -151,7 +139,7 @@ class CandidateServing:
         route = self.route
         return {
             "candidate_version": None if route is None else route.version,
-            "mode": None if route is None else route.mode,
+            "mode": None if route is None else route.pointer.mode,
             "share": None if route is None else route.pointer.share,
             "loads": self.loads,
             "failed_loads": self.failed_loads,
@@ -213,17 +201,6 @@ class CandidateServing:
             self.last_error = message
             logger.error("candidate refused, the champion keeps all traffic: %s", message)
 
-    def _watch(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.reload_now()
-            except Exception:  # keep watching; logged with its traceback
-                self.failed_loads += 1
-                logger.exception("candidate check failed; route unchanged")
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop watching the pointer (the loaded route stays as it is)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    def _check_failed(self) -> None:
+        self.failed_loads += 1
+        logger.exception("candidate check failed; route unchanged")

@@ -37,7 +37,9 @@ from capture.model_dir import (
     OnnxMetadata,
     ServingPointer,
     read_pointer,
+    read_tokenizer,
 )
+from capture.pointer_watch import PointerWatch
 from capture.types import RUNNERS_UP, Prediction
 
 if TYPE_CHECKING:
@@ -223,15 +225,11 @@ class OnnxClassifier:
             )
 
     def _load_tokenizer(self) -> Tokenizer:
-        from tokenizers import Tokenizer
-
         path = self.model_dir / TOKENIZER_FILE
-        if not path.is_file():
-            raise ModelLoadError(f"{path}: missing; export the model first")
         try:
-            tokenizer = Tokenizer.from_file(str(path))
-        except Exception as exc:  # the Rust side raises a bare Exception for any parse error
-            raise ModelLoadError(f"{path}: cannot be read as a tokenizer ({exc})") from exc
+            tokenizer = read_tokenizer(self.model_dir, fix_missing="export the model first")
+        except ModelDirError as exc:
+            raise _load_error(exc, path) from exc
         padding = tokenizer.padding
         if padding is None:
             raise ModelLoadError(f"{path}: padding is not configured; re-export the model")
@@ -391,8 +389,10 @@ def _probability(value: float) -> float:
 
 # Hot reload.
 
+_STATS = ("version", "reloads", "failed_reloads", "last_error")
 
-class HotReloadingClassifier:
+
+class HotReloadingClassifier(PointerWatch):
     """Serves the version named by ``models_dir/current``; reloads in the background on change.
 
     Requests take the current :class:`OnnxClassifier` reference once, so a swap happens between
@@ -412,16 +412,10 @@ class HotReloadingClassifier:
         watch: bool = True,
         fast_path: bool = False,
     ) -> None:
-        if interval_s <= 0:
-            raise ValueError(f"interval_s: expected > 0, found {interval_s}")
-        self.models_dir = Path(models_dir)
+        super().__init__(models_dir, interval_s=interval_s, clock=clock, sleep=sleep)
         self.threads = threads
         self.top_k = top_k
         self.fast_path = fast_path  # serve each version's fast path when it has one
-        self.interval_s = interval_s
-        self._clock = clock
-        self._stop = threading.Event()
-        self._sleep: Callable[[float], object] = sleep or self._stop.wait
         self._check_lock = threading.Lock()
         self.reloads = 0
         self.failed_reloads = 0
@@ -435,12 +429,8 @@ class HotReloadingClassifier:
         self._seen = pointer
         self.loaded_at = clock()
         logger.info("serving model %s from %s", self._classifier.version, self.models_dir)
-        self._thread: threading.Thread | None = None
         if watch:
-            self._thread = threading.Thread(
-                target=self._watch, name="model-hot-reload", daemon=True
-            )
-            self._thread.start()
+            self._start_watch("model-hot-reload")
 
     # The prediction API, delegated to the model in service at call time.
 
@@ -477,12 +467,8 @@ class HotReloadingClassifier:
         return self._classifier.embed(texts)
 
     def stats(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "reloads": self.reloads,
-            "failed_reloads": self.failed_reloads,
-            "last_error": self.last_error,
-        }
+        """The attributes ``version``, ``reloads``, ``failed_reloads`` and ``last_error``."""
+        return {key: getattr(self, key) for key in _STATS}
 
     # Watching ``current``.
 
@@ -551,29 +537,9 @@ class HotReloadingClassifier:
             self.last_error = message
             logger.error("hot reload refused, still serving %s: %s", self.version, message)
 
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            self._sleep(self.interval_s)
-            if self._stop.is_set():
-                break
-            try:
-                self.reload_now()
-            except Exception:  # keep the watcher alive; the failure is logged with its traceback
-                self.failed_reloads += 1
-                logger.exception("hot reload check failed; still serving %s", self.version)
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop watching ``current`` (the model keeps answering predictions)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def __enter__(self) -> HotReloadingClassifier:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _check_failed(self) -> None:
+        self.failed_reloads += 1
+        logger.exception("hot reload check failed; still serving %s", self.version)
 
 
 def load_serving_classifier(

@@ -29,6 +29,7 @@ from capture.model_dir import (
     ModelDirError,
     ModelMetadata,
     OnnxMetadata,
+    read_tokenizer,
 )
 from capture.types import Prediction
 
@@ -82,7 +83,7 @@ class FastPath:
         source = model_dir / "metadata.json"
         section.check_against(model, source)
         tables = FastPathTables.read(model_dir, section)
-        tokenizer = _tokenizer(model_dir / TOKENIZER_FILE, section.vocab_size)
+        tokenizer = _tokenizer(model_dir, section.vocab_size)
         return cls(section, tables, tokenizer, top_k=top_k)
 
     # Scoring.
@@ -156,15 +157,9 @@ class FastPath:
         return Prediction(self.labels[best], min(1.0, confidence), runners)
 
 
-def _tokenizer(path: Path, vocab_size: int) -> Tokenizer:
-    from tokenizers import Tokenizer
-
-    if not path.is_file():
-        raise ModelDirError(f"{path}: missing; the fast path uses the exported tokenizer")
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as exc:  # the Rust side raises a bare Exception for any parse error
-        raise ModelDirError(f"{path}: cannot be read as a tokenizer ({exc})") from exc
+def _tokenizer(model_dir: Path, vocab_size: int) -> Tokenizer:
+    tokenizer = read_tokenizer(model_dir, fix_missing="the fast path uses the exported tokenizer")
+    path = model_dir / TOKENIZER_FILE
     if tokenizer.get_vocab_size() != vocab_size:
         raise ModelDirError(
             f"{path}: vocabulary of {tokenizer.get_vocab_size()} tokens, but the fast path has "

@@ -36,7 +36,7 @@ import os
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -176,21 +176,17 @@ class CaptureLogger:
         """Operations the database refused and unreadable spool lines (see rejected.jsonl)."""
         return self._applier.rejected
 
+    @property
+    def pending(self) -> int:
+        """Operations accepted and not yet committed."""
+        return self._seq - self._done_seq
+
     # --- request side (synchronous, never waits) -------------------------------------------
 
     def stats(self) -> CaptureStats:
-        return CaptureStats(
-            queued=self.queued,
-            written=self.written,
-            merged=self.merged,
-            spooled=self.spooled,
-            journaled=self.journaled,
-            replayed=self.replayed,
-            rejected=self.rejected,
-            truncated=self.truncated,
-            pending=self._seq - self._done_seq,
-            connection_errors=self.connection_errors,
-        )
+        """The counters now: each field of :class:`CaptureStats` is this logger's attribute of
+        the same name."""
+        return CaptureStats(**{f.name: getattr(self, f.name) for f in fields(CaptureStats)})
 
     def start(self) -> None:
         """Start the writer (needs a running event loop); called by the first submit."""

@@ -1,4 +1,5 @@
-"""The model directory format, owned here and nowhere else (torch-free: json and numpy only).
+"""The model directory format, owned here and nowhere else (torch-free: json, numpy and
+``tokenizers`` only).
 
 A model directory (docs/ARCHITECTURE.md, "The model directory")::
 
@@ -34,12 +35,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
 from capture.errors import UserError
 from capture.files import write_bytes_atomic, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -553,6 +557,21 @@ def read_trained(model_dir: Path) -> tuple[ModelMetadata, Head]:
 def missing_files(model_dir: Path, names: tuple[str, ...] = SERVING_FILES) -> list[str]:
     """The file names of ``names`` that ``model_dir`` lacks, in order."""
     return [name for name in names if not (Path(model_dir) / name).is_file()]
+
+
+def read_tokenizer(model_dir: Path, *, fix_missing: str) -> Tokenizer:
+    """``model_dir/tokenizer.json`` (the exported serving tokenizer) as a ``tokenizers``
+    ``Tokenizer``, as found: the caller checks its settings. Raises ``ModelDirError`` when it is
+    missing (the message ends with ``fix_missing``) or cannot be parsed."""
+    from tokenizers import Tokenizer
+
+    path = Path(model_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise ModelDirError(f"{path}: missing; {fix_missing}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust side raises a bare Exception for any parse error
+        raise ModelDirError(f"{path}: cannot be read as a tokenizer ({exc})") from exc
 
 
 # The serving pointer.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any, cast
 
@@ -11,6 +12,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Column,
     Date,
     DateTime,
     Float,
@@ -36,6 +38,16 @@ NAMING_CONVENTION = {
 
 JsonB = JSON().with_variant(JSONB(), "postgresql")
 Timestamp = DateTime(timezone=True)
+
+
+def not_null(name: str, type_: Any, **kwargs: Any) -> Column[Any]:
+    """A ``NOT NULL`` column of a Core table: ``Column(name, type_, nullable=False, **kwargs)``."""
+    return Column(name, type_, nullable=False, **kwargs)
+
+
+def in_values(column: str, values: Sequence[str]) -> str:
+    """The condition of a CHECK constraint: ``column IN ('a', 'b', ...)``."""
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
 
 class Base(DeclarativeBase):

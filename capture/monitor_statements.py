@@ -45,7 +45,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from capture.models import NAMING_CONVENTION, Timestamp
+from capture.models import NAMING_CONVENTION, Timestamp, in_values, not_null
 from capture.statements import AnySelect
 from capture.values import to_utc
 
@@ -66,30 +66,30 @@ HOURS = Table(
     "monitor_hours",
     METADATA,
     Column("hour", _TS, primary_key=True),
-    Column("checked_at", _TS, nullable=False),
-    Column("run_id", Text, nullable=False),
-    Column("prompts", Integer, nullable=False, server_default="0"),
-    Column("breaches", Integer, nullable=False, server_default="0"),
+    not_null("checked_at", _TS),
+    not_null("run_id", Text),
+    not_null("prompts", Integer, server_default="0"),
+    not_null("breaches", Integer, server_default="0"),
 )
 
 ALERTS = Table(
     "monitor_alerts",
     METADATA,
     Column("id", Uuid, primary_key=True),
-    Column("check_name", Text, nullable=False),
-    Column("scope", Text, nullable=False),
-    Column("channel", Text, nullable=False),
-    Column("hour", _TS, nullable=False),
-    Column("status", Text, nullable=False),
-    Column("message", Text, nullable=False),
+    not_null("check_name", Text),
+    not_null("scope", Text),
+    not_null("channel", Text),
+    not_null("hour", _TS),
+    not_null("status", Text),
+    not_null("message", Text),
     Column("value", Float),
-    Column("threshold", Float, nullable=False),
-    Column("sample", Integer, nullable=False),
-    Column("attempts", Integer, nullable=False, server_default="0"),
+    not_null("threshold", Float),
+    not_null("sample", Integer),
+    not_null("attempts", Integer, server_default="0"),
     Column("error", Text),
-    Column("run_id", Text, nullable=False),
-    Column("created_at", _TS, nullable=False),
-    Column("claimed_at", _TS, nullable=False),
+    not_null("run_id", Text),
+    not_null("created_at", _TS),
+    not_null("claimed_at", _TS),
     Column("sent_at", _TS),
     UniqueConstraint(
         "check_name",
@@ -98,7 +98,7 @@ ALERTS = Table(
         "hour",
         name="uq_monitor_alerts_check_name_scope_channel_hour",
     ),
-    CheckConstraint("status IN ('sending', 'sent', 'failed')", name="status"),
+    CheckConstraint(in_values("status", ALERT_STATES), name="status"),
     Index("ix_monitor_alerts_status_hour", "status", "hour"),
 )
 
@@ -106,8 +106,8 @@ MARKERS = Table(
     "monitor_markers",
     METADATA,
     Column("name", Text, primary_key=True),
-    Column("at", _TS, nullable=False),
-    Column("updated_at", _TS, nullable=False),
+    not_null("at", _TS),
+    not_null("updated_at", _TS),
 )
 
 #: The columns of an alert row a sender needs (:func:`claim_retries` returns them).

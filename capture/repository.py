@@ -207,19 +207,14 @@ async def add_prompt_correction(
         await user_scope(session, user_id)  # PostgreSQL RLS: the prior values are the user's
     before = await get_prompt_log(change.log_id, session=session)
     await _write_change(change, session=session, user_id=user_id)
-    prior = review_audit.prior_of(before) if before is not None else (None, None, None)
-    previous = None if before is None else (before.corrected_intent or before.predicted_intent)
-    row = review_audit.audit_values(
-        log_id=change.log_id,
+    row = review_audit.correction_audit(
+        before,
+        change.log_id,
+        change.corrected_intent,
+        change.correction_notes,
         reviewer=reviewer or (str(user_id) if user_id is not None else "api"),
-        action=review_audit.correction_action(previous, change.corrected_intent),
         source="api",
         now=change.at,
-        before=previous,
-        after=change.corrected_intent,
-        notes=change.correction_notes,
-        applied=True,
-        prior=prior,
     )
     await session.execute(review_audit.insert_audit(row))
 

@@ -32,7 +32,7 @@ from capture.ids import uuid7
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AUDIT_SOURCES", "audit_values", "insert_audit", "prior_of"]
+__all__ = ["AUDIT_SOURCES", "audit_values", "correction_audit", "insert_audit", "prior_of"]
 
 #: Where a decision came from: the workbench, a corrections file, a Label Studio export, the
 #: repository API (``add_prompt_correction``).
@@ -133,3 +133,32 @@ def insert_audit(rows: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> Inser
 def correction_action(before: str | None, after: str) -> str:
     """``confirm`` when the correction keeps the label the prompt had, else ``correct``."""
     return "confirm" if before == after else "correct"
+
+
+def correction_audit(
+    log: Any | None,
+    log_id: uuid.UUID,
+    corrected_intent: str,
+    notes: str | None,
+    *,
+    reviewer: str,
+    source: str,
+    now: datetime,
+) -> dict[str, Any]:
+    """The audit row (``applied``) of a correction written to the prompt whose row was ``log``
+    before it (any object with the log's columns; None when it could not be read): ``before`` is
+    the label the prompt had (its correction, else its prediction), the action that of
+    :func:`correction_action`, ``prior`` the correction it replaced."""
+    before = None if log is None else (log.corrected_intent or log.predicted_intent)
+    return audit_values(
+        log_id=log_id,
+        reviewer=reviewer,
+        action=correction_action(before, corrected_intent),
+        source=source,
+        now=now,
+        before=before,
+        after=corrected_intent,
+        notes=notes,
+        applied=True,
+        prior=(None, None, None) if log is None else prior_of(log),
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Self, overload
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -81,6 +81,20 @@ def _settings_error(exc: ValidationError) -> SettingsError:
 DATABASE_FILE = "prompt_capture.db"
 
 
+class _HomeFolder:
+    """A read-only attribute of :class:`HomeDirs`: the folder ``home / name``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, dirs: None, owner: type) -> Self: ...
+    @overload
+    def __get__(self, dirs: HomeDirs, owner: type | None = None) -> Path: ...
+    def __get__(self, dirs: HomeDirs | None, owner: type | None = None) -> Self | Path:
+        return self if dirs is None else dirs.home / self.name
+
+
 class HomeDirs:
     """The folders of a PROMPT_CAPTURE_HOME, derived from ``home`` (``tasks.layout`` draws the
     tree); shared by :class:`Settings` and ``tasks.layout.HomeLayout``. Nothing is created."""
@@ -89,33 +103,13 @@ class HomeDirs:
     if TYPE_CHECKING:
         home: Path
 
-    @property
-    def models_dir(self) -> Path:
-        return self.home / "models"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.home / "data"
-
-    @property
-    def work_dir(self) -> Path:
-        return self.home / "work"
-
-    @property
-    def exports_dir(self) -> Path:
-        return self.home / "exports"
-
-    @property
-    def inbox_dir(self) -> Path:
-        return self.home / "inbox"
-
-    @property
-    def reports_dir(self) -> Path:
-        return self.home / "reports"
-
-    @property
-    def spool_dir(self) -> Path:
-        return self.home / "spool"
+    models_dir = _HomeFolder("models")
+    data_dir = _HomeFolder("data")
+    work_dir = _HomeFolder("work")
+    exports_dir = _HomeFolder("exports")
+    inbox_dir = _HomeFolder("inbox")
+    reports_dir = _HomeFolder("reports")
+    spool_dir = _HomeFolder("spool")
 
     @property
     def sqlite_url(self) -> str:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -281,16 +281,12 @@ class StatsRefresh:
         return self.previous_watermark is None and self.watermark is not None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "previous_watermark": _iso(self.previous_watermark),
-            "watermark": _iso(self.watermark),
-            "full": self.full,
-            "dirty_hours": self.dirty_hours,
-            "hourly_rows": self.hourly_rows,
-            "daily_rows": self.daily_rows,
-            "writers_waited_for": self.writers_waited_for,
-            "writers_left": self.writers_left,
-        }
+        """The fields as JSON values (the watermarks as ISO 8601 text or None), and ``full``."""
+        out = asdict(self)
+        for key in ("previous_watermark", "watermark"):
+            out[key] = _iso(out[key])
+        out["full"] = self.full
+        return out
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -11,7 +11,6 @@ the URL without its password); any other exception keeps its traceback.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import typer
@@ -28,8 +27,6 @@ from deployments import (
     review_commands,
     spool_commands,
 )
-
-logger = logging.getLogger(__name__)
 
 USER_ERROR_EXIT_CODE = 2
 

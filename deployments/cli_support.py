@@ -1,6 +1,6 @@
 """What the ``prompt-capture`` command modules share: the console, the process bootstrap
-(environment defaults, logging), the database check, JSON output, and the parsers of option
-values that are not plain types.
+(environment defaults, logging), the database check, JSON output, the options several commands
+take, and the parsers of option values that are not plain types.
 
 A bad option value raises :class:`capture.errors.UserError`; the one handler in
 ``deployments.cli`` turns it into one line on stderr and exit code 2. A command checks what the
@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -25,13 +26,46 @@ from capture.errors import UserError
 if TYPE_CHECKING:
     from capture.settings import Settings
 
-logger = logging.getLogger(__name__)
-
 console = Console()
 
 
 class OptionError(UserError, ValueError):
     """A command-line option's value cannot be used; the message names the option."""
+
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+# The commands declared with @command, per module, in the order they were declared.
+_DECLARED: dict[str, list[tuple[str, Callable[..., Any]]]] = {}
+
+
+def command(name: str) -> Callable[[Command], Command]:
+    """Declare the decorated function the ``prompt-capture`` command ``name``, where it is
+    defined; its module's ``register(app)`` adds it with :func:`add_commands`."""
+
+    def declare(function: Command) -> Command:
+        _DECLARED.setdefault(function.__module__, []).append((name, function))
+        return function
+
+    return declare
+
+
+def add_commands(app: typer.Typer, module: str) -> None:
+    """Add the commands the module named ``module`` declared with :func:`command` to ``app``."""
+    for name, function in _DECLARED.get(module, []):
+        app.command(name)(function)
+
+
+# Options several commands take, declared once: the same flag, type and help everywhere.
+Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of text.")]
+Now = Annotated[
+    str | None,
+    typer.Option("--now", help="The time to run as of: ISO 8601 with a zone (default: now)."),
+]
+Hyperparameters = Annotated[
+    str | None,
+    typer.Option("--hyperparameters", help='TrainConfig fields as JSON, e.g. {"max_steps": 50}.'),
+]
 
 
 # Libraries that log every step at INFO: one line per API call (httpx), per migration plugin

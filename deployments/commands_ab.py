@@ -6,14 +6,11 @@ Wire them with ``commands_ab.register(app)`` in ``deployments.cli``.
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
 import typer
 
-from deployments.cli_support import console, print_json
-
-logger = logging.getLogger(__name__)
+from deployments.cli_support import AsJson, console, print_json
 
 candidate_app = typer.Typer(
     help="The candidate model under test beside the champion (shadow or canary).",
@@ -93,7 +90,7 @@ def candidate_show_cmd() -> None:
 
 
 def ab_cmd(
-    as_json: Annotated[bool, typer.Option("--json", help="Print the readout as JSON.")] = False,
+    as_json: AsJson = False,
     margin: Annotated[
         float, typer.Option("--margin", help="Non-inferiority margin (0.01 = 1 point).")
     ] = 0.01,

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
 import typer
 
 from deployments.cli_support import console
-
-logger = logging.getLogger(__name__)
 
 db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
 

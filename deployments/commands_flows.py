@@ -9,7 +9,6 @@ mistake is one line and exit code 2 (never a failed run with Prefect's traceback
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +16,12 @@ from typing import Annotated
 import typer
 
 from deployments.cli_support import (
+    AsJson,
+    Hyperparameters,
     OptionError,
+    Seed,
+    add_commands,
+    command,
     console,
     parse_hyperparameters,
     prefect_env,
@@ -27,9 +31,8 @@ from deployments.cli_support import (
     require_new_file,
 )
 
-logger = logging.getLogger(__name__)
 
-
+@command("export")
 def export_cmd(
     *,
     mode: Annotated[
@@ -135,6 +138,7 @@ def export_cmd(
     )
 
 
+@command("import-corrections")
 def import_corrections_cmd(
     file: Annotated[
         Path | None,
@@ -188,15 +192,11 @@ def import_corrections_cmd(
         raise typer.Exit(code=1)
 
 
+@command("cycle")
 def cycle_cmd(
     *,
     days: Annotated[int | None, typer.Option("--days", help="Production data window.")] = 30,
-    hyperparameters: Annotated[
-        str | None,
-        typer.Option(
-            "--hyperparameters", help='TrainConfig fields as JSON, e.g. {"max_steps": 50}.'
-        ),
-    ] = None,
+    hyperparameters: Hyperparameters = None,
     deploy: Annotated[bool, typer.Option("--deploy/--no-deploy")] = True,
     deploy_mode: Annotated[
         str,
@@ -206,7 +206,7 @@ def cycle_cmd(
             "(docs/AB_TESTING.md); direct: it takes all traffic now.",
         ),
     ] = "shadow",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Run the weekly cycle now: inbox, training data, pairs, retrain, gate, export, deploy."""
     prefect_env()
@@ -235,6 +235,7 @@ def cycle_cmd(
         console.print(result.message, highlight=False)
 
 
+@command("serve")
 def serve_cmd(
     only: Annotated[
         list[str] | None, typer.Option("--only", help="Serve only these deployments.")
@@ -264,6 +265,7 @@ def serve_cmd(
     serve_all(only=only)
 
 
+@command("demo")
 def demo_cmd(
     *,
     first_steps: Annotated[
@@ -272,7 +274,7 @@ def demo_cmd(
     retrain_steps: Annotated[
         int, typer.Option("--retrain-steps", help="Training steps of the weekly retrain.")
     ] = 20,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Seed = 0,
 ) -> None:
     """The whole loop on the bundled demo dataset, from an empty PROMPT_CAPTURE_HOME, as one
     Prefect flow run (``demo``) with the weekly-cycle flows as its subflows. It uses
@@ -296,8 +298,4 @@ def demo_cmd(
 
 def register(app: typer.Typer) -> None:
     """Add the flow-running commands to ``app``."""
-    app.command("export")(export_cmd)
-    app.command("import-corrections")(import_corrections_cmd)
-    app.command("cycle")(cycle_cmd)
-    app.command("serve")(serve_cmd)
-    app.command("demo")(demo_cmd)
+    add_commands(app, __name__)

@@ -4,14 +4,17 @@ run, no API server)."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from deployments.cli_support import (
+    AsJson,
     OptionError,
+    Seed,
+    add_commands,
+    command,
     console,
     print_json,
     require_file,
@@ -21,9 +24,8 @@ from deployments.cli_support import (
 if TYPE_CHECKING:
     from tasks.deploy import DeployResult
 
-logger = logging.getLogger(__name__)
 
-
+@command("train")
 def train_cmd(
     *,
     train: Annotated[
@@ -50,7 +52,7 @@ def train_cmd(
             "--max-pairs", help="Fine-tune on the texts of at most this many pairs (default: all)."
         ),
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    seed: Seed = 0,
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", help="Cap on optimiser steps (quick runs).")
     ] = None,
@@ -92,11 +94,12 @@ def train_cmd(
         )
 
 
+@command("evaluate")
 def evaluate_cmd(
     *,
     model: Annotated[Path, typer.Option("--model", help="Model directory.")],
     data: Annotated[Path, typer.Option("--data", help="Labelled JSONL ({text, label} per line).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: AsJson = False,
     backend: Annotated[
         str, typer.Option("--backend", help="auto (ONNX if exported), torch, onnx.")
     ] = "auto",
@@ -140,6 +143,7 @@ def evaluate_cmd(
         console.print(f"  confused {true} -> {pred}: {count}")
 
 
+@command("export-onnx")
 def export_onnx_cmd(
     *,
     model: Annotated[Path, typer.Option("--model", help="Trained model directory.")],
@@ -153,7 +157,7 @@ def export_onnx_cmd(
             help="Labelled JSONL whose texts are the parity check's (default: built-in prompts).",
         ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the export report.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Export a model directory to ONNX for serving (int8 when it passes the parity gate).
 
@@ -215,6 +219,7 @@ def export_onnx_cmd(
         )
 
 
+@command("convert-to-pairs")
 def convert_to_pairs_cmd(
     *,
     input_path: Annotated[Path, typer.Option("--input", help="Labelled JSONL ({text, label}).")],
@@ -222,7 +227,7 @@ def convert_to_pairs_cmd(
     max_pairs: Annotated[
         int | None, typer.Option("--max-pairs", help="Pair budget (default: one per example).")
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    seed: Seed = 0,
     negatives: Annotated[
         bool, typer.Option("--negatives", help="Add a negative to every pair.")
     ] = False,
@@ -238,9 +243,8 @@ def convert_to_pairs_cmd(
     console.print(f"wrote {len(pairs)} pairs to {output}")
 
 
-def models_cmd(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> None:
+@command("models")
+def models_cmd(as_json: AsJson = False) -> None:
     """List the registry's versions, their metrics, and which one serves."""
     from rich.table import Table
 
@@ -288,6 +292,7 @@ def models_cmd(
     console.print(table)
 
 
+@command("deploy")
 def deploy_cmd(
     version: Annotated[str, typer.Argument(help="Registry version to serve (exported to ONNX).")],
     force: Annotated[
@@ -315,6 +320,7 @@ def deploy_cmd(
     _print_switch(result)
 
 
+@command("rollback")
 def rollback_cmd(
     to: Annotated[
         str | None, typer.Option("--to", help="Version to serve (default: the previous one).")
@@ -343,10 +349,4 @@ def _print_switch(result: DeployResult) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add the model and registry commands to ``app``."""
-    app.command("train")(train_cmd)
-    app.command("evaluate")(evaluate_cmd)
-    app.command("export-onnx")(export_onnx_cmd)
-    app.command("convert-to-pairs")(convert_to_pairs_cmd)
-    app.command("models")(models_cmd)
-    app.command("deploy")(deploy_cmd)
-    app.command("rollback")(rollback_cmd)
+    add_commands(app, __name__)

@@ -3,7 +3,6 @@ monitor, demo-traffic and simulate."""
 
 from __future__ import annotations
 
-import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -11,7 +10,11 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from deployments.cli_support import (
+    Hyperparameters,
+    Now,
     OptionError,
+    add_commands,
+    command,
     console,
     parse_hyperparameters,
     parse_now,
@@ -24,9 +27,8 @@ from deployments.cli_support import (
 if TYPE_CHECKING:
     from capture.demo_traffic import DemoTrafficReport
 
-logger = logging.getLogger(__name__)
 
-
+@command("init")
 def init_cmd(
     *,
     home: Annotated[
@@ -64,6 +66,7 @@ def init_cmd(
     )
 
 
+@command("report")
 def report_cmd(
     *,
     days: Annotated[float, typer.Option("--days", help="Window: the last N days.")] = 30,
@@ -75,7 +78,7 @@ def report_cmd(
         float | None,
         typer.Option("--low-confidence", help="Low-confidence threshold (default: the setting)."),
     ] = None,
-    now: Annotated[str | None, typer.Option("--now", help="End of the window (ISO 8601).")] = None,
+    now: Now = None,
 ) -> None:
     """Write the monitoring dashboard: one self-contained HTML file with plots and tables."""
     from capture.offline_statements import check_days
@@ -108,13 +111,14 @@ def report_cmd(
     )
 
 
+@command("retention")
 def retention_cmd(
     *,
     days: Annotated[
         float, typer.Option("--days", help="Raw-log retention: logs older than this move.")
     ] = 90,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per transaction.")] = 1000,
-    now: Annotated[str | None, typer.Option("--now", help="Reference time (ISO 8601).")] = None,
+    now: Now = None,
 ) -> None:
     """Move raw logs older than --days, PII-scrubbed, into the training store (the daily flow's
     work, run once here without Prefect)."""
@@ -135,6 +139,7 @@ def retention_cmd(
     print_json(result.as_dict())
 
 
+@command("monitor")
 def monitor_cmd(
     *,
     max_catch_up_hours: Annotated[
@@ -151,9 +156,7 @@ def monitor_cmd(
         str | None, typer.Option("--block", help="Prefect notification block <type>/<name>.")
     ] = None,
     min_count: Annotated[int, typer.Option("--min-count")] = 20,
-    now: Annotated[
-        str | None, typer.Option("--now", help="The run's time (ISO 8601); default now.")
-    ] = None,
+    now: Now = None,
 ) -> None:
     """Run the alert checks once (the hourly monitor flow: every completed UTC hour not checked
     yet) and print its result as JSON."""
@@ -174,6 +177,7 @@ def monitor_cmd(
     )
 
 
+@command("demo-traffic")
 def demo_traffic_cmd(
     *,
     count: Annotated[int, typer.Option("--count", min=1, help="Prompts to send.")] = 500,
@@ -239,6 +243,7 @@ def _print_demo_traffic(report: DemoTrafficReport) -> None:
     )
 
 
+@command("simulate")
 def simulate_cmd(
     *,
     dataset: Annotated[
@@ -269,12 +274,7 @@ def simulate_cmd(
     reference: Annotated[
         bool, typer.Option("--reference/--no-reference", help="Also train on all labels.")
     ] = False,
-    hyperparameters: Annotated[
-        str | None,
-        typer.Option(
-            "--hyperparameters", help='TrainConfig fields as JSON, e.g. {"max_steps": 50}.'
-        ),
-    ] = None,
+    hyperparameters: Hyperparameters = None,
     max_pairs: Annotated[int, typer.Option("--max-pairs", min=0)] = 2000,
     quantize: Annotated[bool, typer.Option("--quantize/--no-quantize")] = True,
 ) -> None:
@@ -317,9 +317,4 @@ def simulate_cmd(
 
 def register(app: typer.Typer) -> None:
     """Add the operating and simulation commands to ``app``."""
-    app.command("init")(init_cmd)
-    app.command("report")(report_cmd)
-    app.command("retention")(retention_cmd)
-    app.command("monitor")(monitor_cmd)
-    app.command("demo-traffic")(demo_traffic_cmd)
-    app.command("simulate")(simulate_cmd)
+    add_commands(app, __name__)

@@ -13,7 +13,6 @@ Settings come from ``capture.settings`` (``PROMPT_CAPTURE_HOME``, ``PROMPT_CAPTU
 
 from __future__ import annotations
 
-import logging
 import sys
 import uuid
 from collections.abc import Callable
@@ -22,12 +21,12 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import typer
 from rich.console import Console
 
+from deployments.cli_support import Seed
+
 if TYPE_CHECKING:
     from sqlalchemy import Connection
 
     from review_ui.settings import WorkbenchSettings
-
-logger = logging.getLogger(__name__)
 
 console = Console()
 review_user_app = typer.Typer(no_args_is_help=True, help="Review workbench users.")
@@ -37,6 +36,12 @@ T = TypeVar("T")
 LoginName = Annotated[str, typer.Argument(help="Login name.")]
 PasswordStdin = Annotated[
     bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+]
+DoubleReviewShare = Annotated[
+    float,
+    typer.Option(
+        "--double-review-share", min=0.0, max=1.0, help="Share of a round's items reviewed twice."
+    ),
 ]
 
 
@@ -109,12 +114,7 @@ def review_ui(
     lease_minutes: Annotated[
         float, typer.Option("--lease-minutes", min=0.1, help="How long a reviewer holds an item.")
     ] = 10.0,
-    double_review_share: Annotated[
-        float,
-        typer.Option(
-            "--double-review-share", min=0.0, max=1.0, help="Share of new rounds reviewed twice."
-        ),
-    ] = 0.1,
+    double_review_share: DoubleReviewShare = 0.1,
     https_only: Annotated[
         bool, typer.Option("--https-only", help="Secure cookies (serve behind HTTPS).")
     ] = False,
@@ -193,10 +193,8 @@ def round_open(
     confidence_threshold: Annotated[
         float, typer.Option("--confidence-threshold", min=0.0, max=1.0)
     ] = 0.7,
-    double_review_share: Annotated[
-        float, typer.Option("--double-review-share", min=0.0, max=1.0)
-    ] = 0.1,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    double_review_share: DoubleReviewShare = 0.1,
+    seed: Seed = 0,
     embeddings: Annotated[
         bool,
         typer.Option(
@@ -208,6 +206,7 @@ def round_open(
     """Open a review round filled by the review selection (as `export --mode review`)."""
     from capture.errors import UserError
     from capture.settings import get_settings
+    from flows.entry import from_parameters
     from tasks.review_export import ReviewSelection
     from tasks.review_rounds import open_review_round
 
@@ -221,16 +220,11 @@ def round_open(
 
             embed = OnnxClassifier(model_dir).embed
     try:
+        selection = from_parameters(ReviewSelection, locals())  # checks every value
         summary = open_review_round(
             _url(),
             name=name,
-            selection=ReviewSelection(
-                days=days,
-                confidence_threshold=confidence_threshold,
-                limit=limit,
-                strategy=strategy,
-                seed=seed,
-            ),
+            selection=selection,
             double_review_share=double_review_share,
             embed=embed,
         )

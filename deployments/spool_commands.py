@@ -16,12 +16,11 @@ cannot be reached is one line and exit 1 (nothing is lost: unreplayed segments s
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Annotated, Any
 
 import typer
 
-logger = logging.getLogger(__name__)
+from deployments.cli_support import AsJson, print_json
 
 spool_app = typer.Typer(
     no_args_is_help=True,
@@ -48,14 +47,11 @@ def _group_record(group: Any, current: Any) -> dict[str, Any]:
 
 
 @spool_app.command("list")
-def spool_list(
-    as_json: Annotated[bool, typer.Option("--json", help="Print the groups as JSON.")] = False,
-) -> None:
+def spool_list(as_json: AsJson = False) -> None:
     """List the spool's segments grouped by the database they were written for."""
     from capture.db_identity import identity_from_url
     from capture.settings import get_settings
     from capture.spool import list_spool
-    from deployments.cli_support import print_json
 
     settings = get_settings()
     groups = list_spool(settings.spool_dir)

@@ -23,12 +23,11 @@ from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
-from capture.settings import get_settings
+from flows.entry import from_parameters, open_run
 from tasks.ab_candidate import DEFAULT_CANARY_SHARE, apply_decision
 from tasks.ab_decision import ABPlan
 from tasks.ab_readout import ABReadout, ab_readout
 from tasks.alert_delivery import send_block, send_webhook
-from tasks.run_settings import resolve_run_settings
 
 logger = logging.getLogger(__name__)
 
@@ -102,15 +101,11 @@ def ab_check_flow(
 ) -> dict[str, Any]:
     """Read the candidate's A/B evidence and promote, roll back, move it on to a canary, or
     keep testing (docs/AB_TESTING.md). Returns the readout and what was done."""
+    plan = from_parameters(ABPlan, locals())  # margin, max_days, min_outcomes
     run_logger = get_run_logger()
-    settings = get_settings()
-    run = resolve_run_settings(settings, home=home, database_url=database_url)
+    run = open_run(home, database_url)
     models_dir = run.require_registry()  # a home nobody set up fails at once
-    readout = ab_readout(
-        run.database_url,
-        models_dir,
-        plan=ABPlan(margin=margin, max_days=max_days, min_outcomes=min_outcomes),
-    )
+    readout = ab_readout(run.database_url, models_dir, plan=plan)
     publish_readout(readout)
     run_logger.info("A/B: %s (%s)", readout.decision, readout.reason)
     result: dict[str, Any] = {"readout": readout.to_dict(), "action": None}
@@ -138,7 +133,7 @@ def ab_check_flow(
         )
         result["alerts"] = send_ab_alert(
             message,
-            webhook_url=webhook_url or settings.alert_webhook_url or None,
+            webhook_url=webhook_url or run.settings.alert_webhook_url or None,
             notification_block=notification_block,
         )
     return result
@@ -162,7 +157,7 @@ def stage_candidate_flow(
     from tasks.fast_path import fast_path_for_serving
     from tasks.registry import is_deployable, registry_lock
 
-    run = resolve_run_settings(get_settings(), home=home)
+    run = open_run(home)
     run.require_registry()
     layout = run.layout
     with registry_lock(layout.models_dir):
@@ -170,7 +165,7 @@ def stage_candidate_flow(
         if not is_deployable(target):
             validation = layout.optional_file(validation_data, "val")
             export_for_serving(target, quantize=quantize, validation_data=validation)
-            fast_path_for_serving(target, settings=get_settings(), validation_data=validation)
+            fast_path_for_serving(target, settings=run.settings, validation_data=validation)
         pointer = set_candidate(
             layout.models_dir, target.name, mode=mode, share=share, reason="weekly cycle"
         )

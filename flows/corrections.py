@@ -6,13 +6,12 @@ Inbox files are moved to ``inbox/processed/`` when applied and to ``inbox/reject
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from capture.settings import get_settings
+from flows.entry import open_run
 from tasks.corrections import (
     ImportResult,
     file_away_task,
@@ -20,9 +19,6 @@ from tasks.corrections import (
     import_table,
     list_inbox_task,
 )
-from tasks.run_settings import resolve_run_settings
-
-logger = logging.getLogger(__name__)
 
 CORRECTIONS_ARTIFACT_KEY = "corrections-import"
 
@@ -47,9 +43,7 @@ def corrections_flow(
     the Secret block ``database_secret``, PROMPT_CAPTURE_DATABASE_URL, or the home's SQLite file.
     """
     run_logger = get_run_logger()
-    run = resolve_run_settings(
-        get_settings(), home=home, database_url=database_url, database_secret=database_secret
-    )
+    run = open_run(home, database_url, database_secret)
     inbox_dir = Path(inbox) if inbox else run.layout.inbox_dir
     single = run.layout.optional_file(file)
     url = run.require_database()

@@ -22,7 +22,6 @@ Runs in Prefect's ephemeral mode, or against a server when PREFECT_API_URL is se
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -45,8 +44,6 @@ from tasks.demo import (
     send_week_of_traffic,
     wait_for_version,
 )
-
-logger = logging.getLogger(__name__)
 
 
 @flow(name="demo")

@@ -7,12 +7,10 @@ that serves afterwards under the artifact key ``serving-model-card``.
 
 from __future__ import annotations
 
-import logging
-
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from capture.settings import get_settings
+from flows.entry import open_run
 from tasks.deploy import (
     SERVING_CARD_KEY,
     DeployResult,
@@ -28,9 +26,6 @@ from tasks.registry import (
     rollback_task,
     version_dir,
 )
-from tasks.run_settings import resolve_run_settings
-
-logger = logging.getLogger(__name__)
 
 
 @flow(name="deploy")
@@ -47,7 +42,7 @@ def deploy_flow(
     holds the texts of the int8 parity check; ``home`` defaults to PROMPT_CAPTURE_HOME. Holds the
     registry lock from choosing the version to the switch."""
     run_logger = get_run_logger()
-    run = resolve_run_settings(get_settings(), home=home)
+    run = open_run(home)
     run.require_registry()  # never a new, empty registry in a home nobody set up
     layout = run.layout
     # Held from choosing the version to the switch (re-entered inside the weekly cycle).
@@ -63,7 +58,7 @@ def deploy_flow(
                 export.published,
                 export.agreement,
             )
-            fast_path_for_serving(target, settings=get_settings(), validation_data=validation)
+            fast_path_for_serving(target, settings=run.settings, validation_data=validation)
         previous = deploy_task(layout.models_dir, target.name)
     run_logger.info("now serving version %s (was %s)", target.name, previous)
     result = DeployResult(version=target.name, previous=previous, model_dir=target, export=export)
@@ -76,7 +71,7 @@ def rollback_flow(to: str | None = None, home: str | None = None) -> DeployResul
     """Serve ``to`` (default: the newest deployable, not rejected version older than the
     current one); ``home`` defaults to PROMPT_CAPTURE_HOME. ``tasks.registry.rollback`` holds
     the registry lock."""
-    run = resolve_run_settings(get_settings(), home=home)
+    run = open_run(home)
     run.require_registry()  # never a new, empty registry in a home nobody set up
     layout = run.layout
     previous, now = rollback_task(layout.models_dir, to)

@@ -3,21 +3,17 @@ a stale-cycle check, notifications sent once (``tasks.monitor_hours``, ``tasks.a
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from capture.offline_statements import check_count
-from capture.settings import get_settings
 from capture.values import utc_now
+from flows.entry import from_parameters, open_run
 from tasks.alert_delivery import alert_channels, deliver_alerts_task, monitor_summary
 from tasks.monitor import AlertThresholds, refresh_statistics
 from tasks.monitor_hours import DEFAULT_MAX_CATCH_UP_HOURS, check_hours_task
-from tasks.run_settings import resolve_run_settings
-
-logger = logging.getLogger(__name__)
 
 
 @flow(name="monitor")
@@ -58,29 +54,19 @@ def monitor_flow(
     ``home`` defaults to PROMPT_CAPTURE_HOME; the database to ``database_url`` (no password),
     the Secret block ``database_secret``, PROMPT_CAPTURE_DATABASE_URL, or the home's SQLite file.
     """
+    # A user's mistake fails before any I/O: the thresholds and the catch-up window first.
+    thresholds = from_parameters(AlertThresholds, locals())
+    check_count(max_catch_up_hours, "max_catch_up_hours")
     run_logger = get_run_logger()
-    settings = get_settings()
-    run = resolve_run_settings(
-        settings, home=home, database_url=database_url, database_secret=database_secret
-    )
-    thresholds = AlertThresholds(
-        max_failure_rate=max_failure_rate,
-        max_low_confidence_rate=max_low_confidence_rate,
-        max_correction_rate=max_correction_rate,
-        max_traffic_drop=max_traffic_drop,
-        min_count=min_count,
-        low_confidence_threshold=low_confidence_threshold,
-        max_cycle_age_days=max_cycle_age_days,
-    )
-    check_count(max_catch_up_hours, "max_catch_up_hours")  # a user's mistake, before any I/O
+    run = open_run(home, database_url, database_secret)
     now = now if now is not None else utc_now()
-    webhook_url = webhook_url or settings.alert_webhook_url or None
+    webhook_url = webhook_url or run.settings.alert_webhook_url or None
 
     run.require_database()
     refreshed = refresh_statistics(run.database_url) if refresh_stats else None
     check = check_hours_task(
         run.database_url,
-        run.home,
+        run.layout.home,
         now=now,
         thresholds=thresholds,
         channels=alert_channels(webhook_url, notification_block),

@@ -3,16 +3,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from capture.settings import get_settings
-from tasks.run_settings import resolve_run_settings
+from flows.entry import open_run
 from tasks.training_pairs import PairsResult, make_pairs, pairs_path_for, read_training_rows
-
-logger = logging.getLogger(__name__)
 
 
 @flow(name="pairs")
@@ -28,7 +24,7 @@ def pairs_flow(
     """Write same-intent pairs (``{anchor, positive, label}`` JSONL) for ``input`` to ``output``
     (default: ``<input stem>.pairs.jsonl``); ``input`` defaults to the newest retraining export
     under ``home`` (default PROMPT_CAPTURE_HOME)."""
-    run = resolve_run_settings(get_settings(), home=home)
+    run = open_run(home)
     source = Path(input) if input else run.layout.latest_training_export()
     target = Path(output) if output else pairs_path_for(source)
     records = read_training_rows(source, production_only)

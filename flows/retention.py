@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
 
-from capture.settings import get_settings
+from flows.entry import open_run
 from tasks.retention import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_RETENTION_DAYS,
     apply_retention,
 )
-from tasks.run_settings import resolve_run_settings
-
-logger = logging.getLogger(__name__)
 
 
 @flow(name="retention", log_prints=False)
@@ -39,9 +35,7 @@ def retention_flow(
     PostgreSQL, run as the table owner: it drops expired partitions and creates the next ones
     (``PROMPT_CAPTURE_PARTITION_INTERVAL``).
     """
-    run = resolve_run_settings(
-        get_settings(), home=home, database_url=database_url, database_secret=database_secret
-    )
+    run = open_run(home, database_url, database_secret)
     result = apply_retention(
         run.require_database(),
         retention_days=retention_days,

@@ -7,13 +7,12 @@ The steps live in ``tasks.retrain``; only a promoted challenger is exported and 
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from capture.settings import get_settings
+from flows.entry import from_parameters, open_run
 from tasks.gate import GateRules
 from tasks.registry import current_model_dir, next_version, registry_lock
 from tasks.retrain import (
@@ -26,9 +25,6 @@ from tasks.retrain import (
     train_challenger,
     train_config,
 )
-from tasks.run_settings import resolve_run_settings
-
-logger = logging.getLogger(__name__)
 
 MODEL_CARD_KEY = "model-card"
 
@@ -56,12 +52,10 @@ def retrain_flow(
     the export's ``.holdout.jsonl``. ``home`` defaults to PROMPT_CAPTURE_HOME. Holds the
     registry lock from choosing the version to publishing it.
     """
-    run = resolve_run_settings(get_settings(), home=home)
+    rules = from_parameters(GateRules, locals())  # max_overall_drop, max_intent_drop, min_support
+    run = open_run(home)
     run.require_registry()  # never a new, empty registry in a home nobody set up
     layout = run.layout
-    rules = GateRules(
-        max_overall_drop=max_overall_drop, max_intent_drop=max_intent_drop, min_support=min_support
-    )
     train_config(hyperparameters)  # fail fast on a misspelt hyperparameter
     inputs = retrain_inputs(
         layout,

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
 from capture.offline_statements import ParameterError
-from capture.settings import get_settings
+from flows.entry import from_parameters, open_run
 from tasks.label_studio import FILE_FORMATS, review_file_to_label_studio_task
 from tasks.review_export import (
     ReviewExport,
@@ -18,10 +17,7 @@ from tasks.review_export import (
 )
 from tasks.review_rounds import open_review_round_task
 from tasks.review_select import DEFAULT_STRATEGY
-from tasks.run_settings import resolve_run_settings
 from tasks.serving import serving_embedder
-
-logger = logging.getLogger(__name__)
 
 
 @flow(name="review-export", log_prints=False)
@@ -53,22 +49,13 @@ def review_export_flow(
     the same selection (``tasks.review_rounds``; prompts already queued in an open round are left
     out of it).
     """
+    selection = from_parameters(ReviewSelection, locals())  # checks every value
     if file_format not in FILE_FORMATS:
         raise ParameterError(
             f"file_format: expected one of {', '.join(FILE_FORMATS)}, found {file_format!r}"
         )
-    run = resolve_run_settings(
-        get_settings(), home=home, database_url=database_url, database_secret=database_secret
-    )
+    run = open_run(home, database_url, database_secret)
     url = run.require_database()
-    selection = ReviewSelection(
-        days=days,
-        confidence_threshold=confidence_threshold,
-        margin_threshold=margin_threshold,
-        limit=limit,
-        strategy=strategy,
-        seed=seed,
-    )
     embed = serving_embedder(run.layout.models_dir) if use_embeddings else None
     export = export_review_task(
         Path(output) if output else run.layout.review_export_path(),

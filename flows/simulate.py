@@ -8,8 +8,8 @@ subflow of this one, given the run's home and database as parameters.
 
 from __future__ import annotations
 
-import logging
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from capture.settings import Settings, get_settings
+from flows.entry import from_parameters
 from flows.weekly import weekly_cycle
 from tasks.records import Record
 from tasks.review_select import DEFAULT_STRATEGY
@@ -44,8 +45,6 @@ from tasks.simulate.week import (
 )
 from tasks.weekly import WeeklyResult
 
-logger = logging.getLogger(__name__)
-
 SIMULATION_ARTIFACT_KEY = "simulation"
 
 
@@ -58,41 +57,47 @@ def _cycle(space: RunSpace, loop: LoopSettings, seed: int) -> WeeklyResult:
     return result
 
 
-def _first_model(
-    root: Path, plan: TrafficPlan, loop: LoopSettings, seed: int, settings: Settings
-) -> RunSpace:
+@dataclass(frozen=True, slots=True)
+class _Simulation:
+    """What every strategy × seed run of one simulation shares: the output folder (runs under
+    ``out/runs``, progress in ``out/simulation.csv``), the test split, the loop settings, the
+    start of week 1, the runs' process settings, and the rows so far."""
+
+    out: Path
+    test: tuple[Record, ...]
+    loop: LoopSettings
+    start: datetime
+    settings: Settings
+    rows: list[WeekResult] = field(default_factory=list)
+
+    def new_space(self, name: str) -> RunSpace:
+        """A fresh run space ``out/runs/<name>`` with its own database."""
+        return prepare_space_task(
+            self.out / "runs", name, settings=self.settings, server_url=self.settings.database_url
+        )
+
+    def save_progress(self) -> None:
+        """Rewrite ``simulation.csv``: progress survives an interrupted simulation."""
+        write_csv(self.rows, self.out / "simulation.csv")
+
+
+def _first_model(sim: _Simulation, plan: TrafficPlan, seed: int) -> RunSpace:
     """Train, gate (first model: promoted) and deploy the seed-set model once per seed."""
-    space = prepare_space_task(
-        root, f"first-model-seed-{seed}", settings=settings, server_url=settings.database_url
-    )
+    space = sim.new_space(f"first-model-seed-{seed}")
     write_base_files(space, plan)
-    _cycle(space, loop, seed)
+    _cycle(space, sim.loop, seed)
     return space
 
 
-def _run(
-    base: RunSpace,
-    root: Path,
-    *,
-    strategy: str,
-    seed: int,
-    plan: TrafficPlan,
-    test: tuple[Record, ...],
-    loop: LoopSettings,
-    start: datetime,
-    settings: Settings,
-    rows: list[WeekResult],
-    csv_path: Path,
-) -> None:
+def _run(sim: _Simulation, base: RunSpace, plan: TrafficPlan, *, strategy: str, seed: int) -> None:
     """One strategy with one seed: week 0 (the first model), then ``loop.weeks`` weeks."""
-    space = prepare_space_task(
-        root, f"{strategy}-seed-{seed}", settings=settings, server_url=settings.database_url
-    )
+    loop, start = sim.loop, sim.start
+    space = sim.new_space(f"{strategy}-seed-{seed}")
     try:
         write_base_files(space, plan)
         clone_registry(base, space)
-        row = initial_row(strategy, seed, *evaluate_task(space, test), len(plan.seed_set))
-        rows.append(row)
+        row = initial_row(strategy, seed, *evaluate_task(space, sim.test), len(plan.seed_set))
+        sim.rows.append(row)
         for week in range(1, loop.weeks + 1):
             began = time.perf_counter()
             traffic = send_traffic_task(
@@ -103,7 +108,7 @@ def _run(
             )
             cycle = _cycle(space, loop, seed)
             seconds = time.perf_counter() - began
-            accuracy, version = evaluate_task(space, test)
+            accuracy, version = evaluate_task(space, sim.test)
             row = week_row(
                 row,
                 traffic=traffic,
@@ -113,8 +118,8 @@ def _run(
                 version=version,
                 seconds=seconds,
             )
-            rows.append(row)
-            write_csv(rows, csv_path)  # progress survives an interrupted simulation
+            sim.rows.append(row)
+            sim.save_progress()
             get_run_logger().info(
                 "%s seed %d week %d: accuracy %.2f%% (%s, version %s), reviewed %d "
                 "(%d errors found), live accuracy %.2f%%, week %.0fs",
@@ -167,21 +172,8 @@ def simulate_flow(
     the Secret block ``database_secret`` or PROMPT_CAPTURE_DATABASE_URL names; SQLite files in
     the runs' homes when none names a server.
     """
+    loop = from_parameters(LoopSettings, locals())  # the flow's parameters of its fields
     names = check_strategies(strategies or [DEFAULT_STRATEGY])
-    loop = LoopSettings(
-        weeks=weeks,
-        review_budget=review_budget,
-        initial_per_intent=initial_per_intent,
-        traffic_per_week=traffic_per_week,
-        gate_per_intent=gate_per_intent,
-        review_confidence_threshold=review_confidence_threshold,
-        review_margin_threshold=review_margin_threshold,
-        fail_if_wrong=fail_if_wrong,
-        fail_if_right=fail_if_right,
-        hyperparameters=hyperparameters,
-        max_pairs=max_pairs,
-        quantize=quantize,
-    )
     env = get_settings()
     server_url = configured_database_url(
         env, database_url=database_url, database_secret=database_secret
@@ -194,7 +186,9 @@ def simulate_flow(
         max_intents=max_intents,
     )
     out = Path(output).resolve()
-    start = simulation_start(weeks)
+    sim = _Simulation(
+        out=out, test=data.test, loop=loop, start=simulation_start(weeks), settings=settings
+    )
     get_run_logger().info(
         "simulating %d week(s) of %d prompts, review budget %d, on %d intents (%d train, %d "
         "test): strategies %s, seeds %s",
@@ -207,7 +201,8 @@ def simulate_flow(
         ", ".join(names),
         seeds if seeds is not None else [0],
     )
-    rows: list[WeekResult] = [reference_task(data, loop, out)] if reference else []
+    if reference:
+        sim.rows.append(reference_task(data, loop, out))
     for seed in dict.fromkeys(seeds if seeds is not None else [0]):
         plan = plan_traffic_task(
             data,
@@ -217,25 +212,13 @@ def simulate_flow(
             weeks=weeks,
             gate_per_intent=gate_per_intent,
         )
-        base = _first_model(out / "runs", plan, loop, seed, settings)
+        base = _first_model(sim, plan, seed)
         try:
             for strategy in names:
-                _run(
-                    base,
-                    out / "runs",
-                    strategy=strategy,
-                    seed=seed,
-                    plan=plan,
-                    test=data.test,
-                    loop=loop,
-                    start=start,
-                    settings=settings,
-                    rows=rows,
-                    csv_path=out / "simulation.csv",
-                )
+                _run(sim, base, plan, strategy=strategy, seed=seed)
         finally:
             release_space(base)
-    outputs = write_outputs_task(rows, out)
+    outputs = write_outputs_task(sim.rows, out)
     create_markdown_artifact(
         key=SIMULATION_ARTIFACT_KEY,
         markdown=outputs.markdown(),
@@ -247,6 +230,6 @@ def simulate_flow(
         "png": str(outputs.png),
         "table": outputs.table,
         "best": outputs.best,
-        "rows": len(rows),
+        "rows": len(sim.rows),
         "gate_labels": len(data.labels) * gate_per_intent,
     }

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from capture.settings import get_settings
-from tasks.run_settings import resolve_run_settings
+from flows.entry import open_run
 from tasks.training_data import TrainingDataExport, export_training_data_task, write_summary
-
-logger = logging.getLogger(__name__)
 
 
 @flow(name="training-data")
@@ -33,9 +29,7 @@ def training_data_flow(
     ``home`` defaults to PROMPT_CAPTURE_HOME; the database to ``database_url`` (no password),
     the Secret block ``database_secret``, PROMPT_CAPTURE_DATABASE_URL, or the home's SQLite file.
     """
-    run = resolve_run_settings(
-        get_settings(), home=home, database_url=database_url, database_secret=database_secret
-    )
+    run = open_run(home, database_url, database_secret)
     url = run.require_database()
     export = export_training_data_task(
         Path(output) if output else run.layout.training_export_path(),

@@ -8,7 +8,6 @@ resolved URL: see ``tasks.run_settings``).
 
 from __future__ import annotations
 
-import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,10 +16,10 @@ from prefect.artifacts import create_markdown_artifact
 
 from capture.errors import UserError
 from capture.model_dir import read_candidate
-from capture.settings import get_settings
 from flows.ab_check import stage_candidate_flow
 from flows.corrections import corrections_flow
 from flows.deploy import deploy_flow
+from flows.entry import Where, open_run
 from flows.pairs import pairs_flow
 from flows.retrain import retrain_flow
 from flows.training_data import training_data_flow
@@ -28,10 +27,7 @@ from tasks.monitor import record_cycle_success
 from tasks.registry import registry_lock
 from tasks.report import publish_monitoring_artifact
 from tasks.retrain import final_state
-from tasks.run_settings import resolve_run_settings
 from tasks.weekly import WEEKLY_SUMMARY_KEY, WeeklyResult, cycle_message, summary_markdown
-
-logger = logging.getLogger(__name__)
 
 
 @flow(name="weekly-cycle")
@@ -77,33 +73,28 @@ def weekly_cycle(
             f"deploy_mode: expected direct, shadow or canary, found {deploy_mode!r}; "
             "pass one of them (docs/AB_TESTING.md)"
         )
-    run = resolve_run_settings(
-        get_settings(), home=home, database_url=database_url, database_secret=database_secret
-    )
+    run = open_run(home, database_url, database_secret)
     # A home nobody set up (or not the shared one) fails first: its SQLite file is missing too,
     # and "run db upgrade" would be the wrong fix there.
     run.require_registry()
     run.require_database()  # before the lock: an unmigrated database fails at once
-    where = str(run.home)  # subflows get this home and the database parameters given here
+    # Subflows run in this home with the database parameters given here (never the resolved URL).
+    where = Where(
+        home=str(run.layout.home), database_url=database_url, database_secret=database_secret
+    )
     # One run at a time changes the registry: the challenger's version is reserved, trained,
     # gated against the champion serving now, published and deployed with nobody in between.
     # The retrain and deploy subflows re-enter this lock (same thread). Nothing in here waits
     # for a person.
     with registry_lock(run.layout.models_dir):
-        corrections = (
-            corrections_flow(home=where, database_url=database_url, database_secret=database_secret)
-            if import_inbox
-            else None
-        )
+        corrections = corrections_flow(**where) if import_inbox else None
         data = training_data_flow(
             days=days,
             min_confidence=min_confidence,
             holdout_fraction=holdout_fraction,
-            home=where,
-            database_url=database_url,
-            database_secret=database_secret,
+            **where,
         )
-        pairs = pairs_flow(input=str(data.path), max_pairs=max_pairs, home=where)
+        pairs = pairs_flow(input=str(data.path), max_pairs=max_pairs, home=where["home"])
         retrain = retrain_flow(
             str(data.path),
             holdout_data=str(data.holdout_path),
@@ -113,14 +104,14 @@ def weekly_cycle(
             max_overall_drop=max_overall_drop,
             max_intent_drop=max_intent_drop,
             min_support=min_support,
-            home=where,
+            home=where["home"],
         )
         deployed = None
         ab_note = None
         # With nothing serving there is no champion to test a candidate beside: deploy.
         direct = deploy_mode == "direct" or retrain.champion_version is None
         if retrain.promote and deploy and direct:
-            deployed = deploy_flow(retrain.version, quantize=quantize, home=where)
+            deployed = deploy_flow(retrain.version, quantize=quantize, home=where["home"])
         elif retrain.promote and deploy:
             under_test = read_candidate(run.layout.models_dir)
             if under_test is not None:
@@ -136,7 +127,7 @@ def weekly_cycle(
                     mode=deploy_mode,
                     share=canary_share,
                     quantize=quantize,
-                    home=where,
+                    home=where["home"],
                 )
                 ab_note = (
                     f"challenger {retrain.version} promoted by the gate and put under test as "

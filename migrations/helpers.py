@@ -1,4 +1,5 @@
-"""Small pieces several migrations share (PostgreSQL grants to the pipeline role of 0003).
+"""Small pieces several migrations share: the dialect check, the two group roles 0003 creates
+(PostgreSQL) and grants to them, a timestamp column, a check-constraint ``IN`` list.
 
 Only for blocks that are the same in each migration that uses them: a helper here must never
 change what an applied migration runs, so change none of these once a migration calls it.
@@ -6,13 +7,11 @@ change what an applied migration runs, so change none of these once a migration 
 
 from __future__ import annotations
 
-import logging
-
 import sqlalchemy as sa
 from alembic import op
 
-logger = logging.getLogger(__name__)
-
+#: The group roles of migration 0003: the online application and the pipeline (flows, workbench).
+APP_ROLE = "prompt_capture_app"
 PIPELINE_ROLE = "prompt_capture_pipeline"
 
 
@@ -24,6 +23,11 @@ def is_postgres() -> bool:
 def timestamp(name: str, *, nullable: bool = True) -> sa.Column[object]:
     """A ``timestamp with time zone`` column named ``name``."""
     return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable)
+
+
+def sql_in(column: str, values: tuple[str, ...]) -> str:
+    """The check-constraint condition ``<column> IN ('a', 'b', ...)`` (each value as ``repr``)."""
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
 
 def grant_pipeline_tables(tables: tuple[str, ...]) -> None:

@@ -26,7 +26,7 @@ from review_ui.security import CurrentUser, check_csrf, require_user, workbench
 from review_ui.state import Workbench
 from tasks.review_decide import decide, undo_last
 from tasks.review_progress import round_agreement, round_progress
-from tasks.review_queue import add_note, claim_next, load_item, next_item, skip
+from tasks.review_queue import add_note, claim_next, load_item, skip
 from tasks.review_tables import LeaseLost, NotInCatalog, items
 from tasks.review_users import ReviewUser
 
@@ -71,10 +71,7 @@ def _next_view(
     """The item to show next (``resume``: the one the reviewer holds first), read in the
     transaction that leases it; commits (with whatever the caller wrote before)."""
     now = wb.clock()
-    if resume:
-        item_id = next_item(conn, round_id, user, now=now, lease=wb.settings.lease)
-    else:
-        item_id = claim_next(conn, round_id, user, now=now, lease=wb.settings.lease)
+    item_id = claim_next(conn, round_id, user, now=now, lease=wb.settings.lease, resume=resume)
     view = None if item_id is None else load_item(conn, item_id, raw=raw and user.is_admin)
     conn.commit()
     return None if view is None else view.as_dict()

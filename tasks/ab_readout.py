@@ -440,7 +440,6 @@ def ab_readout(
     *,
     plan: ABPlan | None = None,
     min_support: int = MIN_SUPPORT,
-    now: datetime | None = None,
 ) -> ABReadout:
     """The readout of the candidate named by ``models_dir/candidate`` against the champion
     ``models_dir/current``, from the database ``url`` (default: the settings'), with the
@@ -452,7 +451,7 @@ def ab_readout(
     test = ABTest(
         pointer.version, champion, pointer.mode, pointer.share, _since(models_dir, pointer)
     )
-    return readout_of(url, test, plan=plan, min_support=min_support, now=now)
+    return readout_of(url, test, plan=plan, min_support=min_support)
 
 
 def readout_of(

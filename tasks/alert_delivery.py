@@ -42,12 +42,16 @@ STALE_CLAIM = timedelta(minutes=15)
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """How sending to one channel went: ``attempts`` made, ``error`` of the last one."""
+    """How sending to one channel went: ``attempts`` made, ``error`` of the last one (None:
+    the channel took the alert)."""
 
     channel: str
-    ok: bool
     attempts: int
     error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,10 +137,10 @@ def send_webhook(
                 error = f"{type(exc).__name__}: {exc}"
             else:
                 if response.is_success:
-                    return Delivery(channel="webhook", ok=True, attempts=attempt)
+                    return Delivery(channel="webhook", attempts=attempt)
                 error = f"HTTP {response.status_code}: {response.text[:200]}"
                 if response.status_code not in RETRYABLE_STATUS:
-                    return Delivery(channel="webhook", ok=False, attempts=attempt, error=error)
+                    return Delivery(channel="webhook", attempts=attempt, error=error)
             if attempt < attempts:
                 delay = backoff_s * 2 ** (attempt - 1)
                 logger.warning(
@@ -147,7 +151,7 @@ def send_webhook(
                     delay,
                 )
                 sleep(delay)
-    return Delivery(channel="webhook", ok=False, attempts=attempts, error=error)
+    return Delivery(channel="webhook", attempts=attempts, error=error)
 
 
 def send_block(
@@ -169,11 +173,10 @@ def send_block(
     try:
         block = Block.load(name)
     except (ValueError, RuntimeError, httpx.HTTPError) as exc:
-        return Delivery(channel=channel, ok=False, attempts=0, error=f"cannot load block: {exc}")
+        return Delivery(channel=channel, attempts=0, error=f"cannot load block: {exc}")
     if not isinstance(block, NotificationBlock):
         return Delivery(
             channel=channel,
-            ok=False,
             attempts=0,
             error=f"block {name!r} is a {type(block).__name__}, not a notification block",
         )
@@ -187,12 +190,12 @@ def send_block(
                 sent = notifier.notify(body, subject=subject)
                 if inspect.iscoroutine(sent):
                     run_coro_as_sync(sent)
-            return Delivery(channel=channel, ok=True, attempts=attempt)
+            return Delivery(channel=channel, attempts=attempt)
         except Exception as exc:  # a third-party notifier may raise anything: report it
             error = f"{type(exc).__name__}: {exc}"
         if attempt < attempts:
             sleep(backoff_s * 2 ** (attempt - 1))
-    return Delivery(channel=channel, ok=False, attempts=attempts, error=error)
+    return Delivery(channel=channel, attempts=attempts, error=error)
 
 
 def alert_channels(webhook_url: str | None, notification_block: str | None) -> list[str]:

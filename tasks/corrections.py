@@ -360,20 +360,15 @@ def _apply(
     audit: list[dict[str, Any]] = []
     for c in changes:
         write_correction(conn, c.log_id, c.corrected_intent, c.notes, stamp)
-        log = logs[c.log_id]
-        before = log.corrected_intent or log.predicted_intent
         audit.append(
-            review_audit.audit_values(
-                log_id=c.log_id,
+            review_audit.correction_audit(
+                logs[c.log_id],
+                c.log_id,
+                c.corrected_intent,
+                c.notes,
                 reviewer=reviewer,
-                action=review_audit.correction_action(before, c.corrected_intent),
                 source=source,
                 now=stamp,
-                before=before,
-                after=c.corrected_intent,
-                notes=c.notes,
-                applied=True,
-                prior=review_audit.prior_of(log),
             )
         )
     if audit:

@@ -311,8 +311,8 @@ def demo_story(result: DemoResult, *, retrain_steps: int, api_url: str | None) -
         "warm start), gate, ONNX export, deploy",
         f"   training data: {data.n_train} rows {data.counts}; {data.n_holdout} corrected "
         "prompts held out",
-        f"   gate: [bold]{retrain.verdict}[/bold]",
-        *(f"     - {reason}" for reason in retrain.reasons),
+        f"   gate: [bold]{retrain.decision.verdict}[/bold]",
+        *(f"     - {reason}" for reason in retrain.decision.reasons),
     ]
     if result.cycle.deployed is not None:
         lines.append(
@@ -323,7 +323,7 @@ def demo_story(result: DemoResult, *, retrain_steps: int, api_url: str | None) -
     else:
         lines.append(f"[bold]6. no deploy[/bold]: version {result.version_before} keeps serving")
     layout = s.layout
-    lines.append(f"\ngate decision: {retrain.verdict}; model card: {retrain.card}")
+    lines.append(f"\ngate decision: {retrain.decision.verdict}; model card: {retrain.card}")
     lines.append(f"registry: {layout.models_dir}")
     for entry in list_models(layout.models_dir):
         lines.append(

@@ -27,6 +27,7 @@ from capture.model_dir import MODEL_FILE, CandidatePointer, ModelDirError, read_
 from tasks.ab_candidate import clear_candidate
 from tasks.export_onnx import ExportReport, export_onnx
 from tasks.fast_path import FastPathReport, fast_path_for_serving
+from tasks.json_values import json_fields
 from tasks.records import load_records
 from tasks.registry import (
     DEFAULT_LOCK_TIMEOUT_S,
@@ -179,12 +180,16 @@ def _export_and_record(
 
 @task(cache_policy=NO_CACHE, name="export-onnx")
 def export_for_serving(
-    model_dir: Path, *, quantize: bool, validation_data: Path | None
+    model_dir: Path,
+    *,
+    quantize: bool,
+    validation_data: Path | None,
+    settings: Settings | None = None,
 ) -> ExportReport:
-    """:func:`export_model`'s ONNX step for a registry version the calling flow chose under
-    the registry lock (the flow builds the fast path itself); ``validation_data`` holds the
-    texts of the parity check."""
-    return _export_serving_files(model_dir, quantize, validation_data, None).onnx
+    """:func:`export_model` for a registry version the calling flow chose under the registry
+    lock: the ONNX export, then the fast path when ``settings`` turn it on (None: the ONNX
+    export only); ``validation_data`` holds the texts of the parity check."""
+    return _export_serving_files(model_dir, quantize, validation_data, settings).onnx
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,14 +209,7 @@ class DeployResult:
 
     def as_dict(self) -> dict[str, Any]:
         """The result as JSON-able values (``prompt-capture cycle --json``)."""
-        return {
-            "version": self.version,
-            "previous": self.previous,
-            "model_dir": str(self.model_dir),
-            "export": self.export.to_dict() if self.export is not None else None,
-            "candidate_cleared": self.candidate_cleared,
-            "candidate_kept": self.candidate_kept,
-        }
+        return json_fields(self)
 
 
 def serving_card_markdown(result: DeployResult, *, action: str, now: datetime | None = None) -> str:

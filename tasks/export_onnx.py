@@ -48,6 +48,7 @@ from capture.model_dir import (
     ModelMetadata,
     read_trained,
 )
+from tasks.json_values import json_fields
 from tasks.onnx_graph import (
     DEFAULT_OPSET,
     ExportError,
@@ -152,9 +153,7 @@ class ExportReport:
     seconds: float
 
     def to_dict(self) -> dict[str, object]:
-        out: dict[str, object] = {name: getattr(self, name) for name in self.__slots__}
-        out["model_dir"] = str(self.model_dir)
-        return out
+        return json_fields(self)
 
 
 def serving_tokenizer(encoder_dir: Path, max_seq_length: int) -> Tokenizer:

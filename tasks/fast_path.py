@@ -54,6 +54,7 @@ from capture.model_dir import (
     fast_path_labels,
     missing_files,
 )
+from tasks.json_values import json_fields
 from tasks.records import load_records
 from tasks.retrain import TRAINING_FILE, record_metrics
 from tasks.train import fit_logreg_head
@@ -120,9 +121,7 @@ class FastPathReport:
     candidates: list[dict[str, float | None]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["model_dir"] = str(self.model_dir)
-        return out
+        return json_fields(self)
 
 
 # 1. Distillation.

@@ -2,9 +2,8 @@
 
 Each intent that can form a pair (at least :data:`MIN_EXAMPLES_PER_INTENT` distinct texts) gets
 about ``max_pairs / n`` (anchor, positive) pairs drawn from its own examples, capped by the
-number of distinct pairs it can form; every example is used as an anchor about equally often. A
-hard negative comes from a class the model confuses with the pair's class when a confusion
-mapping is given, else from a random other class.
+number of distinct pairs it can form; every example is used as an anchor about equally often.
+Asked for negatives, each pair gets one text of a random other class.
 
 Pair files are JSON Lines (:func:`write_pairs`); :func:`read_pairs` reads them through
 ``tasks.input_files.read_json_rows`` (BOM, CRLF, a JSON list too; one file-level message for
@@ -103,7 +102,6 @@ def build_pairs(
     *,
     max_pairs: int,
     seed: int = 0,
-    hard_negatives: Mapping[str, Sequence[str]] | None = None,
     with_negatives: bool = False,
 ) -> list[Pair]:
     """Build at most ``max_pairs`` same-intent pairs, balanced across intents.
@@ -112,9 +110,7 @@ def build_pairs(
     gets ``max_pairs // n`` pairs, plus one for the first ``max_pairs % n`` intents, capped by
     ``k(k-1)/2`` for an intent with ``k`` distinct texts; an intent with one distinct text gets
     none (it can still be a negative).
-    Negatives are added when ``hard_negatives`` (``{label: [confusable labels, most confused
-    first]}``) is given or ``with_negatives`` is true: from the confusable labels (cycling through
-    them in rank order) when the mapping has any for the label, else from a random other label.
+    With ``with_negatives``, each pair gets a negative: a text of a random other label.
     Same records and seed give the same pairs; cost is linear in ``max_pairs`` and the data.
     """
     if max_pairs < 0:
@@ -126,23 +122,16 @@ def build_pairs(
     if not pairable:
         return []
     base, extra = divmod(max_pairs, len(pairable))
-    want_negatives = with_negatives or hard_negatives is not None
     pairs: list[Pair] = []
     for index, label in enumerate(pairable):
         quota = base + (1 if index < extra else 0)
         texts = groups[label]
         quota = min(quota, len(texts) * (len(texts) - 1) // 2)
-        confusable = [
-            c for c in (hard_negatives or {}).get(label, ()) if c != label and c in groups
-        ]
         others = [other for other in labels if other != label]
-        for n, (anchor, positive) in enumerate(_label_pairs(texts, quota, rng)):
+        for anchor, positive in _label_pairs(texts, quota, rng):
             negative = negative_label = None
-            if want_negatives and others:
-                if confusable:
-                    negative_label = confusable[n % len(confusable)]
-                else:
-                    negative_label = rng.choice(others)
+            if with_negatives and others:
+                negative_label = rng.choice(others)
                 negative = rng.choice(groups[negative_label])
             pairs.append(Pair(anchor, positive, label, negative, negative_label))
     rng.shuffle(pairs)

@@ -161,18 +161,39 @@ def _move_batch(
     return len(copied), len(removed)
 
 
+#: The counts of a :class:`RetentionResult` that a run adds up as it goes.
+_COUNTED = (
+    "copied",
+    "deleted",
+    "batches",
+    "partitions_dropped",
+    "partitions_created",
+    "moved_from_default",
+)
+
+
 @dataclass(slots=True)
 class _Progress:
-    copied: int = 0
-    deleted: int = 0
-    batches: int = 0
-    dropped: int = 0
-    created: int = 0
-    moved: int = 0
+    """The run so far: its result's :data:`_COUNTED` counts, and wall seconds per step."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTED, 0))
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def batches(self) -> int:
+        return self.counts["batches"]
+
+    def add(self, **counts: int) -> None:
+        for name, n in counts.items():
+            self.counts[name] += n  # a KeyError for a name outside _COUNTED
 
     def took(self, step: str, started: float) -> None:
         self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - started
+
+    def result(self, cutoff: datetime, *, shadow_deleted: int) -> RetentionResult:
+        return RetentionResult(
+            cutoff=cutoff, shadow_deleted=shadow_deleted, seconds=self.seconds, **self.counts
+        )
 
 
 def _with_lock_retries(engine: Engine, what: str, work: Callable[[Connection], Any]) -> Any:
@@ -242,8 +263,7 @@ def _copy_expired_table(
             copied = _copy_training_rows(conn, [map_retraining_row(row) for row in rows])
             if before_commit is not None:
                 before_commit(progress.batches + 1)
-        progress.batches += 1
-        progress.copied += copied
+        progress.add(batches=1, copied=copied)
         rows_seen += len(rows)
         after = (rows[-1].id, rows[-1].created_at)
         if len(rows) < batch_size:
@@ -300,8 +320,7 @@ def _copy_and_drop(
     with engine.begin() as conn:
         partitions.drop_expired_table(conn, name)
     progress.took("drop", dropping)
-    progress.deleted += rows
-    progress.dropped += 1
+    progress.add(deleted=rows, partitions_dropped=1)
     logger.info(
         "retention: partition %s (%d rows) copied and dropped in %.1f s",
         name,
@@ -329,9 +348,7 @@ def _delete_rows(
                 break
             if before_commit is not None:
                 before_commit(progress.batches + 1)
-        progress.batches += 1
-        progress.copied += batch_copied
-        progress.deleted += batch_deleted
+        progress.add(batches=1, copied=batch_copied, deleted=batch_deleted)
         logger.info(
             "retention batch %d: deleted %d raw logs older than %s, copied %d",
             progress.batches,
@@ -474,21 +491,11 @@ def run_retention(
             ),
         )
         progress.took("create", started)
-        progress.created, progress.moved = len(changes.created), changes.moved_rows
+        progress.add(partitions_created=len(changes.created), moved_from_default=changes.moved_rows)
         started = time.perf_counter()
         _analyze_parent(engine)
         progress.took("analyze", started)
-    result = RetentionResult(
-        cutoff=cutoff,
-        copied=progress.copied,
-        deleted=progress.deleted,
-        batches=progress.batches,
-        partitions_dropped=progress.dropped,
-        partitions_created=progress.created,
-        moved_from_default=progress.moved,
-        shadow_deleted=shadow_deleted,
-        seconds=progress.seconds,
-    )
+    result = progress.result(cutoff, shadow_deleted=shadow_deleted)
     logger.info(
         "retention done: %d raw logs deleted (%d partitions dropped), %d copied to the training "
         "store, %d batches; %d partitions created, %d rows moved out of the DEFAULT partition; "

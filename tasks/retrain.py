@@ -283,32 +283,17 @@ class RetrainResult:
     def promote(self) -> bool:
         return self.decision.promote
 
-    @property
-    def verdict(self) -> str:
-        return self.decision.verdict
-
-    @property
-    def reasons(self) -> list[str]:
-        return list(self.decision.reasons)
-
-    @property
-    def champion_accuracy(self) -> float:
-        return self.decision.champion_accuracy
-
-    @property
-    def challenger_accuracy(self) -> float:
-        return self.decision.challenger_accuracy
-
     def as_dict(self) -> dict[str, Any]:
         """The result as JSON-able values (``prompt-capture cycle --json``)."""
+        decision = self.decision
         return {
             "version": self.version,
-            "promote": self.promote,
-            "verdict": self.verdict,
-            "reasons": self.reasons,
+            "promote": decision.promote,
+            "verdict": decision.verdict,
+            "reasons": list(decision.reasons),
             "champion_version": self.champion_version,
-            "champion_accuracy": self.champion_accuracy,
-            "challenger_accuracy": self.challenger_accuracy,
+            "champion_accuracy": decision.champion_accuracy,
+            "challenger_accuracy": decision.challenger_accuracy,
             "model_dir": str(self.model_dir),
             "card": str(self.card),
         }

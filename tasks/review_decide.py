@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, exists, insert, select, update
+from sqlalchemy import Connection, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from capture.ids import uuid7
@@ -35,7 +35,15 @@ from capture.models import PROMPT_LOGS
 from capture.review_audit import prior_of
 from capture.values import from_db_datetime
 from tasks.corrections import fetch_logs, validate_correction_rows, write_correction
-from tasks.review_queue import DEFAULT_LEASE, Catalog, audit_row, clean_notes, item_audit_row
+from tasks.review_queue import (
+    DEFAULT_LEASE,
+    Catalog,
+    audit_row,
+    clean_notes,
+    held_item,
+    item_audit_row,
+    item_with_log,
+)
 from tasks.review_tables import (
     LABEL_ACTIONS,
     LeaseLost,
@@ -83,17 +91,12 @@ def live(column: Any = None) -> Any:
     return ~exists().where(_UNDO.c.undoes == target)
 
 
-# One round trip for the item and its log (a prebuilt statement: no per-call compile work).
-_ITEM_WITH_LOG = (
-    select(
-        items,
-        _LOGS.c.predicted_intent,
-        _LOGS.c.corrected_intent,
-        _LOGS.c.correction_notes,
-        _LOGS.c.corrected_at,
-    )
-    .select_from(items.outerjoin(_LOGS, _LOGS.c.id == items.c.log_id))
-    .where(items.c.id == bindparam("item_id"))
+# One round trip for the item and its log.
+_ITEM_WITH_LOG = item_with_log(
+    _LOGS.c.predicted_intent,
+    _LOGS.c.corrected_intent,
+    _LOGS.c.correction_notes,
+    _LOGS.c.corrected_at,
 )
 
 
@@ -212,14 +215,7 @@ def decide(
     longer holds the item, :class:`NotInCatalog` for ``correct`` with an unknown intent,
     :class:`ReviewError` when the file import's validation refuses it. The caller commits.
     """
-    item = conn.execute(_ITEM_WITH_LOG, {"item_id": item_id}).first()
-    if item is None:
-        raise ReviewError(f"review item {item_id} is unknown")
-    if item.state != "pending" or item.lease_owner != reviewer.id:
-        raise LeaseLost(
-            f"review item {item_id} is no longer yours (the lease expired and another reviewer "
-            "took it, or it was decided meanwhile); the next item is shown"
-        )
+    item = held_item(conn, item_id, reviewer, _ITEM_WITH_LOG)
     log = item  # the log's columns came with the item (outer join)
     if log.predicted_intent is None:
         raise ReviewError(f"the logged prompt {item.log_id} was deleted (retention); skip it")

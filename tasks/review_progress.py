@@ -17,7 +17,7 @@ import logging
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -182,21 +182,7 @@ class Progress:
     reviewers: list[ReviewerProgress] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "total": self.total,
-            "done": self.done,
-            "left": self.left,
-            "leased": self.leased,
-            "disputed": self.disputed,
-            "proposals": self.proposals,
-            "members": self.members,
-            "members_done": self.members_done,
-            "reviewers": [_row(r) for r in self.reviewers],
-        }
-
-
-def _row(r: ReviewerProgress) -> dict[str, Any]:
-    return {name: getattr(r, name) for name in ReviewerProgress.__slots__}
+        return asdict(self)
 
 
 def round_progress(conn: Connection, round_id: uuid.UUID, *, now: datetime) -> Progress:

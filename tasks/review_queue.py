@@ -16,13 +16,24 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Required, TypedDict, Unpack
 
-from sqlalchemy import Connection, and_, bindparam, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Select,
+    and_,
+    bindparam,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 
 from capture.model_dir import METADATA_FILE, ModelMetadata
 from capture.models import PROMPT_LOGS
-from capture.review_audit import audit_values
+from capture.review_audit import Prior, audit_values
 from capture.values import from_db_datetime, from_real, parse_secondary_intents
 from tasks.anonymise import scrub_pii
 from tasks.corrections import MAX_NOTES_CHARS, intent_catalog
@@ -158,9 +169,15 @@ def claim_next(
     *,
     now: datetime,
     lease: timedelta = DEFAULT_LEASE,
+    resume: bool = False,
 ) -> uuid.UUID | None:
     """Lease the next free pending item of an open round to ``reviewer``; its id, or None when
-    nothing is left for this reviewer. The caller commits (at once: the lease is then visible)."""
+    nothing is left for this reviewer (``resume``: the item the reviewer holds comes first).
+    The caller commits (at once: the lease is then visible)."""
+    if resume:
+        held = current_lease(conn, round_id, reviewer, now=now)
+        if held is not None:
+            return held
     params = {
         "b_round": round_id,
         "b_reviewer": reviewer.id,
@@ -189,22 +206,6 @@ def current_lease(
     return conn.execute(stmt).scalar_one_or_none()
 
 
-def next_item(
-    conn: Connection,
-    round_id: uuid.UUID,
-    reviewer: ReviewUser,
-    *,
-    now: datetime,
-    lease: timedelta = DEFAULT_LEASE,
-) -> uuid.UUID | None:
-    """The item the reviewer holds, else a newly claimed one (None: the round is done for them).
-    The caller commits (a claim is visible to other reviewers from then on)."""
-    held = current_lease(conn, round_id, reviewer, now=now)
-    if held is not None:
-        return held
-    return claim_next(conn, round_id, reviewer, now=now, lease=lease)
-
-
 def _alternatives(
     secondary: Any, predicted: str, limit: int = N_ALTERNATIVES
 ) -> tuple[tuple[str, float], ...]:
@@ -212,35 +213,33 @@ def _alternatives(
     return tuple((name, conf) for name, conf in pairs if name != predicted)[:limit]
 
 
-_VIEW = (
-    select(
-        items.c.id,
-        items.c.round_id,
-        items.c.log_id,
-        items.c.group_size,
-        items.c.double_review,
-        items.c.lease_expires_at,
-        items.c.prev_log_id,
-        items.c.next_log_id,
-        _LOGS.c.prompt,
-        _LOGS.c.predicted_intent,
-        _LOGS.c.confidence,
-        _LOGS.c.secondary_intents,
-        _LOGS.c.was_successful,
-        _LOGS.c.workflow_type,
-        _LOGS.c.execution_error,
-        _LOGS.c.created_at,
+def item_with_log(*log_columns: Any) -> Select[Any]:
+    """The review item bound as ``item_id`` with ``log_columns`` of its log (None where
+    retention deleted the log: an outer join). Built once at import: no per-call compile work."""
+    return (
+        select(items, *log_columns)
+        .select_from(items.outerjoin(_LOGS, _LOGS.c.id == items.c.log_id))
+        .where(items.c.id == bindparam("item_id"))
     )
-    .select_from(items.join(_LOGS, _LOGS.c.id == items.c.log_id))
-    .where(items.c.id == bindparam("b_item"))
+
+
+_VIEW = item_with_log(
+    _LOGS.c.prompt,
+    _LOGS.c.predicted_intent,
+    _LOGS.c.confidence,
+    _LOGS.c.secondary_intents,
+    _LOGS.c.was_successful,
+    _LOGS.c.workflow_type,
+    _LOGS.c.execution_error,
+    _LOGS.c.created_at,
 )
 
 
 def load_item(conn: Connection, item_id: uuid.UUID, *, raw: bool = False) -> ItemView:
     """The view of one item (see :class:`ItemView`); :class:`ReviewError` when unknown or its log
     was deleted (retention)."""
-    row = conn.execute(_VIEW, {"b_item": item_id}).first()
-    if row is None:
+    row = conn.execute(_VIEW, {"item_id": item_id}).first()
+    if row is None or row.prompt is None:
         raise ReviewError(f"review item {item_id} is unknown or its logged prompt was deleted")
     show = (lambda s: s) if raw else scrub_pii
     neighbours: dict[uuid.UUID, str] = {}
@@ -281,46 +280,32 @@ def clean_notes(notes: str | None) -> str | None:
     return notes.strip()[:MAX_NOTES_CHARS] or None
 
 
+class AuditFields(TypedDict, total=False):
+    """What a workbench audit row names besides its author and source: the keyword arguments of
+    :func:`capture.review_audit.audit_values` (the one shape every writer uses)."""
+
+    log_id: Required[uuid.UUID]
+    action: Required[str]
+    now: Required[datetime]
+    round_id: uuid.UUID | None
+    item_id: uuid.UUID | None
+    before: str | None
+    after: str | None
+    notes: str | None
+    group_id: uuid.UUID | None
+    batch_id: uuid.UUID | None
+    undoes: uuid.UUID | None
+    applied: bool
+    prior: Prior
+    decision_id: uuid.UUID | None
+
+
 def audit_row(
-    *,
-    log_id: uuid.UUID,
-    reviewer: ReviewUser,
-    action: str,
-    now: datetime,
-    round_id: uuid.UUID | None = None,
-    item_id: uuid.UUID | None = None,
-    before: str | None = None,
-    after: str | None = None,
-    notes: str | None = None,
-    source: str = "ui",
-    group_id: uuid.UUID | None = None,
-    batch_id: uuid.UUID | None = None,
-    undoes: uuid.UUID | None = None,
-    applied: bool = False,
-    prior: tuple[str | None, str | None, datetime | None] = (None, None, None),
-    decision_id: uuid.UUID | None = None,
+    *, reviewer: ReviewUser, source: str = "ui", **fields: Unpack[AuditFields]
 ) -> dict[str, Any]:
     """One ``review_decisions`` row (the audit) of a workbench user: who, when, before → after,
-    source, group — ``capture.review_audit.audit_values``, the one shape every writer uses."""
-    return audit_values(
-        log_id=log_id,
-        reviewer=reviewer.name,
-        reviewer_id=reviewer.id,
-        action=action,
-        source=source,
-        now=now,
-        round_id=round_id,
-        item_id=item_id,
-        before=before,
-        after=after,
-        notes=notes,
-        group_id=group_id,
-        batch_id=batch_id,
-        undoes=undoes,
-        applied=applied,
-        prior=prior,
-        decision_id=decision_id,
-    )
+    source, group — ``capture.review_audit.audit_values`` with the user's name and id."""
+    return audit_values(reviewer=reviewer.name, reviewer_id=reviewer.id, source=source, **fields)
 
 
 def item_audit_row(
@@ -340,18 +325,22 @@ def item_audit_row(
     )
 
 
-def _held_item(conn: Connection, item_id: uuid.UUID, reviewer: ReviewUser) -> Any:
-    row = conn.execute(
-        select(
-            items.c.id, items.c.round_id, items.c.log_id, items.c.state, items.c.lease_owner
-        ).where(items.c.id == item_id)
-    ).first()
+_ITEM = select(items).where(items.c.id == bindparam("item_id"))
+
+
+def held_item(
+    conn: Connection, item_id: uuid.UUID, reviewer: ReviewUser, query: Select[Any] = _ITEM
+) -> Any:
+    """The row ``query`` reads for the item bound as ``item_id`` (default: the item's columns),
+    when ``reviewer`` holds the item: :class:`ReviewError` when it is unknown,
+    :class:`LeaseLost` when the reviewer no longer holds it."""
+    row = conn.execute(query, {"item_id": item_id}).first()
     if row is None:
         raise ReviewError(f"review item {item_id} is unknown")
     if row.state != "pending" or row.lease_owner != reviewer.id:
         raise LeaseLost(
-            f"review item {item_id} is no longer yours (its lease expired and another reviewer "
-            "took it, or it was decided); the next item is shown"
+            f"review item {item_id} is no longer yours (the lease expired and another reviewer "
+            "took it, or it was decided meanwhile); the next item is shown"
         )
     return row
 
@@ -360,7 +349,7 @@ def skip(conn: Connection, item_id: uuid.UUID, reviewer: ReviewUser, *, now: dat
     """Give a held item back and move it to the end of its round's queue (audited as ``skip``);
     returns the round id. :class:`LeaseLost` when the reviewer does not hold it. The caller
     commits."""
-    row = _held_item(conn, item_id, reviewer)
+    row = held_item(conn, item_id, reviewer)
     last = (
         select(func.coalesce(func.max(items.c.position), 0) + 1)
         .where(items.c.round_id == row.round_id)

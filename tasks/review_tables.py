@@ -22,6 +22,7 @@ without a foreign key: retention deletes raw logs, the review history stays.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Final
 
 from sqlalchemy import (
@@ -41,6 +42,7 @@ from sqlalchemy import (
     false,
     true,
 )
+from sqlalchemy.sql.schema import SchemaItem
 
 from capture.errors import UserError
 from capture.models import NAMING_CONVENTION, JsonB, Timestamp
@@ -86,18 +88,29 @@ class NotInCatalog(ReviewError):
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+def _table(name: str, *columns: SchemaItem, indexes: Sequence[tuple[str, ...]] = ()) -> Table:
+    """The workbench table ``name``: a UUID primary key ``id``, then ``columns`` (and
+    constraints), and one index per column tuple of ``indexes``, named as migration 0005 names
+    them: ``ix_<table>_<columns joined by _>``."""
+    named = (Index(f"ix_{name}_{'_'.join(cols)}", *cols) for cols in indexes)
+    return Table(name, metadata, Column("id", Uuid, primary_key=True), *columns, *named)
+
+
 def _ts(name: str, *, nullable: bool = True) -> Column[object]:
     return Column(name, Timestamp, nullable=nullable)
+
+
+def _user(name: str) -> Column[object]:
+    """A reference to a workbench user (None: nobody, or a user from before)."""
+    return Column(name, Uuid, ForeignKey("review_users.id"), nullable=True)
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
 
-users = Table(
+users = _table(
     "review_users",
-    metadata,
-    Column("id", Uuid, primary_key=True),
     Column("name", Text, nullable=False, unique=True),
     Column("role", Text, nullable=False),
     Column("password_hash", Text, nullable=False),
@@ -107,29 +120,24 @@ users = Table(
     CheckConstraint(_in("role", ROLES), name="role"),
 )
 
-login_attempts = Table(
+login_attempts = _table(
     "review_login_attempts",
-    metadata,
-    Column("id", Uuid, primary_key=True),
     Column("user_name", Text, nullable=False),
     Column("client", Text, nullable=False),
     Column("succeeded", Boolean, nullable=False),
     _ts("at", nullable=False),
-    Index("ix_review_login_attempts_user_name_at", "user_name", "at"),
-    Index("ix_review_login_attempts_client_at", "client", "at"),
+    indexes=[("user_name", "at"), ("client", "at")],
 )
 
-rounds = Table(
+rounds = _table(
     "review_rounds",
-    metadata,
-    Column("id", Uuid, primary_key=True),
     Column("name", Text, nullable=False),
     Column("status", Text, nullable=False),
     Column("strategy", Text, nullable=False),
     Column("budget", Integer, nullable=False),
     Column("double_review_share", Float, nullable=False),
     Column("params", JsonB, nullable=False),
-    Column("created_by", Uuid, ForeignKey("review_users.id"), nullable=True),
+    _user("created_by"),
     _ts("created_at", nullable=False),
     _ts("closed_at"),
     CheckConstraint(_in("status", ("open", "closed")), name="status"),
@@ -138,10 +146,8 @@ rounds = Table(
     ),
 )
 
-items = Table(
+items = _table(
     "review_round_items",
-    metadata,
-    Column("id", Uuid, primary_key=True),
     Column("round_id", Uuid, ForeignKey("review_rounds.id", ondelete="CASCADE"), nullable=False),
     Column("log_id", Uuid, nullable=False),
     Column("position", Integer, nullable=False),
@@ -152,7 +158,7 @@ items = Table(
     Column("reviews_needed", SmallInteger, nullable=False, server_default="1"),
     Column("reviews_done", SmallInteger, nullable=False, server_default="0"),
     Column("first_reviewer", Uuid, nullable=True),
-    Column("lease_owner", Uuid, ForeignKey("review_users.id"), nullable=True),
+    _user("lease_owner"),
     _ts("lease_expires_at"),
     Column("prev_log_id", Uuid, nullable=True),
     Column("next_log_id", Uuid, nullable=True),
@@ -162,20 +168,16 @@ items = Table(
     CheckConstraint(_in("state", STATES), name="state"),
     CheckConstraint("reviews_needed IN (1, 2)", name="reviews_needed"),
     UniqueConstraint("round_id", "log_id", name="uq_review_round_items_round_id_log_id"),
-    # The claim: the first pending item of a round by position.
-    Index("ix_review_round_items_round_id_state_position", "round_id", "state", "position"),
-    Index("ix_review_round_items_group_id", "group_id"),
-    Index("ix_review_round_items_lease_owner", "lease_owner"),
+    # The first: the claim (the first pending item of a round by position).
+    indexes=[("round_id", "state", "position"), ("group_id",), ("lease_owner",)],
 )
 
-decisions = Table(
+decisions = _table(
     "review_decisions",
-    metadata,
-    Column("id", Uuid, primary_key=True),
     Column("round_id", Uuid, ForeignKey("review_rounds.id"), nullable=True),
     Column("item_id", Uuid, ForeignKey("review_round_items.id"), nullable=True),
     Column("log_id", Uuid, nullable=False),
-    Column("reviewer_id", Uuid, ForeignKey("review_users.id"), nullable=True),
+    _user("reviewer_id"),
     Column("reviewer", Text, nullable=False),
     Column("action", Text, nullable=False),
     Column("before_intent", Text, nullable=True),
@@ -192,28 +194,23 @@ decisions = Table(
     _ts("created_at", nullable=False),
     CheckConstraint(_in("action", ACTIONS), name="action"),
     CheckConstraint(_in("source", SOURCES), name="source"),
-    Index("ix_review_decisions_item_id", "item_id"),
-    Index(
-        "ix_review_decisions_reviewer_id_round_id_created_at",
-        "reviewer_id",
-        "round_id",
-        "created_at",
-    ),
-    Index("ix_review_decisions_undoes", "undoes"),
-    Index("ix_review_decisions_log_id", "log_id"),
-    Index("ix_review_decisions_batch_id", "batch_id"),
+    indexes=[
+        ("item_id",),
+        ("reviewer_id", "round_id", "created_at"),
+        ("undoes",),
+        ("log_id",),
+        ("batch_id",),
+    ],
 )
 
-proposals = Table(
+proposals = _table(
     "review_intent_proposals",
-    metadata,
-    Column("id", Uuid, primary_key=True),
     Column("intent", Text, nullable=False, unique=True),
     Column("status", Text, nullable=False),
     Column("round_id", Uuid, ForeignKey("review_rounds.id"), nullable=True),
-    Column("proposed_by", Uuid, ForeignKey("review_users.id"), nullable=True),
+    _user("proposed_by"),
     _ts("proposed_at", nullable=False),
-    Column("decided_by", Uuid, ForeignKey("review_users.id"), nullable=True),
+    _user("decided_by"),
     _ts("decided_at"),
     CheckConstraint(_in("status", PROPOSAL_STATES), name="status"),
 )

@@ -48,10 +48,6 @@ class RunSettings:
     database_url: str
     settings: Settings
 
-    @property
-    def home(self) -> Path:
-        return self.layout.home
-
     def require_database(self) -> str:
         """:attr:`database_url` once its schema is the one this code needs; raises
         :class:`capture.db.DatabaseNotMigratedError` (a ``UserError`` naming ``prompt-capture

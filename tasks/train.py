@@ -319,19 +319,20 @@ def train_model(
     )
     train_seconds = time.perf_counter() - t_train
 
-    val_emb = encode_texts(encoder, [r.text for r in val]) if val else None
+    validation = (
+        _Validation.of(val, encode_texts(encoder, [r.text for r in val]), labels) if val else None
+    )
     heads = _candidate_heads(
         encoder,
         [r.text for r in rows],
         np.array([label_index[r.label] for r in rows]),
         cos_head,
-        val=val,
-        val_emb=val_emb,
-        labels=labels,
+        validation=validation,
+        n_labels=len(labels),
         config=config,
     )
     candidates = {
-        name: _calibrate(name, val, val_emb, W, b, labels=labels, config=config)
+        name: _calibrate(name, validation, W, b, labels=labels, config=config)
         for name, (W, b) in heads.items()
     }
     chosen = candidates[config.head]
@@ -404,30 +405,51 @@ def _centroids(
     return centroids
 
 
+@dataclass(frozen=True, slots=True)
+class _Validation:
+    """The validation rows as the heads are calibrated on them: their embeddings and labels,
+    and the rows whose label the model has (``known``) with those labels' indices."""
+
+    emb: np.ndarray
+    labels: list[str]
+    index: dict[str, int]  # the model's label -> its column
+    known: np.ndarray
+    targets: np.ndarray
+
+    @classmethod
+    def of(cls, rows: Sequence[Record], emb: np.ndarray, labels: Sequence[str]) -> _Validation:
+        index = {lab: i for i, lab in enumerate(labels)}
+        y = [r.label for r in rows]
+        known = np.array([lab in index for lab in y])
+        return cls(emb, y, index, known, np.array([index[lab] for lab in y if lab in index]))
+
+    def logits(self, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self.emb @ W.T + b
+
+
 def _candidate_heads(
     encoder: Any,
     texts: Sequence[str],
     y: np.ndarray,
     cos_head: np.ndarray,
     *,
-    val: Sequence[Record] | None,
-    val_emb: np.ndarray | None,
-    labels: Sequence[str],
+    validation: _Validation | None,
+    n_labels: int,
     config: TrainConfig,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Uncalibrated (W, b) of the heads: ``cosine`` (the trained head scaled by ``scale``) and,
     unless the published head is ``cosine``, ``logreg`` (C=``head_c`` on the tuned embeddings
     of ``texts``) and ``ensemble`` (the mean of both heads' logits, each divided by its own
     temperature on validation: one linear layer)."""
-    n = len(labels)
-    heads = {"cosine": ((config.scale * cos_head).astype(np.float32), np.zeros(n, np.float32))}
+    cosine = (config.scale * cos_head).astype(np.float32), np.zeros(n_labels, np.float32)
+    heads = {"cosine": cosine}
     if config.head == "cosine":
         return heads
     emb = encode_texts(encoder, texts)
-    heads["logreg"] = fit_logreg_head(emb, y, n, c=config.head_c, seed=config.seed)
+    heads["logreg"] = fit_logreg_head(emb, y, n_labels, c=config.head_c, seed=config.seed)
     (w_cos, b_cos), (w_lr, b_lr) = heads["cosine"], heads["logreg"]
-    t_cos = _component_temperature(val, val_emb, w_cos, b_cos, labels=labels, config=config)
-    t_lr = _component_temperature(val, val_emb, w_lr, b_lr, labels=labels, config=config)
+    t_cos = _component_temperature(validation, w_cos, b_cos, config=config)
+    t_lr = _component_temperature(validation, w_lr, b_lr, config=config)
     heads["ensemble"] = (
         ((w_cos / t_cos + w_lr / t_lr) / 2).astype(np.float32),
         ((b_cos / t_cos + b_lr / t_lr) / 2).astype(np.float32),
@@ -436,29 +458,17 @@ def _candidate_heads(
 
 
 def _component_temperature(
-    val: Sequence[Record] | None,
-    val_emb: np.ndarray | None,
-    W: np.ndarray,
-    b: np.ndarray,
-    *,
-    labels: Sequence[str],
-    config: TrainConfig,
+    validation: _Validation | None, W: np.ndarray, b: np.ndarray, *, config: TrainConfig
 ) -> float:
     """The NLL temperature of one head on the in-label validation rows (1 without them)."""
-    if not val or val_emb is None or not config.calibrate:
+    if validation is None or not config.calibrate or not validation.known.any():
         return 1.0
-    index = {lab: i for i, lab in enumerate(labels)}
-    known = np.array([r.label in index for r in val])
-    if not known.any():
-        return 1.0
-    targets = np.array([index[r.label] for r in val if r.label in index])
-    return fit_temperature((val_emb @ W.T + b)[known], targets)
+    return fit_temperature(validation.logits(W, b)[validation.known], validation.targets)
 
 
 def _calibrate(
     name: str,
-    val: Sequence[Record] | None,
-    val_emb: np.ndarray | None,
+    validation: _Validation | None,
     W: np.ndarray,
     b: np.ndarray,
     *,
@@ -467,17 +477,15 @@ def _calibrate(
 ) -> CandidateHead:
     """Temperature (and out-of-scope logit offset, folded into the bias), OOS threshold and
     validation metrics of the head ``name`` = (W, b)."""
-    if not val or val_emb is None:
+    if validation is None:
         return CandidateHead(Head(W, b), 1.0, None, {})
     oos = config.oos_label
-    label_index = {lab: i for i, lab in enumerate(labels)}
+    known, targets = validation.known, validation.targets
     temperature = 1.0
     metrics: dict[str, Any] = {}
-    val_logits = val_emb @ W.T + b
-    known = np.array([r.label in label_index for r in val])
-    targets = np.array([label_index[r.label] for r in val if r.label in label_index])
+    val_logits = validation.logits(W, b)
     raw = softmax(val_logits)
-    oos_column = label_index.get(oos)
+    oos_column = validation.index.get(oos)
     if (
         config.calibrate
         and config.calibrate_oos_offset
@@ -487,7 +495,7 @@ def _calibrate(
         temperature, beta = fit_temperature_and_offset(val_logits[known], targets, oos_column)
         b = b.copy()
         b[oos_column] += np.float32(temperature * beta)  # folded into the head
-        val_logits = val_emb @ W.T + b
+        val_logits = validation.logits(W, b)
         metrics["oos_logit_offset"] = float(temperature * beta)
     elif config.calibrate and known.any():
         temperature = fit_temperature(val_logits[known], targets)
@@ -495,7 +503,7 @@ def _calibrate(
     ece_before = expected_calibration_error(
         raw[known].max(axis=1), raw[known].argmax(axis=1) == targets
     )
-    y_val = [r.label for r in val]
+    y_val = validation.labels
     threshold = choose_oos_threshold(probs, labels, y_val, oos)
     report = compute_report(labels, probs, y_val, oos_label=oos, oos_threshold=threshold)
     metrics.update(

@@ -15,6 +15,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.json_values import json_fields
 from tasks.pairs import build_pairs, write_pairs
 from tasks.records import Record
 from tasks.retry import io_task
@@ -57,9 +58,4 @@ class PairsResult:
     rows: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "input": str(self.input),
-            "output": str(self.output),
-            "pairs": self.pairs,
-            "rows": self.rows,
-        }
+        return json_fields(self)

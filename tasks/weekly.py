@@ -31,14 +31,14 @@ def cycle_message(retrain: RetrainResult, deployed: DeployResult | None) -> str:
         return (
             f"challenger {retrain.version} rejected by the gate; version "
             f"{retrain.champion_version} keeps serving. Reasons: "
-            + "; ".join(retrain.reasons)
+            + "; ".join(retrain.decision.reasons)
             + f". Model card: {retrain.card}"
         )
     if deployed is not None:
         return (
             f"challenger {retrain.version} promoted and deployed (was "
-            f"{deployed.previous}): accuracy {retrain.challenger_accuracy:.2%} vs "
-            f"{retrain.champion_accuracy:.2%}. Model card: {retrain.card}"
+            f"{deployed.previous}): accuracy {retrain.decision.challenger_accuracy:.2%} vs "
+            f"{retrain.decision.champion_accuracy:.2%}. Model card: {retrain.card}"
         )
     return (
         f"challenger {retrain.version} promoted, not deployed (deploy=False); run the "

@@ -13,8 +13,10 @@ from typing import Any
 from sqlalchemy import select
 
 from capture import db
+from capture.logger import Sleep
 from capture.model_dir import write_pointer
 from capture.models import PromptLog
+from capture.service import NLUService, create_nlu_service
 from capture.settings import Settings
 from capture.types import Prediction
 
@@ -51,6 +53,26 @@ def capture_settings(url: str, home: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {"home": home, "database_url": url, "flush_interval_s": 0.01}
     values.update(overrides)
     return Settings(**values)
+
+
+def fixed_service(
+    url: str,
+    home: Path,
+    *,
+    application_name: str | None = None,
+    sleep: Sleep | None = None,
+    **overrides: Any,
+) -> NLUService:
+    """A service answering with a ``FixedClassifier`` that logs to ``url``, with the
+    ``capture_settings`` of ``home`` (and ``overrides``); ``application_name`` and ``sleep`` (the
+    reconnect backoff) as ``create_nlu_service`` takes them."""
+    return create_nlu_service(
+        FixedClassifier(),
+        url=url,
+        settings=capture_settings(url, home, **overrides),
+        application_name=application_name,
+        sleep=sleep,
+    )
 
 
 def aware(value: datetime | None) -> datetime | None:

@@ -12,6 +12,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -20,6 +21,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from capture import db
 from capture.settings import get_settings
+
+if TYPE_CHECKING:
+    from tasks.corrections import ImportResult
+    from tests.cycle_helpers import Importer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -124,6 +129,21 @@ def three_logs(db_url: str) -> list[uuid.UUID]:
     from tests.cycle_helpers import THREE_LOGS, insert_logs
 
     return insert_logs(db_url, THREE_LOGS)
+
+
+@pytest.fixture
+def import_rows(db_url: str, tmp_path: Path) -> Importer:
+    """``import_rows(rows, **options)``: ``rows`` written as a reviewer's JSON list file (the same
+    file each time) and imported into ``db_url``'s database with the corrections tests'
+    ``CATALOG``; ``options`` go to ``import_corrections`` (e.g. ``allow_new_intent=True``)."""
+    from tasks.corrections import import_corrections
+    from tests.cycle_helpers import CATALOG, write_list
+
+    def run(rows: list[Any], **options: Any) -> ImportResult:
+        path = write_list(tmp_path / "reviewed.json", rows)
+        return import_corrections(path, url=db_url, catalog=CATALOG, **options)
+
+    return run
 
 
 @pytest.fixture

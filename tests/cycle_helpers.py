@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
@@ -16,6 +17,9 @@ from capture import db, statements
 from capture.ids import uuid7
 from capture.models import PromptLog
 from capture.rows import prompt_log_values
+
+if TYPE_CHECKING:
+    from tasks.corrections import ImportResult
 
 T = PromptLog.__table__
 NOW = datetime.now(UTC)
@@ -82,6 +86,10 @@ THREE_LOGS = [
     Log("will it rain tomorrow", "scheduling", 0.4),
     Log("is it raining", "calendar_event", 0.4),
 ]
+#: The corrections tests' catalog of known intents: those of ``THREE_LOGS`` and ``weather``.
+CATALOG = {"music_play", "scheduling", "calendar_event", "weather"}
+#: The ``import_rows`` fixture: ``import_rows(rows, **options)`` imports ``rows`` as a file.
+Importer = Callable[..., "ImportResult"]
 
 
 def correction_row(

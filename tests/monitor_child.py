@@ -1,9 +1,9 @@
 """Child process for tests/test_monitor_hours.py: ``python -m tests.monitor_child RUN_DIR NAME
 DB_URL HOME NOW WEBHOOK_URL``.
 
-Imports everything, writes ``RUN_DIR/ready-<NAME>``, waits for ``RUN_DIR/go`` (the test's
-barrier: both children start together), then runs the monitor once at NOW (the hour loop and
-the delivery, as the flow's two tasks do) and writes what it did to ``RUN_DIR/<NAME>.json``.
+Imports everything, waits at the test's barrier (``tests.barrier.wait_for_go``: both children
+start together), then runs the monitor once at NOW (the hour loop and the delivery, as the
+flow's two tasks do) and writes what it did to ``RUN_DIR/<NAME>.json``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from pathlib import Path
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
     run_dir, (name, url, home, now, webhook) = Path(argv[0]), argv[1:6]
+    from capture.files import write_json_atomic
     from tasks.alert_delivery import deliver_alerts
     from tasks.monitor import AlertThresholds
     from tasks.monitor_hours import check_hours
-    from tests.registry_child import wait_for_go, write_json
+    from tests.barrier import wait_for_go
 
     wait_for_go(run_dir, name)
     check = check_hours(
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> None:
         "suppressed": [b.key for b in check.suppressed],
         "errors": notified.errors,
     }
-    write_json(run_dir / f"{name}.json", result)
+    write_json_atomic(run_dir / f"{name}.json", result)
 
 
 if __name__ == "__main__":

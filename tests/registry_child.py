@@ -1,44 +1,29 @@
-"""Child process for tests/test_registry_lock.py: ``python -m tests.registry_child MODE RUN_DIR
-ARGS...``.
+"""Child process for tests/test_registry_lock.py: ``python -m tests.registry_child RUN_DIR NAME
+MODE ARGS...``.
 
-Every mode first writes ``RUN_DIR/ready-<name>`` and then waits for ``RUN_DIR/go`` (the test's
-barrier: the children start together), then:
+Every mode first waits at the test's barrier (``tests.barrier.wait_for_go``: the children start
+together), then:
 
-- ``hold NAME MODELS SECONDS``: holds the registry lock for SECONDS and records its enter and
-  exit times (``time.time()``) in ``RUN_DIR/<NAME>.json``;
-- ``switch NAME MODELS N PLAN``: N times, each step of PLAN (``deploy:2,rollback,deploy:3``)
-  through ``tasks.registry`` (each takes the lock), as the CLI's ``rollback`` does;
-- ``cycle NAME HOME DB_URL``: one weekly-cycle flow run (tiny training, a gate that promotes,
-  fp32 export, deploy) against the Prefect API in ``PREFECT_API_URL``; writes what it did to
+- ``hold MODELS SECONDS``: holds the registry lock for SECONDS and records its enter and exit
+  times (``time.time()``) in ``RUN_DIR/<NAME>.json``;
+- ``switch MODELS N PLAN``: N times, each step of PLAN (``deploy:2,rollback,deploy:3``) through
+  ``tasks.registry`` (each takes the lock), as the CLI's ``rollback`` does;
+- ``cycle HOME DB_URL``: one weekly-cycle flow run (tiny training, a gate that promotes, fp32
+  export, deploy) against the Prefect API in ``PREFECT_API_URL``; writes what it did to
   ``RUN_DIR/<NAME>.json``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+
+from capture.files import write_json_atomic
+from tests.barrier import wait_for_go
 
 TINY = {"min_steps": 1, "max_steps": 1, "batch_size": 4, "seed": 0}
-
-
-def wait_for_go(run_dir: Path, name: str) -> None:
-    (run_dir / f"ready-{name}").write_text(str(os.getpid()), encoding="utf-8")
-    deadline = time.monotonic() + 300
-    while not (run_dir / "go").exists():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{name}: no go signal")
-        time.sleep(0.01)
-
-
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def hold(run_dir: Path, name: str, models: Path, seconds: float) -> None:
@@ -48,7 +33,7 @@ def hold(run_dir: Path, name: str, models: Path, seconds: float) -> None:
         entered = time.time()
         time.sleep(seconds)
         left = time.time()
-    write_json(run_dir / f"{name}.json", {"entered": entered, "left": left})
+    write_json_atomic(run_dir / f"{name}.json", {"entered": entered, "left": left})
 
 
 def switch(models: Path, n: int, plan: str) -> None:
@@ -79,7 +64,7 @@ def cycle(run_dir: Path, name: str, home: Path, url: str) -> None:
         home=str(home),
         database_url=url,
     )
-    write_json(
+    write_json_atomic(
         run_dir / f"{name}.json",
         {
             "version": result.retrain.version,
@@ -93,7 +78,7 @@ def cycle(run_dir: Path, name: str, home: Path, url: str) -> None:
 
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
-    mode, run_dir, name = argv[0], Path(argv[1]), argv[2]
+    run_dir, name, mode = Path(argv[0]), argv[1], argv[2]
     if mode == "cycle":
         from flows.weekly import weekly_cycle  # noqa: F401  (import before the barrier)
     wait_for_go(run_dir, name)

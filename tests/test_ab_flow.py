@@ -59,7 +59,7 @@ def test_worse_canary_is_rolled_back_with_an_alert(
         from tasks.alert_delivery import Delivery
 
         sent.append(payload["text"])
-        return Delivery(channel="webhook", ok=True, attempts=1)
+        return Delivery(channel="webhook", attempts=1)
 
     monkeypatch.setattr("flows.ab_check.send_webhook", fake_webhook)
     result = run_flow(home, sqlite_url, webhook_url="http://alerts.invalid/hook")

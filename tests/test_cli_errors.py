@@ -12,7 +12,6 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from capture import db
+from tests import run_cli
 
-CLI = str(Path(sys.executable).with_name("prompt-capture"))
 UPGRADE = "prompt-capture db upgrade"
 
 
@@ -252,15 +251,7 @@ def prepare(work: Path, database: str, migrated: Path) -> dict[str, str]:
 
 
 def run_case(case: Case, work: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [CLI, *case.args(work)],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=work,
-        timeout=600,
-    )
+    return run_cli(*case.args(work), env=env, cwd=work)
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,9 @@ from tasks.corrections import (
     inbox_files,
     parse_corrections,
 )
-from tests.cycle_helpers import Log, corrections_in_db, insert_logs
+from tests.cycle_helpers import CATALOG, Importer, Log, corrections_in_db, insert_logs
 from tests.cycle_helpers import correction_row as row
 from tests.cycle_helpers import write_list as review_file
-
-CATALOG = {"scheduling", "calendar_event", "weather"}
 
 
 def test_a_good_file_is_applied_and_reimport_changes_nothing(
@@ -44,18 +42,18 @@ def test_a_good_file_is_applied_and_reimport_changes_nothing(
     assert corrections_in_db(db_url) == stored
 
 
-def test_one_bad_row_changes_nothing(db_url: str, three_logs: list[Any], tmp_path: Path) -> None:
+def test_one_bad_row_changes_nothing(
+    db_url: str, three_logs: list[Any], import_rows: Importer
+) -> None:
     a, b, _ = three_logs
     before = corrections_in_db(db_url)
-    path = review_file(
-        tmp_path / "one-bad.json",
+    result = import_rows(
         [
             row(a, "scheduling"),
             row(b, "calendar_event"),
             row("0190a4c2-0000-7000-8000-000000000000", "weather"),  # no such log
-        ],
+        ]
     )
-    result = import_corrections(path, url=db_url, catalog=CATALOG)
     assert not result.ok
     assert result.applied == 0
     assert [(p.row, p.field) for p in result.rejected] == [(3, "id")]
@@ -63,10 +61,11 @@ def test_one_bad_row_changes_nothing(db_url: str, three_logs: list[Any], tmp_pat
     assert corrections_in_db(db_url) == before
 
 
-def test_every_kind_of_bad_row_is_named(db_url: str, three_logs: list[Any], tmp_path: Path) -> None:
+def test_every_kind_of_bad_row_is_named(
+    db_url: str, three_logs: list[Any], import_rows: Importer
+) -> None:
     a, b, c = three_logs
-    path = review_file(
-        tmp_path / "bad.json",
+    result = import_rows(
         [
             row(a, "schedulng"),  # typo: not in the catalog
             row("not-a-uuid", "weather"),
@@ -74,9 +73,8 @@ def test_every_kind_of_bad_row_is_named(db_url: str, three_logs: list[Any], tmp_
             {"id": str(c), "corrected_intent": 3},
             "just a string",
             {"id": str(c)},
-        ],
+        ]
     )
-    result = import_corrections(path, url=db_url, catalog=CATALOG)
     assert result.applied == 0 and result.not_reviewed == 1
     found = [(p.row, p.field) for p in result.rejected]
     assert found == [
@@ -91,11 +89,12 @@ def test_every_kind_of_bad_row_is_named(db_url: str, three_logs: list[Any], tmp_
     assert all(v == (None, None) for v in corrections_in_db(db_url).values())
 
 
-def test_new_intents_need_the_flag(db_url: str, three_logs: list[Any], tmp_path: Path) -> None:
+def test_new_intents_need_the_flag(
+    db_url: str, three_logs: list[Any], import_rows: Importer
+) -> None:
     a = three_logs[0]
-    path = review_file(tmp_path / "new.json", [row(a, "homework_help")])
-    assert not import_corrections(path, url=db_url, catalog=CATALOG).ok
-    result = import_corrections(path, url=db_url, catalog=CATALOG, allow_new_intent=True)
+    assert not import_rows([row(a, "homework_help")]).ok
+    result = import_rows([row(a, "homework_help")], allow_new_intent=True)
     assert result.ok and result.applied == 1
     assert corrections_in_db(db_url)[a] == ("homework_help", None)
 
@@ -110,7 +109,7 @@ def test_the_catalog_defaults_to_the_intents_the_database_knows(
     assert "weather" in str(result.rejected[0])
 
 
-def test_the_same_prompt_corrected_two_ways_is_rejected(db_url: str, tmp_path: Path) -> None:
+def test_the_same_prompt_corrected_two_ways_is_rejected(db_url: str, import_rows: Importer) -> None:
     a, b = insert_logs(
         db_url,
         [
@@ -118,8 +117,7 @@ def test_the_same_prompt_corrected_two_ways_is_rejected(db_url: str, tmp_path: P
             Log("book time  for my essay", "x", 0.5),
         ],
     )
-    path = review_file(tmp_path / "conflict.json", [row(a, "scheduling"), row(b, "calendar_event")])
-    result = import_corrections(path, url=db_url, catalog=CATALOG)
+    result = import_rows([row(a, "scheduling"), row(b, "calendar_event")])
     assert [p.row for p in result.rejected] == [1, 2]
     assert "corrected to different intents" in str(result.rejected[0])
     assert all(v == (None, None) for v in corrections_in_db(db_url).values())

@@ -15,11 +15,8 @@ from sqlalchemy import text
 from capture.db import get_sync_engine
 from capture.text import clean_notes
 from tasks.corrections import ImportResult, RowProblem, import_corrections, import_summary_markdown
-from tests.cycle_helpers import Log, corrections_in_db, insert_logs, write_list
+from tests.cycle_helpers import CATALOG, Importer, Log, corrections_in_db, insert_logs, write_list
 from tests.cycle_helpers import correction_row as row
-
-CATALOG = {"music_play", "weather", "scheduling"}
-
 
 # --------------------------------------------------------------------------- case 1: files
 
@@ -84,28 +81,27 @@ NOTES = [
 
 @pytest.mark.parametrize(("notes", "stored"), [c[1:] for c in NOTES], ids=[c[0] for c in NOTES])
 def test_cases_2_3_notes_are_stored_clean_on_both_databases(
-    db_url: str, three_logs: list[Any], tmp_path: Path, notes: str, stored: str | None
+    db_url: str, three_logs: list[Any], import_rows: Importer, notes: str, stored: str | None
 ) -> None:
     a = three_logs[0]
-    path = write_list(tmp_path / "notes.json", [row(a, "music_play", notes)])
-    result = import_corrections(path, url=db_url, catalog=CATALOG)
+    rows = [row(a, "music_play", notes)]
+    result = import_rows(rows)
     assert result.ok and result.applied == 1, result.reasons()
     assert corrections_in_db(db_url)[a] == ("music_play", stored)
     assert clean_notes(notes) == stored
     # Importing the same file again changes nothing: the stored value is the cleaned one.
-    again = import_corrections(path, url=db_url, catalog=CATALOG)
+    again = import_rows(rows)
     assert (again.applied, again.unchanged) == (0, 1)
 
 
 def test_a_lone_surrogate_in_an_intent_or_id_is_a_row_problem_with_a_printable_reason(
-    db_url: str, three_logs: list[Any], tmp_path: Path
+    three_logs: list[Any], import_rows: Importer
 ) -> None:
     a, b, _ = three_logs
-    path = write_list(
-        tmp_path / "broken.json",
+    result = import_rows(
         [row(a, "weather\ud83d"), {**row(b, "weather"), "id": "\ud83d-not-an-id"}],
+        allow_new_intent=True,
     )
-    result = import_corrections(path, url=db_url, catalog=CATALOG, allow_new_intent=True)
     assert [(p.row, p.field) for p in result.rejected] == [(1, "corrected_intent"), (2, "id")]
     reasons = result.summary() + "\n" + result.reasons()
     reasons.encode("utf-8")  # printable and writable: the surrogate is shown as an escape
@@ -115,11 +111,10 @@ def test_a_lone_surrogate_in_an_intent_or_id_is_a_row_problem_with_a_printable_r
 # --------------------------------------------------------------------------- case 4: intents
 
 
-def refused_new_intent(db_url: str, log_id: Any, tmp_path: Path, intent: str) -> str:
+def refused_new_intent(import_rows: Importer, log_id: Any, intent: str) -> str:
     """Import one row correcting ``log_id`` to ``intent`` with new intents allowed: the row's
     ``corrected_intent`` must be refused; returns the message."""
-    path = write_list(tmp_path / "new.json", [row(log_id, intent)])
-    result = import_corrections(path, url=db_url, catalog=CATALOG, allow_new_intent=True)
+    result = import_rows([row(log_id, intent)], allow_new_intent=True)
     assert [(p.row, p.field) for p in result.rejected] == [(1, "corrected_intent")]
     return result.rejected[0].message
 
@@ -138,9 +133,9 @@ def refused_new_intent(db_url: str, log_id: Any, tmp_path: Path, intent: str) ->
     ],
 )
 def test_case_4_allow_new_intent_refuses_a_name_that_only_looks_new(
-    db_url: str, three_logs: list[Any], tmp_path: Path, intent: str, existing: str
+    db_url: str, three_logs: list[Any], import_rows: Importer, intent: str, existing: str
 ) -> None:
-    message = refused_new_intent(db_url, three_logs[0], tmp_path, intent)
+    message = refused_new_intent(import_rows, three_logs[0], intent)
     assert f"differs from the existing intent {existing!r} only by case" in message
     assert corrections_in_db(db_url)[three_logs[0]] == (None, None)
 
@@ -157,20 +152,20 @@ def test_case_4_allow_new_intent_refuses_a_name_that_only_looks_new(
     ],
 )
 def test_case_4_a_new_intent_must_have_the_documented_form(
-    db_url: str, three_logs: list[Any], tmp_path: Path, intent: str, needle: str
+    three_logs: list[Any], import_rows: Importer, intent: str, needle: str
 ) -> None:
-    assert needle in refused_new_intent(db_url, three_logs[0], tmp_path, intent)
+    assert needle in refused_new_intent(import_rows, three_logs[0], intent)
 
 
 def test_case_4_a_genuinely_new_intent_and_known_ones_with_spaces_are_accepted(
-    db_url: str, three_logs: list[Any], tmp_path: Path
+    db_url: str, three_logs: list[Any], import_rows: Importer
 ) -> None:
     a, b, _ = three_logs
-    path = write_list(tmp_path / "new.json", [row(a, " homework_help\t"), row(b, "weather \n")])
-    without_flag = import_corrections(path, url=db_url, catalog=CATALOG)
+    rows = [row(a, " homework_help\t"), row(b, "weather \n")]
+    without_flag = import_rows(rows)
     assert [p.row for p in without_flag.rejected] == [1]
     assert "--allow-new-intent" in without_flag.rejected[0].message
-    result = import_corrections(path, url=db_url, catalog=CATALOG, allow_new_intent=True)
+    result = import_rows(rows, allow_new_intent=True)
     assert result.ok and result.applied == 2
     stored = corrections_in_db(db_url)
     assert stored[a] == ("homework_help", None) and stored[b] == ("weather", None)
@@ -180,14 +175,12 @@ def test_case_4_a_genuinely_new_intent_and_known_ones_with_spaces_are_accepted(
 
 
 def test_case_5_same_id_with_different_notes_is_reported_on_both_rows(
-    db_url: str, three_logs: list[Any], tmp_path: Path
+    db_url: str, three_logs: list[Any], import_rows: Importer
 ) -> None:
     a, b, _ = three_logs
-    path = write_list(
-        tmp_path / "twice.json",
-        [row(a, "music_play", "first reviewer"), row(b, "weather"), row(a, "music_play", "second")],
+    result = import_rows(
+        [row(a, "music_play", "first reviewer"), row(b, "weather"), row(a, "music_play", "second")]
     )
-    result = import_corrections(path, url=db_url, catalog=CATALOG)
     assert [(p.row, p.field) for p in result.rejected] == [(1, "notes"), (3, "notes")]
     assert "this id is in rows 1, 3 with different notes" in result.rejected[0].message
     assert result.applied == 0
@@ -195,11 +188,10 @@ def test_case_5_same_id_with_different_notes_is_reported_on_both_rows(
 
 
 def test_case_5_same_id_with_different_intents_is_reported_on_both_rows(
-    db_url: str, three_logs: list[Any], tmp_path: Path
+    three_logs: list[Any], import_rows: Importer
 ) -> None:
     a = three_logs[0]
-    path = write_list(tmp_path / "twice.json", [row(a, "music_play"), row(a, "weather")])
-    result = import_corrections(path, url=db_url, catalog=CATALOG)
+    result = import_rows([row(a, "music_play"), row(a, "weather")])
     assert [(p.row, p.field) for p in result.rejected] == [
         (1, "corrected_intent"),
         (2, "corrected_intent"),
@@ -210,14 +202,11 @@ def test_case_5_same_id_with_different_intents_is_reported_on_both_rows(
 
 
 def test_case_5_the_same_answer_twice_is_applied_once(
-    db_url: str, three_logs: list[Any], tmp_path: Path
+    db_url: str, three_logs: list[Any], import_rows: Importer
 ) -> None:
     a = three_logs[0]
     # The same answer, once with surrounding whitespace: equal once cleaned.
-    path = write_list(
-        tmp_path / "twice.json", [row(a, "music_play", "same"), row(a, " music_play", "same ")]
-    )
-    result = import_corrections(path, url=db_url, catalog=CATALOG)
+    result = import_rows([row(a, "music_play", "same"), row(a, " music_play", "same ")])
     assert (result.applied, result.unchanged, result.rejected) == (1, 1, [])
     assert corrections_in_db(db_url)[a] == ("music_play", "same")
 

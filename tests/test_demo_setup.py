@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,9 +16,8 @@ from sqlalchemy import text
 from capture import db
 from capture.settings import Settings, get_settings
 from tasks.demo import DemoDatabaseError, DemoSetup, check_demo_database
+from tests import run_cli
 from tests.cycle_helpers import Log, insert_logs
-
-CLI = str(Path(sys.executable).with_name("prompt-capture"))
 
 
 def fresh_sqlite(tmp_path: Path, name: str, *, migrate: bool = True) -> str:
@@ -57,9 +54,7 @@ def test_the_demo_command_refuses_a_configured_database_with_data(tmp_path: Path
         "PROMPT_CAPTURE_DATABASE_URL": used,
         "HF_HUB_OFFLINE": "1",
     }
-    done = subprocess.run(
-        [CLI, "demo"], check=False, capture_output=True, text=True, env=env, cwd=tmp_path
-    )
+    done = run_cli("demo", env=env, cwd=tmp_path, timeout=None)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr

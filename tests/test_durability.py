@@ -18,8 +18,8 @@ import pytest
 from sqlalchemy import text
 
 from capture import db
-from capture.service import NLUService, create_nlu_service
-from tests.capture_helpers import FixedClassifier, capture_settings, count_rows, fetch_rows
+from capture.service import NLUService
+from tests.capture_helpers import count_rows, fetch_rows, fixed_service
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,12 +93,8 @@ async def test_terminated_writer_connection_mid_stream_loses_nothing(
     _empty(postgres_url)
     app = f"pc-test-writer-{uuid.uuid4().hex[:8]}"
     sleep = RecordingSleep()
-    service = create_nlu_service(
-        FixedClassifier(),
-        url=postgres_url,
-        settings=capture_settings(postgres_url, tmp_path / "home", batch_size=2_000),
-        application_name=app,
-        sleep=sleep,
+    service = fixed_service(
+        postgres_url, tmp_path / "home", batch_size=2_000, application_name=app, sleep=sleep
     )
     total = 50_000
     kills: list[int] = []
@@ -142,13 +138,7 @@ async def test_outage_spools_and_replays_exactly_once(
     app = f"pc-test-outage-{uuid.uuid4().hex[:8]}"
     sleep = RecordingSleep()
     home = tmp_path / "home"
-    service = create_nlu_service(
-        FixedClassifier(),
-        url=postgres_url,
-        settings=capture_settings(postgres_url, home, batch_size=500),
-        application_name=app,
-        sleep=sleep,
-    )
+    service = fixed_service(postgres_url, home, batch_size=500, application_name=app, sleep=sleep)
     before = [await service.process_message(f"before {i}") for i in range(1_000)]
     await service.flush()
 
@@ -188,13 +178,8 @@ async def test_close_during_outage_leaves_the_spool_for_the_next_start(
     _empty(postgres_url)
     app = f"pc-test-close-{uuid.uuid4().hex[:8]}"
     home = tmp_path / "home"
-    settings = capture_settings(postgres_url, home, batch_size=200)
-    service = create_nlu_service(
-        FixedClassifier(),
-        url=postgres_url,
-        settings=settings,
-        application_name=app,
-        sleep=RecordingSleep(),
+    service = fixed_service(
+        postgres_url, home, batch_size=200, application_name=app, sleep=RecordingSleep()
     )
     await service.process_message("warm up")
     await service.flush()
@@ -206,7 +191,7 @@ async def test_close_during_outage_leaves_the_spool_for_the_next_start(
     assert _spool_files(home)
     outage.end()  # type: ignore[attr-defined]
 
-    restarted = create_nlu_service(FixedClassifier(), url=postgres_url, settings=settings)
+    restarted = fixed_service(postgres_url, home, batch_size=200)
     await restarted.flush(timeout=60)
     assert count_rows(postgres_url) == (501, 501)
     assert {r.log_id for r in results} <= set(fetch_rows(postgres_url))
@@ -216,11 +201,7 @@ async def test_close_during_outage_leaves_the_spool_for_the_next_start(
 
 
 async def test_full_queue_spills_to_the_spool_in_order(db_url: str, tmp_path: Path) -> None:
-    service = create_nlu_service(
-        FixedClassifier(),
-        url=db_url,
-        settings=capture_settings(db_url, tmp_path / "home", buffer_size=100, batch_size=50),
-    )
+    service = fixed_service(db_url, tmp_path / "home", buffer_size=100, batch_size=50)
     results = []
     for i in range(1_000):  # no await that yields: the writer cannot drain meanwhile
         result = await service.process_message(f"burst {i}")
@@ -245,11 +226,7 @@ async def test_journal_modes_write_and_clean_up(
     db_url: str, tmp_path: Path, durability: str
 ) -> None:
     home = tmp_path / "home"
-    service = create_nlu_service(
-        FixedClassifier(),
-        url=db_url,
-        settings=capture_settings(db_url, home, durability=durability),
-    )
+    service = fixed_service(db_url, home, durability=durability)
     results = [await service.process_message(f"journal {i}") for i in range(300)]
     for result in results[::3]:
         await service.update_workflow_outcome(result.log_id, False, "j", "failed")
@@ -294,9 +271,7 @@ def test_sigkill_in_spool_mode_loses_nothing(postgres_url: str, tmp_path: Path) 
 
         # A live process's segment is never replayed by another process.
         async def start_and_flush() -> NLUService:
-            service = create_nlu_service(
-                FixedClassifier(), url=postgres_url, settings=capture_settings(postgres_url, home)
-            )
+            service = fixed_service(postgres_url, home)
             await service.flush(timeout=60)
             return service
 
@@ -353,9 +328,7 @@ async def test_a_damaged_segment_left_by_a_crash_is_replayed_as_far_as_it_can_be
         + bad_line
         + torn
     )
-    service = create_nlu_service(
-        FixedClassifier(), url=db_url, settings=capture_settings(db_url, home)
-    )
+    service = fixed_service(db_url, home)
     await service.flush(timeout=30)
     stats = service.stats()
     await service.aclose()

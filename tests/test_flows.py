@@ -137,9 +137,9 @@ def test_shuffled_labels_are_rejected_and_the_champion_keeps_serving(
         assert "challenger 2 rejected by the gate; version 1 keeps serving" in state.message
         summary = state.result()
         result = summary.retrain
-        assert result.verdict == "REJECT" and result.promote is False
+        assert result.decision.verdict == "REJECT" and result.promote is False
         assert result.version == "2" and result.champion_version == "1"
-        assert result.challenger_accuracy < result.champion_accuracy
+        assert result.decision.challenger_accuracy < result.decision.champion_accuracy
         assert "rejected by the gate" in summary.message
         assert "version 1 keeps serving" in summary.message
         assert summary.deployed is None
@@ -320,7 +320,7 @@ def test_a_good_challenger_is_promoted_exported_deployed_and_hot_reloaded(
             deploy_mode="direct",  # today's direct deploy (the default puts it in shadow)
             database_url=sqlite_url,
         )
-        assert summary.retrain.verdict == "PROMOTE", summary.retrain.reasons
+        assert summary.retrain.decision.verdict == "PROMOTE", summary.retrain.decision.reasons
         assert summary.deployed is not None and summary.deployed.version == "2"
         assert summary.deployed.export is not None
         assert summary.deployed.export.published in {"int8", "fp32"}

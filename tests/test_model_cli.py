@@ -67,13 +67,17 @@ def registry(exported: Path, home: Path, *extra: str) -> Path:
     return models
 
 
+@pytest.fixture
+def models(exported_model_dir: Path, home: Path) -> Path:  # noqa: F811
+    """The test's registry: version 1 serving, version 2 beside it (see ``registry``)."""
+    return registry(exported_model_dir, home)
+
+
 def test_export_onnx_then_deploy_a_registry_version(
     small_model_dir: Path,  # noqa: F811
-    exported_model_dir: Path,  # noqa: F811
-    home: Path,
+    models: Path,
     tmp_path: Path,
 ) -> None:
-    models = registry(exported_model_dir, home)
     version = publish(small_model_dir, models)  # trained, not exported: version 3
     assert version.name == "3" and not (version / "model.onnx").exists()
 
@@ -132,8 +136,7 @@ def test_export_onnx_fp32(small_model_dir: Path, home: Path, tmp_path: Path) -> 
 
 def test_export_onnx_refuses_what_is_not_an_exportable_model_dir(
     small_model_dir: Path,  # noqa: F811
-    exported_model_dir: Path,  # noqa: F811
-    home: Path,
+    models: Path,
     tmp_path: Path,
 ) -> None:
     missing = error_line(invoke("export-onnx", "--model", tmp_path / "nowhere"))
@@ -159,18 +162,13 @@ def test_export_onnx_refuses_what_is_not_an_exportable_model_dir(
     assert not (broken / "model.onnx").exists()
 
     # The version that serves keeps the file it serves from.
-    models = registry(exported_model_dir, home)
     before = (models / "1" / "model.onnx").stat().st_mtime_ns
     line = error_line(invoke("export-onnx", "--model", models / "1"))
     assert "version 1 serves" in line and "deploy (or stop testing) another version" in line
     assert (models / "1" / "model.onnx").stat().st_mtime_ns == before
 
 
-def test_deploy_and_rollback_switch_what_the_classifier_serves(
-    exported_model_dir: Path,  # noqa: F811
-    home: Path,
-) -> None:
-    models = registry(exported_model_dir, home)
+def test_deploy_and_rollback_switch_what_the_classifier_serves(models: Path) -> None:
     serving = HotReloadingClassifier(models, watch=False)
     try:
         assert serving.predict(RAIN).intent == "weather"
@@ -226,11 +224,7 @@ def test_deploy_is_refused_while_a_candidate_is_under_test_unless_forced(
     assert actions[-3:] == [("deploy", "3"), ("deploy", "2"), ("candidate-promote", "2")]
 
 
-def test_rollback_is_allowed_while_a_candidate_is_under_test(
-    exported_model_dir: Path,  # noqa: F811
-    home: Path,
-) -> None:
-    models = registry(exported_model_dir, home)
+def test_rollback_is_allowed_while_a_candidate_is_under_test(models: Path) -> None:
     assert invoke("deploy", "2").exit_code == 0
     set_candidate(models, "1", mode="canary", share=0.5)
     # The emergency switch back: the candidate version 1 serves, so its test ends.

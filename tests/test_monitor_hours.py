@@ -5,12 +5,7 @@ a doubled run; two monitor processes released together never send one alert twic
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
-import subprocess
-import sys
-import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,10 +21,10 @@ from capture.values import from_db_datetime
 from tasks.alert_delivery import deliver_alerts
 from tasks.monitor import AlertThresholds
 from tasks.monitor_hours import MonitorCheck, check_hours, due_hours, hour_start
+from tests.barrier import Children
 from tests.report_data import insert_logs
 from tests.test_monitor import Receiver, _row
 
-REPO = Path(__file__).resolve().parents[1]
 H = timedelta(hours=1)
 T0 = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -191,52 +186,6 @@ def test_the_monitor_logs_what_it_checked(
 # --------------------------------------------------------------------------- overlapping runs
 
 
-class Children:
-    """Child processes of tests/monitor_child.py, released together by a file barrier."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        run_dir.mkdir(parents=True, exist_ok=True)
-
-    def start(self, name: str, *args: object) -> None:
-        log = (self.run_dir / f"{name}.log").open("wb")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "tests.monitor_child", str(self.run_dir), name]
-            + [str(a) for a in args],
-            cwd=REPO,
-            env=dict(os.environ),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def run(self, timeout: float = 300) -> dict[str, Any]:
-        """Release every child at once when all are at the barrier; their results by name."""
-        try:
-            deadline = time.monotonic() + timeout
-            while not all((self.run_dir / f"ready-{n}").exists() for n in self.procs):
-                for name, proc in self.procs.items():
-                    assert proc.poll() is None, f"{name} died early:\n{self.log(name)}"
-                assert time.monotonic() < deadline, "children never reached the barrier"
-                time.sleep(0.02)
-            (self.run_dir / "go").write_text("go", encoding="utf-8")
-            for name, proc in self.procs.items():
-                code = proc.wait(timeout=timeout)
-                assert code == 0, f"{name} exited {code}:\n{self.log(name)}"
-        finally:
-            for proc in self.procs.values():
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        return {
-            name: json.loads((self.run_dir / f"{name}.json").read_text(encoding="utf-8"))
-            for name in self.procs
-        }
-
-    def log(self, name: str) -> str:
-        return (self.run_dir / f"{name}.log").read_text(encoding="utf-8", errors="replace")
-
-
 def test_two_monitor_processes_released_together_never_send_an_alert_twice(
     db_url: str, tmp_path: Path
 ) -> None:
@@ -251,7 +200,7 @@ def test_two_monitor_processes_released_together_never_send_an_alert_twice(
     home = tmp_path / "home"  # empty registry: the stale-cycle alert is due too, once
     with Receiver() as receiver:
         for round_ in range(2):  # the second round: no new hour, only the stale-cycle alert
-            children = Children(tmp_path / f"round-{round_}")
+            children = Children("tests.monitor_child", tmp_path / f"round-{round_}")
             now = (T0 + timedelta(minutes=5 + round_)).isoformat()
             for name in (f"a{round_}", f"b{round_}"):
                 children.start(name, db_url, home, now, receiver.url)

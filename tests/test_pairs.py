@@ -58,23 +58,6 @@ def test_duplicate_texts_do_not_form_pairs() -> None:
     assert Counter(p.label for p in pairs) == {"b": 1}
 
 
-def test_hard_negatives_come_from_confused_classes_in_rank_order() -> None:
-    records = _records({"a": 5, "b": 5, "c": 5, "d": 5})
-    confusions = {"a": ["b"], "b": ["c", "a"]}
-    pairs = build_pairs(records, max_pairs=40, seed=3, hard_negatives=confusions)
-    assert len(pairs) == 40
-    by_label: dict[str, Counter[str | None]] = {}
-    for p in pairs:
-        assert p.negative is not None and p.negative_label is not None
-        assert p.negative.startswith(p.negative_label)
-        assert p.negative_label != p.label
-        by_label.setdefault(p.label, Counter())[p.negative_label] += 1
-    assert by_label["a"] == {"b": 10}
-    assert by_label["b"] == {"c": 5, "a": 5}  # cycles through the ranked list
-    assert sum(by_label["c"].values()) == 10  # no mapping: random other classes
-    assert "c" not in by_label["c"]
-
-
 def test_random_negatives_without_mapping() -> None:
     pairs = build_pairs(_records({"a": 4, "b": 4}), max_pairs=4, seed=0, with_negatives=True)
     assert {(p.label, p.negative_label) for p in pairs} == {("a", "b"), ("b", "a")}

@@ -7,8 +7,6 @@ import itertools
 import json
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,58 +24,9 @@ from tasks.registry_lock import (
     read_holder,
     registry_lock,
 )
+from tests.barrier import Children
 from tests.model_fixtures import exported_model_dir, small_model_dir  # noqa: F401  (fixtures)
 from tests.test_registry import fake_model
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-class Children:
-    """Child processes of tests/registry_child.py, released together by a file barrier."""
-
-    def __init__(self, run_dir: Path, env: dict[str, str] | None = None) -> None:
-        self.run_dir = run_dir
-        self.env = {**os.environ, **(env or {})}
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        run_dir.mkdir(parents=True, exist_ok=True)
-
-    def start(self, mode: str, name: str, *args: object) -> None:
-        log = (self.run_dir / f"{name}.log").open("wb")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "tests.registry_child", mode, str(self.run_dir), name]
-            + [str(a) for a in args],
-            cwd=REPO,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def release(self, timeout: float = 300) -> None:
-        """Wait until every child is at the barrier, then let them all go at once."""
-        deadline = time.monotonic() + timeout
-        while not all((self.run_dir / f"ready-{n}").exists() for n in self.procs):
-            for name, proc in self.procs.items():
-                assert proc.poll() is None, f"{name} died before the barrier:\n{self.log(name)}"
-            assert time.monotonic() < deadline, "children never reached the barrier"
-            time.sleep(0.05)
-        (self.run_dir / "go").write_text("go", encoding="utf-8")
-
-    def wait(self, timeout: float = 600) -> None:
-        for name, proc in self.procs.items():
-            code = proc.wait(timeout=timeout)
-            assert code == 0, f"{name} exited {code}:\n{self.log(name)}"
-
-    def log(self, name: str) -> str:
-        return (self.run_dir / f"{name}.log").read_text(encoding="utf-8", errors="replace")
-
-    def result(self, name: str) -> Any:
-        return json.loads((self.run_dir / f"{name}.json").read_text(encoding="utf-8"))
-
-    def kill(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
 
 
 @pytest.fixture
@@ -85,7 +34,7 @@ def children(tmp_path: Path) -> Any:
     made: list[Children] = []
 
     def make(env: dict[str, str] | None = None) -> Children:
-        made.append(Children(tmp_path / f"run{len(made)}", env))
+        made.append(Children("tests.registry_child", tmp_path / f"run{len(made)}", env))
         return made[-1]
 
     yield make
@@ -167,7 +116,7 @@ def test_a_second_process_waits_says_for_whom_and_times_out_clearly(
 ) -> None:
     models = HomeLayout(tmp_path).create_registry()  # the lock never creates it
     kids = children()
-    kids.start("hold", "holder", models, 4.0)
+    kids.start("holder", "hold", models, 4.0)
     kids.release()
     deadline = time.monotonic() + 60
     while (holder := read_holder(models)) is None:
@@ -199,7 +148,7 @@ def test_two_processes_never_hold_the_lock_at_once(tmp_path: Path, children: Any
     models = HomeLayout(tmp_path).create_registry()  # the lock never creates it
     kids = children()
     for name in ("a", "b"):
-        kids.start("hold", name, models, 1.0)
+        kids.start(name, "hold", models, 1.0)
     kids.release()
     kids.wait()
     first, second = sorted((kids.result("a"), kids.result("b")), key=lambda r: r["entered"])
@@ -216,8 +165,8 @@ def test_concurrent_deploys_and_rollbacks_keep_pointer_and_history_consistent(
     registry.deploy(models, "1")
     kids = children()
     rounds = 15
-    kids.start("switch", "deployer", models, rounds, "deploy:2,deploy:3")
-    kids.start("switch", "rollbacker", models, rounds, "rollback:1,deploy:3")
+    kids.start("deployer", "switch", models, rounds, "deploy:2,deploy:3")
+    kids.start("rollbacker", "switch", models, rounds, "rollback:1,deploy:3")
     kids.release()
     kids.wait()
     entries = registry.history(models)
@@ -317,7 +266,7 @@ def test_two_weekly_cycles_at_once_train_distinct_versions_each_gated_against_wh
         }
     )
     for name in ("a", "b"):
-        kids.start("cycle", name, home, url)
+        kids.start(name, "cycle", home, url)
     kids.release()
     kids.wait(timeout=900)
     logs = kids.log("a") + kids.log("b")

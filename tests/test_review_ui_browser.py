@@ -95,25 +95,16 @@ def _seed(url: str) -> dict[str, uuid.UUID]:
     """Five prompts in review order A < B < C (+2 duplicates of C) < E < F by confidence."""
     at = NOW - timedelta(hours=1)
     rows = {
-        "A": log_row(
-            "what is my balance",
-            "banking",
-            0.20,
-            secondary=(("calendar", 0.3), ("music", 0.2)),
-            created_at=at,
-        ),
-        "B": log_row(
-            "wake me at seven",
-            "calendar",
-            0.25,
-            secondary=(("weather", 0.3), ("music", 0.2)),
-            created_at=at,
-        ),
-        "C": log_row("play some jazz", "music", 0.28, secondary=ALTS, created_at=at),
-        "C2": log_row("Play some jazz!", "music", 0.29, secondary=ALTS, created_at=at),
-        "C3": log_row("PLAY some jazz.", "music", 0.30, secondary=ALTS, created_at=at),
-        "E": log_row("send 20 euro to sam", "banking", 0.40, secondary=ALTS, created_at=at),
-        "F": log_row("will it snow", "weather", 0.45, secondary=ALTS, created_at=at),
+        key: log_row(prompt, predicted, confidence, secondary=secondary, created_at=at)
+        for key, prompt, predicted, confidence, secondary in [
+            ("A", "what is my balance", "banking", 0.20, (("calendar", 0.3), ("music", 0.2))),
+            ("B", "wake me at seven", "calendar", 0.25, (("weather", 0.3), ("music", 0.2))),
+            ("C", "play some jazz", "music", 0.28, ALTS),
+            ("C2", "Play some jazz!", "music", 0.29, ALTS),
+            ("C3", "PLAY some jazz.", "music", 0.30, ALTS),
+            ("E", "send 20 euro to sam", "banking", 0.40, ALTS),
+            ("F", "will it snow", "weather", 0.45, ALTS),
+        ]
     }
     with db.get_sync_engine(url).begin() as conn:
         conn.execute(insert(LOGS), list(rows.values()))

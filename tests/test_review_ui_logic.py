@@ -25,7 +25,7 @@ from tasks.review_progress import (
     round_progress,
 )
 from tasks.review_proposals import accept_proposal, list_proposals, reject_proposal
-from tasks.review_queue import Catalog, claim_next, load_catalog, load_item, next_item, skip
+from tasks.review_queue import Catalog, claim_next, load_catalog, load_item, skip
 from tasks.review_rounds import open_round
 from tasks.review_tables import LeaseLost, NotInCatalog, ReviewError, items
 from tasks.review_users import LoginRateLimited, ReviewUser, login
@@ -58,6 +58,17 @@ def _claim(url: str, round_id: uuid.UUID, user: ReviewUser, now=NOW) -> uuid.UUI
 def _decide(url: str, item_id: uuid.UUID, user: ReviewUser, action: str, **kw: Any):
     with db.get_sync_engine(url).begin() as conn:
         return decide(conn, item_id, user, action=action, catalog=CATALOG, now=NOW, **kw)
+
+
+def _alice_holds_an_item(url: str, n_logs: int) -> tuple[uuid.UUID, ReviewUser, uuid.UUID]:
+    """``seed_logs(url, n_logs)`` in a single-review round; alice claims its first item:
+    (round, alice, item)."""
+    seed_logs(url, n_logs)
+    round_id = _open(url, limit=100, double_review_share=0.0)
+    alice = make_user(url, "alice")
+    item = _claim(url, round_id, alice)
+    assert item is not None
+    return round_id, alice, item
 
 
 def _items(url: str, round_id: uuid.UUID) -> list:
@@ -202,11 +213,7 @@ def test_final_decision_rule_nothing_pending_reaches_corrected_intent(workbench_
 
 
 def test_single_review_is_final_and_undo_writes_a_new_audit_row(workbench_db: str) -> None:
-    seed_logs(workbench_db, 3)
-    round_id = _open(workbench_db, limit=100, double_review_share=0.0)
-    alice = make_user(workbench_db, "alice")
-    item = _claim(workbench_db, round_id, alice)
-    assert item is not None
+    round_id, alice, item = _alice_holds_an_item(workbench_db, 3)
     result = _decide(workbench_db, item, alice, "out_of_scope", notes="  spam  ")
     assert result.final and result.intent == "oos"
     log_id = next(r.log_id for r in _items(workbench_db, round_id) if r.id == item)
@@ -256,11 +263,7 @@ def test_group_decision_corrects_every_member_with_the_group_id(workbench_db: st
 
 
 def test_workbench_corrections_meet_the_import_validation(workbench_db: str) -> None:
-    seed_logs(workbench_db, 2)
-    round_id = _open(workbench_db, limit=100, double_review_share=0.0)
-    alice = make_user(workbench_db, "alice")
-    item = _claim(workbench_db, round_id, alice)
-    assert item is not None
+    round_id, alice, item = _alice_holds_an_item(workbench_db, 2)
     with pytest.raises(NotInCatalog):
         _decide(workbench_db, item, alice, "correct", intent="crypto")
     # The log was deleted meanwhile (retention): the import's "no logged prompt" rule refuses.
@@ -273,11 +276,8 @@ def test_workbench_corrections_meet_the_import_validation(workbench_db: str) -> 
 
 
 def test_new_intent_waits_for_an_admin(workbench_db: str) -> None:
-    seed_logs(workbench_db, 2)
-    round_id = _open(workbench_db, limit=100, double_review_share=0.0)
-    alice, admin = make_user(workbench_db, "alice"), make_user(workbench_db, "root", "admin")
-    one = _claim(workbench_db, round_id, alice)
-    assert one is not None
+    round_id, alice, one = _alice_holds_an_item(workbench_db, 2)
+    admin = make_user(workbench_db, "root", "admin")
     proposed = _decide(workbench_db, one, alice, "propose", intent="crypto_prices")
     assert (proposed.state, proposed.final) == ("proposal", False)
     two = _claim(workbench_db, round_id, alice)
@@ -362,8 +362,9 @@ def test_next_item_resumes_the_held_lease(workbench_db: str) -> None:
     round_id = _open(workbench_db, limit=100)
     alice = make_user(workbench_db, "alice")
     with db.get_sync_engine(workbench_db).connect() as conn:
-        first = next_item(conn, round_id, alice, now=NOW)
-        assert next_item(conn, round_id, alice, now=NOW + timedelta(minutes=1)) == first
+        first = claim_next(conn, round_id, alice, now=NOW, resume=True)
+        later = NOW + timedelta(minutes=1)
+        assert claim_next(conn, round_id, alice, now=later, resume=True) == first
 
 
 def test_failed_logins_are_limited_per_user_and_address(workbench_db: str) -> None:

@@ -26,7 +26,7 @@ def settings(tmp_path: Path, database_url: str = "") -> Settings:
 
 def test_a_run_defaults_to_the_environments_home_and_its_sqlite_file(tmp_path: Path) -> None:
     run = resolve_run_settings(settings(tmp_path))
-    assert run.home == tmp_path / "home"
+    assert run.layout.home == tmp_path / "home"
     assert run.database_url == f"sqlite:///{(tmp_path / 'home' / 'prompt_capture.db').resolve()}"
     other = resolve_run_settings(settings(tmp_path), home=str(tmp_path / "other"))
     assert other.layout.models_dir == tmp_path / "other" / "models"

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from deployments.serve import (
     prepare_served,
     served_name,
 )
+from tests import run_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -141,20 +140,7 @@ def test_the_serve_command_refuses_in_one_line(tmp_path: Path) -> None:
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPT_CAPTURE_")}
     env |= {"PREFECT_API_URL": str(PREFECT_API_URL.value()), "PROMPT_CAPTURE_HOME": str(tmp_path)}
-    done = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("prompt-capture")),
-            "serve",
-            "--only",
-            "review-export",
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    done = run_cli("serve", "--only", "review-export", env=env, cwd=tmp_path, timeout=300)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and lines[0].startswith("error: deployment review-export/"), lines

@@ -25,7 +25,6 @@ from capture import db
 from capture.db_identity import DatabaseIdentity, fetch_identity, identity_from_url, normalised_url
 from capture.ids import uuid7
 from capture.rows import Outcome
-from capture.service import create_nlu_service
 from capture.settings import get_settings
 from capture.spool import (
     INSERT,
@@ -45,7 +44,11 @@ from capture.spool import (
 )
 from deployments import spool_commands
 from deployments.cli import UserErrorGroup
-from tests.capture_helpers import FixedClassifier, capture_settings, count_rows, fetch_rows
+from tests.capture_helpers import (
+    count_rows,
+    fetch_rows,
+    fixed_service,
+)
 
 T0 = datetime(2026, 10, 25, 0, 30, tzinfo=UTC)
 
@@ -104,9 +107,7 @@ async def _start_and_stop(url: str, home: Path) -> tuple[int, list[str]]:
     handler = _Records()
     logging.getLogger("capture.logger").addHandler(handler)
     try:
-        service = create_nlu_service(
-            FixedClassifier(), url=url, settings=capture_settings(url, home)
-        )
+        service = fixed_service(url, home)
         await service.process_message("a prompt of this database")
         await service.flush(timeout=60)
         replayed = service.stats().replayed
@@ -172,8 +173,7 @@ async def test_fetch_identity_reads_the_server(postgres_url: str) -> None:
 
 async def test_segments_record_the_database_of_their_logger(db_url: str, tmp_path: Path) -> None:
     home = tmp_path / "home"
-    settings = capture_settings(db_url, home, durability="spool")
-    service = create_nlu_service(FixedClassifier(), url=db_url, settings=settings)
+    service = fixed_service(db_url, home, durability="spool")
     await service.process_message("journaled before the writer reached the database")
     [first] = _segments(home)
     identity, has_ops = read_header(first)
@@ -235,13 +235,7 @@ async def test_rows_spooled_while_a_was_down_go_to_a_never_to_b(
     async def no_wait(_: float) -> None:
         await asyncio.sleep(0.01)
 
-    service = create_nlu_service(
-        FixedClassifier(),
-        url=a,
-        settings=capture_settings(a, home, batch_size=100),
-        application_name=app,
-        sleep=no_wait,
-    )
+    service = fixed_service(a, home, batch_size=100, application_name=app, sleep=no_wait)
     await service.process_message("written before the outage")
     await service.flush()
     _allow(postgres_server_url, a, False, app)  # database A goes away
@@ -486,11 +480,7 @@ async def test_a_service_s_spool_is_private(db_url: str, tmp_path: Path) -> None
     home = tmp_path / "home"
     previous = os.umask(0o000)
     try:
-        service = create_nlu_service(
-            FixedClassifier(),
-            url=db_url,
-            settings=capture_settings(db_url, home, durability="spool"),
-        )
+        service = fixed_service(db_url, home, durability="spool")
         await service.process_message("private")
         [segment] = _segments(home)
         assert stat.S_IMODE(segment.stat().st_mode) == 0o600

@@ -40,21 +40,37 @@ MALFORMED = (
 )
 
 
+def cannot_read(name: str, kind: str, found: str, expected: str, advice: str) -> str:
+    """The message for a ``kind`` (records, pairs) file that its reader cannot read."""
+    return f"{name}: cannot read this {kind} file: found {found}, {expected}; {advice}"
+
+
 def empty_file(kind: str, expected: str) -> str:
-    """The message for ``empty.jsonl`` read as a ``kind`` (records, pairs) file."""
-    return (
-        f"empty.jsonl: cannot read this {kind} file: found an empty file (0 bytes), {expected}; "
-        "was it saved or copied completely? write or export it again"
+    """The message for ``empty.jsonl`` read as a ``kind`` file."""
+    return cannot_read(
+        "empty.jsonl",
+        kind,
+        "an empty file (0 bytes)",
+        expected,
+        "was it saved or copied completely? write or export it again",
     )
 
 
 def csv_file(kind: str, expected: str) -> str:
-    """The message for ``table.csv`` read as a ``kind`` (records, pairs) file."""
-    return (
-        f"table.csv: cannot read this {kind} file: found CSV (comma-separated values) with "
-        f"header 'text,label', {expected}; a spreadsheet's CSV export cannot be read; keep the "
-        "file as JSON (edit it in a text editor) or convert the table to JSON"
+    """The message for ``table.csv`` read as a ``kind`` file."""
+    return cannot_read(
+        "table.csv",
+        kind,
+        "CSV (comma-separated values) with header 'text,label'",
+        expected,
+        "a spreadsheet's CSV export cannot be read; keep the file as JSON (edit it in a text "
+        "editor) or convert the table to JSON",
     )
+
+
+def unreadable(name: str, found: str, advice: str) -> tuple[list[str], str]:
+    """The case of ``train --train NAME`` on a records file that cannot be read."""
+    return ["train", "--train", name], cannot_read(name, "records", found, RECORDS_EXPECTED, advice)
 
 
 FILES: dict[str, str | bytes] = {
@@ -96,10 +112,10 @@ CASES: dict[str, tuple[list[str], str]] = {
         ["train", "--train", "empty.jsonl"],
         empty_file("records", RECORDS_EXPECTED),
     ),
-    "whitespace only": (
-        ["train", "--train", "blank.jsonl"],
-        f"blank.jsonl: cannot read this records file: found only whitespace (4 bytes), "
-        f"{RECORDS_EXPECTED}; was it saved completely? write or export it again",
+    "whitespace only": unreadable(
+        "blank.jsonl",
+        "only whitespace (4 bytes)",
+        "was it saved completely? write or export it again",
     ),
     "missing label": (
         ["train", "--train", "no-label.jsonl"],
@@ -119,35 +135,33 @@ CASES: dict[str, tuple[list[str], str]] = {
         ["train", "--train", "malformed.jsonl"],
         MALFORMED,
     ),
-    "one object over several lines": (
-        ["train", "--train", "object.json"],
-        "object.json: cannot read this records file: found one JSON object spread over several "
-        f"lines (keys: 'text', 'label'), not rows, {RECORDS_EXPECTED}; put the rows in a JSON "
-        "list [{...}, {...}] or write one object per line",
+    "one object over several lines": unreadable(
+        "object.json",
+        "one JSON object spread over several lines (keys: 'text', 'label'), not rows",
+        "put the rows in a JSON list [{...}, {...}] or write one object per line",
     ),
-    "UTF-16": (
-        ["train", "--train", "utf16.jsonl"],
-        "utf16.jsonl: cannot read this records file: found UTF-16 LE text (it starts with the "
-        f"UTF-16 LE byte-order mark), {RECORDS_EXPECTED}; save it as UTF-8 (the editor's 'Save "
-        "as' offers the encoding), or convert it: iconv -f UTF-16 -t UTF-8 'utf16.jsonl' > "
-        "'utf16.utf8.jsonl'",
+    "UTF-16": unreadable(
+        "utf16.jsonl",
+        "UTF-16 LE text (it starts with the UTF-16 LE byte-order mark)",
+        "save it as UTF-8 (the editor's 'Save as' offers the encoding), or convert it: iconv -f "
+        "UTF-16 -t UTF-8 'utf16.jsonl' > 'utf16.utf8.jsonl'",
     ),
-    "Latin-1": (
-        ["train", "--train", "latin1.jsonl"],
-        "latin1.jsonl: cannot read this records file: found a byte that is not UTF-8: 0xe9 at "
-        'byte offset 13 (line 1, near \'{"text": "caf\ufffd", "label": "a"}\\x0a\'); the '
-        f"file is probably Windows-1252 or Latin-1, {RECORDS_EXPECTED}; save it as UTF-8, or "
-        "convert it: iconv -f WINDOWS-1252 -t UTF-8 'latin1.jsonl' > 'latin1.utf8.jsonl'",
+    "Latin-1": unreadable(
+        "latin1.jsonl",
+        'a byte that is not UTF-8: 0xe9 at byte offset 13 (line 1, near \'{"text": "caf\ufffd", '
+        '"label": "a"}\\x0a\'); the file is probably Windows-1252 or Latin-1',
+        "save it as UTF-8, or convert it: iconv -f WINDOWS-1252 -t UTF-8 'latin1.jsonl' > "
+        "'latin1.utf8.jsonl'",
     ),
     "CSV": (
         ["train", "--train", "table.csv"],
         csv_file("records", RECORDS_EXPECTED),
     ),
-    "an HTML error page": (
-        ["train", "--train", "page.html"],
-        f"page.html: cannot read this records file: found an HTML page, {RECORDS_EXPECTED}; it "
-        "is probably an error page saved instead of the file (a download that failed or needed "
-        "a login); download or export the file again",
+    "an HTML error page": unreadable(
+        "page.html",
+        "an HTML page",
+        "it is probably an error page saved instead of the file (a download that failed or "
+        "needed a login); download or export the file again",
     ),
     "a pair budget of one": (
         ["train", "--train", "good.jsonl", "--max-pairs", "1"],
@@ -311,8 +325,7 @@ def test_validation_log_prints_closed_set_accuracy_as_a_number(
     caplog.set_level(logging.INFO, logger="tasks.train")
     train._calibrate(
         "logreg",
-        val,
-        emb,
+        train._Validation.of(val, emb, labels),
         W,
         np.zeros(3, np.float32),
         labels=labels,

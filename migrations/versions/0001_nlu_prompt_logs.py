@@ -1,9 +1,4 @@
-"""nlu_prompt_logs: the captured prompts, their predictions, outcomes and corrections.
-
-Revision ID: 0001
-Revises:
-Create Date: 2026-11-26
-"""
+"""nlu_prompt_logs: the captured prompts, their predictions, outcomes and corrections."""
 
 from __future__ import annotations
 
@@ -11,16 +6,12 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
+from migrations.helpers import is_postgres
+
 revision = "0001"
 down_revision = None
-branch_labels = None
-depends_on = None
 
 TABLE = "nlu_prompt_logs"
-
-
-def _is_postgres() -> bool:
-    return op.get_bind().dialect.name == "postgresql"
 
 
 def upgrade() -> None:
@@ -61,7 +52,7 @@ def upgrade() -> None:
     )
     op.create_index("ix_nlu_prompt_logs_user_id", TABLE, ["user_id"])
 
-    if not _is_postgres():
+    if not is_postgres():
         return
     # Partial indexes: failed workflows and corrected rows are small slices that queries seek.
     op.create_index(
@@ -113,7 +104,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    if _is_postgres():
+    if is_postgres():
         op.execute("DROP TRIGGER IF EXISTS trg_nlu_prompt_logs_updated_at ON nlu_prompt_logs")
         op.execute("DROP FUNCTION IF EXISTS nlu_prompt_logs_touch_updated_at()")
         op.drop_index("ix_nlu_prompt_logs_corrected_created_at", table_name=TABLE)

@@ -1,9 +1,4 @@
-"""nlu_training_examples: the anonymised training store that outlives raw-log retention.
-
-Revision ID: 0002
-Revises: 0001
-Create Date: 2026-11-26
-"""
+"""nlu_training_examples: the anonymised training store that outlives raw-log retention."""
 
 from __future__ import annotations
 
@@ -12,8 +7,6 @@ from alembic import op
 
 revision = "0002"
 down_revision = "0001"
-branch_labels = None
-depends_on = None
 
 TABLE = "nlu_training_examples"
 

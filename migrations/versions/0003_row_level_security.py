@@ -16,24 +16,18 @@ writer that uses COPY must log in with BYPASSRLS (see docs/DATABASE.md) or use I
 
 SQLite has no row-level security: nothing changes there, and the repository's user-scoped calls
 filter with ``WHERE user_id = :uid`` instead.
-
-Revision ID: 0003
-Revises: 0002
-Create Date: 2026-11-26
 """
 
 from __future__ import annotations
 
 from alembic import op
 
+from migrations.helpers import APP_ROLE, PIPELINE_ROLE, is_postgres
+
 revision = "0003"
 down_revision = "0002"
-branch_labels = None
-depends_on = None
 
 TABLE = "nlu_prompt_logs"
-APP_ROLE = "prompt_capture_app"
-PIPELINE_ROLE = "prompt_capture_pipeline"
 ROLE_MARKER = "prompt-capture: created by migration 0003"
 
 APP_POLICY = "nlu_prompt_logs_app_own_rows"
@@ -54,10 +48,6 @@ TENTHS_EXPRESSION = (
 
 # The transaction's user scope; '' (a reset custom setting) and unset both mean "no scope".
 SCOPE = "NULLIF(current_setting('app.user_id', true), '')"
-
-
-def _is_postgres() -> bool:
-    return op.get_bind().dialect.name == "postgresql"
 
 
 def _scalar(sql: str) -> str:
@@ -117,7 +107,7 @@ def _drop_role_if_ours(name: str) -> None:
 
 
 def upgrade() -> None:
-    if not _is_postgres():
+    if not is_postgres():
         return
     schema = _scalar("SELECT current_schema()")
     owner = _scalar(
@@ -167,7 +157,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    if not _is_postgres():
+    if not is_postgres():
         return
     schema = _scalar("SELECT current_schema()")
     op.execute(f"DROP STATISTICS IF EXISTS {TENTHS_STATISTICS}")

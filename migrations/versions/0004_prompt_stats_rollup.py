@@ -26,10 +26,6 @@ Change tracking (triggers; the capture writer's hot path fires none of them):
   waits for the transactions that were writing the table (``capture.stats_rollup.refresh_begin``).
 - SQLite (one writer at a time): row triggers mark the hour of any insert, update of a
   statistics column, or delete whose ``created_at`` is before the watermark.
-
-Revision ID: 0004
-Revises: 0003
-Create Date: 2026-11-26
 """
 
 from __future__ import annotations
@@ -37,18 +33,16 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.helpers import APP_ROLE, PIPELINE_ROLE, is_postgres
+
 revision = "0004"
 down_revision = "0003"
-branch_labels = None
-depends_on = None
 
 LOGS = "nlu_prompt_logs"
 HOURLY = "nlu_prompt_stats_hourly"
 DAILY = "nlu_prompt_stats_daily"
 STATE = "nlu_prompt_stats_state"
 DIRTY = "nlu_prompt_stats_dirty"
-APP_ROLE = "prompt_capture_app"
-PIPELINE_ROLE = "prompt_capture_pipeline"
 
 #: A change to a row older than this (at the time of the change) marks its hour.
 LATE_AFTER_SECONDS = 300
@@ -65,10 +59,6 @@ TENTHS = tuple(range(11))
 # SQLite stores timestamps as 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC); the hour in the same format
 # (capture.dialect_sql.utc_hour compiles to the same text).
 SQLITE_HOUR = "strftime('%Y-%m-%d %H:00:00.000000', {})"
-
-
-def _is_postgres() -> bool:
-    return op.get_bind().dialect.name == "postgresql"
 
 
 def _measures() -> list[sa.Column[object]]:
@@ -122,7 +112,7 @@ def upgrade() -> None:
             f"INSERT INTO {STATE} (id, watermark, late_after_seconds) VALUES (1, NULL, :late)"
         ).bindparams(late=LATE_AFTER_SECONDS)
     )
-    if _is_postgres():
+    if is_postgres():
         _postgres_triggers()
     else:
         _sqlite_triggers()
@@ -258,11 +248,11 @@ def _sqlite_triggers() -> None:
 
 def downgrade() -> None:
     for trigger in ("insert", "update", "delete", "truncate"):
-        if trigger == "truncate" and not _is_postgres():
+        if trigger == "truncate" and not is_postgres():
             continue
-        on = f" ON {LOGS}" if _is_postgres() else ""
+        on = f" ON {LOGS}" if is_postgres() else ""
         op.execute(f"DROP TRIGGER IF EXISTS trg_nlu_prompt_logs_stats_{trigger}{on}")
-    if _is_postgres():
+    if is_postgres():
         for function in ("mark_row()", "mark_deleted()", "reset()"):
             op.execute(f"DROP FUNCTION IF EXISTS nlu_prompt_stats_{function}")
     for table in (DIRTY, STATE, DAILY, HOURLY):

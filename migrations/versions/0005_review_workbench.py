@@ -23,10 +23,6 @@ Log references hold the ``nlu_prompt_logs`` id without a foreign key (retention 
 the review history stays). Same tables on SQLite and PostgreSQL; on PostgreSQL the pipeline role
 of migration 0003 (the workbench connects as a member of it) gets ``SELECT, INSERT, UPDATE,
 DELETE`` on them, the application role nothing.
-
-Revision ID: 0005
-Revises: 0004
-Create Date: 2026-11-27
 """
 
 from __future__ import annotations
@@ -37,12 +33,11 @@ import sqlalchemy as sa
 from alembic import op
 
 from migrations.helpers import grant_pipeline_tables, revoke_pipeline_tables
+from migrations.helpers import sql_in as _in
 from migrations.helpers import timestamp as _ts
 
 revision = "0005"
 down_revision = "0004"
-branch_labels = None
-depends_on = None
 
 USERS = "review_users"
 ATTEMPTS = "review_login_attempts"
@@ -67,10 +62,6 @@ ACTIONS = (
 )
 
 
-def _in(column: str, values: tuple[str, ...]) -> str:
-    return f"{column} IN ({', '.join(repr(v) for v in values)})"
-
-
 def _fk(
     table: str, column: str, parent: str, *, ondelete: str | None = None
 ) -> sa.ForeignKeyConstraint:
@@ -78,6 +69,12 @@ def _fk(
     return sa.ForeignKeyConstraint(
         [column], [f"{parent}.id"], name=op.f(f"fk_{table}_{column}_{parent}"), ondelete=ondelete
     )
+
+
+def _indexes(table: str, *column_lists: tuple[str, ...]) -> None:
+    """One index on ``table`` per column list, named ``ix_<table>_<columns joined by _>``."""
+    for columns in column_lists:
+        op.create_index(f"ix_{table}_{'_'.join(columns)}", table, list(columns))
 
 
 def _json() -> sa.types.TypeEngine[Any]:
@@ -109,8 +106,7 @@ def upgrade() -> None:
         _ts("at", nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_review_login_attempts")),
     )
-    op.create_index("ix_review_login_attempts_user_name_at", ATTEMPTS, ["user_name", "at"])
-    op.create_index("ix_review_login_attempts_client_at", ATTEMPTS, ["client", "at"])
+    _indexes(ATTEMPTS, ("user_name", "at"), ("client", "at"))
 
     op.create_table(
         ROUNDS,
@@ -162,12 +158,8 @@ def upgrade() -> None:
             "reviews_needed IN (1, 2)", name=op.f("ck_review_round_items_reviews_needed")
         ),
     )
-    # The claim reads the first pending items of a round by position.
-    op.create_index(
-        "ix_review_round_items_round_id_state_position", ITEMS, ["round_id", "state", "position"]
-    )
-    op.create_index("ix_review_round_items_group_id", ITEMS, ["group_id"])
-    op.create_index("ix_review_round_items_lease_owner", ITEMS, ["lease_owner"])
+    # The claim reads the first pending items of a round by position (the first index).
+    _indexes(ITEMS, ("round_id", "state", "position"), ("group_id",), ("lease_owner",))
 
     op.create_table(
         DECISIONS,
@@ -200,15 +192,14 @@ def upgrade() -> None:
             _in("source", ("ui", "file", "label_studio")), name=op.f("ck_review_decisions_source")
         ),
     )
-    op.create_index("ix_review_decisions_item_id", DECISIONS, ["item_id"])
-    op.create_index(
-        "ix_review_decisions_reviewer_id_round_id_created_at",
+    _indexes(
         DECISIONS,
-        ["reviewer_id", "round_id", "created_at"],
+        ("item_id",),
+        ("reviewer_id", "round_id", "created_at"),
+        ("undoes",),
+        ("log_id",),
+        ("batch_id",),
     )
-    op.create_index("ix_review_decisions_undoes", DECISIONS, ["undoes"])
-    op.create_index("ix_review_decisions_log_id", DECISIONS, ["log_id"])
-    op.create_index("ix_review_decisions_batch_id", DECISIONS, ["batch_id"])
 
     op.create_table(
         PROPOSALS,

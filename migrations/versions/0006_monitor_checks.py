@@ -15,10 +15,6 @@
 
 The same tables on SQLite and PostgreSQL; on PostgreSQL the pipeline role (migration 0003) gets
 ``SELECT, INSERT, UPDATE, DELETE`` on them, the application role nothing.
-
-Revision ID: 0006
-Revises: 0005
-Create Date: 2026-11-29
 """
 
 from __future__ import annotations
@@ -26,13 +22,11 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from migrations.helpers import grant_pipeline_tables, revoke_pipeline_tables
+from migrations.helpers import grant_pipeline_tables, revoke_pipeline_tables, sql_in
 from migrations.helpers import timestamp as _ts
 
 revision = "0006"
 down_revision = "0005"
-branch_labels = None
-depends_on = None
 
 HOURS = "monitor_hours"
 ALERTS = "monitor_alerts"
@@ -77,10 +71,7 @@ def upgrade() -> None:
             "hour",
             name="uq_monitor_alerts_check_name_scope_channel_hour",
         ),
-        sa.CheckConstraint(
-            f"status IN ({', '.join(repr(s) for s in ALERT_STATES)})",
-            name=op.f("ck_monitor_alerts_status"),
-        ),
+        sa.CheckConstraint(sql_in("status", ALERT_STATES), name=op.f("ck_monitor_alerts_status")),
     )
     # A run retries the failed alerts of the last hours: by status, then hour.
     op.create_index("ix_monitor_alerts_status_hour", ALERTS, ["status", "hour"])

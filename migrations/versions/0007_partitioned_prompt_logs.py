@@ -24,10 +24,6 @@ retention flow (``capture.partitions``, ``tasks.retention``) running as the tabl
 Downgrade reverses it: a plain table with primary key ``(id)``, the same rows (refused, naming an
 id, when two rows share an id), the recorded objects again. Tables left by an interrupted
 retention (``nlu_prompt_logs_expired_*``) are not touched.
-
-Revision ID: 0007
-Revises: 0006
-Create Date: 2026-11-29
 """
 
 from __future__ import annotations
@@ -38,10 +34,10 @@ from datetime import UTC, datetime, timedelta
 from alembic import op
 from sqlalchemy import Connection, text
 
+from migrations.helpers import is_postgres
+
 revision = "0007"
 down_revision = "0006"
-branch_labels = None
-depends_on = None
 
 LOGS = "nlu_prompt_logs"
 STAGING = "nlu_prompt_logs_0007_staging"
@@ -56,10 +52,6 @@ LATE_AFTER_SECONDS = 300
 MOVE_TRIGGER = "trg_nlu_prompt_logs_stats_move"
 MOVE_FUNCTION = "nlu_prompt_stats_mark_moved"
 _POLICY_COMMANDS = {"*": "ALL", "r": "SELECT", "a": "INSERT", "w": "UPDATE", "d": "DELETE"}
-
-
-def _is_postgres() -> bool:
-    return op.get_bind().dialect.name == "postgresql"
 
 
 def _interval() -> str:
@@ -296,7 +288,7 @@ def _relkind(conn: Connection) -> str:
 
 
 def upgrade() -> None:
-    if not _is_postgres():
+    if not is_postgres():
         return
     conn = op.get_bind()
     if _relkind(conn) == "p":
@@ -318,7 +310,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    if not _is_postgres():
+    if not is_postgres():
         return
     conn = op.get_bind()
     if _relkind(conn) != "p":

@@ -8,10 +8,6 @@ readout joins on ``(log_id, log_created_at)`` and ignores rows whose log is gone
 
 On PostgreSQL the application role (0003) may INSERT (the NLU service writes them), the pipeline
 role may SELECT and DELETE (the readout and retention).
-
-Revision ID: 0008
-Revises: 0007
-Create Date: 2026-11-29
 """
 
 from __future__ import annotations
@@ -19,16 +15,12 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from migrations.helpers import when_roles_exist
+from migrations.helpers import APP_ROLE, PIPELINE_ROLE, when_roles_exist
 
 revision = "0008"
 down_revision = "0007"
-branch_labels = None
-depends_on = None
 
 TABLE = "nlu_shadow_predictions"
-APP_ROLE = "prompt_capture_app"
-PIPELINE_ROLE = "prompt_capture_pipeline"
 
 
 def upgrade() -> None:

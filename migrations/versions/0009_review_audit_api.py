@@ -6,39 +6,28 @@ migration 0003) now writes the same ``review_decisions`` audit row as the workbe
 import (``capture.review_audit``), with source ``api``. This widens the source check to
 ``ui | file | label_studio | api`` and, on PostgreSQL, grants the application role ``INSERT``
 (only: it reads, changes and deletes nothing there) on ``review_decisions``.
-
-Revision ID: 0009
-Revises: 0008
-Create Date: 2026-11-29
 """
 
 from __future__ import annotations
 
 from alembic import op
 
-from migrations.helpers import is_postgres, when_roles_exist
+from migrations.helpers import APP_ROLE, is_postgres, sql_in, when_roles_exist
 
 revision = "0009"
 down_revision = "0008"
-branch_labels = None
-depends_on = None
 
 TABLE = "review_decisions"
-APP_ROLE = "prompt_capture_app"
 CHECK = "ck_review_decisions_source"
 NEW = ("ui", "file", "label_studio", "api")
 OLD = ("ui", "file", "label_studio")
-
-
-def _in(values: tuple[str, ...]) -> str:
-    return f"source IN ({', '.join(repr(v) for v in values)})"
 
 
 def _replace_check(values: tuple[str, ...]) -> None:
     with op.batch_alter_table(TABLE) as batch:
         batch.drop_constraint(op.f(CHECK), type_="check")
         # the full name: the naming convention must not prefix it again
-        batch.create_check_constraint(op.f(CHECK), _in(values))
+        batch.create_check_constraint(op.f(CHECK), sql_in("source", values))
 
 
 def upgrade() -> None:
