@@ -405,8 +405,9 @@ class IntentCatalogue:
         import difflib  # only on this error path
 
         close = difflib.get_close_matches(intent_key(name), names, n=3, cutoff=0.5)
-        shown = ", ".join(map(_show_name, close or names[:3])) + ("" if close else ", ...")
-        return f"{len(names)} known, closest: {shown}"
+        if not close:  # nothing alike: naming three others would only mislead
+            return f"{len(names)} known"
+        return f"{len(names)} known, closest: {', '.join(map(_show_name, close))}"
 
     def check(
         self,

@@ -4,17 +4,21 @@ The commands live by group in ``deployments.commands_*`` (each has ``register(ap
 modules are imported inside each command. Every user-fixable error is a
 :class:`capture.errors.UserError`: :class:`UserErrorGroup` turns one raised anywhere under a
 command (a bad option, a malformed file, a flow's task) into one line on stderr and exit code 2,
-and so does an option value typer cannot take (``--count 0``, ``--limit abc``, a missing
-required option) and a database that refuses the connection (``cli_support.user_error_from``:
-the URL without its password); any other exception keeps its traceback.
+and so does a mistake typer finds on the command line (an unknown command or option, a missing
+required option, a value it cannot take: :func:`usage_error_message`) and a database that
+refuses the connection (``cli_support.user_error_from``: the URL without its password). A
+registry another run holds past ``--lock-timeout`` is one line too, with exit code 1: nobody's
+mistake, run it again later. Any other exception keeps its traceback. ``--help`` is typer's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import typer
-from typer.core import TyperGroup
+from typer._click.exceptions import NoArgsIsHelpError, NoSuchOption, UsageError  # see cli_support
 
 from capture.errors import UserError
 from deployments import (
@@ -27,46 +31,66 @@ from deployments import (
     review_commands,
     spool_commands,
 )
+from deployments.cli_support import CommandGroup, UnknownCommandError, print_error
 
 USER_ERROR_EXIT_CODE = 2
+#: Exit code of a command that gave up waiting for the registry lock (retry later).
+BUSY_EXIT_CODE = 1
 
 
-def report_user_error(exc: UserError) -> None:
-    """``error: <message>`` on stderr, one line (the message names the input and the fix)."""
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    typer.echo(f"{typer.style('error:', fg='red', bold=True)} {message}", err=True)
-
-
-def report_bad_parameter(exc: typer.BadParameter) -> None:
-    """A value typer refused (type, range, missing option), as one ``error:`` line that says
-    where the help is."""
+def usage_error_message(exc: UsageError) -> str:
+    """A mistake on the command line as one sentence: the command, what was wrong (with the
+    closest names for an unknown command or option) and where the help is."""
     command = exc.ctx.command_path if exc.ctx is not None else "prompt-capture"
-    message = " ".join(exc.format_message().split())
-    typer.echo(
-        f"{typer.style('error:', fg='red', bold=True)} {message} (see `{command} --help`)",
-        err=True,
-    )
+    if isinstance(exc, UnknownCommandError):
+        return _no_such(command, f"command {exc.name!r}", exc.close, "the commands")
+    if isinstance(exc, NoSuchOption):
+        return _no_such(command, f"option {exc.option_name!r}", exc.possibilities, "its options")
+    message = exc.format_message().strip().rstrip(".")
+    return f"{command}: {message[:1].lower()}{message[1:]} (see `{command} --help`)"
 
 
-class UserErrorGroup(TyperGroup):
-    """The one CLI handler: a ``UserError`` from any command, or an option value typer refuses,
-    -> one line, exit code 2."""
+def _no_such(command: str, what: str, close: Sequence[str] | None, listed: str) -> str:
+    guess = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    return f"{command}: no such {what}{guess} (`{command} --help` lists {listed})"
 
-    def invoke(self, ctx: Any) -> Any:  # a (typer-vendored) click Context
-        try:
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turn what the user can act on into one line on stderr and :class:`typer.Exit`."""
+    from tasks.registry_lock import RegistryBusyError
+
+    try:
+        yield
+    except NoArgsIsHelpError:
+        raise  # a group called without a command: typer prints its help
+    except UsageError as exc:
+        print_error(usage_error_message(exc))
+        raise typer.Exit(code=USER_ERROR_EXIT_CODE) from None
+    except UserError as exc:
+        print_error(str(exc) or type(exc).__name__)
+        busy = isinstance(exc, RegistryBusyError)
+        raise typer.Exit(code=BUSY_EXIT_CODE if busy else USER_ERROR_EXIT_CODE) from None
+    except Exception as exc:
+        user_error = cli_support.user_error_from(exc)  # a database nobody can connect to
+        if user_error is None:
+            raise
+        print_error(str(user_error))
+        raise typer.Exit(code=USER_ERROR_EXIT_CODE) from None
+
+
+class UserErrorGroup(CommandGroup):
+    """The one CLI handler (:func:`one_line_errors`) around parsing the top-level options and
+    running a command: a ``UserError`` from any command, or a mistake typer finds on the
+    command line -> one line, exit code 2 (a busy registry: 1)."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:  # a (typer-vendored) click Context
+        with one_line_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with one_line_errors():
             return super().invoke(ctx)
-        except UserError as exc:
-            report_user_error(exc)
-            raise typer.Exit(code=USER_ERROR_EXIT_CODE) from None
-        except typer.BadParameter as exc:
-            report_bad_parameter(exc)
-            raise typer.Exit(code=USER_ERROR_EXIT_CODE) from None
-        except Exception as exc:
-            user_error = cli_support.user_error_from(exc)  # a database nobody can connect to
-            if user_error is None:
-                raise
-            report_user_error(user_error)
-            raise typer.Exit(code=USER_ERROR_EXIT_CODE) from None
 
 
 app = typer.Typer(

@@ -1,6 +1,6 @@
-"""What the ``prompt-capture`` command modules share: the console, the process bootstrap
-(environment defaults, logging), the database check, JSON output, the options several commands
-take, and the parsers of option values that are not plain types.
+"""What the ``prompt-capture`` command modules share: the console, the command groups, the
+process bootstrap (environment defaults, logging), the home and database checks, JSON output,
+the options several commands take, and the parsers of option values that are not plain types.
 
 A bad option value raises :class:`capture.errors.UserError`; the one handler in
 ``deployments.cli`` turns it into one line on stderr and exit code 2. A command checks what the
@@ -10,6 +10,7 @@ a flow run would be logged by Prefect (with its traceback) before the handler's 
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -21,16 +22,88 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+# typer vendors click (``typer._click``) and re-exports only BadParameter of its exceptions; the
+# CLI's handler tells the other command-line mistakes apart by these classes (typer >= 0.29).
+from typer._click.exceptions import UsageError
+from typer.core import TyperGroup
+
 from capture.errors import UserError
 
 if TYPE_CHECKING:
     from capture.settings import Settings
 
-console = Console()
+#: The width of a console that is not a terminal (a pipe, a file, a CI log): wide enough that
+#: no line is wrapped and no table squeezed; a table is as wide as its cells.
+UNWRAPPED_WIDTH = 10_000
+
+
+def make_console() -> Console:
+    """The one place the CLI's console is built. On a terminal, rich's own (it wraps at the
+    terminal's width); piped or redirected, nothing is wrapped: a long path or line stays one
+    line for ``grep`` and the logs."""
+    terminal = Console()
+    if terminal.is_terminal:
+        return terminal
+    return Console(soft_wrap=True, width=UNWRAPPED_WIDTH)
+
+
+console = make_console()
+
+
+def print_error(message: str) -> None:
+    """``error: <message>`` on stderr, one line (the message names the input and the fix)."""
+    _stderr_line("error:", "red", message)
+
+
+def warn(message: str) -> None:
+    """``warning: <message>`` on stderr, one line: what the user should know before the
+    command goes on (it does)."""
+    _stderr_line("warning:", "yellow", message)
+
+
+def _stderr_line(label: str, color: str, message: str) -> None:
+    typer.echo(f"{typer.style(label, fg=color, bold=True)} {' '.join(message.split())}", err=True)
+
+
+def percent(value: float | None) -> str:
+    """An accuracy, a recall or a share as every command prints it: ``93.45%`` (``-``: none)."""
+    return "-" if value is None else f"{value:.2%}"
 
 
 class OptionError(UserError, ValueError):
     """A command-line option's value cannot be used; the message names the option."""
+
+
+class UnknownCommandError(UsageError):
+    """A command name no group of ``prompt-capture`` has; ``close`` holds the names most like it
+    (most alike first), empty when none is."""
+
+    def __init__(self, name: str, close: list[str], ctx: Any) -> None:
+        super().__init__(f"no such command {name!r}", ctx)
+        self.name = name
+        self.close = close
+
+
+class CommandGroup(TyperGroup):
+    """Every command group of ``prompt-capture``: an unknown command name is an
+    :class:`UnknownCommandError` (the handler in ``deployments.cli`` says it in one line)."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        try:
+            return super().resolve_command(ctx, args)
+        except UsageError as exc:
+            # A plain UsageError here is click's "No such command"; a subclass (an option
+            # where the command should be) is another mistake, said as it is.
+            if type(exc) is not UsageError or not args:
+                raise
+            close = difflib.get_close_matches(args[0], self.list_commands(ctx))
+            raise UnknownCommandError(args[0], close, ctx) from None
+
+
+def command_group(help: str) -> typer.Typer:
+    """A ``prompt-capture GROUP ...`` sub-app (``db``, ``spool``, ``candidate``, ...): a
+    :class:`CommandGroup` that prints its help when called without a command."""
+    return typer.Typer(cls=CommandGroup, no_args_is_help=True, help=help)
 
 
 Command = TypeVar("Command", bound=Callable[..., Any])
@@ -65,6 +138,18 @@ Now = Annotated[
 Hyperparameters = Annotated[
     str | None,
     typer.Option("--hyperparameters", help='TrainConfig fields as JSON, e.g. {"max_steps": 50}.'),
+]
+#: How long a command waits for another run that holds the model registry (the flows wait up
+#: to ``tasks.registry_lock.DEFAULT_LOCK_TIMEOUT_S``: a weekly retrain takes an hour).
+CLI_LOCK_TIMEOUT_S = 60.0
+LockTimeout = Annotated[
+    float,
+    typer.Option(
+        "--lock-timeout",
+        min=0,
+        help="Seconds to wait while another run (a weekly cycle, a deploy) holds the model "
+        "registry; then exit code 1, naming that run.",
+    ),
 ]
 
 
@@ -115,13 +200,40 @@ def prefect_env() -> None:
             run_logger.addFilter(UserErrorTracebackFilter())
 
 
+class HomeMissingError(UserError, FileNotFoundError):
+    """PROMPT_CAPTURE_HOME names a folder that does not exist (a typo, a share not mounted)."""
+
+
+def require_home(settings: Settings) -> Path:
+    """The settings' home when it is a folder; else :class:`HomeMissingError` naming it and the
+    fix. A command that only reads the home (or its database) calls it first, so a mistyped
+    home is refused instead of being created, with an empty database in it."""
+    home = settings.home
+    if home.is_dir():
+        return home
+    shown = str(home) if home.is_absolute() else f"{home} ({home.resolve()})"
+    raise HomeMissingError(
+        f"PROMPT_CAPTURE_HOME {shown}: no such folder; set PROMPT_CAPTURE_HOME to the home that "
+        "holds the models and the database, or set one up there with `prompt-capture init`"
+    )
+
+
+def require_database_home(settings: Settings) -> str:
+    """The settings' database URL, after :func:`require_home` when the database is the home's
+    own SQLite file (no PROMPT_CAPTURE_DATABASE_URL)."""
+    if not settings.database_url:
+        require_home(settings)
+    return settings.resolved_database_url
+
+
 def require_database(settings: Settings) -> str:
     """The settings' database URL once its schema is the one this code needs; raises
     :class:`capture.db.DatabaseNotMigratedError` (one line naming ``prompt-capture db
-    upgrade``) otherwise. Every command that reads the database calls it first."""
+    upgrade``) otherwise, or :class:`HomeMissingError` when the database is the SQLite file of
+    a home that does not exist. Every command that reads the database calls it first."""
     from capture import db
 
-    return db.require_migrated(settings.resolved_database_url)
+    return db.require_migrated(require_database_home(settings))
 
 
 class DatabaseUnreachableError(UserError, ConnectionError):

@@ -10,11 +10,19 @@ from typing import Annotated
 
 import typer
 
-from deployments.cli_support import AsJson, console, print_json
+from deployments.cli_support import (
+    CLI_LOCK_TIMEOUT_S,
+    AsJson,
+    LockTimeout,
+    command_group,
+    console,
+    print_json,
+    require_database,
+    require_home,
+)
 
-candidate_app = typer.Typer(
-    help="The candidate model under test beside the champion (shadow or canary).",
-    no_args_is_help=True,
+candidate_app = command_group(
+    "The candidate model under test beside the champion (shadow or canary)."
 )
 
 
@@ -31,6 +39,7 @@ def candidate_set_cmd(
             help="Canary only: share of users it answers, > 0 and <= 1 (default: 0.1).",
         ),
     ] = None,
+    lock_timeout: LockTimeout = CLI_LOCK_TIMEOUT_S,
 ) -> None:
     """Put VERSION under test; running services pick it up within their reload interval.
 
@@ -47,7 +56,7 @@ def candidate_set_cmd(
         before = candidate(models_dir) if models_dir.is_dir() else None
     except ModelDirError:
         before = None  # a malformed pointer is replaced
-    pointer = set_candidate(models_dir, version, mode=mode, share=share)
+    pointer = set_candidate(models_dir, version, mode=mode, share=share, lock_timeout=lock_timeout)
     extra = f", share {pointer.share:.1%} of users" if pointer.mode == "canary" else ""
     if pointer == before:  # the same file: nothing was written
         tests = ab_tests(models_dir)
@@ -64,12 +73,13 @@ def candidate_set_cmd(
 @candidate_app.command("clear")
 def candidate_clear_cmd(
     reason: Annotated[str | None, typer.Option("--reason", help="Recorded in the history.")] = None,
+    lock_timeout: LockTimeout = CLI_LOCK_TIMEOUT_S,
 ) -> None:
     """Stop testing the candidate: the champion answers all traffic again."""
     from capture.settings import get_settings
     from tasks.ab_candidate import clear_candidate
 
-    before = clear_candidate(get_settings().models_dir, reason=reason)
+    before = clear_candidate(get_settings().models_dir, reason=reason, lock_timeout=lock_timeout)
     if before is None:
         console.print("no candidate was under test")
     else:
@@ -82,7 +92,9 @@ def candidate_show_cmd() -> None:
     from capture.settings import get_settings
     from tasks.ab_candidate import candidate
 
-    pointer = candidate(get_settings().models_dir)
+    settings = get_settings()
+    require_home(settings)
+    pointer = candidate(settings.models_dir)
     if pointer is None:
         console.print("no candidate under test")
     else:
@@ -101,9 +113,9 @@ def ab_cmd(
     from tasks.ab_readout import ab_readout
 
     settings = get_settings()
-    readout = ab_readout(
-        settings.resolved_database_url, settings.models_dir, plan=ABPlan(margin=margin)
-    )
+    require_home(settings)
+    url = require_database(settings)
+    readout = ab_readout(url, settings.models_dir, plan=ABPlan(margin=margin))
     if as_json:
         print_json(readout.to_dict())
     else:

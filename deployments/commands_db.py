@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from deployments.cli_support import console
+from deployments.cli_support import (
+    OptionError,
+    command_group,
+    console,
+    require_database,
+    require_database_home,
+)
 
-db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
+db_app = command_group("Database schema (Alembic migrations).")
 
 
 @db_app.command("upgrade")
@@ -25,16 +32,40 @@ def db_downgrade(revision: str = typer.Argument(..., help="Target revision, e.g.
     """Revert migrations down to REVISION."""
     from capture import db
 
+    missing = _missing_database_file()
+    if missing is not None:
+        raise OptionError(
+            f"database file {missing} does not exist, so there is nothing to downgrade; check "
+            "PROMPT_CAPTURE_HOME and PROMPT_CAPTURE_DATABASE_URL"
+        )
     db.downgrade(revision=revision)
     console.print(f"database at revision [bold]{db.current_revision() or 'base'}[/bold]")
 
 
 @db_app.command("current")
 def db_current() -> None:
-    """Show the schema revision of the database and the one this code needs."""
+    """Show the schema revision of the database and the one this code needs (an SQLite file
+    that does not exist is revision none; it is not created)."""
     from capture import db
 
+    missing = _missing_database_file()
+    if missing is not None:
+        console.print(
+            f"current: none (no database file {missing} yet: `prompt-capture db upgrade` "
+            f"creates it); head: {db.head_revision()}"
+        )
+        return
     console.print(f"current: {db.current_revision() or 'none'}; head: {db.head_revision()}")
+
+
+def _missing_database_file() -> Path | None:
+    """The settings' SQLite file when it does not exist (opening it would create it), else
+    None. A home that does not exist is refused (``require_database_home``)."""
+    from capture import db
+    from capture.settings import get_settings
+
+    path = db.sqlite_path(require_database_home(get_settings()))
+    return path if path is not None and not path.exists() else None
 
 
 @db_app.command("refresh-stats")
@@ -59,8 +90,9 @@ def db_refresh_stats(
     from sqlalchemy.orm import Session
 
     from capture import db, stats_rollup
+    from capture.settings import get_settings
 
-    db.ensure_migrated()
+    require_database(get_settings())
     with Session(db.get_sync_engine()) as session:
         if rebuild:
             stats_rollup.reset_prompt_stats(session)

@@ -10,19 +10,26 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from deployments.cli_support import (
+    CLI_LOCK_TIMEOUT_S,
     AsJson,
+    LockTimeout,
     OptionError,
     Seed,
     add_commands,
     command,
     console,
+    percent,
     print_json,
     require_file,
+    require_home,
     require_model_dir,
 )
 
 if TYPE_CHECKING:
+    from capture.model_dir import CandidatePointer
     from tasks.deploy import DeployResult
+    from tasks.evaluate import EvalReport
+    from tasks.registry import ModelEntry
 
 
 @command("train")
@@ -89,8 +96,8 @@ def train_cmd(
     )
     if val_metrics:
         console.print(
-            f"validation: accuracy {val_metrics['accuracy']:.4f}, "
-            f"macro-F1 {val_metrics['macro_f1']:.4f}, ECE {val_metrics['ece']:.4f}"
+            f"validation: accuracy {percent(val_metrics['accuracy'])}, "
+            f"macro-F1 {percent(val_metrics['macro_f1'])}, ECE {val_metrics['ece']:.4f}"
         )
 
 
@@ -126,11 +133,7 @@ def evaluate_cmd(
     if as_json:
         typer.echo(json.dumps(report.to_dict(details=False)))
         return
-    console.print(
-        f"n={report.n} accuracy={report.accuracy:.4f} macro_f1={report.macro_f1:.4f} "
-        f"ece={report.ece:.4f} in_scope_accuracy={report.in_scope_accuracy} "
-        f"oos_recall={report.oos_recall} ({report.backend})"
-    )
+    console.print(evaluation_line(report))
     if report.latency_ms_p50 is not None and report.latency_ms_p99 is not None:
         source = report.latency_source or ""
         if source.startswith("temporary"):
@@ -141,6 +144,16 @@ def evaluate_cmd(
         )
     for true, pred, count in report.confusions[:5]:
         console.print(f"  confused {true} -> {pred}: {count}")
+
+
+def evaluation_line(report: EvalReport) -> str:
+    """``evaluate``'s first line: every accuracy, F1 and recall a percent with 2 decimals
+    (``-``: no row to score it on, e.g. no ``oos`` row), the ECE a number."""
+    return (
+        f"n={report.n} accuracy={percent(report.accuracy)} macro_f1={percent(report.macro_f1)} "
+        f"ece={report.ece:.4f} in_scope_accuracy={percent(report.in_scope_accuracy)} "
+        f"oos_recall={percent(report.oos_recall)} ({report.backend})"
+    )
 
 
 @command("export-onnx")
@@ -158,6 +171,7 @@ def export_onnx_cmd(
         ),
     ] = None,
     as_json: AsJson = False,
+    lock_timeout: LockTimeout = CLI_LOCK_TIMEOUT_S,
 ) -> None:
     """Export a model directory to ONNX for serving (int8 when it passes the parity gate).
 
@@ -180,6 +194,7 @@ def export_onnx_cmd(
         validation_data=require_file(val, "--val") if val is not None else None,
         models_dir=settings.models_dir,
         settings=settings,
+        lock_timeout=lock_timeout,
     )
     report, fast = done.onnx, done.fast_path
     if as_json:
@@ -245,13 +260,16 @@ def convert_to_pairs_cmd(
 
 @command("models")
 def models_cmd(as_json: AsJson = False) -> None:
-    """List the registry's versions, their metrics, and which one serves."""
+    """List the registry's versions, their metrics, which one serves, and the candidate under
+    A/B test (its mode and, for a canary, its share of users)."""
     from rich.table import Table
 
     from capture.settings import get_settings
     from tasks.registry import list_models
 
-    models_dir = get_settings().models_dir
+    settings = get_settings()
+    require_home(settings)
+    models_dir = settings.models_dir
     entries = list_models(models_dir)
     if as_json:
         print_json(
@@ -259,6 +277,7 @@ def models_cmd(as_json: AsJson = False) -> None:
                 {
                     "version": e.version,
                     "serving": e.serving,
+                    "candidate": None if e.candidate is None else _test_of(e.candidate),
                     "deployable": e.deployable,
                     "gate": e.gate,
                     "created_at": e.created_at,
@@ -271,7 +290,10 @@ def models_cmd(as_json: AsJson = False) -> None:
         )
         return
     if not entries:
-        console.print(f"no models in {models_dir}")
+        if models_dir.is_dir():
+            console.print(f"no models in {models_dir}")
+        else:
+            console.print(f"no registry at {models_dir}: `prompt-capture init` sets one up")
         return
     table = Table(title=f"models in {models_dir}")
     for column in ("", "version", "gate", "accuracy", "champion acc", "train rows", "created"):
@@ -281,15 +303,30 @@ def models_cmd(as_json: AsJson = False) -> None:
         acc = (evaluation.get("challenger") or {}).get("accuracy")
         old = (evaluation.get("champion") or {}).get("accuracy")
         table.add_row(
-            "[bold green]serving[/]" if e.serving else ("" if e.deployable else "not exported"),
+            _status(e),
             e.version,
             e.gate or "-",
-            f"{acc:.2%}" if acc is not None else "-",
-            f"{old:.2%}" if old is not None else "-",
+            percent(acc),
+            percent(old),
             str(e.training.get("n_train", "-")),
             (e.created_at or "")[:19],
         )
     console.print(table)
+
+
+def _test_of(pointer: CandidatePointer) -> dict[str, object]:
+    """The A/B test a version is under, as ``models --json`` gives it."""
+    return {"mode": pointer.mode, "share": pointer.share}
+
+
+def _status(entry: ModelEntry) -> str:
+    """The first cell of a version's row: serving, the candidate's test, or not exported."""
+    if entry.serving:
+        return "[bold green]serving[/]"
+    if (test := entry.candidate) is not None:
+        share = f" {percent(test.share)} of users" if test.mode == "canary" else ""
+        return f"[bold yellow]candidate[/]: {test.mode}{share}"
+    return "" if entry.deployable else "not exported"
 
 
 @command("deploy")
@@ -301,6 +338,7 @@ def deploy_cmd(
     allow_rejected: Annotated[
         bool, typer.Option("--allow-rejected", help="Deploy a version the gate rejected.")
     ] = False,
+    lock_timeout: LockTimeout = CLI_LOCK_TIMEOUT_S,
 ) -> None:
     """Serve VERSION (atomic switch; running services hot-reload): rollback's forward twin.
 
@@ -316,6 +354,7 @@ def deploy_cmd(
         action="deploy",
         force=force,
         allow_rejected=allow_rejected,
+        lock_timeout=lock_timeout,
     )
     _print_switch(result)
 
@@ -325,12 +364,14 @@ def rollback_cmd(
     to: Annotated[
         str | None, typer.Option("--to", help="Version to serve (default: the previous one).")
     ] = None,
+    lock_timeout: LockTimeout = CLI_LOCK_TIMEOUT_S,
 ) -> None:
     """Serve the previous good version again (atomic switch; running services hot-reload)."""
     from capture.settings import get_settings
     from tasks.deploy import switch_serving
 
-    _print_switch(switch_serving(get_settings().models_dir, to, action="rollback"))
+    models_dir = get_settings().models_dir
+    _print_switch(switch_serving(models_dir, to, action="rollback", lock_timeout=lock_timeout))
 
 
 def _print_switch(result: DeployResult) -> None:

@@ -18,10 +18,12 @@ from deployments.cli_support import (
     console,
     parse_hyperparameters,
     parse_now,
+    percent,
     prefect_env,
     print_json,
     require_database,
     require_new_file,
+    warn,
 )
 
 if TYPE_CHECKING:
@@ -190,15 +192,27 @@ def demo_traffic_cmd(
 
     The prompts are the traffic part of the packaged demo dataset, spread over --users
     simulated users. The registry's serving model answers when one is deployed under
-    PROMPT_CAPTURE_HOME (and its A/B candidate, when one is set); the keyword classifier fitted
-    on the train part only when none is. Workflows of a wrong intent usually fail.
+    PROMPT_CAPTURE_HOME (and its A/B candidate, when one is set). When none is, a stand-in
+    answers, the keyword classifier keyword-v1 fitted on the train part, and a warning line
+    says so first (deploy a model: `prompt-capture demo`, or `prompt-capture deploy VERSION`).
+    Workflows of a wrong intent usually fail.
     """
     import asyncio
 
+    from capture.model_dir import read_pointer
     from capture.settings import get_settings
 
     settings = get_settings()
     require_database(settings)
+    if read_pointer(settings.models_dir) is None:  # as run_demo_traffic decides
+        from capture.demo_data import KeywordClassifier
+
+        warn(
+            f"no model is deployed in {settings.models_dir}, so the stand-in keyword "
+            f"classifier {KeywordClassifier.version} answers the demo traffic; to send it "
+            "through a trained model, deploy one (`prompt-capture demo` trains and deploys "
+            "one, `prompt-capture deploy VERSION` serves a registry version)"
+        )
     from capture.demo_traffic import run_demo_traffic
 
     report = asyncio.run(run_demo_traffic(count=count, seed=seed, settings=settings, users=users))
@@ -211,7 +225,7 @@ def _print_demo_traffic(report: DemoTrafficReport) -> None:
     stats = report.stats
     console.print(
         f"sent [bold]{report.sent}[/bold] prompts in {report.seconds:.2f} s "
-        f"(classifier agrees with the demo labels on {report.agreement:.0%}); "
+        f"(classifier agrees with the demo labels on {percent(report.agreement)}); "
         f"outcomes recorded: {report.outcomes} ({report.failures} failed)"
     )
     console.print(

@@ -19,18 +19,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
-from rich.console import Console
 
-from deployments.cli_support import Seed
+from deployments.cli_support import OptionError, Seed, command_group, console, require_database
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
 
     from review_ui.settings import WorkbenchSettings
 
-console = Console()
-review_user_app = typer.Typer(no_args_is_help=True, help="Review workbench users.")
-review_round_app = typer.Typer(no_args_is_help=True, help="Review rounds (the workbench's queues).")
+review_user_app = command_group("Review workbench users.")
+review_round_app = command_group("Review rounds (the workbench's queues).")
 
 T = TypeVar("T")
 LoginName = Annotated[str, typer.Argument(help="Login name.")]
@@ -46,65 +44,50 @@ DoubleReviewShare = Annotated[
 
 
 def _fail(exc: Exception) -> NoReturn:
-    from rich.markup import escape
-
-    Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
-    raise typer.Exit(code=2)
+    """End the command with ``exc``'s message (a ``ValueError`` a value was refused with) as a
+    user error: the app's handler prints the one line, exit code 2."""
+    raise OptionError(str(exc)) from None
 
 
 def _url() -> str:
-    from capture import db
     from capture.settings import get_settings
 
-    url = get_settings().resolved_database_url
-    try:
-        db.ensure_migrated(url)
-    except db.DatabaseNotMigratedError as exc:
-        _fail(exc)
-    return url
+    return require_database(get_settings())  # a UserError: the app's handler says it
 
 
 def _in_transaction(work: Callable[[Connection], T], *errors: type[Exception]) -> T:
     """``work(conn)`` in one transaction on the (migrated) database; a ``UserError`` (or one of
     ``errors``) ends the command with its message and exit code 2."""
     from capture.db import get_sync_engine
-    from capture.errors import UserError
 
-    caught: tuple[type[Exception], ...] = (UserError, *errors)
     try:
         with get_sync_engine(_url()).begin() as conn:
             return work(conn)
-    except caught as exc:
+    except errors as exc:
         _fail(exc)
 
 
 def _read_password(password_stdin: bool) -> str:
     if not password_stdin:
-        _fail(
-            ValueError(
-                "the password is read from standard input only: pass --password-stdin and pipe "
-                'it in, e.g. `printf %s "$PW" | prompt-capture review-user add NAME --role '
-                "reviewer --password-stdin`"
-            )
+        raise OptionError(
+            "the password is read from standard input only: pass --password-stdin and pipe "
+            'it in, e.g. `printf %s "$PW" | prompt-capture review-user add NAME --role '
+            "reviewer --password-stdin`"
         )
     password = sys.stdin.readline().rstrip("\r\n")
     if not password:
-        _fail(ValueError("--password-stdin: standard input was empty; pipe the password in"))
+        raise OptionError("--password-stdin: standard input was empty; pipe the password in")
     return password
 
 
 def workbench_settings(**options: Any) -> WorkbenchSettings:
     """The workbench's settings from the environment's home and (migrated) database, with
     ``options`` (``lease_minutes``, ``double_review_share``, ``https_only``); a bad value or an
-    unmigrated database is one error line and exit code 2."""
-    from capture.errors import UserError
+    unmigrated database is a ``UserError`` (one error line and exit code 2)."""
     from capture.settings import get_settings
     from review_ui.settings import WorkbenchSettings
 
-    try:
-        return WorkbenchSettings(home=get_settings().home, database_url=_url(), **options)
-    except UserError as exc:
-        _fail(exc)
+    return WorkbenchSettings(home=get_settings().home, database_url=_url(), **options)
 
 
 def review_ui(
@@ -204,7 +187,6 @@ def round_open(
     ] = False,
 ) -> None:
     """Open a review round filled by the review selection (as `export --mode review`)."""
-    from capture.errors import UserError
     from capture.settings import get_settings
     from flows.entry import from_parameters
     from tasks.review_export import ReviewSelection
@@ -228,7 +210,7 @@ def round_open(
             double_review_share=double_review_share,
             embed=embed,
         )
-    except (UserError, ValueError) as exc:
+    except ValueError as exc:  # a UserError goes to the app's handler as it is
         _fail(exc)
     console.print(
         f"round [bold]{summary.name}[/bold] ({summary.id}): {summary.items} prompts to review "

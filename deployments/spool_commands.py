@@ -20,11 +20,16 @@ from typing import Annotated, Any
 
 import typer
 
-from deployments.cli_support import AsJson, print_json
+from deployments.cli_support import (
+    AsJson,
+    command_group,
+    print_error,
+    print_json,
+    require_home,
+)
 
-spool_app = typer.Typer(
-    no_args_is_help=True,
-    help="The capture spool: rows kept while a database was unreachable, per database.",
+spool_app = command_group(
+    "The capture spool: rows kept while a database was unreachable, per database."
 )
 
 UNREACHABLE_EXIT_CODE = 1
@@ -54,6 +59,7 @@ def spool_list(as_json: AsJson = False) -> None:
     from capture.spool import list_spool
 
     settings = get_settings()
+    require_home(settings)
     groups = list_spool(settings.spool_dir)
     current = identity_from_url(settings.resolved_database_url)
     if as_json:
@@ -113,11 +119,9 @@ def spool_replay(
             )
         )
     except (ConnectionLostError, psycopg.OperationalError, OSError) as exc:
-        message = " ".join(str(exc).split())
-        typer.echo(
-            f"error: cannot reach the database ({type(exc).__name__}: {message}); nothing was "
-            "lost, the segments not yet replayed stay in the spool: run the replay again",
-            err=True,
+        print_error(
+            f"cannot reach the database ({type(exc).__name__}: {exc}); nothing was "
+            "lost, the segments not yet replayed stay in the spool: run the replay again"
         )
         raise typer.Exit(code=UNREACHABLE_EXIT_CODE) from None
     typer.echo(

@@ -98,12 +98,13 @@ def ab_check_flow(
     notification_block: str | None = None,
     home: str | None = None,
     database_url: str | None = None,
+    database_secret: str | None = None,
 ) -> dict[str, Any]:
     """Read the candidate's A/B evidence and promote, roll back, move it on to a canary, or
     keep testing (docs/AB_TESTING.md). Returns the readout and what was done."""
     plan = from_parameters(ABPlan, locals())  # margin, max_days, min_outcomes
     run_logger = get_run_logger()
-    run = open_run(home, database_url)
+    run = open_run(home, database_url, database_secret)
     models_dir = run.require_registry()  # a home nobody set up fails at once
     readout = ab_readout(run.database_url, models_dir, plan=plan)
     publish_readout(readout)
@@ -149,12 +150,12 @@ def stage_candidate_flow(
     validation_data: str | None = None,
     home: str | None = None,
 ) -> dict[str, Any]:
-    """Export ``version`` to ONNX when needed and put it under test as the candidate in ``mode``
-    (``shadow`` or ``canary`` with ``share``), under the registry lock (re-entered inside the
-    weekly cycle). Returns the candidate pointer as a dict."""
+    """Export ``version`` to ONNX when needed (with its fast path when the settings turn it on)
+    and put it under test as the candidate in ``mode`` (``shadow`` or ``canary`` with
+    ``share``), under the registry lock (re-entered inside the weekly cycle). Returns the
+    candidate pointer as a dict."""
     from tasks.ab_candidate import set_candidate
     from tasks.deploy import choose_version, export_for_serving
-    from tasks.fast_path import fast_path_for_serving
     from tasks.registry import is_deployable, registry_lock
 
     run = open_run(home)
@@ -164,8 +165,9 @@ def stage_candidate_flow(
         target = choose_version(layout.models_dir, version, allow_rejected=False)
         if not is_deployable(target):
             validation = layout.optional_file(validation_data, "val")
-            export_for_serving(target, quantize=quantize, validation_data=validation)
-            fast_path_for_serving(target, settings=run.settings, validation_data=validation)
+            export_for_serving(
+                target, quantize=quantize, validation_data=validation, settings=run.settings
+            )
         pointer = set_candidate(
             layout.models_dir, target.name, mode=mode, share=share, reason="weekly cycle"
         )

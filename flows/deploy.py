@@ -18,7 +18,6 @@ from tasks.deploy import (
     export_for_serving,
     serving_card_markdown,
 )
-from tasks.fast_path import fast_path_for_serving
 from tasks.registry import (
     deploy_task,
     is_deployable,
@@ -38,9 +37,10 @@ def deploy_flow(
     home: str | None = None,
 ) -> DeployResult:
     """Export ``version`` (default: the newest one the gate did not reject) to ONNX when needed
-    and make it the serving version. ``validation_data`` (default ``home/data/base_val.jsonl``)
-    holds the texts of the int8 parity check; ``home`` defaults to PROMPT_CAPTURE_HOME. Holds the
-    registry lock from choosing the version to the switch."""
+    (with its fast path when the settings turn it on) and make it the serving version.
+    ``validation_data`` (default ``home/data/base_val.jsonl``) holds the texts of the int8
+    parity check; ``home`` defaults to PROMPT_CAPTURE_HOME. Holds the registry lock from
+    choosing the version to the switch."""
     run_logger = get_run_logger()
     run = open_run(home)
     run.require_registry()  # never a new, empty registry in a home nobody set up
@@ -51,14 +51,15 @@ def deploy_flow(
         export = None
         if not is_deployable(target):
             validation = layout.optional_file(validation_data, "val")
-            export = export_for_serving(target, quantize=quantize, validation_data=validation)
+            export = export_for_serving(
+                target, quantize=quantize, validation_data=validation, settings=run.settings
+            )
             run_logger.info(
                 "exported version %s to ONNX (%s, agreement %.4f)",
                 target.name,
                 export.published,
                 export.agreement,
             )
-            fast_path_for_serving(target, settings=run.settings, validation_data=validation)
         previous = deploy_task(layout.models_dir, target.name)
     run_logger.info("now serving version %s (was %s)", target.name, previous)
     result = DeployResult(version=target.name, previous=previous, model_dir=target, export=export)

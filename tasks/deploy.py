@@ -7,14 +7,17 @@ The pointer switch itself is ``tasks.registry.deploy`` / ``rollback`` (atomic; a
 :func:`switch_serving` is the one entry point of ``prompt-capture deploy VERSION`` and
 ``prompt-capture rollback [--to VERSION]``: the candidate rule (a deploy is refused while an A/B
 candidate is under test, unless forced) and the switch, under one hold of the registry lock.
-:func:`export_model` is the one export entry point (``prompt-capture export-onnx``, the deploy
-and stage-candidate flows through :func:`export_for_serving`).
+:func:`export_model` is the one export entry point (``prompt-capture export-onnx``; the deploy
+and stage-candidate flows through :func:`export_for_serving`, its steps as Prefect task runs):
+the ONNX export, then the fast path when the settings turn it on. An export removes the fast path
+fitted to the ``model.onnx`` it replaces (``tasks.export_onnx``), so a directory never serves a
+fast path of another model.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from capture.model_dir import MODEL_FILE, CandidatePointer, ModelDirError, read_candidate
 from tasks.ab_candidate import clear_candidate
 from tasks.export_onnx import ExportReport, export_onnx
+from tasks.fast_path import METRICS_KEY as FAST_PATH_KEY
 from tasks.fast_path import FastPathReport, fast_path_for_serving
 from tasks.json_values import json_fields
 from tasks.records import load_records
@@ -122,7 +126,8 @@ def export_model(
     else fp32; the texts of ``validation_data`` are the parity check's, default a built-in set)
     and record the report under ``export`` in its ``metrics.json``; then, when ``settings``
     turn the fast path on, build it beside the export as the deploy flow does
-    (``tasks.fast_path.fast_path_for_serving``).
+    (``tasks.fast_path.fast_path_for_serving``). A fast path fitted to the previous
+    ``model.onnx`` is removed either way.
 
     When ``model_dir`` is a version of the registry ``models_dir``, all of it holds the
     registry lock (it never races a deploy exporting the same version), and a version that
@@ -139,18 +144,38 @@ def export_model(
         return _export_serving_files(model_dir, quantize, validation_data, settings)
 
 
+def export_for_serving(
+    model_dir: Path,
+    *,
+    quantize: bool,
+    validation_data: Path | None,
+    settings: Settings,
+) -> ExportReport:
+    """:func:`export_model` for a registry version the calling flow chose under the registry
+    lock, as the flow's task runs: ``export-onnx``, then ``build-fast-path`` when ``settings``
+    turn the fast path on; ``validation_data`` holds the texts of the parity check (and of the
+    fast path's threshold)."""
+    return _export_serving_files(model_dir, quantize, validation_data, settings, in_flow=True).onnx
+
+
 def _export_serving_files(
-    model_dir: Path, quantize: bool, validation_data: Path | None, settings: Settings | None
+    model_dir: Path,
+    quantize: bool,
+    validation_data: Path | None,
+    settings: Settings | None,
+    *,
+    in_flow: bool = False,
 ) -> ModelExport:
-    texts = (
-        [r.text for r in load_records(validation_data, min_labels=1)] if validation_data else None
+    """The export's two steps: Prefect task runs of the calling flow (``in_flow``), else plain
+    calls (the CLI runs no flow)."""
+    export: Callable[..., ExportReport] = export_onnx_task if in_flow else export_onnx_task.fn
+    build: Callable[..., FastPathReport | None] = (
+        fast_path_for_serving if in_flow else fast_path_for_serving.fn
     )
-    report = _export_and_record(model_dir, quantize=quantize, validation_texts=texts)
+    report = export(model_dir, quantize=quantize, validation_data=validation_data)
     fast = None
     if settings is not None and settings.fast_path:
-        fast = fast_path_for_serving.fn(
-            model_dir, settings=settings, validation_data=validation_data
-        )
+        fast = build(model_dir, settings=settings, validation_data=validation_data)
     return ModelExport(report, fast)
 
 
@@ -170,26 +195,26 @@ def _refuse_replacing_what_serves(models_dir: Path, model_dir: Path) -> None:
             )
 
 
-def _export_and_record(
-    model_dir: Path, *, quantize: bool, validation_texts: Sequence[str] | None
-) -> ExportReport:
-    report = export_onnx(model_dir, quantize=quantize, validation_texts=validation_texts)
-    record_metrics(model_dir, EXPORT_KEY, report.to_dict())
-    return report
-
-
 @task(cache_policy=NO_CACHE, name="export-onnx")
-def export_for_serving(
-    model_dir: Path,
-    *,
-    quantize: bool,
-    validation_data: Path | None,
-    settings: Settings | None = None,
+def export_onnx_task(
+    model_dir: Path, *, quantize: bool, validation_data: Path | None
 ) -> ExportReport:
-    """:func:`export_model` for a registry version the calling flow chose under the registry
-    lock: the ONNX export, then the fast path when ``settings`` turn it on (None: the ONNX
-    export only); ``validation_data`` holds the texts of the parity check."""
-    return _export_serving_files(model_dir, quantize, validation_data, settings).onnx
+    """:func:`tasks.export_onnx.export_onnx` with the texts of ``validation_data`` (None: the
+    built-in set) as the parity check's, its report recorded under ``export`` in
+    ``metrics.json``; when it removed the fast path fitted to the previous ``model.onnx``, that
+    is recorded under ``fast_path``."""
+    texts = (
+        [r.text for r in load_records(validation_data, min_labels=1)] if validation_data else None
+    )
+    report = export_onnx(model_dir, quantize=quantize, validation_texts=texts)
+    record_metrics(model_dir, EXPORT_KEY, report.to_dict())
+    if report.fast_path_removed:
+        record_metrics(
+            model_dir,
+            FAST_PATH_KEY,
+            {"published": False, "reason": "removed: fitted to the model.onnx it replaced"},
+        )
+    return report
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,11 @@ serving side needs nothing else but ``tokenizer.json``.
 3. try the int8 recipes (``tasks.onnx_int8``): the first whose top-1 agreement with the torch
    model reaches ``min_agreement`` is published; when none does, the fp32 file is published and
    the report, the ONNX metadata and the log say why;
-4. publish ``model.onnx`` and ``tokenizer.json`` into the directory (``os.replace``).
+4. remove the fast path fitted to the ``model.onnx`` being replaced (the ``fast_path`` section of
+   ``metadata.json``, then ``fast_path.npz``): it imitates that file's decisions, so no process
+   may serve it in front of another (``tasks.deploy`` builds one for the new file when the
+   settings turn the fast path on);
+5. publish ``model.onnx`` and ``tokenizer.json`` into the directory (``os.replace``).
 
 torch, transformers, sentence-transformers and onnx are imported inside the functions only.
 """
@@ -38,6 +42,7 @@ from capture.classifier import input_feeds, onnx_session
 from capture.files import shared_file_mode
 from capture.model_dir import (
     ENCODER_DIR,
+    FAST_PATH_FILE,
     MODEL_FILE,
     PROBABILITIES,
     QUANTIZATION_INT8,
@@ -150,6 +155,7 @@ class ExportReport:
     fused: bool  # attention/layer-norm/GELU fused by ONNX Runtime's transformer optimizer
     int8_recipe: str | None  # the INT8_RECIPES entry published; None when fp32 is
     int8_attempts: tuple[dict[str, object], ...]  # every recipe tried, in order, with parity
+    fast_path_removed: bool  # the directory had a fast path, fitted to the model.onnx replaced
     seconds: float
 
     def to_dict(self) -> dict[str, object]:
@@ -350,6 +356,7 @@ def _publish(
     published_size = chosen.stat().st_size
     for path in (chosen, work / TOKENIZER_FILE):  # written in a 0700 mkdtemp: mode for sharing
         os.chmod(path, shared_file_mode())
+    fast_path_removed = _remove_fast_path(model_dir)  # before the model it imitates is replaced
     os.replace(chosen, model_dir / MODEL_FILE)
     os.replace(work / TOKENIZER_FILE, model_dir / TOKENIZER_FILE)
     return ExportReport(
@@ -372,5 +379,21 @@ def _publish(
         fused=graph.fusion.fused,
         int8_recipe=int8.recipe,
         int8_attempts=int8.attempts,
+        fast_path_removed=fast_path_removed,
         seconds=0.0,
     )
+
+
+def _remove_fast_path(model_dir: Path) -> bool:
+    """Remove the fast path of ``model_dir``: the ``fast_path`` section of ``metadata.json``
+    first (a section without its table would fail to load), then ``fast_path.npz``. True when
+    there was one."""
+    metadata = ModelMetadata.read(model_dir)  # as it is now, not as the export started
+    if metadata.fast_path is not None:
+        dataclasses.replace(metadata, fast_path=None).write(model_dir)
+    table = model_dir / FAST_PATH_FILE
+    removed = metadata.fast_path is not None or table.is_file()
+    table.unlink(missing_ok=True)
+    if removed:
+        logger.info("%s: removed the fast path fitted to the previous %s", model_dir, MODEL_FILE)
+    return removed

@@ -22,8 +22,11 @@ validation.
    training texts are held out for the threshold.
 
 The table, head and threshold are written as ``fast_path.npz`` and the ``fast_path`` section of
-``metadata.json`` (``capture.model_dir``, the format's owner). The weekly cycle calls
-:func:`fast_path_for_serving` after each ONNX export when ``PROMPT_CAPTURE_FAST_PATH`` is on.
+``metadata.json`` (``capture.model_dir``, the format's owner). Every export for serving
+(``tasks.deploy.export_model``: ``prompt-capture export-onnx``, the deploy and stage-candidate
+flows) calls :func:`fast_path_for_serving` after the ONNX export when
+``PROMPT_CAPTURE_FAST_PATH`` is on; the export itself removes the fast path fitted to the
+``model.onnx`` it replaces.
 """
 
 from __future__ import annotations

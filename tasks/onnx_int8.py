@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -266,20 +267,54 @@ def split_outlier_channels(
     return OutlierTreatment(output, tuple(fp32_nodes), channels)
 
 
+class QuantizerNotesAtDebug(logging.Filter):
+    """On the root logger: what the modules under ``package`` (onnxruntime's quantizer) log
+    through it (``logging.info`` / ``logging.warning``: a line per tensor, advice to pre-process
+    the graph) becomes a DEBUG record, shown only where the root logger shows DEBUG
+    (``--verbose``); the parity check judges the int8 file. Other records pass unchanged."""
+
+    def __init__(self, package: Path) -> None:
+        super().__init__()
+        self.package = package
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not Path(record.pathname).is_relative_to(self.package):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+@contextmanager
+def quantizer_notes_at_debug() -> Iterator[None]:
+    """While inside: :class:`QuantizerNotesAtDebug` on the root logger for onnxruntime's
+    quantizer."""
+    import onnxruntime.quantization
+
+    notes = QuantizerNotesAtDebug(Path(onnxruntime.quantization.__file__).parent)
+    root = logging.getLogger()
+    root.addFilter(notes)
+    try:
+        yield
+    finally:
+        root.removeFilter(notes)
+
+
 def quantize_int8(source: Path, output: Path, *, exclude: Sequence[str] = ()) -> None:
     """Dynamic int8 quantisation with per-channel weights (activations quantised at run time);
-    the nodes named in ``exclude`` stay fp32."""
+    the nodes named in ``exclude`` stay fp32. The quantizer's own log lines are DEBUG lines
+    (:func:`quantizer_notes_at_debug`)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        str(source),
-        str(output),
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=list(exclude),
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    with quantizer_notes_at_debug():
+        quantize_dynamic(
+            str(source),
+            str(output),
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(exclude),
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
 
 
 @dataclass(frozen=True, slots=True)

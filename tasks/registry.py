@@ -44,9 +44,11 @@ from capture.model_dir import (
     METADATA_FILE,
     MODEL_FILE,
     SERVING_FILES,
+    CandidatePointer,
     ModelDirError,
     ModelMetadata,
     missing_files,
+    read_candidate,
     read_pointer,
     write_pointer,
 )
@@ -113,6 +115,8 @@ class ModelEntry:
     metrics: dict[str, Any] = field(default_factory=dict)  # metrics.json (the weekly cycle's)
     training: dict[str, Any] = field(default_factory=dict)
     metadata: ModelMetadata | None = None  # None when the version has no metadata file
+    #: The A/B test this version is under (``models_dir/candidate`` names it), or None.
+    candidate: CandidatePointer | None = None
 
 
 def _now() -> str:
@@ -187,12 +191,14 @@ def model_labels(path: Path) -> list[str]:
 
 
 def list_models(models_dir: Path) -> list[ModelEntry]:
-    """Every version with its metrics, training summary, gate decision and serving flag.
+    """Every version with its metrics, training summary, gate decision, serving flag and the
+    candidate pointer when it names the version.
 
-    Raises ``ModelDirError`` naming the file and field when a version's metadata file is
-    malformed (a version without one is listed with ``metadata`` None).
+    Raises ``ModelDirError`` naming the file and field when a version's metadata file (or the
+    candidate pointer) is malformed (a version without one is listed with ``metadata`` None).
     """
     serving = current_version(models_dir)
+    under_test = read_candidate(models_dir)
     entries = []
     for version in versions(models_dir):
         path = models_dir / version
@@ -209,6 +215,7 @@ def list_models(models_dir: Path) -> list[ModelEntry]:
                 metrics=_read_json(path / "metrics.json"),
                 training=_read_json(path / "training.json"),
                 metadata=metadata,
+                candidate=under_test if under_test and under_test.version == version else None,
             )
         )
     return entries
@@ -433,20 +440,26 @@ def previous_deployable(models_dir: Path, before: str | None = None) -> str | No
 def rollback(
     models_dir: Path, to: str | None = None, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT_S
 ) -> tuple[str | None, str]:
-    """Serve ``to`` (default: the previous deployable version, chosen under the registry lock);
-    returns (previous, now serving). Raises ``RegistryError`` (nothing to roll back to, not
-    deployable) or ``RegistryBusyError``."""
+    """Serve ``to`` (default: the deployable version before the serving one, chosen under the
+    registry lock); returns (previous, now serving). Raises ``RegistryError`` (nothing deployed
+    yet and no ``to``, nothing to roll back to, not deployable) or ``RegistryBusyError``."""
     with registry_lock(models_dir, timeout=lock_timeout):
         return _rollback(models_dir, to)
 
 
 def _rollback(models_dir: Path, to: str | None) -> tuple[str | None, str]:
     current = current_version(models_dir)
+    if to is None and current is None:
+        raise RegistryError(
+            f"nothing to roll back: no version is deployed in {models_dir} yet, so there is no "
+            "earlier one; deploy one with `prompt-capture deploy VERSION` (`prompt-capture "
+            "models` lists them)"
+        )
     target = to or previous_deployable(models_dir)
     if target is None:
         raise RegistryError(
-            f"nothing to roll back to from version {current or 'none'} in {models_dir}: "
-            "no older deployable version; see `prompt-capture models`"
+            f"nothing to roll back to from version {current} in {models_dir}: no older "
+            "deployable version; see `prompt-capture models`"
         )
     previous = _switch(models_dir, target, "rollback")
     return previous, target

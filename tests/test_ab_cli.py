@@ -85,7 +85,8 @@ def test_candidate_set_checks_share_first_naming_the_flag(
 
 
 def test_candidate_set_help_shows_the_canary_default(home: Path) -> None:
-    result = CliRunner().invoke(app(), ["candidate", "set", "--help"])
+    # typer's help box, wide enough that no option's help is wrapped
+    result = CliRunner().invoke(app(), ["candidate", "set", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "(default: 0.1)" in result.output
 
 

@@ -123,6 +123,60 @@ MISTAKES = [
     Case("monitor-now-garbage", cmd("monitor", "--now", "soon"), "--now"),
     Case("simulate-missing-dataset", cmd("simulate", "--dataset", f("missing")), "--dataset"),
     Case("rollback-unknown-version", cmd("rollback", "--to", "9"), "9"),
+    Case(
+        "rollback-nothing-deployed",
+        cmd("rollback"),
+        "nothing to roll back: no version is deployed in",
+    ),
+]
+# What typer finds on the command line: one line naming the command, the mistake, the closest
+# name when one is close, and where the help is (never click's boxed usage).
+USAGE = [
+    Case(
+        "unknown-command",
+        cmd("trian"),
+        "prompt-capture: no such command 'trian'; did you mean 'train'? "
+        "(`prompt-capture --help` lists the commands)",
+    ),
+    Case(
+        "unknown-command-nothing-close",
+        cmd("xyzzy"),
+        "prompt-capture: no such command 'xyzzy' (`prompt-capture --help` lists the commands)",
+    ),
+    Case(
+        "unknown-subcommand",
+        cmd("db", "curent"),
+        "prompt-capture db: no such command 'curent'; did you mean 'current'? "
+        "(`prompt-capture db --help` lists the commands)",
+    ),
+    Case(
+        "unknown-option",
+        cmd("train", "--trian", "x"),
+        "prompt-capture train: no such option '--trian'; did you mean '--train'? "
+        "(`prompt-capture train --help` lists its options)",
+    ),
+    Case(
+        "unknown-option-of-a-group-command",
+        cmd("spool", "list", "--jsn"),
+        "prompt-capture spool list: no such option '--jsn'; did you mean '--json'?",
+    ),
+    Case(
+        "unknown-top-level-option",
+        cmd("--bogus", "models"),
+        "prompt-capture: no such option '--bogus'",
+    ),
+    Case(
+        "missing-required-option",
+        cmd("train", "--output", "m"),
+        "prompt-capture train: missing option '--train' (see `prompt-capture train --help`)",
+    ),
+    Case("missing-argument", cmd("deploy"), "prompt-capture deploy: missing argument"),
+    Case("extra-argument", cmd("deploy", "1", "2"), "unexpected extra argument"),
+    Case(
+        "bad-option-value",
+        cmd("rollback", "--lock-timeout", "soon"),
+        "prompt-capture rollback: invalid value for '--lock-timeout'",
+    ),
 ]
 
 READS_THE_DATABASE = [
@@ -211,15 +265,36 @@ SETUP = [
         "no logged prompt has this id",
     ),
 ]
-CASES = MISTAKES + UNMIGRATED + NO_REGISTRY + SETUP
+# A command that only reads, on a home that does not exist (a typo): refused, nothing created.
+READS_ONLY = [
+    ("db", "current"),
+    ("models",),
+    ("candidate", "show"),
+    ("ab",),
+    ("spool", "list"),
+    ("review-user", "list"),
+    ("report",),
+]
+NO_HOME = [
+    Case(
+        f"no-home-{'-'.join(args)}",
+        cmd(*args),
+        "PROMPT_CAPTURE_HOME",
+        database="no-home",
+    )
+    for args in READS_ONLY
+]
+CASES = MISTAKES + USAGE + UNMIGRATED + NO_REGISTRY + SETUP + NO_HOME
 
 
 def prepare(work: Path, database: str, migrated: Path) -> dict[str, str]:
     """The case's home and files (``migrated``: a migrated SQLite file to copy); returns the
     environment of its command."""
     home = work / "home"
-    home.mkdir(parents=True)
-    if database != "no-registry":
+    work.mkdir(parents=True)
+    if database != "no-home":
+        home.mkdir()
+    if database not in ("no-registry", "no-home"):
         (home / "models").mkdir()  # a set-up home (`prompt-capture init`)
     full = work / "full"
     full.mkdir()
@@ -255,10 +330,13 @@ def run_case(case: Case, work: Path, env: dict[str, str]) -> subprocess.Complete
 
 
 @pytest.fixture(scope="module")
-def outcomes(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> dict[str, subprocess.CompletedProcess[str]]:
-    root = tmp_path_factory.mktemp("cli-errors")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of the cases' work folders (``root / case.id``)."""
+    return tmp_path_factory.mktemp("cli-errors")
+
+
+@pytest.fixture(scope="module")
+def outcomes(root: Path) -> dict[str, subprocess.CompletedProcess[str]]:
     migrated = root / "migrated.db"
     db.upgrade(f"sqlite:///{migrated}")
     envs = {
@@ -285,3 +363,36 @@ def test_a_user_error_is_one_line_and_exit_code_2(
     assert "Traceback" not in result.stderr + result.stdout, shown
     assert case.absent not in result.stderr + result.stdout, shown
     assert "Retrying" not in result.stderr and "temporary server" not in result.stderr, shown
+
+
+@pytest.mark.parametrize("case", NO_HOME, ids=lambda c: c.id)
+def test_a_read_only_command_names_the_missing_home_and_creates_nothing(
+    case: Case, root: Path, outcomes: dict[str, subprocess.CompletedProcess[str]]
+) -> None:
+    line = outcomes[case.id].stderr.strip()
+    home = root / case.id / "home"
+    assert f"PROMPT_CAPTURE_HOME {home}: no such folder" in line
+    assert "`prompt-capture init`" in line
+    assert not home.exists()  # no folder, no empty SQLite file
+
+
+def test_help_is_typers_as_before(root: Path) -> None:
+    for args in (["--help"], ["db", "--help"], ["train", "--help"], ["candidate", "set", "--help"]):
+        result = run_cli(*args, env={**os.environ, "COLUMNS": "200"}, cwd=root)
+        assert result.returncode == 0, result.stderr
+        assert f"Usage: prompt-capture {' '.join(args[:-1])}".rstrip() in result.stdout
+        assert result.stderr == ""
+    rollback = run_cli("rollback", "--help", env={**os.environ, "COLUMNS": "200"}, cwd=root)
+    assert "--lock-timeout" in rollback.stdout
+
+
+def test_piped_output_is_never_wrapped(root: Path) -> None:
+    """Not a terminal, no COLUMNS: a line longer than 80 columns stays one line (no rich
+    wrapping at 80 in a pipe or a log)."""
+    home = root / "piped" / ("a-long-folder-name-" * 5) / "home"
+    (home / "models").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROMPT_CAPTURE_", "COLUMNS"))}
+    result = run_cli("models", env=env | {"PROMPT_CAPTURE_HOME": str(home)}, cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"no models in {home / 'models'}\n"
+    assert len(result.stdout) > 120

@@ -57,6 +57,27 @@ def test_report_counts_by_hand() -> None:
     assert without_oos.oos_recall is None and without_oos.in_scope_accuracy == pytest.approx(2 / 3)
 
 
+def test_the_evaluate_line_prints_every_accuracy_as_a_percent_with_2_decimals() -> None:
+    from deployments.commands_model import evaluation_line
+    from tasks.evaluate import EvalReport
+
+    report = EvalReport(
+        n=168,
+        accuracy=0.9345238095238095,
+        macro_f1=0.91,
+        ece=0.0312345,
+        in_scope_accuracy=157 / 168,
+        closed_set_accuracy=None,
+        oos_recall=None,  # no oos row
+        joint_accuracy=0.9,
+        backend="onnx",
+    )
+    assert evaluation_line(report) == (
+        "n=168 accuracy=93.45% macro_f1=91.00% ece=0.0312 in_scope_accuracy=93.45% "
+        "oos_recall=- (onnx)"
+    )
+
+
 def test_ece_by_hand() -> None:
     conf = np.array([0.95, 0.95, 0.55, 0.55])
     correct = np.array([True, True, True, False])

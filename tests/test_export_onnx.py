@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tasks.export_onnx import (
 )
 from tasks.onnx_int8 import (
     OutlierRule,
+    QuantizerNotesAtDebug,
     quantize_int8,
     smooth_outlier_channels,
     split_outlier_channels,
@@ -263,6 +265,30 @@ def _run_dense(path: Path, x: np.ndarray) -> np.ndarray:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return np.asarray(session.run(["y"], {"x": x})[0])
+
+
+def test_the_quantizer_logs_at_debug_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """onnxruntime's quantizer logs through the root logger (a line per tensor, advice to
+    pre-process): DEBUG records while it quantises, so a console at INFO stays clean."""
+    source = tmp_path / "dense.onnx"
+    source.write_bytes(_matmul_graph(np.ones((8, 4), np.float32)))
+
+    def quantizer_records() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "quantization" in Path(r.pathname).parts]
+
+    caplog.set_level(logging.INFO)
+    quantize_int8(source, tmp_path / "quiet.onnx")
+    assert quantizer_records() == []
+    caplog.set_level(logging.DEBUG)
+    quantize_int8(source, tmp_path / "verbose.onnx")
+    notes = quantizer_records()
+    assert notes and {r.levelname for r in notes} == {"DEBUG"}
+    assert any("Quantization parameters" in r.getMessage() for r in notes)
+    # Only for the quantisation: the root logger keeps no filter, other records pass as they are.
+    assert not any(isinstance(f, QuantizerNotesAtDebug) for f in logging.getLogger().filters)
+    caplog.clear()
+    logging.getLogger().info("not the quantizer")
+    assert [r.levelname for r in caplog.records] == ["INFO"]
 
 
 def test_outlier_split_is_exact_in_fp32_and_sharpens_int8(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from capture.model_dir import (
     write_pointer,
 )
 from capture.settings import Settings
+from tasks.deploy import export_model
 from tasks.fast_path import (
     METRICS_KEY,
     FastPathConfig,
@@ -63,6 +64,15 @@ def _token_ids(model_dir: Path) -> list[int]:
     ids = {i for text in SENTENCES for i in tokenizer.encode(text).ids}
     unknown = tokenizer.token_to_id("[UNK]")
     return sorted(ids | ({unknown} if unknown is not None else set()))
+
+
+def fixture_jsonl(path: Path) -> Path:
+    """The fixture's records as labelled JSONL at ``path``."""
+    path.write_text(
+        "".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in FIXTURE_RECORDS),
+        encoding="utf-8",
+    )
+    return path
 
 
 def clone_with_fast_path(source: Path, dest: Path, **changes: object) -> Path:
@@ -266,7 +276,29 @@ def test_serving_the_fast_path_imports_no_torch(fast_dir: Path) -> None:
     assert done.stdout.strip() == "True []"
 
 
-# The weekly cycle's task.
+# The weekly cycle's task, and the export that replaces the model a fast path imitates.
+
+
+def test_exporting_again_removes_the_fast_path_of_the_previous_model(
+    fast_dir: Path, tmp_path: Path
+) -> None:
+    """The setting off, a new model.onnx of the same quantization (which serving's checks would
+    not tell from the old one) comes without the fast path fitted to the old file."""
+    target = clone_with_fast_path(fast_dir, tmp_path / FAST_VERSION, include_encoder=True)
+    before = ModelMetadata.read(target).fast_path
+    assert before is not None
+    val = fixture_jsonl(tmp_path / "val.jsonl")
+    done = export_model(target, validation_data=val, settings=Settings(fast_path=False))
+    assert done.onnx.quantization == before.teacher_quantization  # int8 again
+    assert done.onnx.fast_path_removed and done.fast_path is None
+    assert ModelMetadata.read(target).fast_path is None
+    assert not (target / FAST_PATH_FILE).exists()
+    metrics = json.loads((target / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["export"]["fast_path_removed"] is True
+    assert metrics[METRICS_KEY]["published"] is False
+    assert "removed" in metrics[METRICS_KEY]["reason"]
+    served = OnnxClassifier(target, fast_path=True)  # serves the new model alone
+    assert served.fast_path is None and served.predict("skip this song").intent == "music"
 
 
 def test_weekly_task_does_nothing_when_off(fast_dir: Path) -> None:
@@ -292,11 +324,7 @@ def test_weekly_task_builds_over_the_whole_vocabulary(
     target = clone_serving_dir(
         exported_model_dir, tmp_path / "v8", version="v8", include_encoder=True
     )
-    data = tmp_path / "train.jsonl"
-    data.write_text(
-        "".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in FIXTURE_RECORDS),
-        encoding="utf-8",
-    )
+    data = fixture_jsonl(tmp_path / "train.jsonl")
     (target / "training.json").write_text(json.dumps({"training_data": str(data)}))
     report = fast_path_for_serving.fn(
         target, settings=Settings(fast_path=True), validation_data=data

@@ -5,6 +5,7 @@ PROMPT_CAPTURE_HOME of the test's own."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from capture.classifier import HotReloadingClassifier, OnnxClassifier
 from capture.model_dir import QUANTIZATION_INT8, QUANTIZATION_NONE, read_candidate, read_pointer
 from deployments.cli import app
 from tasks.ab_candidate import set_candidate
-from tasks.registry import history, publish
+from tasks.layout import HomeLayout
+from tasks.registry import deploy, history, publish
 from tests.model_fixtures import (  # noqa: F401  (fixtures)
     FIXTURE_LABELS,
     FIXTURE_RECORDS,
@@ -77,6 +79,7 @@ def test_export_onnx_then_deploy_a_registry_version(
     small_model_dir: Path,  # noqa: F811
     models: Path,
     tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     version = publish(small_model_dir, models)  # trained, not exported: version 3
     assert version.name == "3" and not (version / "model.onnx").exists()
@@ -86,8 +89,13 @@ def test_export_onnx_then_deploy_a_registry_version(
     assert f"prompt-capture export-onnx --model {version}" in refused
     assert read_pointer(models).version == "1"  # type: ignore[union-attr]
 
+    caplog.set_level(logging.INFO)  # the console's level
     result = invoke("export-onnx", "--model", version, "--val", fixture_val(tmp_path / "v.jsonl"))
     assert result.exit_code == 0, result.output
+    # onnxruntime's quantizer logs a line per tensor through the root logger: DEBUG lines only.
+    quantizer = [r for r in caplog.records if "quantization" in Path(r.pathname).parts]
+    assert quantizer == [], quantizer[0].getMessage()
+    assert "Quantization parameters" not in caplog.text + result.output
     out = said(result)
     assert "exported version 3 to ONNX int8" in out
     for name in ("model.onnx", "tokenizer.json", "metrics.json"):
@@ -102,6 +110,7 @@ def test_export_onnx_then_deploy_a_registry_version(
     export = json.loads((version / "metrics.json").read_text(encoding="utf-8"))["export"]
     assert export["published"] == "int8" and export["n_validation"] == 24
     assert export["agreement"] >= export["min_agreement"] == 0.99
+    assert export["fast_path_removed"] is False  # it had none
     assert [p.name for p in version.iterdir() if p.name.startswith(".export-")] == []
 
     serving = HotReloadingClassifier(models, watch=False)
@@ -277,3 +286,64 @@ def test_deploy_and_rollback_never_start_a_registry_in_an_empty_home(home: Path)
         assert f"there is no registry at {home / 'models'}" in line
         assert "point PROMPT_CAPTURE_HOME at the home that holds the models" in line
     assert not home.exists()
+
+
+def test_models_shows_the_candidate_under_test(home: Path, tmp_path: Path) -> None:
+    from tests.test_registry import fake_model
+
+    models = HomeLayout(home).create_registry()
+    for version in ("1", "2", "3"):
+        publish(fake_model(tmp_path / f"m{version}"), models)
+    deploy(models, "1")
+    set_candidate(models, "3", mode="canary", share=0.125)
+    table = invoke("models")
+    assert table.exit_code == 0, table.output
+    assert status_by_version(table) == {
+        "1": "serving",
+        "2": "",
+        "3": "candidate: canary 12.50% of users",
+    }
+    listed = {e["version"]: e for e in json.loads(invoke("models", "--json").stdout)}
+    assert listed["3"]["candidate"] == {"mode": "canary", "share": 0.125}
+    assert listed["1"]["candidate"] is None and listed["1"]["serving"] is True
+    set_candidate(models, "2", mode="shadow")
+    status = status_by_version(invoke("models"))
+    assert (status["2"], status["3"]) == ("candidate: shadow", "")
+
+
+def status_by_version(result: Result) -> dict[str, str]:
+    """The first cell of each version's row in the ``models`` table."""
+    rows = [line.split("│") for line in result.stdout.splitlines() if line.startswith("│")]
+    return {cells[2].strip(): cells[1].strip() for cells in rows}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("deploy", "1"),
+        ("rollback",),
+        ("candidate", "set", "1"),
+        ("candidate", "clear"),
+        ("export-onnx", "--model", "{models}/1"),
+    ],
+    ids=lambda a: "-".join(p for p in a if "{" not in p),
+)
+def test_a_busy_registry_gives_up_after_lock_timeout_naming_the_holder(
+    home: Path, tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """Another run holds the registry: the command waits --lock-timeout seconds, then one
+    ``error:`` line naming that run, exit code 1 (nobody's mistake: run it again later)."""
+    from tests.test_registry import fake_model
+    from tests.test_registry_lock import held_by_another_run
+
+    models = HomeLayout(home).create_registry()
+    publish(fake_model(tmp_path / "m1"), models)
+    with held_by_another_run(models, "weekly-cycle/busy-run"):
+        result = invoke(*[a.format(models=models) for a in args], "--lock-timeout", "0.2")
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert "the model registry is still locked after" in errors[0]
+    assert "(run 'weekly-cycle/busy-run')" in errors[0]
+    assert "Traceback" not in result.output
+    assert read_pointer(models) is None  # nothing changed

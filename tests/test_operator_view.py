@@ -14,6 +14,8 @@ from uuid import UUID
 
 import pytest
 
+from tests.model_fixtures import small_model_dir  # noqa: F401  (the fixture)
+
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
@@ -135,3 +137,32 @@ def test_a_flow_on_an_unmigrated_database_fails_once_with_the_fix(
     assert flow_run_id is not None
     # Checked at the flow's entry: no task ran, so none was retried.
     assert task_runs(flow_run_id) == []
+
+
+def test_a_deploy_exports_then_builds_the_fast_path_as_two_task_runs(
+    home: Path,
+    small_model_dir: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fast path on: deploying a version without model.onnx shows the export's two steps as
+    the deploy's task runs, ``export-onnx`` then ``build-fast-path`` (this version has no
+    training data: it serves without a fast path, and says so)."""
+    from capture.settings import get_settings
+    from flows.deploy import deploy_flow
+    from tasks.layout import HomeLayout
+    from tasks.registry import publish
+
+    monkeypatch.setenv("PROMPT_CAPTURE_FAST_PATH", "true")
+    get_settings.cache_clear()
+    publish(small_model_dir, HomeLayout(home).create_registry(), version="1")
+    state = deploy_flow("1", quantize=False, home=str(home), return_state=True)
+    assert state.is_completed(), state.message
+    export = state.result().export
+    assert export is not None and export.published == "fp32"
+    flow_run_id = state.state_details.flow_run_id
+    assert flow_run_id is not None
+    runs = sorted(task_runs(flow_run_id), key=lambda run: run.start_time)
+    steps = [run.name.rsplit("-", 1)[0] for run in runs]
+    assert steps == ["choose-version", "export-onnx", "build-fast-path", "deploy-model"], steps
+    logs = run_logs(flow_run_id, wanted="tasks.fast_path")
+    assert any("serves without a fast path" in log.message for log in logs)

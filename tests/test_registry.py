@@ -11,6 +11,7 @@ import pytest
 from capture.files import write_json_atomic
 from capture.model_dir import ModelMetadata
 from tasks import registry
+from tasks.ab_candidate import set_candidate
 from tasks.layout import HomeLayout
 
 
@@ -130,7 +131,7 @@ def test_rollback_goes_to_the_previous_good_version(tmp_path: Path) -> None:
     previous, now = registry.rollback(models, to="4")
     assert (previous, now) == ("2", "4")
     registry.deploy(models, "1")
-    with pytest.raises(registry.RegistryError, match="nothing to roll back to"):
+    with pytest.raises(registry.RegistryError, match=r"from version 1 .*: no older deployable"):
         registry.rollback(models)
     actions = [(h["action"], h["version"], h["previous"]) for h in registry.history(models)]
     assert actions == [
@@ -139,6 +140,24 @@ def test_rollback_goes_to_the_previous_good_version(tmp_path: Path) -> None:
         ("rollback", "4", "2"),
         ("deploy", "1", "4"),
     ]
+
+
+def test_rollback_with_nothing_deployed_says_so(tmp_path: Path) -> None:
+    """An empty registry, or one where nothing serves yet: nothing to go back from (no "from
+    version none"); ``to`` still serves a version."""
+    models = HomeLayout(tmp_path).create_registry()
+    for publish_first in (False, True):
+        if publish_first:
+            registry.publish(fake_model(tmp_path / "m1"), models)
+        with pytest.raises(registry.RegistryError) as info:
+            registry.rollback(models)
+        assert str(info.value) == (
+            f"nothing to roll back: no version is deployed in {models} yet, so there is no "
+            "earlier one; deploy one with `prompt-capture deploy VERSION` (`prompt-capture "
+            "models` lists them)"
+        )
+        assert registry.current_version(models) is None and registry.history(models) == []
+    assert registry.rollback(models, to="1") == (None, "1")
 
 
 def test_list_models_reports_serving_gate_and_metrics(tmp_path: Path) -> None:
@@ -159,6 +178,12 @@ def test_list_models_reports_serving_gate_and_metrics(tmp_path: Path) -> None:
     assert entries["1"].metrics == {"accuracy": 0.8}
     assert entries["2"].deployable is False and entries["1"].deployable is True
     assert registry.model_labels(models / "1") == ["a", "b"]
+    assert [e.candidate for e in entries.values()] == [None, None, None]
+    set_candidate(models, "1", mode="canary", share=0.25)
+    entries = {e.version: e for e in registry.list_models(models)}
+    under_test = entries["1"].candidate
+    assert under_test is not None and (under_test.mode, under_test.share) == ("canary", 0.25)
+    assert entries["2"].candidate is None and entries["3"].candidate is None
 
 
 def test_readers_never_see_a_partial_pointer(tmp_path: Path) -> None:

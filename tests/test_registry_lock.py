@@ -9,6 +9,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,23 +77,33 @@ def test_reentrant_in_one_thread_and_exclusive_across_threads(tmp_path: Path) ->
         pass
 
 
+@contextmanager
+def held_by_another_run(models: Path, run: str) -> Iterator[None]:
+    """The registry lock of ``models`` held for the ``with`` block by another thread, which
+    waits for it as another run would, recorded as ``run``."""
+    holding, done = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with registry_lock(models, run=run):
+            holding.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert holding.wait(30)
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def test_registry_changes_take_the_lock(tmp_path: Path) -> None:
     models = HomeLayout(tmp_path).create_registry()  # the lock never creates it
     registry.publish(fake_model(tmp_path / "m1"), models)
     registry.publish(fake_model(tmp_path / "m2"), models)
     busy: list[str] = []
-    holding = threading.Event()
-    done = threading.Event()
-
-    def holder() -> None:
-        with registry_lock(models, run="someone else"):
-            holding.set()
-            done.wait(10)
-
-    thread = threading.Thread(target=holder)
-    thread.start()
-    holding.wait(10)
-    try:
+    with held_by_another_run(models, "someone else"):
         for change in (
             lambda: registry.deploy(models, "1", lock_timeout=0.1),
             lambda: registry.rollback(models, "1", lock_timeout=0.1),
@@ -100,9 +112,6 @@ def test_registry_changes_take_the_lock(tmp_path: Path) -> None:
             with pytest.raises(RegistryBusyError, match="run 'someone else'") as info:
                 change()
             busy.append(str(info.value))
-    finally:
-        done.set()
-        thread.join()
     assert len(busy) == 3 and registry.current_version(models) is None
     assert registry.versions(models) == ["1", "2"]
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from capture import db
 from capture.settings import get_settings
+from deployments.cli import UserErrorGroup
 from deployments.review_commands import register
 from tasks.review_users import login
 from tests.test_review_ui_support import NOW, clean_workbench_tables, seed_logs
@@ -26,7 +27,7 @@ def cli(sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
     monkeypatch.setenv("PROMPT_CAPTURE_DATABASE_URL", sqlite_url)
     monkeypatch.setenv("PROMPT_CAPTURE_HOME", str(tmp_path / "home"))
     get_settings.cache_clear()
-    app = typer.Typer()
+    app = typer.Typer(cls=UserErrorGroup)  # the app's handler: a UserError is one line, exit 2
 
     @app.callback()
     def _root() -> None:

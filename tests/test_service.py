@@ -181,6 +181,12 @@ def test_demo_traffic_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     finally:
         get_settings.cache_clear()
     assert result.exit_code == 0, result.output
+    # No model deployed in the home: the stand-in answers, and a warning says so first.
+    assert result.stderr.startswith(
+        f"warning: no model is deployed in {tmp_path / 'home' / 'models'}, so the stand-in "
+        "keyword classifier keyword-v1 answers the demo traffic; to send it through a trained "
+        "model, deploy one (`prompt-capture demo` trains and deploys one"
+    )
     output = " ".join(result.output.split())
     assert "sent 300 prompts" in output
     for title in ("Confidence distribution", "Intent distribution", "success rate by intent"):

@@ -385,6 +385,7 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[CliRu
     def _root() -> None: ...
 
     spool_commands.register(app)
+    (tmp_path / "home").mkdir()  # `spool list` refuses a home that does not exist
     monkeypatch.setenv("PROMPT_CAPTURE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("PROMPT_CAPTURE_DATABASE_URL", f"sqlite:///{tmp_path / 'configured.db'}")
     get_settings.cache_clear()

@@ -400,7 +400,10 @@ def test_a_big_catalogue_names_the_closest_intents() -> None:
     )
     with pytest.raises(UnknownIntentError) as info:
         catalogue.check("music_plays")
-    assert "(33 known, closest: music_play, music_pause" in str(info.value)
+    assert "(33 known, closest: music_play, music_pause)" in str(info.value)  # most alike first
+    with pytest.raises(UnknownIntentError) as info:
+        catalogue.check("zzz")  # nothing alike: no list of other names
+    assert "'zzz' is not a known intent (33 known); fix the spelling" in str(info.value)
 
 
 @pytest.mark.parametrize(
