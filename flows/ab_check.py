@@ -145,15 +145,15 @@ def stage_candidate_flow(
     version: str,
     *,
     mode: str = "shadow",
-    share: float = DEFAULT_CANARY_SHARE,
+    share: float | None = None,
     quantize: bool = True,
     validation_data: str | None = None,
     home: str | None = None,
 ) -> dict[str, Any]:
     """Export ``version`` to ONNX when needed (with its fast path when the settings turn it on)
-    and put it under test as the candidate in ``mode`` (``shadow`` or ``canary`` with
-    ``share``), under the registry lock (re-entered inside the weekly cycle). Returns the
-    candidate pointer as a dict."""
+    and put it under test as the candidate in ``mode`` (``shadow``, or ``canary`` with ``share``
+    of users: default ``DEFAULT_CANARY_SHARE``; a shadow takes none), under the registry lock
+    (re-entered inside the weekly cycle). Returns the candidate pointer as a dict."""
     from tasks.ab_candidate import set_candidate
     from tasks.deploy import choose_version, export_for_serving
     from tasks.registry import is_deployable, registry_lock

@@ -125,7 +125,7 @@ def weekly_cycle(
                 staged = stage_candidate_flow(
                     retrain.version,
                     mode=deploy_mode,
-                    share=canary_share,
+                    share=canary_share if deploy_mode == "canary" else None,
                     quantize=quantize,
                     home=where["home"],
                 )

@@ -15,7 +15,7 @@ import pytest
 from capture.ab_routing import CandidateServing
 from capture.service import create_nlu_service
 from capture.types import Prediction
-from tasks.ab_candidate import set_candidate
+from tasks.ab_candidate import DEFAULT_CANARY_SHARE, set_candidate
 from tasks.registry import current_version, history
 from tests.capture_helpers import FixedClassifier, capture_settings, fake_registry
 from tests.model_fixtures import exported_model_dir, small_model_dir  # noqa: F401  (fixtures)
@@ -139,6 +139,22 @@ def test_stage_candidate_puts_a_published_version_under_test(home: Path) -> None
     assert pointer == {"version": "2", "mode": "canary", "share": 0.25}
     assert current_version(models) == "1"
     assert history(models)[-1]["reason"] == "weekly cycle"
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected_share"), [("shadow", 0.0), ("canary", DEFAULT_CANARY_SHARE)]
+)
+def test_stage_candidate_with_the_default_share_stages_either_mode(
+    home: Path, mode: str, expected_share: float
+) -> None:
+    """The weekly cycle stages with the flow's defaults: a shadow candidate takes no share (a
+    share with --mode shadow is a user error elsewhere), a canary the default one."""
+    from flows.ab_check import stage_candidate_flow
+
+    models = fake_registry(home)
+    pointer = stage_candidate_flow("2", mode=mode, home=str(home))
+    assert pointer == {"version": "2", "mode": mode, "share": expected_share}
+    assert current_version(models) == "1"
 
 
 # The weekly cycle's shadow/canary deploy step, with a real (tiny) training run.

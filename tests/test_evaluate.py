@@ -213,7 +213,9 @@ def test_cli_train_then_evaluate_json(tmp_path: Path, monkeypatch: pytest.Monkey
     assert out["n"] == len(test) and out["backend"] == "torch"
     assert out["in_scope_accuracy"] >= 0.5  # 6 intents: chance is 1/6
     # Serving latency of what would serve: a temporary export, made, timed and deleted.
-    assert out["latency_source"] in ("temporary int8 export", "temporary fp32 export")
+    source = out["latency_source"]
+    assert source.startswith(("temporary int8 export", "temporary fp32 export")), source
+    assert source.endswith(" eval texts") and "parity on " in source, source
     assert 0 < out["latency_ms_p50"] <= out["latency_ms_p99"]
     assert sorted(p.name for p in model.iterdir()) == before  # the directory was not written
     assert list(scratch.iterdir()) == []  # the temporary export is gone
