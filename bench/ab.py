@@ -61,7 +61,7 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 from capture import db
 from capture.ab_routing import CandidateServing
 from capture.classifier import HotReloadingClassifier
-from capture.model_dir import write_candidate, write_pointer
+from capture.pointers import write_candidate, write_pointer
 from capture.service import create_nlu_service
 from capture.settings import Settings
 from capture.types import Prediction

@@ -42,15 +42,13 @@ from typing import Any
 
 import numpy as np
 
+from tasks.calibration import choose_oos_threshold, fit_temperature, softmax
 from tasks.evaluate import (
     TorchModel,
     bundled_base_model,
-    choose_oos_threshold,
     compute_report,
     encode_texts,
-    fit_temperature,
     load_encoder,
-    softmax,
 )
 from tasks.records import Record, load_records
 from tasks.train import TrainConfig, fit_logreg_head, train_model

@@ -251,7 +251,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from capture.classifier import OnnxClassifier
-    from tasks.evaluate import TorchModel, softmax
+    from tasks.calibration import softmax
+    from tasks.evaluate import TorchModel
     from tasks.export_onnx import export_onnx
 
     untimed_threads = os.cpu_count() or 1  # building and reference runs are not timed

@@ -1,6 +1,6 @@
 """Serving a candidate beside the champion: sticky canary assignment and the candidate's model.
 
-The registry's candidate pointer (``models_dir/candidate``, :func:`capture.model_dir.
+The registry's candidate pointer (``models_dir/candidate``, :func:`capture.pointers.
 read_candidate`) names a challenger version, a mode and a share (docs/AB_TESTING.md):
 
 - ``shadow``: the champion answers every prompt; the candidate predicts it afterwards, off the
@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from capture.classifier import ModelLoadError, OnnxClassifier
-from capture.model_dir import CANDIDATE_FILE, CandidatePointer, ModelDirError, read_candidate
+from capture.model_dir import ModelDirError
 from capture.pointer_watch import PointerWatch
+from capture.pointers import CANDIDATE_FILE, CandidatePointer, read_candidate
 from capture.types import RUNNERS_UP, Classifier
 
 logger = logging.getLogger(__name__)

@@ -29,17 +29,15 @@ from capture.model_dir import (
     INPUT_NAMES,
     METADATA_FILE,
     MODEL_FILE,
-    POINTER_FILE,
     PROBABILITIES,
     TOKENIZER_FILE,
     ModelDirError,
     ModelMetadata,
     OnnxMetadata,
-    ServingPointer,
-    read_pointer,
     read_tokenizer,
 )
 from capture.pointer_watch import PointerWatch
+from capture.pointers import POINTER_FILE, ServingPointer, read_pointer
 from capture.types import RUNNERS_UP, Prediction
 
 if TYPE_CHECKING:

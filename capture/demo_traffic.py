@@ -19,7 +19,7 @@ from capture.ab_routing import CandidateServing
 from capture.classifier import load_serving_classifier
 from capture.demo_data import OOS_LABEL, KeywordClassifier, load_demo_dataset, split_demo_dataset
 from capture.logger import CaptureStats
-from capture.model_dir import read_pointer
+from capture.pointers import read_pointer
 from capture.repository import create_nlu_repository
 from capture.rows import ConfidenceBucket, IntentStats, IntentSuccessRate
 from capture.service import create_nlu_service

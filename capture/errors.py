@@ -15,12 +15,19 @@ class UserError(Exception):
     """A mistake in the user's input or setup; the message says what to change."""
 
 
+#: File-system errors that a retry cannot fix: the path itself is wrong (a file where a folder
+#: must be, a folder where a file must be, an existing file, no permission).
+PATH_MISTAKES = (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when retrying could help: I/O and connection failures, never a ``UserError``.
 
     Used as the retry condition of the Prefect tasks that do I/O (``retry_condition_fn``).
     """
     if isinstance(exc, UserError | ValueError | TypeError | KeyError | LookupError):
+        return False
+    if isinstance(exc, PATH_MISTAKES):
         return False
     return isinstance(exc, OSError | ConnectionError | TimeoutError) or _is_db_disconnect(exc)
 

@@ -11,9 +11,13 @@ a flow run would be logged by Prefect (with its traceback) before the handler's 
 from __future__ import annotations
 
 import difflib
+import errno
+import importlib.util
 import json
 import logging
 import os
+import socket
+import tempfile
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -153,9 +157,18 @@ LockTimeout = Annotated[
 ]
 
 
-# Libraries that log every step at INFO: one line per API call (httpx), per migration plugin
-# (alembic, even on import). The CLI's own INFO lines and the flows' stay.
-QUIET_LOGGERS = ("httpx", "alembic")
+# Loggers whose lines are progress, not news, at the CLI's default verbosity (``--verbose``
+# shows them), with the lowest level that still reaches the console: one line per API call
+# (httpx), per migration plugin (alembic, even on import), the registry lock's "waiting for
+# ..." lines (the command's one error line says it when the wait ends in failure), and
+# onnxruntime's graph optimiser (its modules log under their bare names, see
+# :func:`onnxruntime_optimizer_loggers`). The CLI's own INFO lines and the flows' stay.
+QUIET_LOGGERS = {
+    "httpx": logging.WARNING,
+    "alembic": logging.WARNING,
+    "tasks.registry_lock.wait": logging.ERROR,
+    "onnxruntime": logging.WARNING,
+}
 # Prefect's run loggers: they log a failed run's exception with its traceback.
 PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 
@@ -182,9 +195,26 @@ def bootstrap(*, verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not verbose:
-        for name in QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
+        quiet = QUIET_LOGGERS | dict.fromkeys(onnxruntime_optimizer_loggers(), logging.WARNING)
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
+        # transformers' "Loading weights" bars: it takes hub's setting when it is imported
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     prefect_env()
+
+
+def onnxruntime_optimizer_loggers() -> list[str]:
+    """The logger names of onnxruntime's transformer graph optimiser: its package puts its own
+    folder on ``sys.path`` and imports its modules by bare name (``fusion_base``,
+    ``onnx_model_bert``...), each logging under ``getLogger(__name__)``. Found without
+    importing onnxruntime; empty when it is not installed."""
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    folders = [Path(p) / "transformers" for p in spec.submodule_search_locations]
+    return sorted({f.stem for d in folders for f in d.glob("*.py") if f.stem != "__init__"})
 
 
 def prefect_env() -> None:
@@ -282,11 +312,64 @@ def require_file(path: Path, option: str) -> Path:
 
 
 def require_new_file(path: Path, option: str) -> Path:
-    """``path`` when a file may be written there (not an existing directory); else
-    :class:`OptionError` naming ``option``."""
+    """``path`` when a file may be written there; else :class:`OptionError` naming ``option``.
+
+    THE check of every option that names a file to write, made before any flow starts: the
+    path is not a directory, no folder on its way is a file, and the nearest existing folder
+    takes a new file (a file is created there and removed: nothing else is written). Missing
+    folders on the way are created by the write (every command alike), not here.
+    """
     if path.is_dir():
         raise OptionError(f"{option} {path}: is a directory; pass the path of a file to write")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OptionError(
+            f"{option} {path}: {folder} is a file, not a folder; pass a path inside a folder"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".prompt-capture-", suffix=".probe", dir=folder)
+    except OSError as exc:
+        raise OptionError(
+            f"{option} {path}: cannot write in {folder} ({exc.strerror or exc}); pass a path "
+            "in a folder you can write"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
     return path
+
+
+def require_bindable(host: str, port: int, host_option: str, port_option: str) -> None:
+    """Returns when a server could listen on ``host``:``port`` now (a socket is bound there and
+    closed); else :class:`OptionError` naming the option to change: the port is in use (or
+    needs privileges), or the host is not an address of this machine."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OptionError(
+            f"{host_option} {host}: unknown host ({exc.strerror}); pass an address of this "
+            "machine, e.g. 127.0.0.1 or 0.0.0.0"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OptionError(
+                    f"{port_option} {port}: address already in use on {host}; choose another "
+                    "port or stop the process using it"
+                ) from None
+            if exc.errno == errno.EACCES:
+                raise OptionError(
+                    f"{port_option} {port}: permission denied on {host}; choose a port above 1023"
+                ) from None
+            raise OptionError(
+                f"{host_option} {host}: cannot listen there ({exc.strerror or exc}); pass an "
+                "address of this machine, e.g. 127.0.0.1 or 0.0.0.0"
+            ) from None
 
 
 def print_json(data: object) -> None:

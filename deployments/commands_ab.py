@@ -14,6 +14,7 @@ from deployments.cli_support import (
     CLI_LOCK_TIMEOUT_S,
     AsJson,
     LockTimeout,
+    OptionError,
     command_group,
     console,
     print_json,
@@ -104,7 +105,11 @@ def candidate_show_cmd() -> None:
 def ab_cmd(
     as_json: AsJson = False,
     margin: Annotated[
-        float, typer.Option("--margin", help="Non-inferiority margin (0.01 = 1 point).")
+        float,
+        typer.Option(
+            "--margin",
+            help="Non-inferiority margin, a fraction in [0, 1) (0.01 = 1 point).",
+        ),
     ] = 0.01,
 ) -> None:
     """The A/B readout of the candidate under test and what the ab-check would decide."""
@@ -112,6 +117,10 @@ def ab_cmd(
     from tasks.ab_decision import ABPlan
     from tasks.ab_readout import ab_readout
 
+    if not 0 <= margin < 1:
+        raise OptionError(
+            f"--margin: expected a fraction in [0, 1) (0.01 = 1 point), found {margin:g}"
+        )
     settings = get_settings()
     require_home(settings)
     url = require_database(settings)

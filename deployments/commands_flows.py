@@ -26,6 +26,7 @@ from deployments.cli_support import (
     parse_hyperparameters,
     prefect_env,
     print_json,
+    require_bindable,
     require_database,
     require_file,
     require_new_file,
@@ -259,6 +260,7 @@ def serve_cmd(
         from deployments.review_commands import workbench_settings
         from review_ui.server import serve_in_background
 
+        require_bindable(review_host, review_port, "--review-host", "--review-port")
         serve_in_background(workbench_settings(), host=review_host, port=review_port)
         console.print(f"review workbench on [bold]http://{review_host}:{review_port}/[/bold]")
 
@@ -269,10 +271,10 @@ def serve_cmd(
 def demo_cmd(
     *,
     first_steps: Annotated[
-        int, typer.Option("--first-steps", help="Training steps of the first model.")
+        int, typer.Option("--first-steps", min=1, help="Training steps of the first model.")
     ] = 30,
     retrain_steps: Annotated[
-        int, typer.Option("--retrain-steps", help="Training steps of the weekly retrain.")
+        int, typer.Option("--retrain-steps", min=1, help="Training steps of the weekly retrain.")
     ] = 20,
     seed: Seed = 0,
 ) -> None:

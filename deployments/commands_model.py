@@ -23,10 +23,11 @@ from deployments.cli_support import (
     require_file,
     require_home,
     require_model_dir,
+    require_new_file,
 )
 
 if TYPE_CHECKING:
-    from capture.model_dir import CandidatePointer
+    from capture.pointers import CandidatePointer
     from tasks.deploy import DeployResult
     from tasks.evaluate import EvalReport
     from tasks.registry import ModelEntry
@@ -56,12 +57,15 @@ def train_cmd(
     max_pairs: Annotated[
         int | None,
         typer.Option(
-            "--max-pairs", help="Fine-tune on the texts of at most this many pairs (default: all)."
+            "--max-pairs",
+            min=0,
+            help="Fine-tune on the texts of at most this many pairs (default: all).",
         ),
     ] = None,
     seed: Seed = 0,
     max_steps: Annotated[
-        int | None, typer.Option("--max-steps", help="Cap on optimiser steps (quick runs).")
+        int | None,
+        typer.Option("--max-steps", min=1, help="Cap on optimiser steps (quick runs)."),
     ] = None,
     device: Annotated[
         str,
@@ -240,7 +244,8 @@ def convert_to_pairs_cmd(
     input_path: Annotated[Path, typer.Option("--input", help="Labelled JSONL ({text, label}).")],
     output: Annotated[Path, typer.Option("--output", help="Pairs JSONL to write.")],
     max_pairs: Annotated[
-        int | None, typer.Option("--max-pairs", help="Pair budget (default: one per example).")
+        int | None,
+        typer.Option("--max-pairs", min=0, help="Pair budget (default: one per example)."),
     ] = None,
     seed: Seed = 0,
     negatives: Annotated[
@@ -251,6 +256,7 @@ def convert_to_pairs_cmd(
     from tasks.pairs import build_pairs, write_pairs
     from tasks.records import load_records
 
+    require_new_file(output, "--output")
     rows = load_records(input_path)
     budget = max_pairs if max_pairs is not None else len(rows)
     pairs = build_pairs(rows, max_pairs=budget, seed=seed, with_negatives=negatives)

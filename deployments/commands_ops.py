@@ -78,7 +78,12 @@ def report_cmd(
     ] = None,
     low_confidence: Annotated[
         float | None,
-        typer.Option("--low-confidence", help="Low-confidence threshold (default: the setting)."),
+        typer.Option(
+            "--low-confidence",
+            min=0,
+            max=1,
+            help="Low-confidence threshold (default: the setting).",
+        ),
     ] = None,
     now: Now = None,
 ) -> None:
@@ -119,7 +124,9 @@ def retention_cmd(
     days: Annotated[
         float, typer.Option("--days", help="Raw-log retention: logs older than this move.")
     ] = 90,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per transaction.")] = 1000,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Rows per transaction.")
+    ] = 1000,
     now: Now = None,
 ) -> None:
     """Move raw logs older than --days, PII-scrubbed, into the training store (the daily flow's
@@ -148,6 +155,7 @@ def monitor_cmd(
         int,
         typer.Option(
             "--max-catch-up-hours",
+            min=0,
             help="Completed hours not checked yet are checked up to this far back.",
         ),
     ] = 168,
@@ -157,7 +165,7 @@ def monitor_cmd(
     notification_block: Annotated[
         str | None, typer.Option("--block", help="Prefect notification block <type>/<name>.")
     ] = None,
-    min_count: Annotated[int, typer.Option("--min-count")] = 20,
+    min_count: Annotated[int, typer.Option("--min-count", min=0)] = 20,
     now: Now = None,
 ) -> None:
     """Run the alert checks once (the hourly monitor flow: every completed UTC hour not checked
@@ -199,7 +207,7 @@ def demo_traffic_cmd(
     """
     import asyncio
 
-    from capture.model_dir import read_pointer
+    from capture.pointers import read_pointer
     from capture.settings import get_settings
 
     settings = get_settings()
@@ -280,7 +288,8 @@ def simulate_cmd(
         int, typer.Option("--gate-per-intent", min=1, help="Labelled gate set per intent.")
     ] = 3,
     max_intents: Annotated[
-        int | None, typer.Option("--max-intents", help="Only the first N intents (quick runs).")
+        int | None,
+        typer.Option("--max-intents", min=1, help="Only the first N intents (quick runs)."),
     ] = None,
     exclude_label: Annotated[
         list[str] | None, typer.Option("--exclude-label", help="Dropped labels (default oos).")

@@ -14,13 +14,19 @@ Settings come from ``capture.settings`` (``PROMPT_CAPTURE_HOME``, ``PROMPT_CAPTU
 from __future__ import annotations
 
 import sys
-import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from deployments.cli_support import OptionError, Seed, command_group, console, require_database
+from deployments.cli_support import (
+    OptionError,
+    Seed,
+    command_group,
+    console,
+    require_bindable,
+    require_database,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
@@ -108,6 +114,7 @@ def review_ui(
     workbench = workbench_settings(
         lease_minutes=lease_minutes, double_review_share=double_review_share, https_only=https_only
     )
+    require_bindable(host, port, "--host", "--port")
     console.print(f"review workbench on [bold]http://{host}:{port}/[/bold] (Ctrl-C stops it)")
     serve(workbench, host=host, port=port)
 
@@ -240,9 +247,17 @@ def round_list() -> None:
 @review_round_app.command("close")
 def round_close(round_id: Annotated[str, typer.Argument(help="Round id (see list).")]) -> None:
     """Close a round (its remaining items leave the queue)."""
+    from capture.values import as_uuid
     from tasks.review_rounds import close_round
 
-    _in_transaction(lambda conn: close_round(conn, uuid.UUID(round_id)), ValueError)
+    try:
+        round_uuid = as_uuid(round_id, "ROUND_ID")
+    except ValueError:
+        raise OptionError(
+            f"ROUND_ID: expected a round id (a UUID) as `prompt-capture review-round list` "
+            f"shows it, found {round_id!r}"
+        ) from None
+    _in_transaction(lambda conn: close_round(conn, round_uuid), ValueError)
     console.print(f"round {round_id} closed")
 
 

@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from capture.errors import UserError
-from capture.model_dir import read_candidate
+from capture.pointers import read_candidate
 from flows.ab_check import stage_candidate_flow
 from flows.corrections import corrections_flow
 from flows.deploy import deploy_flow

@@ -1,6 +1,6 @@
 """The registry's candidate pointer: set, clear and promote a challenger under test.
 
-``models_dir/candidate`` (format: :func:`capture.model_dir.read_candidate`) names the version
+``models_dir/candidate`` (format: :func:`capture.pointers.read_candidate`) names the version
 under test beside ``current``; every change here holds the ONE registry lock
 (:func:`tasks.registry_lock.registry_lock`, re-entrant) and is recorded in ``history.jsonl``
 (actions ``candidate-set``, ``candidate-share``, ``candidate-clear``, ``candidate-rollback``,
@@ -18,15 +18,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from capture.model_dir import (
+from capture.model_dir import ModelDirError
+from capture.pointers import (
     CANDIDATE_MODES,
     CandidatePointer,
-    ModelDirError,
     check_candidate,
     read_candidate,
     write_candidate,
 )
-from capture.model_dir import clear_candidate as _unlink_candidate
+from capture.pointers import clear_candidate as _unlink_candidate
 from tasks.registry import (
     DEFAULT_LOCK_TIMEOUT_S,
     RegistryError,

@@ -36,8 +36,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from capture import db
-from capture.model_dir import CandidatePointer, read_candidate
 from capture.models import PromptLog
+from capture.pointers import CandidatePointer, read_candidate
 from capture.shadow import shadow_predictions
 from tasks.ab_decision import (
     ABPlan,

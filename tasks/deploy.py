@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from capture.model_dir import MODEL_FILE, CandidatePointer, ModelDirError, read_candidate
+from capture.model_dir import MODEL_FILE, ModelDirError
+from capture.pointers import CandidatePointer, read_candidate
 from tasks.ab_candidate import clear_candidate
 from tasks.export_onnx import ExportReport, export_onnx
 from tasks.fast_path import METRICS_KEY as FAST_PATH_KEY

@@ -3,7 +3,7 @@
 Layout (see docs/ARCHITECTURE.md)::
 
     models_dir/
-      current            the serving pointer (capture.model_dir.read_pointer / write_pointer)
+      current            the serving pointer (capture.pointers.read_pointer / write_pointer)
       history.jsonl      one line per deploy / rollback: {"at", "action", "version", "previous"}
       <version>/         a model directory (format: capture.model_dir) plus metrics.json,
                          training.json, card.md, gate.json
@@ -44,14 +44,11 @@ from capture.model_dir import (
     METADATA_FILE,
     MODEL_FILE,
     SERVING_FILES,
-    CandidatePointer,
     ModelDirError,
     ModelMetadata,
     missing_files,
-    read_candidate,
-    read_pointer,
-    write_pointer,
 )
+from capture.pointers import CandidatePointer, read_candidate, read_pointer, write_pointer
 from tasks.registry_lock import (
     DEFAULT_LOCK_TIMEOUT_S,
     NoRegistryError,
@@ -273,9 +270,13 @@ def servable_version_dir(models_dir: Path, version: str) -> Path:
 
 
 def _switch(models_dir: Path, version: str, action: str) -> str | None:
-    """Point ``current`` at ``version`` and record it in the history (lock held by caller)."""
+    """Point ``current`` at ``version`` and record it in the history (lock held by caller).
+    When ``version`` serves already, nothing is written: no pointer, no history row."""
     path = servable_version_dir(models_dir, version)
     previous = current_version(models_dir)
+    if previous == version:
+        logger.debug("%s: version %s serves already; nothing changed", action, version)
+        return previous
     _warn_if_gated_against_another(path, previous, action)
     write_pointer(models_dir, version)
     _append_history(

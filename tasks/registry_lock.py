@@ -51,6 +51,9 @@ from filelock import FileLock, Timeout
 from capture.errors import UserError
 
 logger = logging.getLogger(__name__)
+# The "waiting for the registry" lines outside a flow run: progress the CLI keeps off the
+# console unless --verbose (deployments.cli_support.QUIET_LOGGERS).
+wait_logger = logging.getLogger(f"{__name__}.wait")
 
 LOCK_FILE = ".registry.lock"
 #: How long a run waits for another one to finish by default (a weekly retrain takes minutes
@@ -171,9 +174,9 @@ def _say(level: int, message: str, *args: object) -> None:
         if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
             get_run_logger().log(level, message, *args)
             return
-    except Exception:  # no usable run context: the module logger says it
+    except Exception:  # no usable run context: the module's wait logger says it
         pass
-    logger.log(level, message, *args)
+    wait_logger.log(level, message, *args)
 
 
 def holds_registry_lock(models_dir: Path) -> bool:

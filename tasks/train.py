@@ -47,16 +47,14 @@ import numpy as np
 
 from capture.files import shared_dir_mode
 from capture.model_dir import ENCODER_DIR, Head, ModelMetadata
-from tasks.evaluate import (
+from tasks.calibration import (
     choose_oos_threshold,
-    compute_report,
-    encode_texts,
     expected_calibration_error,
     fit_temperature,
     fit_temperature_and_offset,
-    load_encoder,
     softmax,
 )
+from tasks.evaluate import compute_report, encode_texts, load_encoder
 from tasks.fine_tune import epochs_for, fine_tune, format_eta, plan_steps, seed_everything
 from tasks.pairs import Pair
 from tasks.records import Record
@@ -131,7 +129,7 @@ class TrainConfig:
     oos_as_class: bool = True
     calibrate: bool = True
     # With out-of-scope rows in validation: fit an offset on the out-of-scope logit jointly with
-    # the temperature (tasks.evaluate.fit_temperature_and_offset), folded into the head's bias.
+    # the temperature (tasks.calibration.fit_temperature_and_offset), folded into the head's bias.
     calibrate_oos_offset: bool = True
     centroid_examples: int = 16
     log_every: int = 25

@@ -14,8 +14,8 @@ from sqlalchemy import select
 
 from capture import db
 from capture.logger import Sleep
-from capture.model_dir import write_pointer
 from capture.models import PromptLog
+from capture.pointers import write_pointer
 from capture.service import NLUService, create_nlu_service
 from capture.settings import Settings
 from capture.types import Prediction

@@ -162,7 +162,7 @@ def clone_serving_dir(
 def two_version_registry(exported: Path, models: Path, first: str, second: str) -> Path:
     """``models`` (created) with version ``first`` (the exported model ``exported``) and
     ``second`` (same weights, labels renamed to :data:`V2_LABELS`), serving ``first``."""
-    from capture.model_dir import write_pointer
+    from capture.pointers import write_pointer
 
     models.mkdir()
     clone_serving_dir(exported, models / first, version=first)

@@ -169,7 +169,7 @@ def test_weekly_cycle_stages_the_challenger_as_candidate_then_publishes_only(
     """deploy_mode defaults to shadow: a promoted challenger becomes the shadow candidate (the
     champion keeps serving); the next cycle, finding it still under test, publishes its
     challenger in the registry only and says so."""
-    from capture.model_dir import read_candidate
+    from capture.pointers import read_candidate
     from flows.weekly import weekly_cycle
     from tests.test_flows import LABELS, TINY, jsonl
     from tests.tiny_data import INTENTS

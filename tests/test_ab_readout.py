@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from capture import db
 from capture.ab_routing import CandidateServing
-from capture.model_dir import write_candidate
+from capture.pointers import write_candidate
 from capture.service import create_nlu_service
 from capture.shadow import SHADOW_TABLE
 from capture.types import Prediction

@@ -22,12 +22,8 @@ from capture import db
 from capture import shadow as shadow_module
 from capture.ab_routing import CandidateServing, in_canary
 from capture.classifier import HotReloadingClassifier, ModelLoadError
-from capture.model_dir import (
-    CandidatePointer,
-    ModelDirError,
-    read_candidate,
-    write_candidate,
-)
+from capture.model_dir import ModelDirError
+from capture.pointers import CandidatePointer, read_candidate, write_candidate
 from capture.service import create_nlu_service
 from capture.shadow import SHADOW_TABLE, ShadowWorker, shadow_predictions
 from capture.types import Classifier, Prediction

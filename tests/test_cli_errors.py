@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 from collections.abc import Callable
@@ -34,6 +35,7 @@ class Case:
     database: str = "migrated"
     env: Callable[[Path], dict[str, str]] | None = None  # the work folder -> variables to set
     absent: str = "\x00"  # never in the output (a password)
+    line: Callable[[Path], str] | None = None  # the work folder -> the whole error line
 
 
 def files(work: Path) -> dict[str, str]:
@@ -55,6 +57,122 @@ def f(name: str) -> Callable[[Path], str]:
 
 def cmd(*parts: str | Callable[[Path], str]) -> Callable[[Path], list[str]]:
     return lambda work: [p(work) if callable(p) else p for p in parts]
+
+
+def under(name: str, tail: str) -> Callable[[Path], str]:
+    """The path ``tail`` below the case's file ``name`` (a folder or, to be refused, a file)."""
+    return lambda work: f"{files(work)[name]}/{tail}"
+
+
+def in_file(option_path: Callable[[Path], str]) -> Callable[[Path], str]:
+    """The one line of an output path whose parent is the case's file ``a-file``."""
+    return lambda work: (
+        f"error: --output {option_path(work)}: {files(work)['a_file']} is a file, not a folder; "
+        "pass a path inside a folder"
+    )
+
+
+def exactly(line: str) -> Callable[[Path], str]:
+    """An error line that names no path of the case's work folder."""
+    return lambda _work: line
+
+
+def invalid(command: str, option: str, bound: str) -> str:
+    """typer's line for a number out of an option's range."""
+    return (
+        f"error: prompt-capture {command}: invalid value for '{option}': Input should be "
+        f"{bound} (see `prompt-capture {command} --help`)"
+    )
+
+
+UNWRITABLE = (
+    "cannot write in /proc (No such file or directory); pass a path in a folder you can write"
+)
+Args = list[str | Callable[[Path], str]]
+# The commands with an --output file, and a file name each writes.
+OUTPUT_COMMANDS: list[tuple[str, Args, str]] = [
+    ("report", ["report"], "r.html"),
+    ("retraining", ["export", "--mode", "retraining"], "r.jsonl"),
+    ("review", ["export", "--mode", "review", "--no-open-round"], "r.json"),
+    ("pairs", ["convert-to-pairs", "--input", f("records")], "p.jsonl"),
+]
+# Every option naming a file to write goes through one check, before any flow starts: a folder,
+# a path below a file, a place nobody can write. Missing folders on the way are created.
+OUTPUTS = [
+    *(
+        Case(
+            f"{name}-output-below-a-file",
+            cmd(*args, "--output", under("a_file", leaf)),
+            "is a file, not a folder",
+            line=in_file(under("a_file", leaf)),
+        )
+        for name, args, leaf in OUTPUT_COMMANDS
+    ),
+    Case(
+        "pairs-output-is-a-directory",
+        cmd("convert-to-pairs", "--input", f("records"), "--output", f("full_dir")),
+        "is a directory",
+        line=lambda work: (
+            f"error: --output {files(work)['full_dir']}: is a directory; pass the path of a "
+            "file to write"
+        ),
+    ),
+    *(
+        Case(
+            f"{name}-output-unwritable",
+            cmd(*args, "--output", f"/proc/{leaf}"),
+            "cannot write in /proc",
+            line=exactly(f"error: --output /proc/{leaf}: {UNWRITABLE}"),
+        )
+        for name, args, leaf in OUTPUT_COMMANDS
+    ),
+]
+# A count below its floor, a fraction outside its range: refused at the option.
+NUMBERS = [
+    Case(
+        "pairs-max-pairs-negative",
+        cmd(
+            "convert-to-pairs", "--input", f("records"), "--output", "p.jsonl", "--max-pairs", "-5"
+        ),
+        "--max-pairs",
+        line=exactly(invalid("convert-to-pairs", "--max-pairs", "greater than or equal to 0")),
+    ),
+    Case(
+        "train-max-steps-negative",
+        cmd("train", "--train", f("records"), "--output", "m", "--max-steps", "-1"),
+        "--max-steps",
+        line=exactly(invalid("train", "--max-steps", "greater than or equal to 1")),
+    ),
+    Case(
+        "train-max-pairs-negative",
+        cmd("train", "--train", f("records"), "--output", "m", "--max-pairs", "-1"),
+        "--max-pairs",
+        line=exactly(invalid("train", "--max-pairs", "greater than or equal to 0")),
+    ),
+    Case(
+        "retention-batch-size-0",
+        cmd("retention", "--batch-size", "0"),
+        "--batch-size",
+        line=exactly(invalid("retention", "--batch-size", "greater than or equal to 1")),
+    ),
+    Case(
+        "report-low-confidence-above-1",
+        cmd("report", "--low-confidence", "2"),
+        "--low-confidence",
+        line=exactly(invalid("report", "--low-confidence", "less than or equal to 1")),
+    ),
+    *(
+        Case(
+            f"ab-margin-{value}",
+            cmd("ab", "--margin", value),
+            "--margin",
+            line=exactly(
+                f"error: --margin: expected a fraction in [0, 1) (0.01 = 1 point), found {value}"
+            ),
+        )
+        for value in ("-1", "5", "1")
+    ),
+]
 
 
 MISTAKES = [
@@ -123,6 +241,18 @@ MISTAKES = [
     Case("monitor-now-garbage", cmd("monitor", "--now", "soon"), "--now"),
     Case("simulate-missing-dataset", cmd("simulate", "--dataset", f("missing")), "--dataset"),
     Case("rollback-unknown-version", cmd("rollback", "--to", "9"), "9"),
+    *(
+        Case(
+            f"round-close-{value}",
+            cmd("review-round", "close", value),
+            "ROUND_ID",
+            line=exactly(
+                "error: ROUND_ID: expected a round id (a UUID) as `prompt-capture review-round "
+                f"list` shows it, found '{value}'"
+            ),
+        )
+        for value in ("abc", "999")
+    ),
     Case(
         "rollback-nothing-deployed",
         cmd("rollback"),
@@ -284,7 +414,7 @@ NO_HOME = [
     )
     for args in READS_ONLY
 ]
-CASES = MISTAKES + USAGE + UNMIGRATED + NO_REGISTRY + SETUP + NO_HOME
+CASES = MISTAKES + OUTPUTS + NUMBERS + USAGE + UNMIGRATED + NO_REGISTRY + SETUP + NO_HOME
 
 
 def prepare(work: Path, database: str, migrated: Path) -> dict[str, str]:
@@ -351,7 +481,7 @@ def outcomes(root: Path) -> dict[str, subprocess.CompletedProcess[str]]:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_a_user_error_is_one_line_and_exit_code_2(
-    case: Case, outcomes: dict[str, subprocess.CompletedProcess[str]]
+    case: Case, root: Path, outcomes: dict[str, subprocess.CompletedProcess[str]]
 ) -> None:
     result = outcomes[case.id]
     lines = result.stderr.strip().splitlines()
@@ -360,6 +490,8 @@ def test_a_user_error_is_one_line_and_exit_code_2(
     assert len(lines) == 1, shown
     assert lines[0].startswith("error: "), shown
     assert case.expect in lines[0], shown
+    if case.line is not None:
+        assert lines[0] == case.line(root / case.id), shown
     assert "Traceback" not in result.stderr + result.stdout, shown
     assert case.absent not in result.stderr + result.stdout, shown
     assert "Retrying" not in result.stderr and "temporary server" not in result.stderr, shown
@@ -396,3 +528,56 @@ def test_piped_output_is_never_wrapped(root: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"no models in {home / 'models'}\n"
     assert len(result.stdout) > 120
+
+
+def test_an_output_in_missing_folders_creates_them(root: Path) -> None:
+    """Missing folders on the way of an --output file are created (every command alike)."""
+    work = root / "missing-folders"
+    env = prepare(work, "unmigrated", root / "migrated.db")  # no database needed
+    result = run_cli(
+        "convert-to-pairs",
+        "--input",
+        "records.jsonl",
+        "--output",
+        "new/sub/p.jsonl",
+        env=env,
+        cwd=work,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (work / "new" / "sub" / "p.jsonl").is_file()
+
+
+def test_review_ui_on_a_port_in_use_is_one_line(
+    root: Path, outcomes: dict[str, subprocess.CompletedProcess[str]]
+) -> None:
+    """The bind is tried before anything is printed: no "review workbench on" line, no
+    uvicorn error, exit code 2."""
+    work = root / "port-in-use"
+    env = prepare(work, "migrated", root / "migrated.db")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("review-ui", "--port", str(port), env=env, cwd=work)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"error: --port {port}: address already in use on 127.0.0.1; choose another port or "
+        "stop the process using it"
+    ]
+
+
+def test_a_busy_registry_shows_only_the_error_line(root: Path) -> None:
+    """The registry lock's "waiting for ..." lines stay off the console (``--verbose`` shows
+    them): a busy registry ends in its one error line."""
+    from tests.test_registry_lock import held_by_another_run
+
+    work = root / "busy-registry"
+    env = prepare(work, "unmigrated", root / "migrated.db")  # no database needed
+    with held_by_another_run(work / "home" / "models", "weekly-cycle/busy-run"):
+        result = run_cli("rollback", "--lock-timeout", "0.5", env=env, cwd=work)
+        verbose = run_cli("--verbose", "rollback", "--lock-timeout", "0.5", env=env, cwd=work)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "(run 'weekly-cycle/busy-run')" in lines[0]
+    assert "is busy: waiting" in verbose.stderr

@@ -11,16 +11,14 @@ import pytest
 from typer.testing import CliRunner
 
 from deployments.cli import app
-from tasks.evaluate import (
+from tasks.calibration import (
     choose_oos_threshold,
-    compare_reports,
-    compute_report,
-    evaluate_model,
     expected_calibration_error,
     fit_temperature,
     fit_temperature_and_offset,
     softmax,
 )
+from tasks.evaluate import compare_reports, compute_report, evaluate_model
 from tasks.records import Record
 from tests.model_fixtures import exported_model_dir, small_model_dir  # noqa: F401
 from tests.tiny_data import INTENTS, split, write_jsonl

@@ -21,8 +21,8 @@ from capture.model_dir import (
     ModelDirError,
     ModelMetadata,
     fast_path_labels,
-    write_pointer,
 )
+from capture.pointers import write_pointer
 from capture.settings import Settings
 from tasks.deploy import export_model
 from tasks.fast_path import (

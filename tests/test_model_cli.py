@@ -13,7 +13,8 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from capture.classifier import HotReloadingClassifier, OnnxClassifier
-from capture.model_dir import QUANTIZATION_INT8, QUANTIZATION_NONE, read_candidate, read_pointer
+from capture.model_dir import QUANTIZATION_INT8, QUANTIZATION_NONE
+from capture.pointers import read_candidate, read_pointer
 from deployments.cli import app
 from tasks.ab_candidate import set_candidate
 from tasks.layout import HomeLayout

@@ -19,15 +19,13 @@ from capture.model_dir import (
     ENCODER_DIR,
     HEAD_FILE,
     METADATA_FILE,
-    POINTER_FILE,
     Head,
     ModelDirError,
     ModelMetadata,
     OnnxMetadata,
-    read_pointer,
     read_trained,
-    write_pointer,
 )
+from capture.pointers import POINTER_FILE, read_pointer, write_pointer
 
 METADATA = ModelMetadata(
     version="20260105T000000Z-0123abcd",

@@ -142,6 +142,23 @@ def test_rollback_goes_to_the_previous_good_version(tmp_path: Path) -> None:
     ]
 
 
+def test_switching_to_the_serving_version_writes_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``rollback --to 2`` (or ``deploy 2``) while 2 serves: no history row, no log line."""
+    models = HomeLayout(tmp_path).create_registry()
+    for i in (1, 2):
+        registry.publish(fake_model(tmp_path / f"m{i}"), models)
+    registry.deploy(models, "2")
+    pointer = (models / "current").read_bytes()
+    caplog.set_level("INFO", logger="tasks.registry")
+    assert registry.rollback(models, to="2") == ("2", "2")
+    assert registry.deploy(models, "2") == "2"
+    assert [h["action"] for h in registry.history(models)] == ["deploy"]
+    assert (models / "current").read_bytes() == pointer
+    assert "serving version" not in caplog.text
+
+
 def test_rollback_with_nothing_deployed_says_so(tmp_path: Path) -> None:
     """An empty registry, or one where nothing serves yet: nothing to go back from (no "from
     version none"); ``to`` still serves a version."""
@@ -214,8 +231,9 @@ def test_history_is_rewritten_whole_and_survives_a_torn_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     models = HomeLayout(tmp_path).create_registry()  # the lock never creates it
-    registry.publish(fake_model(tmp_path / "m1"), models)
-    registry.deploy(models, "1")
+    for i in (1, 2):
+        registry.publish(fake_model(tmp_path / f"m{i}"), models)
+    registry.deploy(models, "2")
     with (models / "history.jsonl").open("a", encoding="utf-8") as handle:
         handle.write('{"action": "deploy", "vers')  # an append cut short by an older version
     registry.rollback(models, "1")

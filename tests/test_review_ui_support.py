@@ -17,8 +17,8 @@ from typing import Any, cast
 from sqlalchemy import Table, delete, insert, select
 
 from capture import db
-from capture.model_dir import write_pointer
 from capture.models import PromptLog
+from capture.pointers import write_pointer
 from capture.values import as_real
 from review_ui.settings import WorkbenchSettings
 from tasks.review_tables import TABLES, decisions

@@ -13,13 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tasks.evaluate import (
-    EvalReport,
-    TorchModel,
-    compute_report,
-    expected_calibration_error,
-    softmax,
-)
+from tasks.calibration import expected_calibration_error, softmax
+from tasks.evaluate import EvalReport, TorchModel, compute_report
 from tasks.fine_tune import epochs_for, plan_steps, text_batches
 from tasks.pairs import Pair
 from tasks.records import Record
