@@ -36,16 +36,21 @@ def hold(run_dir: Path, name: str, models: Path, seconds: float) -> None:
     write_json_atomic(run_dir / f"{name}.json", {"entered": entered, "left": left})
 
 
-def switch(models: Path, n: int, plan: str) -> None:
+def switch(run_dir: Path, name: str, models: Path, n: int, plan: str) -> None:
+    """Run ``plan`` ``n`` times; record how many steps changed what serves (a switch to the
+    version already serving writes no history row)."""
     from tasks import registry
 
+    switched = 0
     for _ in range(n):
         for step in plan.split(","):
             action, _, version = step.partition(":")
             if action == "deploy":
-                registry.deploy(models, version)
+                switched += registry.deploy(models, version) != version
             else:
-                registry.rollback(models, version or None)
+                before, now = registry.rollback(models, version or None)
+                switched += before != now
+    write_json_atomic(run_dir / f"{name}.json", {"switched": switched})
 
 
 def cycle(run_dir: Path, name: str, home: Path, url: str) -> None:
@@ -85,7 +90,7 @@ def main(argv: list[str]) -> None:
     if mode == "hold":
         hold(run_dir, name, Path(argv[3]), float(argv[4]))
     elif mode == "switch":
-        switch(Path(argv[3]), int(argv[4]), argv[5])
+        switch(run_dir, name, Path(argv[3]), int(argv[4]), argv[5])
     elif mode == "cycle":
         cycle(run_dir, name, Path(argv[3]), argv[4])
     else:

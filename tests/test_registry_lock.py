@@ -141,6 +141,9 @@ def test_a_second_process_waits_says_for_whom_and_times_out_clearly(
     assert describe_holder(holder) in message
     assert "Wait for it to finish" in message
     caplog.set_level(logging.INFO, logger="tasks.registry_lock")
+    # The waiting lines have their own logger, which the CLI quiets (an earlier CLI test in this
+    # process may have); here they are what is checked.
+    caplog.set_level(logging.INFO, logger="tasks.registry_lock.wait")
     with registry_lock(models, timeout=120):
         entered = time.time()
     kids.wait()
@@ -179,7 +182,9 @@ def test_concurrent_deploys_and_rollbacks_keep_pointer_and_history_consistent(
     kids.release()
     kids.wait()
     entries = registry.history(models)
-    assert len(entries) == 1 + 2 * 2 * rounds  # no switch lost
+    switched = kids.result("deployer")["switched"] + kids.result("rollbacker")["switched"]
+    assert switched > rounds  # the two really interleave and switch
+    assert len(entries) == 1 + switched  # no switch lost, no row for a no-op
     for before, after in itertools.pairwise(entries):
         assert after["previous"] == before["version"], (before, after)
     assert registry.current_version(models) == entries[-1]["version"]
