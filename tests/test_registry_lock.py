@@ -123,6 +123,9 @@ def test_registry_changes_take_the_lock(tmp_path: Path) -> None:
 def test_a_second_process_waits_says_for_whom_and_times_out_clearly(
     tmp_path: Path, children: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # The waiting lines have their own logger, which the CLI quiets (an earlier CLI test in this
+    # process may have); here they are what is checked, from the first wait on.
+    caplog.set_level(logging.INFO, logger="tasks.registry_lock.wait")
     models = HomeLayout(tmp_path).create_registry()  # the lock never creates it
     kids = children()
     kids.start("holder", "hold", models, 4.0)
@@ -141,9 +144,6 @@ def test_a_second_process_waits_says_for_whom_and_times_out_clearly(
     assert describe_holder(holder) in message
     assert "Wait for it to finish" in message
     caplog.set_level(logging.INFO, logger="tasks.registry_lock")
-    # The waiting lines have their own logger, which the CLI quiets (an earlier CLI test in this
-    # process may have); here they are what is checked.
-    caplog.set_level(logging.INFO, logger="tasks.registry_lock.wait")
     with registry_lock(models, timeout=120):
         entered = time.time()
     kids.wait()
